@@ -1,0 +1,133 @@
+"""Shared fixtures: pydicom's bundled test files, DICOM factories, a real running daemon."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pydicom
+import pytest
+
+from triage.dicom_writer import image_dataset, write_dataset
+
+REPO = Path(__file__).resolve().parents[1]
+PHI = {"name": "DOE^JANE", "id": "PID-99731", "accession": "ACC-55120"}
+PHI_STRINGS = ("DOE", "JANE", "PID-99731", "ACC-55120")
+
+
+@pytest.fixture(scope="session")
+def pydicom_files() -> Path:
+    """The folder of pydicom's bundled test files, read directly (no network)."""
+    return Path(pydicom.__file__).parent / "data" / "test_files"
+
+
+def make_image(
+    path: Path, *, study_uid: str | None = None, seed: int = 0, size: int = 64, **kwargs: object
+) -> Path:
+    """Write a small CT-like instance carrying the test PHI."""
+    rng = np.random.default_rng(seed)
+    pixels = rng.normal(40, 200, (size, size)).astype(np.int16)
+    ds = image_dataset(
+        pixels, study_uid=study_uid, patient_name=PHI["name"], patient_id=PHI["id"],
+        accession=PHI["accession"], **kwargs,
+    )
+    return write_dataset(ds, path)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class DaemonProcess:
+    """``triage serve`` as a subprocess on a private state directory and port."""
+
+    def __init__(self, home: Path, env: dict[str, str], prefix: list[str]) -> None:
+        self.home = home
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.env = {**os.environ, "TRIAGE_HOME": str(home), **env}
+        self.prefix = prefix
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log = home / "stderr.log"
+
+    @property
+    def inbox(self) -> Path:
+        return self.home / "inbox"
+
+    def start(self) -> DaemonProcess:
+        self.home.mkdir(parents=True, exist_ok=True)
+        command = [*self.prefix, sys.executable, "-m", "triage", "serve",
+                   "--config", str(REPO / "config.yaml"), "--port", str(self.port)]
+        with open(self.log, "ab") as err:
+            self.proc = subprocess.Popen(command, env=self.env, stdout=err, stderr=err)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"daemon exited: {self.log.read_text()[-2000:]}")
+            try:
+                if httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        raise RuntimeError("daemon did not become healthy in 60 s")
+
+    def stop(self, sig: int = signal.SIGTERM) -> int:
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        return self.proc.wait(timeout=60)
+
+    def status(self) -> dict:
+        out = subprocess.run(
+            [sys.executable, "-m", "triage", "status", "--json", "--config",
+             str(REPO / "config.yaml")],
+            env=self.env, capture_output=True, check=True,
+        )
+        return json.loads(out.stdout)
+
+    def wait_for(self, predicate, timeout: float = 60.0, what: str = "condition") -> dict:
+        deadline = time.monotonic() + timeout
+        status = self.status()
+        while time.monotonic() < deadline:
+            if predicate(status):
+                return status
+            time.sleep(0.3)
+            status = self.status()
+        raise AssertionError(f"timed out waiting for {what}; last status {status}")
+
+
+FAST_ENV = {
+    "TRIAGE__INGEST__SETTLE_SECONDS": "1.0",
+    "TRIAGE__INGEST__CLOSED_SETTLE_SECONDS": "0.2",
+    "TRIAGE__INGEST__RESCAN_SECONDS": "2",
+    "TRIAGE__STUDIES__STABLE_AGE_SECONDS": "2",
+    "TRIAGE__STUDIES__CHECK_SECONDS": "0.2",
+}
+
+
+@pytest.fixture
+def daemon(tmp_path: Path) -> Iterator[DaemonProcess]:
+    """A started daemon with short settle and study timeouts."""
+    proc = DaemonProcess(tmp_path / "home", FAST_ENV, []).start()
+    yield proc
+    proc.stop(signal.SIGKILL)
+
+
+def drop_without_root_read() -> list[str]:
+    """Command prefix that removes root's power to read any file (for permission tests)."""
+    if os.geteuid() != 0:
+        return []
+    return ["setpriv", "--bounding-set", "-dac_override,-dac_read_search",
+            "--inh-caps", "-dac_override,-dac_read_search"]

@@ -1,0 +1,198 @@
+"""Configuration: `config.yaml`, overridden by `TRIAGE__SECTION__KEY` variables, validated once.
+
+The command line builds one frozen :class:`Settings` and passes it down; no module reads
+configuration on its own. Relative paths are resolved against the state directory
+(``home``), which ``TRIAGE_HOME`` or ``--home`` moves as a whole.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from triage.errors import ConfigError
+from triage.gate import GateSettings
+from triage.model.settings import ModelSettings
+
+ENV_PREFIX = "TRIAGE__"
+HOME_ENV = "TRIAGE_HOME"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class PathSettings(_Section):
+    """Where run-time state lives; relative paths are under ``home``."""
+
+    inbox: Path = Path("inbox")
+    archive: Path = Path("archive")
+    quarantine: Path = Path("quarantine")
+    database: Path = Path("triage.db")
+    models: Path = Path("models")
+    logs: Path = Path("logs")
+
+
+class IngestSettings(_Section):
+    """How files in the inbox are recognised as complete and read."""
+
+    settle_seconds: float = Field(2.0, gt=0, le=3600)
+    closed_settle_seconds: float = Field(0.25, ge=0, le=60)
+    rescan_seconds: float = Field(30.0, gt=0, le=86400)
+    partial_patterns: list[str] = Field(default_factory=lambda: [".*", "*.part", "*.tmp"])
+    abandon_after_seconds: float = Field(3600.0, gt=0)
+    max_file_bytes: int = Field(2 * 1024**3, gt=0)
+    max_pixels: int = Field(512 * 1024**2, gt=0)
+    max_read_attempts: int = Field(2, ge=1, le=10)
+    fsync: bool = True
+    unscored_modalities: list[str] = Field(
+        default_factory=lambda: ["RTDOSE", "RTSTRUCT", "RTPLAN", "SEG", "SR", "KO", "PR", "REG"]
+    )
+    percentile_window: tuple[float, float] = (0.5, 99.5)
+
+    @model_validator(mode="after")
+    def _window_ordered(self) -> IngestSettings:
+        low, high = self.percentile_window
+        if not 0 <= low < high <= 100:
+            raise ValueError("percentile_window must be two percentiles with 0 <= low < high <= 100")
+        return self
+
+
+class StudySettings(_Section):
+    """When a study counts as complete."""
+
+    stable_age_seconds: float = Field(30.0, gt=0, le=86400)
+    check_seconds: float = Field(1.0, gt=0, le=60)
+
+
+class ServerSettings(_Section):
+    """The HTTP server (health, metrics; later the review queue)."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+
+
+class LogSettings(_Section):
+    """Structured logs: one JSON event per line, to stderr and to ``paths.logs``."""
+
+    level: str = Field("INFO", pattern="^(DEBUG|INFO|WARNING|ERROR)$")
+    file_max_bytes: int = Field(20 * 1024**2, gt=0)
+    file_backups: int = Field(5, ge=0)
+
+
+class Settings(_Section):
+    """The whole configuration. Build it with :func:`load_settings`."""
+
+    home: Path = Path("var")
+    paths: PathSettings = PathSettings()
+    ingest: IngestSettings = IngestSettings()
+    studies: StudySettings = StudySettings()
+    server: ServerSettings = ServerSettings()
+    log: LogSettings = LogSettings()
+    model: ModelSettings = ModelSettings()
+    gate: GateSettings = GateSettings()
+
+    def path(self, name: str) -> Path:
+        """Absolute path of a ``paths`` entry, resolved against ``home``."""
+        return self.home / getattr(self.paths, name)
+
+
+def load_settings(
+    config_path: Path | None,
+    *,
+    home: Path | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> Settings:
+    """Read, overlay and validate the configuration.
+
+    Args:
+        config_path: YAML file; None for the embedded defaults.
+        home: State directory from ``--home``; wins over ``TRIAGE_HOME`` and ``home:``.
+        environ: Environment to read overrides from (default ``os.environ``).
+
+    Raises:
+        ConfigError: with one line naming the key, for any unknown key or bad value.
+    """
+    env = os.environ if environ is None else environ
+    raw: dict[str, Any] = {}
+    base_dir = Path.cwd()
+    if config_path is not None:
+        raw = _read_yaml(config_path)
+        base_dir = config_path.resolve().parent
+    sources: dict[tuple[str, ...], str] = {}
+    for name, value in env.items():
+        if name.startswith(ENV_PREFIX) and len(name) > len(ENV_PREFIX):
+            keys = tuple(part.lower() for part in name[len(ENV_PREFIX) :].split("__"))
+            _set_nested(raw, keys, _parse_env_value(value), name)
+            sources[keys] = name
+    if home is not None:
+        raw["home"] = str(home)
+    elif env.get(HOME_ENV):
+        raw["home"] = env[HOME_ENV]
+    try:
+        settings = Settings.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, sources, config_path)) from None
+    resolved = settings.home if settings.home.is_absolute() else base_dir / settings.home
+    return settings.model_copy(update={"home": resolved.resolve()})
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"config file {path} is not valid YAML{where}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of sections")
+    return data
+
+
+def _parse_env_value(value: str) -> Any:
+    try:
+        return yaml.safe_load(value)
+    except yaml.YAMLError:
+        return value
+
+
+def _set_nested(raw: dict[str, Any], keys: tuple[str, ...], value: Any, name: str) -> None:
+    node = raw
+    for key in keys[:-1]:
+        child = node.setdefault(key, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{name}: '{key}' is not a section, it cannot hold '{keys[-1]}'")
+        node = child
+    node[keys[-1]] = value
+
+
+def _describe(
+    exc: ValidationError, sources: dict[tuple[str, ...], str], config_path: Path | None
+) -> str:
+    lines = []
+    for error in exc.errors():
+        loc = tuple(str(part) for part in error["loc"])
+        key = ".".join(loc)
+        origin = next(
+            (env for keys, env in sources.items() if loc[: len(keys)] == keys),
+            str(config_path) if config_path is not None else "defaults",
+        )
+        if error["type"] == "extra_forbidden":
+            message = "unknown key"
+        else:
+            message = error["msg"]
+            if "input" in error and not isinstance(error["input"], dict | list):
+                message += f" (got {error['input']!r})"
+        lines.append(f"config error: {key}: {message} [from {origin}]")
+    return "\n".join(lines)

@@ -1,0 +1,159 @@
+"""The SQLite store: one way to open it, the schema and its migrations.
+
+Every thread opens its own connection with :func:`connect`. WAL mode lets the HTTP
+server read while ingestion writes; the busy timeout makes writers wait instead of fail.
+The schema version is SQLite's ``user_version``; :data:`MIGRATIONS` are applied in order,
+each in its own transaction, so an interrupted upgrade is rolled back whole.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import sqlite_utils
+
+BUSY_TIMEOUT_MS = 30_000
+
+# File states. ``reading`` and ``moving`` are the two in-flight states of the ingestion
+# journal; the others are final and every file that entered the inbox ends in one.
+FINAL_FILE_STATES = ("archived", "unsupported", "quarantined", "duplicate", "vanished")
+STUDY_STATES = ("open", "complete", "scoring", "scored", "unscoreable")
+
+MIGRATIONS: tuple[str, ...] = (
+    # 1: ingestion journal, instances with their preprocessed pixels, studies, results.
+    """
+    CREATE TABLE files (
+        id INTEGER PRIMARY KEY,
+        inbox_path TEXT NOT NULL,
+        sha256 TEXT,
+        size INTEGER NOT NULL,
+        state TEXT NOT NULL,
+        target_state TEXT,
+        reason_code TEXT,
+        reason TEXT,
+        stored_path TEXT,
+        instance_id INTEGER REFERENCES instances(id),
+        attempts INTEGER NOT NULL DEFAULT 1,
+        received_at REAL NOT NULL,
+        finished_at REAL
+    );
+    CREATE INDEX files_state ON files(state);
+    CREATE TABLE studies (
+        id INTEGER PRIMARY KEY,
+        study_uid TEXT NOT NULL UNIQUE,
+        state TEXT NOT NULL,
+        first_seen_at REAL NOT NULL,
+        last_instance_at REAL NOT NULL,
+        completed_at REAL,
+        n_instances INTEGER NOT NULL DEFAULT 0,
+        n_images INTEGER NOT NULL DEFAULT 0,
+        round INTEGER NOT NULL DEFAULT 0
+    );
+    CREATE INDEX studies_state ON studies(state, completed_at);
+    CREATE TABLE instances (
+        id INTEGER PRIMARY KEY,
+        sop_uid TEXT NOT NULL UNIQUE,
+        sha256 TEXT NOT NULL,
+        study_id INTEGER REFERENCES studies(id),
+        series_uid TEXT,
+        sop_class_uid TEXT,
+        modality TEXT,
+        photometric TEXT,
+        rows INTEGER,
+        cols INTEGER,
+        frames INTEGER NOT NULL DEFAULT 0,
+        scoreable INTEGER NOT NULL,
+        note TEXT,
+        path TEXT NOT NULL,
+        created_at REAL NOT NULL
+    );
+    CREATE INDEX instances_study ON instances(study_id);
+    CREATE INDEX instances_sha ON instances(sha256);
+    CREATE TABLE images (
+        instance_id INTEGER PRIMARY KEY REFERENCES instances(id),
+        size INTEGER NOT NULL,
+        frames INTEGER NOT NULL,
+        data BLOB NOT NULL
+    );
+    CREATE TABLE study_results (
+        id INTEGER PRIMARY KEY,
+        study_id INTEGER NOT NULL REFERENCES studies(id),
+        round INTEGER NOT NULL,
+        status TEXT NOT NULL,
+        model_version TEXT,
+        detail TEXT,
+        created_at REAL NOT NULL
+    );
+    CREATE INDEX study_results_study ON study_results(study_id);
+    """,
+)
+
+
+def connect(path: Path, *, readonly: bool = False) -> sqlite_utils.Database:
+    """Open the store (creating and migrating it unless ``readonly``).
+
+    Args:
+        path: The SQLite file.
+        readonly: Open for reading only; the file must exist and be migrated.
+    """
+    if readonly:
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=BUSY_TIMEOUT_MS / 1000)
+    else:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        conn = sqlite3.connect(path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None)
+    conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+    conn.execute("PRAGMA foreign_keys = ON")
+    if not readonly:
+        conn.execute("PRAGMA journal_mode = WAL")
+        conn.execute("PRAGMA synchronous = NORMAL")
+    db = sqlite_utils.Database(conn)
+    if not readonly:
+        migrate(db)
+    return db
+
+
+def schema_version(db: sqlite_utils.Database) -> int:
+    return int(db.execute("PRAGMA user_version").fetchone()[0])
+
+
+def migrate(db: sqlite_utils.Database) -> int:
+    """Apply pending migrations; return the schema version now in force."""
+    version = schema_version(db)
+    if version > len(MIGRATIONS):
+        raise RuntimeError(
+            f"database schema version {version} is newer than this triage "
+            f"({len(MIGRATIONS)}): upgrade triage or restore a matching database"
+        )
+    for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
+        with transaction(db):
+            for statement in _statements(script):
+                db.execute(statement)
+            db.execute(f"PRAGMA user_version = {number}")
+    return schema_version(db)
+
+
+def _statements(script: str) -> Iterator[str]:
+    for statement in script.split(";"):
+        if statement.strip():
+            yield statement
+
+
+@contextmanager
+def transaction(db: sqlite_utils.Database) -> Iterator[sqlite_utils.Database]:
+    """BEGIN IMMEDIATE ... COMMIT, rolled back on any error."""
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        yield db
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+    db.execute("COMMIT")
+
+
+def count_by(db: sqlite_utils.Database, table: str, column: str) -> dict[str, int]:
+    """Row counts of ``table`` grouped by ``column`` (for status and metrics)."""
+    rows = db.execute(f"SELECT {column}, COUNT(*) FROM {table} GROUP BY {column}").fetchall()
+    return {str(value): int(count) for value, count in rows}

@@ -1,0 +1,295 @@
+"""Read one file's bytes as a DICOM instance and decide what it is.
+
+A file becomes exactly one of: a scoreable image (decoded now, so that truncated pixel data
+is caught at ingest and not at training time), a valid instance that holds no scoreable
+image (``unsupported``), or a :class:`~triage.errors.DicomRejected` with a reason in words.
+Decoding goes through pydicom's pixel backends; the pylibjpeg plugins (libjpeg, openjpeg)
+add JPEG, JPEG-LS and JPEG 2000; RLE is built in.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import pydicom
+import pydicom.uid
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+from pydicom.pixels import apply_color_lut, apply_modality_lut
+
+from triage.config import IngestSettings
+from triage.errors import DicomRejected
+from triage.phi import phi_values, redact
+
+_PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+_UNDEFINED_LENGTH = 0xFFFFFFFF
+_LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
+
+
+@dataclass(frozen=True)
+class DecodedImage:
+    """Pixels of one instance, in modality units (rescale slope/intercept applied).
+
+    Attributes:
+        frames: float32 array [n_frames, rows, cols]; colour is already converted to grey.
+        window: DICOM VOI window (centre, width) when the file gives one, else None.
+        invert: True for MONOCHROME1, where low values are displayed white.
+    """
+
+    frames: np.ndarray
+    window: tuple[float, float] | None
+    invert: bool
+
+
+@dataclass(frozen=True)
+class DicomInstance:
+    """What ingestion keeps of a DICOM file (no PHI).
+
+    Attributes:
+        sop_uid: SOP Instance UID (from the dataset, else the file meta).
+        study_uid: Study Instance UID; None only for unsupported files without one.
+        image: Decoded pixels when the instance is scoreable, else None.
+        unsupported_reason: Why it is not scored, in words, when ``image`` is None.
+    """
+
+    sop_uid: str
+    sop_class_uid: str | None
+    study_uid: str | None
+    series_uid: str | None
+    modality: str | None
+    photometric: str | None
+    rows: int | None
+    cols: int | None
+    image: DecodedImage | None
+    unsupported_reason: str | None
+
+    @property
+    def scoreable(self) -> bool:
+        return self.image is not None
+
+
+def read_instance(data: bytes, settings: IngestSettings) -> DicomInstance:
+    """Parse, check and (for images) decode a DICOM file held in memory.
+
+    Args:
+        data: The whole file.
+        settings: The ``ingest`` section (size limits, unscored modalities).
+
+    Raises:
+        DicomRejected: when the file is not a usable DICOM instance.
+    """
+    if not data:
+        raise DicomRejected("empty_file", "the file is empty")
+    with warnings.catch_warnings():
+        # pydicom warns about odd but readable values; the checks below decide.
+        warnings.simplefilter("ignore")
+        ds = _parse(data)
+        phi = phi_values(ds)
+        try:
+            return _describe(ds, settings)
+        except DicomRejected as exc:
+            exc.detail = redact(exc.detail, phi)
+            raise
+
+
+def _parse(data: bytes) -> Dataset:
+    try:
+        ds = pydicom.dcmread(io.BytesIO(data))
+    except InvalidDicomError:
+        # Files without the 128-byte preamble and 'DICM' marker are still valid DICOM
+        # when they start with data elements; accept them only if they identify an instance.
+        try:
+            ds = pydicom.dcmread(io.BytesIO(data), force=True)
+        except Exception:  # noqa: BLE001 - any failure here means "not DICOM"
+            ds = None
+        if ds is None or ("SOPInstanceUID" not in ds and "SOPClassUID" not in ds):
+            raise DicomRejected(
+                "not_dicom",
+                "not a DICOM file: no 'DICM' marker and no DICOM instance identifiers",
+            ) from None
+    except Exception as exc:  # noqa: BLE001 - pydicom raises many types for broken headers
+        raise DicomRejected(
+            "invalid_header", "the DICOM header could not be parsed", type(exc).__name__
+        ) from None
+    _check_declared_lengths(ds, len(data))
+    for elem in _walk(ds):
+        try:
+            _ = elem.value
+        except Exception as exc:  # noqa: BLE001
+            raise DicomRejected(
+                "invalid_header",
+                f"data element {elem.tag} {elem.keyword or '(private)'} could not be read",
+                type(exc).__name__,
+            ) from None
+    return ds
+
+
+def _check_declared_lengths(ds: Dataset, file_size: int) -> None:
+    # pydicom reads a value shorter than its declared length without complaint; a length
+    # that runs past the end of the file means the file is truncated or corrupt.
+    for tag in ds.keys():
+        raw = ds.get_item(tag)
+        length, tell = getattr(raw, "length", None), getattr(raw, "value_tell", None)
+        if length is None or tell is None or length == _UNDEFINED_LENGTH:
+            continue
+        if tell + length > file_size:
+            raise DicomRejected(
+                "truncated",
+                f"data element {raw.tag} declares {length} bytes but the file ends "
+                f"{file_size - tell} bytes after its start",
+            )
+
+
+def _walk(ds: Dataset):  # type: ignore[no-untyped-def]
+    try:
+        yield from ds.iterall()
+    except Exception as exc:  # noqa: BLE001 - truncated or corrupt sequences fail here
+        raise DicomRejected(
+            "invalid_header",
+            "the DICOM header is truncated or corrupt",
+            type(exc).__name__,
+        ) from None
+
+
+def _uid(ds: Dataset, keyword: str) -> str | None:
+    value = ds.get(keyword)
+    text = str(value).strip() if value is not None else ""
+    return text or None
+
+
+def _describe(ds: Dataset, settings: IngestSettings) -> DicomInstance:
+    meta = getattr(ds, "file_meta", None)
+    sop_uid = _uid(ds, "SOPInstanceUID") or (
+        _uid(meta, "MediaStorageSOPInstanceUID") if meta is not None else None
+    )
+    if sop_uid is None:
+        raise DicomRejected(
+            "missing_uid", "not a usable DICOM instance: it has no SOP Instance UID"
+        )
+    sop_class = _uid(ds, "SOPClassUID") or (
+        _uid(meta, "MediaStorageSOPClassUID") if meta is not None else None
+    )
+    modality = _uid(ds, "Modality")
+    fields = {
+        "sop_uid": sop_uid,
+        "sop_class_uid": sop_class,
+        "study_uid": _uid(ds, "StudyInstanceUID"),
+        "series_uid": _uid(ds, "SeriesInstanceUID"),
+        "modality": modality,
+        "photometric": _uid(ds, "PhotometricInterpretation"),
+        "rows": _int(ds, "Rows"),
+        "cols": _int(ds, "Columns"),
+    }
+    unsupported = _unsupported_reason(ds, modality, sop_class, settings)
+    if unsupported is not None:
+        return DicomInstance(image=None, unsupported_reason=unsupported, **fields)
+    if fields["study_uid"] is None:
+        raise DicomRejected(
+            "missing_uid", "image without a Study Instance UID: it cannot be assigned to a study"
+        )
+    return DicomInstance(image=_decode(ds, settings), unsupported_reason=None, **fields)
+
+
+def _int(ds: Dataset, keyword: str) -> int | None:
+    try:
+        value = ds.get(keyword)
+        return int(value) if value not in (None, "") else None
+    except (TypeError, ValueError):
+        return None
+
+
+def _unsupported_reason(
+    ds: Dataset, modality: str | None, sop_class: str | None, settings: IngestSettings
+) -> str | None:
+    if not any(keyword in ds for keyword in _PIXEL_KEYWORDS):
+        kind = pydicom.uid.UID(sop_class).name if sop_class else "unknown SOP class"
+        return f"holds no pixel data ({kind})"
+    if "PixelData" not in ds:
+        return "float pixel data is not scored"
+    if modality and modality.upper() in settings.unscored_modalities:
+        return f"modality {modality} is not scored (ingest.unscored_modalities)"
+    return None
+
+
+def _decode(ds: Dataset, settings: IngestSettings) -> DecodedImage:
+    rows, cols = _int(ds, "Rows"), _int(ds, "Columns")
+    if not rows or not cols:
+        raise DicomRejected("invalid_image", "image without valid Rows and Columns")
+    n_frames = _int(ds, "NumberOfFrames") or 1
+    samples = _int(ds, "SamplesPerPixel") or 1
+    declared = rows * cols * n_frames * samples
+    if declared > settings.max_pixels:
+        raise DicomRejected(
+            "too_large",
+            f"declares {declared} pixel values, more than ingest.max_pixels ({settings.max_pixels})",
+        )
+    syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    try:
+        array = ds.pixel_array
+    except Exception as exc:  # noqa: BLE001 - decoders raise many types
+        message = str(exc)
+        if "less than expected" in message or "truncated" in message.lower():
+            code, reason = "truncated", "pixel data is shorter than the image attributes declare"
+        elif isinstance(exc, AttributeError):
+            code, reason = "invalid_image", "image attributes needed to decode are missing"
+        else:
+            name = pydicom.uid.UID(str(syntax)).name if syntax else "unknown transfer syntax"
+            code, reason = "decode_failed", f"pixel data could not be decoded ({name})"
+        raise DicomRejected(code, reason, f"{type(exc).__name__}: {message}") from None
+    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip().upper()
+    try:
+        frames = _to_grey_frames(ds, array, photometric, n_frames, samples)
+    except Exception as exc:  # noqa: BLE001 - malformed LUTs and odd shapes
+        raise DicomRejected(
+            "invalid_image", "pixel values could not be converted to grey levels", repr(exc)
+        ) from None
+    if not np.isfinite(frames).all():
+        raise DicomRejected("invalid_image", "pixel values are not finite numbers")
+    return DecodedImage(
+        frames=frames, window=_window(ds), invert=photometric == "MONOCHROME1"
+    )
+
+
+def _to_grey_frames(
+    ds: Dataset, array: np.ndarray, photometric: str, n_frames: int, samples: int
+) -> np.ndarray:
+    if photometric == "PALETTE COLOR":
+        array = apply_color_lut(array, ds)
+        samples = 3
+    elif samples == 1:
+        array = apply_modality_lut(array, ds)
+    colour = samples > 1
+    if n_frames == 1:
+        array = array[np.newaxis]
+    if colour:
+        # pydicom converts YBR to RGB while decoding; grey is the luma of RGB.
+        array = np.asarray(array, dtype=np.float32) @ _LUMA
+    frames = np.asarray(array, dtype=np.float32)
+    if frames.ndim != 3:
+        raise ValueError(f"unexpected pixel array shape {frames.shape}")
+    return frames
+
+
+def _first(value: object) -> object:
+    # Multi-valued elements (MultiValue) give one window per preset; the first is the default.
+    if isinstance(value, Sequence) and not isinstance(value, str | bytes):
+        return value[0]
+    return value
+
+
+def _window(ds: Dataset) -> tuple[float, float] | None:
+    centre, width = ds.get("WindowCenter"), ds.get("WindowWidth")
+    if centre is None or width is None:
+        return None
+    try:
+        centre_value = float(_first(centre))
+        width_value = float(_first(width))
+    except (TypeError, ValueError, IndexError):
+        return None
+    if not np.isfinite(centre_value) or not np.isfinite(width_value) or width_value <= 1:
+        return None
+    return centre_value, width_value

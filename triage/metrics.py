@@ -1,0 +1,137 @@
+"""Prometheus metrics, registered on a registry that is passed in.
+
+Labels are small closed sets (outcome, reason code, stage); never a UID, a path or PHI.
+State counts (files, studies by state) are read from the store at scrape time by
+:class:`StoreCollector`, so they are right after a restart too.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import sqlite_utils
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from triage import __version__
+from triage.db import STUDY_STATES, count_by
+
+_FAST = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+_WAIT = (1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600, 7200)
+
+
+@dataclass(frozen=True)
+class Metrics:
+    """Every metric the daemon updates directly."""
+
+    files: Counter
+    quarantined: Counter
+    vanished: Counter
+    ingest_stage_seconds: Histogram
+    ingest_file_seconds: Histogram
+    inbox_pending: Gauge
+    studies_completed: Counter
+    studies_reopened: Counter
+    study_assembly_seconds: Histogram
+    scored: Counter
+
+
+def build_metrics(registry: CollectorRegistry) -> Metrics:
+    """Create and register the daemon's metrics on ``registry``."""
+    Info("triage_build", "Version of the running triage daemon.", registry=registry).info(
+        {"version": __version__}
+    )
+    return Metrics(
+        files=Counter(
+            "triage_ingest_files",
+            "Files taken from the inbox, by final outcome.",
+            ["outcome"],
+            registry=registry,
+        ),
+        quarantined=Counter(
+            "triage_ingest_quarantined",
+            "Files quarantined, by reason code.",
+            ["reason"],
+            registry=registry,
+        ),
+        vanished=Counter(
+            "triage_ingest_vanished",
+            "Files that disappeared from the inbox before they could be read.",
+            registry=registry,
+        ),
+        ingest_stage_seconds=Histogram(
+            "triage_ingest_stage_seconds",
+            "Time spent per file in each ingestion stage.",
+            ["stage"],
+            buckets=_FAST,
+            registry=registry,
+        ),
+        ingest_file_seconds=Histogram(
+            "triage_ingest_file_seconds",
+            "Time from picking a file up to its final state.",
+            buckets=_FAST,
+            registry=registry,
+        ),
+        inbox_pending=Gauge(
+            "triage_inbox_pending_files",
+            "Files seen in the inbox and not yet complete or ingested.",
+            registry=registry,
+        ),
+        studies_completed=Counter(
+            "triage_studies_completed",
+            "Studies that became complete (a reopened study counts again).",
+            registry=registry,
+        ),
+        studies_reopened=Counter(
+            "triage_studies_reopened",
+            "Complete studies reopened by a late instance.",
+            registry=registry,
+        ),
+        study_assembly_seconds=Histogram(
+            "triage_study_assembly_seconds",
+            "Time from a study's first instance to its completion.",
+            buckets=_WAIT,
+            registry=registry,
+        ),
+        scored=Counter(
+            "triage_scoring_studies",
+            "Studies handed to the scorer, by result status.",
+            ["status"],
+            registry=registry,
+        ),
+    )
+
+
+class StoreCollector(Collector):
+    """Gauges read from the store and the disk at each scrape."""
+
+    def __init__(self, open_db: Callable[[], sqlite_utils.Database], home: Path) -> None:
+        self._open_db = open_db
+        self._home = home
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        db = self._open_db()
+        try:
+            files = count_by(db, "files", "state")
+            studies = count_by(db, "studies", "state")
+        finally:
+            db.close()
+        family = GaugeMetricFamily(
+            "triage_files", "Files in the ingestion journal, by state.", labels=["state"]
+        )
+        for state, count in sorted(files.items()):
+            family.add_metric([state], count)
+        yield family
+        family = GaugeMetricFamily("triage_studies", "Studies by state.", labels=["state"])
+        for state in STUDY_STATES:
+            family.add_metric([state], studies.get(state, 0))
+        yield family
+        yield GaugeMetricFamily(
+            "triage_state_dir_free_bytes",
+            "Free bytes on the file system holding the state directory.",
+            value=shutil.disk_usage(self._home).free,
+        )

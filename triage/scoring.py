@@ -1,0 +1,113 @@
+"""Hand completed studies to the scorer one at a time, in completion order.
+
+The scorer is anything with ``score(study) -> ScoreResult``. Until the gate exists the
+daemon runs :class:`NotScoredScorer`, which records that the study was not scored, and
+says why; it never invents a score.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import sqlite_utils
+import torch
+
+from triage.db import transaction
+from triage.logs import event
+from triage.metrics import Metrics
+from triage.studies import load_study_images
+
+log = logging.getLogger("triage.scoring")
+
+
+@dataclass(frozen=True)
+class StudyToScore:
+    """A complete study. ``images`` is [n_images, 1, S, S], values in [0, 1]."""
+
+    study_id: int
+    round: int
+    images: torch.Tensor
+
+
+@dataclass(frozen=True)
+class ScoreResult:
+    """What the scorer concluded; ``detail`` is stored as JSON with the result."""
+
+    status: str
+    model_version: str | None = None
+    detail: dict[str, Any] = field(default_factory=dict)
+
+
+class Scorer(Protocol):
+    def score(self, study: StudyToScore) -> ScoreResult: ...
+
+
+class NotScoredScorer:
+    """Placeholder until a model and the needs-label gate are configured."""
+
+    def score(self, study: StudyToScore) -> ScoreResult:
+        return ScoreResult("not_scored", None, {"reason": "no scorer is configured yet"})
+
+
+class ScoringWorker:
+    """Takes the oldest complete study, scores it, stores the result."""
+
+    def __init__(
+        self,
+        db: sqlite_utils.Database,
+        scorer: Scorer,
+        metrics: Metrics,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._db = db
+        self._scorer = scorer
+        self._metrics = metrics
+        self._clock = clock
+
+    def requeue_interrupted(self) -> int:
+        """Studies left ``scoring`` by a crash go back to ``complete``."""
+        with transaction(self._db):
+            cursor = self._db.execute(
+                "UPDATE studies SET state = 'complete' WHERE state = 'scoring'"
+            )
+        return cursor.rowcount
+
+    def run_once(self) -> int | None:
+        """Score the next complete study; return its id, or None when there is none."""
+        with transaction(self._db):
+            row = self._db.execute(
+                "SELECT id, round FROM studies WHERE state = 'complete' "
+                "ORDER BY completed_at, id LIMIT 1"
+            ).fetchone()
+            if row is None:
+                return None
+            study_id, round_ = int(row[0]), int(row[1])
+            self._db.execute("UPDATE studies SET state = 'scoring' WHERE id = ?", [study_id])
+        images = load_study_images(self._db, study_id)
+        try:
+            result = self._scorer.score(StudyToScore(study_id, round_, images))
+        except Exception as exc:  # noqa: BLE001 - one bad study must not stop the stream
+            event(log, "scoring_failed", logging.ERROR, study_id=study_id,
+                  error_type=type(exc).__name__)
+            result = ScoreResult("error", None, {"error_type": type(exc).__name__})
+        with transaction(self._db):
+            self._db.execute(
+                "INSERT INTO study_results (study_id, round, status, model_version, detail, "
+                "created_at) VALUES (?, ?, ?, ?, ?, ?)",
+                [study_id, round_, result.status, result.model_version,
+                 json.dumps(result.detail), self._clock()],
+            )
+            # A late instance may have reopened the study meanwhile: leave it open then.
+            self._db.execute(
+                "UPDATE studies SET state = 'scored' WHERE id = ? AND state = 'scoring'",
+                [study_id],
+            )
+        self._metrics.scored.labels(result.status).inc()
+        event(log, "study_scored", study_id=study_id, round=round_, status=result.status,
+              images=int(images.shape[0]))
+        return study_id

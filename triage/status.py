@@ -1,0 +1,52 @@
+"""What ``triage status`` reports: files by state, studies by state, inbox backlog.
+
+Reads the store read-only, so it works beside a running daemon and after a crash.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from triage import db as store
+from triage.config import Settings
+from triage.db import FINAL_FILE_STATES, STUDY_STATES, count_by
+
+
+def collect_status(settings: Settings) -> dict[str, Any]:
+    """Counts from the store and the inbox, as a JSON-ready dict."""
+    inbox = settings.path("inbox")
+    waiting = sum(len(files) for _, _, files in os.walk(inbox)) if inbox.exists() else 0
+    db_path = settings.path("database")
+    files: dict[str, int] = {}
+    studies: dict[str, int] = {}
+    schema = 0
+    if db_path.exists():
+        db = store.connect(db_path, readonly=True)
+        try:
+            schema = store.schema_version(db)
+            if schema:
+                files = count_by(db, "files", "state")
+                studies = count_by(db, "studies", "state")
+        finally:
+            db.close()
+    in_flight = files.get("reading", 0) + files.get("moving", 0)
+    return {
+        "home": str(settings.home),
+        "database": str(db_path) if db_path.exists() else None,
+        "schema_version": schema,
+        "files": {state: files.get(state, 0) for state in FINAL_FILE_STATES}
+        | {"in_flight": in_flight, "total": sum(files.values())},
+        "studies": {state: studies.get(state, 0) for state in STUDY_STATES}
+        | {"total": sum(studies.values())},
+        "inbox_waiting": waiting,
+    }
+
+
+def format_status(status: dict[str, Any]) -> str:
+    """Human-readable rendering of :func:`collect_status`."""
+    lines = [f"home: {status['home']}", f"inbox waiting: {status['inbox_waiting']}", "files:"]
+    lines += [f"  {state:<12} {count}" for state, count in status["files"].items()]
+    lines.append("studies:")
+    lines += [f"  {state:<12} {count}" for state, count in status["studies"].items()]
+    return "\n".join(lines)

@@ -1,0 +1,83 @@
+"""Study assembly: instances grouped by StudyInstanceUID become complete studies.
+
+A study is complete once ``studies.stable_age_seconds`` pass without a new instance. A
+late instance reopens it (the ingestor sets it back to ``open``) and it is completed and
+scored again, with ``round`` counting the completions. Studies without a scoreable image
+end ``unscoreable`` and never reach the scorer.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import sqlite_utils
+import torch
+
+from triage.db import transaction
+from triage.logs import event
+from triage.metrics import Metrics
+from triage.preprocess import from_storage
+
+log = logging.getLogger("triage.studies")
+
+
+class StudyAssembler:
+    """Marks quiet open studies complete, in the order they became quiet."""
+
+    def __init__(
+        self,
+        db: sqlite_utils.Database,
+        metrics: Metrics,
+        stable_age_seconds: float,
+        clock: Callable[[], float],
+    ) -> None:
+        self._db = db
+        self._metrics = metrics
+        self._stable_age = stable_age_seconds
+        self._clock = clock
+
+    def complete_due(self) -> list[int]:
+        """Complete every open study quiet for the stable age; return their ids."""
+        now = self._clock()
+        cutoff = now - self._stable_age
+        done = []
+        with transaction(self._db):
+            rows = self._db.execute(
+                "SELECT id, first_seen_at, n_images, round FROM studies "
+                "WHERE state = 'open' AND last_instance_at <= ? ORDER BY last_instance_at, id",
+                [cutoff],
+            ).fetchall()
+            for study_id, first_seen, n_images, round_ in rows:
+                state = "complete" if n_images > 0 else "unscoreable"
+                self._db.execute(
+                    "UPDATE studies SET state = ?, completed_at = ?, round = round + 1 "
+                    "WHERE id = ?",
+                    [state, now, study_id],
+                )
+                done.append((study_id, state, round_ + 1, now - first_seen, n_images))
+        for study_id, state, round_, waited, n_images in done:
+            self._metrics.studies_completed.inc()
+            self._metrics.study_assembly_seconds.observe(waited)
+            event(log, "study_complete", study_id=study_id, state=state, round=round_,
+                  images=n_images)
+        return [item[0] for item in done]
+
+
+def load_study_images(db: sqlite_utils.Database, study_id: int) -> torch.Tensor:
+    """All preprocessed frames of a study's scoreable instances, [n_images, 1, S, S].
+
+    Instances are in arrival order and frames in file order, so evenly spaced picks over
+    the result follow the acquisition.
+    """
+    frames = []
+    for size, n_frames, data in db.execute(
+        "SELECT images.size, images.frames, images.data FROM images "
+        "JOIN instances ON instances.id = images.instance_id "
+        "WHERE instances.study_id = ? ORDER BY instances.id",
+        [study_id],
+    ).fetchall():
+        frames.append(from_storage(data, n_frames, size))
+    if not frames:
+        return torch.empty(0, 1, 0, 0)
+    return torch.cat(frames).unsqueeze(1)
