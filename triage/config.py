@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from triage.errors import ConfigError
 from triage.gate import GateSettings
@@ -55,12 +55,13 @@ class IngestSettings(_Section):
     )
     percentile_window: tuple[float, float] = (0.5, 99.5)
 
-    @model_validator(mode="after")
-    def _window_ordered(self) -> IngestSettings:
-        low, high = self.percentile_window
+    @field_validator("percentile_window")
+    @classmethod
+    def _window_ordered(cls, value: tuple[float, float]) -> tuple[float, float]:
+        low, high = value
         if not 0 <= low < high <= 100:
-            raise ValueError("percentile_window must be two percentiles with 0 <= low < high <= 100")
-        return self
+            raise ValueError("must be two percentiles with 0 <= low < high <= 100")
+        return value
 
 
 class StudySettings(_Section):

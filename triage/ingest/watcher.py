@@ -166,7 +166,10 @@ class InboxWatcher:
             return
         candidate = self._candidates.get(path)
         if candidate is None:
-            candidate = _Candidate(st.st_size, st.st_mtime_ns, now)
+            # A file last modified long ago (it arrived while the daemon was down) has
+            # already been quiet for its age; it need not wait a full settle interval.
+            age = max(0.0, time.time() - st.st_mtime_ns / 1e9)
+            candidate = _Candidate(st.st_size, st.st_mtime_ns, now - age)
             self._candidates[path] = candidate
         if closed:
             candidate.closed_at = now

@@ -1,0 +1,77 @@
+"""Acquisition functions behind one interface."""
+
+import numpy as np
+import pytest
+
+from triage.acquisition import REGISTRY, Acquisition, make_acquisition
+from triage.acquisition.base import midranks
+from triage.gate import GateSettings
+from triage.model.inference import StudyResult
+
+
+def result(bald=0.1, entropy=0.5, margin=0.4, loss=1.0):
+    return StudyResult(
+        probs=(0.3, 0.7),
+        uncertainty={"entropy": entropy, "bald": bald, "variation_ratio": 0.0,
+                     "least_confidence": 0.3, "margin": margin},
+        predicted_loss=loss, num_images=1, num_images_total=1,
+    )  # fmt: skip
+
+
+def test_registry_names():
+    assert set(REGISTRY) == {"random", "entropy", "bald", "predicted_loss", "combined"}
+    for name, cls in REGISTRY.items():
+        assert issubclass(cls, Acquisition) and cls.name == name
+
+
+@pytest.mark.parametrize(
+    ("strategy", "expected"),
+    [
+        ("entropy", {"uncertainty": 0.5}),
+        ("bald", {"uncertainty": 0.1}),
+        ("predicted_loss", {"predicted_loss": 1.0}),
+        ("combined", {"uncertainty": 0.1, "predicted_loss": 1.0}),
+        ("random", {}),
+    ],
+)
+def test_components_per_strategy(strategy, expected):
+    acquisition = make_acquisition(GateSettings(strategy=strategy))
+    assert acquisition.components(result()) == expected
+    assert set(acquisition.weights) == set(expected)
+
+
+def test_combined_margin_is_oriented_as_uncertainty():
+    acquisition = make_acquisition(GateSettings(uncertainty_measure="margin"))
+    assert acquisition.components(result(margin=0.1))["uncertainty"] == pytest.approx(0.9)
+
+
+def test_predicted_loss_requires_loss_predictor():
+    with pytest.raises(ValueError, match="predicted_loss"):
+        make_acquisition(GateSettings(strategy="predicted_loss")).score(result(loss=None))
+
+
+def test_score_ranks_by_component():
+    acquisition = make_acquisition(GateSettings(strategy="bald"))
+    assert acquisition.score(result(bald=0.3)) > acquisition.score(result(bald=0.1))
+
+
+def test_score_pool_is_scale_free():
+    acquisition = make_acquisition(GateSettings())
+    pool = [result(bald=b, loss=1000 * l) for b, l in [(0.1, 3), (0.2, 2), (0.3, 1)]]
+    # equal weights on opposite orders: every study ties
+    np.testing.assert_allclose(acquisition.score_pool(pool), [0.5, 0.5, 0.5])
+
+
+def test_midranks_average_ties():
+    np.testing.assert_allclose(midranks(np.array([3.0, 1.0, 1.0, 2.0])), [0.875, 0.25, 0.25, 0.625])
+
+
+def test_random_is_seeded():
+    a = make_acquisition(GateSettings(strategy="random", seed=3))
+    b = make_acquisition(GateSettings(strategy="random", seed=3))
+    assert [a.score(result()) for _ in range(5)] == [b.score(result()) for _ in range(5)]
+
+
+def test_unknown_strategy_rejected():
+    with pytest.raises(ValueError, match="strategy"):
+        GateSettings(strategy="committee")

@@ -1,0 +1,117 @@
+"""Loss predictor, ranking loss and joint training."""
+
+import numpy as np
+import pytest
+import torch
+
+from triage.model.lossnet import LossPredictor, build_loss_predictor, ranking_loss
+from triage.model.network import build_network
+from triage.model.settings import ModelSettings, TrainSettings
+from triage.model.training import auroc, class_weights, fit
+
+TINY = ModelSettings(input_size=16, channels=(4, 8), subunits=1)
+
+
+def test_loss_predictor_shape():
+    lossnet = LossPredictor([4, 8], width=16)
+    maps = [torch.rand(5, 4, 8, 8), torch.rand(5, 8, 4, 4)]
+    assert lossnet(maps).shape == (5,)
+    with pytest.raises(ValueError, match="maps"):
+        lossnet(maps[:1])
+
+
+@pytest.mark.parametrize(
+    ("predicted", "target", "margin", "expected"),
+    [
+        ([3.0, 0.0], [2.0, 1.0], 1.0, 0.0),  # right order, beyond margin
+        ([0.5, 0.0], [2.0, 1.0], 1.0, 0.5),  # right order, inside margin
+        ([0.0, 1.0], [2.0, 1.0], 1.0, 2.0),  # wrong order
+        ([0.0, 1.0], [1.0, 2.0], 0.0, 0.0),  # right order, no margin
+        ([0.0, 2.0, 0.0, 0.0, 9.0], [1.0, 3.0, 2.0, 0.0, 5.0], 1.0, 1.5),  # odd last left out
+    ],
+)
+def test_ranking_loss_table(predicted, target, margin, expected):
+    value = ranking_loss(torch.tensor(predicted), torch.tensor(target), margin)
+    assert float(value) == pytest.approx(expected)
+
+
+def test_ranking_loss_has_no_gradient_into_target():
+    target = torch.tensor([1.0, 2.0], requires_grad=True)
+    predicted = torch.tensor([0.0, 0.0], requires_grad=True)
+    ranking_loss(predicted, target).backward()
+    assert target.grad is None and predicted.grad is not None
+
+
+@pytest.mark.parametrize(
+    ("scores", "labels", "expected"),
+    [([0.1, 0.4, 0.35, 0.8], [0, 0, 1, 1], 0.75), ([1, 2, 3], [0, 1, 1], 1.0),
+     ([3, 2, 1], [0, 1, 1], 0.0), ([1, 1, 1, 1], [0, 1, 0, 1], 0.5)],
+)  # fmt: skip
+def test_auroc_table(scores, labels, expected):
+    assert auroc(np.array(scores), np.array(labels)) == pytest.approx(expected)
+
+
+def test_auroc_single_class_is_nan():
+    assert np.isnan(auroc(np.array([0.1, 0.2]), np.array([1, 1])))
+
+
+def test_class_weights_inverse_frequency():
+    weights = class_weights(torch.tensor([0, 1, 1, 1]), 2)
+    assert torch.allclose(weights, torch.tensor([2.0, 2 / 3]))
+
+
+def synthetic(n, seed):
+    """Bright-blob images are class 1; easy enough to learn in a few epochs."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, 2, (n,), generator=g)
+    x = torch.rand(n, 1, 16, 16, generator=g) * 0.5
+    x[y == 1, :, 4:12, 4:12] += 0.5
+    return x, y
+
+
+@pytest.mark.parametrize("class_weighted", [False, True])
+def test_fit_learns_and_is_seeded(class_weighted):
+    x, y = synthetic(256, 0)
+    vx, vy = synthetic(128, 1)
+    train = TrainSettings(epochs=4, batch_size=32, seed=3, class_weighted=class_weighted)
+    histories, weights = [], []
+    for _ in range(2):
+        torch.manual_seed(0)
+        net, lossnet = build_network(TINY), build_loss_predictor(TINY)
+        history = fit(net, lossnet, x, y, train, val_images=vx, val_labels=vy)
+        histories.append(history)
+        weights.append(net.fc.weight.detach().clone())
+    assert torch.equal(weights[0], weights[1])
+    first, last = histories[0].epochs[0], histories[0].last
+    assert last["ce"] < first["ce"]
+    assert last["val_accuracy"] >= 0.9 and last["val_auroc"] >= 0.95
+    assert [e["detached"] for e in histories[0].epochs] == [0.0, 0.0, 0.0, 1.0]
+    assert not net.training and not lossnet.training
+
+
+def test_fit_detached_features_leave_backbone_to_classifier_loss():
+    x, y = synthetic(64, 0)
+    settings = TrainSettings(epochs=1, batch_size=64, detach_after_fraction=0.0, learning_rate=0.0)
+    torch.manual_seed(0)
+    net, lossnet = build_network(TINY), build_loss_predictor(TINY)
+    before = [p.clone() for p in net.parameters()]
+    fit(net, lossnet, x, y, settings)  # lr 0: nothing moves, but it must run detached
+    assert all(torch.equal(a, b) for a, b in zip(before, net.parameters(), strict=True))
+
+
+@pytest.mark.parametrize(
+    ("images", "labels", "match"),
+    [(torch.rand(4, 16, 16), torch.zeros(4, dtype=torch.long), "images"),
+     (torch.rand(4, 1, 16, 16), torch.zeros(3, dtype=torch.long), "labels"),
+     (torch.rand(4, 1, 16, 16), torch.zeros(4), "labels"),
+     (torch.rand(4, 1, 16, 16), torch.full((4,), 2, dtype=torch.long), "labels")],
+)  # fmt: skip
+def test_fit_rejects_bad_data(images, labels, match):
+    net, lossnet = build_network(TINY), build_loss_predictor(TINY)
+    with pytest.raises(ValueError, match=match):
+        fit(net, lossnet, images, labels, TrainSettings(epochs=1))
+
+
+def test_odd_batch_size_rejected():
+    with pytest.raises(ValueError, match="batch_size"):
+        TrainSettings(batch_size=33)
