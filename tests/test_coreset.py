@@ -13,7 +13,7 @@ from triage.coreset import coverage_weights, k_center_greedy, k_center_with_outl
 
 def _dmat(x: np.ndarray) -> np.ndarray:
     """Exact float64 Euclidean distance matrix [n, n] by explicit differences."""
-    return np.sqrt(((x[:, None, :] - x[None, :, :]) ** 2).sum(-1))
+    return np.stack([np.sqrt(((x - row) ** 2).sum(-1)) for row in x])
 
 
 def _ref_greedy(x: np.ndarray, labeled: list[int], k: int, seed: int
