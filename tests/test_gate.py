@@ -159,7 +159,10 @@ def test_restart_restores_identical_decisions(use_state_dict):
 
 @pytest.mark.parametrize(
     ("scores", "match"),
-    [({"uncertainty": 0.1}, "predicted_loss"), ({"uncertainty": math.nan, "predicted_loss": 1}, "finite")],
+    [
+        ({"uncertainty": 0.1}, "predicted_loss"),
+        ({"uncertainty": math.nan, "predicted_loss": 1}, "finite"),
+    ],
 )
 def test_bad_scores_rejected(scores, match):
     with pytest.raises(ValueError, match=match):

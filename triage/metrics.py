@@ -13,7 +13,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import sqlite_utils
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+    disable_created_metrics,
+)
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -42,6 +49,8 @@ class Metrics:
 
 def build_metrics(registry: CollectorRegistry) -> Metrics:
     """Create and register the daemon's metrics on ``registry``."""
+    # ``*_created`` series double the exposition and no dashboard here uses them.
+    disable_created_metrics()
     Info("triage_build", "Version of the running triage daemon.", registry=registry).info(
         {"version": __version__}
     )

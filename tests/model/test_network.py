@@ -94,7 +94,9 @@ def test_mc_mode_restores_on_error():
     assert [m.training for m in net.modules()] == before
 
 
-@pytest.mark.parametrize(("kwargs", "match"), [({"samples": 0}, "samples"), ({"scope": "x"}, "scope")])
+@pytest.mark.parametrize(
+    ("kwargs", "match"), [({"samples": 0}, "samples"), ({"scope": "x"}, "scope")]
+)
 def test_mc_predict_rejects_bad_parameters(kwargs, match):
     with pytest.raises(ValueError, match=match):
         mc_predict(build_network(TINY), torch.rand(1, 1, 16, 16), **kwargs)

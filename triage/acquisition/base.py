@@ -1,0 +1,86 @@
+"""The acquisition-function interface.
+
+An acquisition function turns a study's `StudyResult` into named raw component
+scores (larger = more worth labelling) and the weights that combine them. The
+gate makes each component scale-free by its rank in a rolling window before
+weighting; `score` (weighted raw sum) and `score_pool` (weighted within-pool
+ranks) serve offline ranking. A new function is one file: subclass
+`Acquisition`, then add the class to `triage.acquisition.REGISTRY`.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, ClassVar, Self
+
+import numpy as np
+
+
+if TYPE_CHECKING:
+    from triage.gate import GateSettings
+    from triage.model.inference import StudyResult
+
+UNCERTAINTY = "uncertainty"
+PREDICTED_LOSS = "predicted_loss"
+
+
+def uncertainty_score(result: StudyResult, measure: str) -> float:
+    """The study's `measure`, oriented so larger = more uncertain (`margin` -> 1 - margin)."""
+    if measure not in result.uncertainty:
+        raise ValueError(f"measure must be one of {sorted(result.uncertainty)}, got {measure!r}")
+    value = result.uncertainty[measure]
+    return 1.0 - value if measure == "margin" else value
+
+
+def midranks(values: np.ndarray) -> np.ndarray:
+    """Quantile of each value within `values` [N]: (rank - 0.5) / N with ties averaged."""
+    n = values.shape[0]
+    order = np.argsort(values, kind="mergesort")
+    _, first, counts = np.unique(values[order], return_index=True, return_counts=True)
+    ranks = np.empty(n)
+    ranks[order] = np.repeat(first + counts / 2.0, counts)
+    return ranks / n
+
+
+class Acquisition(ABC):
+    """Base of all acquisition functions.
+
+    Attributes:
+        name: Registry name (`GateSettings.strategy`).
+        is_random: True for the random baseline, which the gate routes at label_rate
+            without looking at scores.
+    """
+
+    name: ClassVar[str]
+    is_random: ClassVar[bool] = False
+
+    @classmethod
+    @abstractmethod
+    def from_settings(cls, settings: GateSettings) -> Self:
+        """Build the function from the gate settings."""
+
+    @abstractmethod
+    def components(self, result: StudyResult) -> dict[str, float]:
+        """Raw component scores of one study, larger = more worth labelling."""
+
+    @property
+    @abstractmethod
+    def weights(self) -> dict[str, float]:
+        """Weight of each component (keys as in `components`), non-negative."""
+
+    def score(self, result: StudyResult) -> float:
+        """Weighted sum of the raw components (exact for one component; use `score_pool`
+        or the gate for scale-free combinations)."""
+        parts = self.components(result)
+        return float(sum(w * parts[k] for k, w in self.weights.items()))
+
+    def score_pool(self, results: Sequence[StudyResult]) -> np.ndarray:
+        """Scores [N] of a fixed pool: each component's within-pool quantile, weighted."""
+        if not results:
+            return np.zeros(0)
+        rows = [self.components(r) for r in results]
+        total = np.zeros(len(results))
+        for key, weight in self.weights.items():
+            total += weight * midranks(np.array([row[key] for row in rows], dtype=np.float64))
+        return total

@@ -1,0 +1,107 @@
+"""Uncertainty measures of class probabilities, vectorised and pure.
+
+Shapes: `probs` is [..., C] for measures of one predictive distribution (a
+study's mean MC probabilities [N, C] or a single [C]); `samples` is [T, ..., C]
+for measures that need the MC samples (T samples first). Every function returns
+the shape of its input without the class axis (and without T). Logarithms are
+base 2, so entropies are in bits. Inputs may be torch tensors or numpy arrays;
+the output has the same type.
+"""
+
+from typing import TypeVar
+
+import numpy as np
+import torch
+
+Array = TypeVar("Array", torch.Tensor, np.ndarray)
+
+MEASURES: tuple[str, ...] = ("entropy", "bald", "variation_ratio", "least_confidence", "margin")
+"""All measures. All grow with uncertainty except `margin`, which shrinks."""
+
+_TINY = 1e-12
+
+
+def _xlog2x(p: Array) -> Array:
+    if isinstance(p, torch.Tensor):
+        return torch.where(p > 0, p * torch.log2(p.clamp_min(_TINY)), torch.zeros_like(p))
+    return np.where(p > 0, p * np.log2(np.maximum(p, _TINY)), 0.0)
+
+
+def _check(probs: Array, name: str, min_ndim: int) -> None:
+    if not isinstance(probs, torch.Tensor | np.ndarray):
+        raise TypeError(f"{name} must be a torch.Tensor or numpy array, got {type(probs)}")
+    if probs.ndim < min_ndim or probs.shape[-1] < 2:
+        raise ValueError(
+            f"{name} must have >= {min_ndim} axes and >= 2 classes, got {tuple(probs.shape)}"
+        )
+
+
+def predictive_entropy(probs: Array) -> Array:
+    """Entropy in bits of probabilities [..., C] -> [...]; 0 to log2(C)."""
+    _check(probs, "probs", 1)
+    return -_xlog2x(probs).sum(-1)
+
+
+def least_confidence(probs: Array) -> Array:
+    """1 - max_c p_c of probabilities [..., C] -> [...]; 0 to 1 - 1/C."""
+    _check(probs, "probs", 1)
+    top = probs.max(-1) if isinstance(probs, np.ndarray) else probs.max(-1).values
+    return 1.0 - top
+
+
+def margin(probs: Array) -> Array:
+    """Top-1 minus top-2 probability of [..., C] -> [...]; small = uncertain."""
+    _check(probs, "probs", 1)
+    if isinstance(probs, torch.Tensor):
+        top2 = probs.topk(2, dim=-1).values
+        return top2[..., 0] - top2[..., 1]
+    top2 = np.sort(probs, axis=-1)[..., -2:]
+    return top2[..., 1] - top2[..., 0]
+
+
+def bald(samples: Array) -> Array:
+    """BALD mutual information in bits of MC samples [T, ..., C] -> [...].
+
+    H(mean_t p_t) - mean_t H(p_t): the part of the predictive entropy that comes
+    from disagreement between samples; 0 when all samples agree.
+    """
+    _check(samples, "samples", 2)
+    total = predictive_entropy(samples.mean(0))
+    expected = predictive_entropy(samples).mean(0)
+    result = total - expected
+    if isinstance(result, torch.Tensor):
+        return result.clamp_min(0.0)
+    return np.maximum(result, 0.0)
+
+
+def variation_ratio(samples: Array) -> Array:
+    """1 - (share of MC samples voting for the modal class), [T, ..., C] -> [...]."""
+    _check(samples, "samples", 2)
+    num_classes = samples.shape[-1]
+    if isinstance(samples, torch.Tensor):
+        votes = torch.nn.functional.one_hot(samples.argmax(-1), num_classes).sum(0)
+        return 1.0 - votes.max(-1).values.to(samples.dtype) / samples.shape[0]
+    votes = (samples.argmax(-1)[..., None] == np.arange(num_classes)).sum(0)
+    return 1.0 - votes.max(-1) / samples.shape[0]
+
+
+def all_measures(samples: Array) -> dict[str, Array]:
+    """Every measure of `MEASURES` from MC samples [T, ..., C], each [...].
+
+    The single-distribution measures use the MC mean probabilities.
+    """
+    _check(samples, "samples", 2)
+    mean = samples.mean(0)
+    total = predictive_entropy(mean)
+    mutual = total - predictive_entropy(samples).mean(0)
+    if isinstance(mutual, torch.Tensor):
+        mutual = mutual.clamp_min(0.0)
+    else:
+        mutual = np.maximum(mutual, 0.0)
+    return {
+        "entropy": total,
+        "bald": mutual,
+        "variation_ratio": variation_ratio(samples),
+        "least_confidence": least_confidence(mean),
+        "margin": margin(mean),
+    }

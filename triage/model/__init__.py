@@ -1,0 +1,1 @@
+"""The classifier, its MC-dropout sampling and the learned loss predictor."""

@@ -1,0 +1,134 @@
+"""Study-level scoring: MC dropout, uncertainty and predicted loss of one study."""
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from triage.acquisition.measures import MEASURES, all_measures
+from triage.model.lossnet import LossPredictor
+from triage.model.mc_dropout import mc_predict
+from triage.model.network import TriageNet
+from triage.model.settings import ModelSettings
+
+STAGES: tuple[str, ...] = ("trunk", "mc", "lossnet")
+
+
+@dataclass(frozen=True)
+class StudyResult:
+    """Scores of one study.
+
+    Attributes:
+        probs: Class probabilities averaged over MC samples and scored images, one per
+            label (sums to 1).
+        uncertainty: Every measure of `triage.acquisition.measures.MEASURES`, reduced
+            over images: with reduction `max` the most uncertain image counts (the
+            largest value, except `margin`, where the smallest is the most uncertain),
+            with `mean` the mean. Entropy and BALD are in bits.
+        predicted_loss: Output of the loss predictor reduced like `uncertainty` (max or
+            mean over images); None without a loss predictor. Only its order matters.
+        num_images: Images scored (<= max_images_per_study).
+        num_images_total: Images in the study.
+        durations: Wall time in seconds of the stages `trunk`, `mc` and `lossnet`.
+    """
+
+    probs: tuple[float, ...]
+    uncertainty: dict[str, float]
+    predicted_loss: float | None
+    num_images: int
+    num_images_total: int
+    durations: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def predicted_index(self) -> int:
+        """Index of the most probable class."""
+        return max(range(len(self.probs)), key=self.probs.__getitem__)
+
+
+def pick_images(num_images: int, max_images: int) -> list[int]:
+    """Evenly spaced indices of at most `max_images` of `num_images` images.
+
+    The first and last image are always included when two or more are picked.
+    """
+    if num_images < 1:
+        raise ValueError(f"num_images must be >= 1, got {num_images}")
+    if max_images < 1:
+        raise ValueError(f"max_images must be >= 1, got {max_images}")
+    if num_images <= max_images:
+        return list(range(num_images))
+    if max_images == 1:
+        return [num_images // 2]
+    step = (num_images - 1) / (max_images - 1)
+    return [round(i * step) for i in range(max_images)]
+
+
+def score_study(
+    net: TriageNet,
+    loss_predictor: LossPredictor | None,
+    images: torch.Tensor,
+    settings: ModelSettings,
+    *,
+    seed: int | None = None,
+) -> StudyResult:
+    """Score one study with MC dropout and the loss predictor.
+
+    Args:
+        net: The classifier.
+        loss_predictor: The loss predictor, or None (then `predicted_loss` is None).
+        images: The study's images, float [K, 1, S, S] in [0, 1], S = input_size.
+        settings: Model settings (`mc_samples`, `mc_scope`, `max_images_per_study`,
+            `image_reduction`).
+        seed: Optional seed of the dropout masks (the global RNG is left untouched).
+
+    Returns:
+        The study's `StudyResult`.
+    """
+    size = settings.input_size
+    if images.ndim != 4 or images.shape[1] != 1 or tuple(images.shape[2:]) != (size, size):
+        raise ValueError(f"images must be [K, 1, {size}, {size}], got {tuple(images.shape)}")
+    total = images.shape[0]
+    if total < 1:
+        raise ValueError("images must hold at least one image")
+    picks = pick_images(total, settings.max_images_per_study)
+    if len(picks) < total:
+        images = images[picks]
+    out = mc_predict(
+        net,
+        images,
+        samples=settings.mc_samples,
+        scope=settings.mc_scope,
+        with_features=loss_predictor is not None,
+        seed=seed,
+    )
+    start = time.perf_counter()
+    predicted_loss = None
+    if loss_predictor is not None:
+        # no dropout or BatchNorm in the loss predictor: its train/eval mode is irrelevant
+        with torch.inference_mode():
+            losses = loss_predictor(out.stage_maps)
+            reduced = losses.max() if settings.image_reduction == "max" else losses.mean()
+        predicted_loss = float(reduced)
+    lossnet_seconds = time.perf_counter() - start
+
+    samples = out.probs.numpy()  # [T, K, C]; numpy is faster than torch on tiny arrays
+    measures = all_measures(samples)
+    if settings.image_reduction == "mean":
+        values = [float(measures[name].mean()) for name in MEASURES]
+    else:  # the most uncertain image: largest value, smallest margin
+        values = [
+            float(measures[name].min() if name == "margin" else measures[name].max())
+            for name in MEASURES
+        ]
+    probs = samples.mean(axis=(0, 1))
+    return StudyResult(
+        probs=tuple(probs.tolist()),
+        uncertainty=dict(zip(MEASURES, values, strict=True)),
+        predicted_loss=predicted_loss,
+        num_images=len(picks),
+        num_images_total=total,
+        durations={
+            "trunk": out.trunk_seconds,
+            "mc": out.mc_seconds,
+            "lossnet": lossnet_seconds,
+        },
+    )

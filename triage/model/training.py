@@ -1,0 +1,217 @@
+"""Joint training of the classifier and the loss predictor, and evaluation metrics."""
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from triage.model.lossnet import LossPredictor, ranking_loss
+from triage.model.network import TriageNet
+from triage.model.settings import TrainSettings
+
+Augment = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
+"""Hook applied to each training batch [B, 1, S, S] (with fit's seeded generator)."""
+
+
+def auroc(scores: np.ndarray | torch.Tensor, labels: np.ndarray | torch.Tensor) -> float:
+    """Area under the ROC curve of `scores` for binary `labels` (rank formula, ties halved).
+
+    Args:
+        scores: Scores [N]; larger means "more likely positive".
+        labels: Binary labels [N] (bool or 0/1).
+
+    Returns:
+        AUROC in [0, 1]; NaN when only one class is present.
+    """
+    s = np.asarray(scores, dtype=np.float64).reshape(-1)
+    y = np.asarray(labels).reshape(-1).astype(bool)
+    if s.shape != y.shape:
+        raise ValueError(f"scores and labels must have the same length, got {s.size} and {y.size}")
+    n_pos = int(y.sum())
+    n_neg = y.size - n_pos
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    order = np.argsort(s, kind="mergesort")
+    sorted_s = s[order]
+    ranks = np.empty(s.size, dtype=np.float64)
+    # average 1-based ranks over ties
+    _, first, counts = np.unique(sorted_s, return_index=True, return_counts=True)
+    avg = first + (counts + 1) / 2.0
+    ranks[order] = np.repeat(avg, counts)
+    return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
+
+
+def classifier_auroc(probs: torch.Tensor, labels: torch.Tensor) -> float:
+    """AUROC of probabilities [N, C] for labels [N]: p[:, 1] for two classes, else the
+    macro mean of one-vs-rest AUROCs over the classes present."""
+    if probs.shape[1] == 2:
+        return auroc(probs[:, 1], labels == 1)
+    values = [auroc(probs[:, c], labels == c) for c in range(probs.shape[1])]
+    values = [v for v in values if not np.isnan(v)]
+    return float(np.mean(values)) if values else float("nan")
+
+
+@dataclass
+class History:
+    """Per-epoch records of `fit`.
+
+    Attributes:
+        epochs: One dict per epoch with `loss` (total), `ce` (cross-entropy), `rank`
+            (ranking loss), `detached` (1.0 if the loss predictor's features were
+            detached), `seconds` and, with validation tensors, `val_ce`,
+            `val_accuracy`, `val_auroc` and `val_loss_auroc` (AUROC of the predicted loss
+            at flagging misclassified validation images).
+    """
+
+    epochs: list[dict[str, float]] = field(default_factory=list)
+
+    @property
+    def last(self) -> dict[str, float]:
+        """The last epoch's record."""
+        return self.epochs[-1]
+
+
+def class_weights(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Inverse-frequency class weights [C] normalised to mean 1 (absent classes get 0)."""
+    counts = torch.bincount(labels, minlength=num_classes).float()
+    weights = torch.where(counts > 0, counts.sum() / (num_classes * counts.clamp_min(1)), 0.0)
+    return weights
+
+
+@torch.inference_mode()
+def evaluate(
+    net: TriageNet, loss_predictor: LossPredictor, images: torch.Tensor, labels: torch.Tensor,
+    batch_size: int = 256,
+) -> dict[str, float]:
+    """Deterministic (eval-mode) validation metrics; see `History` for the keys."""
+    was = (net.training, loss_predictor.training)
+    net.eval()
+    loss_predictor.eval()
+    try:
+        logits, predicted = [], []
+        for start in range(0, images.shape[0], batch_size):
+            out, maps = net.forward_with_features(images[start : start + batch_size])
+            logits.append(out)
+            predicted.append(loss_predictor(maps))
+    finally:
+        net.train(was[0])
+        loss_predictor.train(was[1])
+    logit = torch.cat(logits)
+    probs = torch.softmax(logit, dim=1)
+    wrong = probs.argmax(1) != labels
+    return {
+        "val_ce": float(F.cross_entropy(logit, labels)),
+        "val_accuracy": float((~wrong).float().mean()),
+        "val_auroc": classifier_auroc(probs, labels),
+        "val_loss_auroc": auroc(torch.cat(predicted), wrong),
+    }
+
+
+def _check_data(images: torch.Tensor, labels: torch.Tensor, name: str, num_classes: int) -> None:
+    if images.ndim != 4 or images.shape[1] != 1:
+        raise ValueError(f"{name}images must be [N, 1, S, S], got {tuple(images.shape)}")
+    if labels.ndim != 1 or labels.shape[0] != images.shape[0]:
+        raise ValueError(
+            f"{name}labels must be [N] matching {name}images, got {tuple(labels.shape)}"
+        )
+    if labels.dtype != torch.long:
+        raise ValueError(f"{name}labels must be torch.long, got {labels.dtype}")
+    if labels.numel() and (labels.min() < 0 or labels.max() >= num_classes):
+        raise ValueError(f"{name}labels must lie in [0, {num_classes}), got values outside")
+
+
+def fit(
+    net: TriageNet,
+    loss_predictor: LossPredictor,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    settings: TrainSettings,
+    *,
+    val_images: torch.Tensor | None = None,
+    val_labels: torch.Tensor | None = None,
+    augment: Augment | None = None,
+    on_epoch_end: Callable[[int, dict[str, float]], None] | None = None,
+) -> History:
+    """Train classifier and loss predictor jointly, in place.
+
+    Loss per batch = mean (optionally class-weighted) cross-entropy + ranking_weight *
+    ranking loss of the loss predictor against the detached per-sample
+    cross-entropies. After `detach_after_fraction * epochs` epochs the loss
+    predictor's input features are detached. Randomness (shuffling, dropout,
+    `augment`) comes from `settings.seed`; the global torch RNG state is restored
+    afterwards. Both modules are left in eval mode.
+
+    Args:
+        net: The classifier (initialised by the caller; weights are updated).
+        loss_predictor: The loss predictor for `net`'s stages.
+        images: Float [N, 1, S, S] in [0, 1].
+        labels: Class indices [N], torch.long.
+        settings: Training settings.
+        val_images: Optional validation images [M, 1, S, S].
+        val_labels: Optional validation labels [M]; required with `val_images`.
+        augment: Optional hook applied to every training batch.
+        on_epoch_end: Optional callback(epoch_index, record) after each epoch.
+
+    Returns:
+        The per-epoch `History`.
+    """
+    _check_data(images, labels, "", net.num_classes)
+    if (val_images is None) != (val_labels is None):
+        raise ValueError("val_images and val_labels must be given together")
+    if val_images is not None:
+        _check_data(val_images, val_labels, "val_", net.num_classes)
+    if images.shape[0] < 2:
+        raise ValueError(f"images must hold at least 2 samples, got {images.shape[0]}")
+    weight = class_weights(labels, net.num_classes) if settings.class_weighted else None
+    params = [*net.parameters(), *loss_predictor.parameters()]
+    optimiser = torch.optim.AdamW(
+        params, lr=settings.learning_rate, weight_decay=settings.weight_decay
+    )
+    detach_from = int(np.ceil(settings.detach_after_fraction * settings.epochs))
+    history = History()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(settings.seed)
+        generator = torch.Generator().manual_seed(settings.seed)
+        for epoch in range(settings.epochs):
+            start = time.perf_counter()
+            detach = epoch >= detach_from
+            net.train()
+            loss_predictor.train()
+            order = torch.randperm(images.shape[0], generator=generator)
+            sums = {"loss": 0.0, "ce": 0.0, "rank": 0.0}
+            batches = 0
+            for first in range(0, images.shape[0], settings.batch_size):
+                index = order[first : first + settings.batch_size]
+                if index.numel() < 2:
+                    continue
+                x = images[index]
+                if augment is not None:
+                    x = augment(x, generator)
+                logits, maps = net.forward_with_features(x)
+                per_sample = F.cross_entropy(logits, labels[index], weight=weight, reduction="none")
+                ce = per_sample.mean()
+                if detach:
+                    maps = [m.detach() for m in maps]
+                rank = ranking_loss(loss_predictor(maps), per_sample, settings.ranking_margin)
+                loss = ce + settings.ranking_weight * rank
+                optimiser.zero_grad(set_to_none=True)
+                loss.backward()
+                optimiser.step()
+                sums["loss"] += float(loss.detach())
+                sums["ce"] += float(ce.detach())
+                sums["rank"] += float(rank.detach())
+                batches += 1
+            record = {k: v / max(batches, 1) for k, v in sums.items()}
+            record["detached"] = float(detach)
+            if val_images is not None:
+                record.update(evaluate(net, loss_predictor, val_images, val_labels))
+            record["seconds"] = time.perf_counter() - start
+            history.epochs.append(record)
+            if on_epoch_end is not None:
+                on_epoch_end(epoch, record)
+    net.eval()
+    loss_predictor.eval()
+    return history
