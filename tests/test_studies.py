@@ -30,7 +30,7 @@ def test_study_completes_after_quiet_period_and_a_late_instance_rescores_it(
     )
     assert (n_instances, n_images, round_) == (3, 3, 1)
     results = _rows(daemon, f"SELECT round, status, detail FROM study_results WHERE study_id={study_id}")
-    assert results == [(1, "not_scored", '{"reason": "no scorer is configured yet"}')]
+    assert results == [(1, "routed", '{"reason": "cold_start"}')]  # no model yet
 
     make_image(daemon.inbox / "late.dcm", study_uid=study, seed=5)
     daemon.wait_for(lambda s: s["files"]["archived"] == 5, 30, "late instance archived")

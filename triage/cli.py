@@ -41,6 +41,17 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=None, help="port (default: server.port)")
     status = sub.add_parser("status", parents=[common], help="counts of files and studies")
     status.add_argument("--json", action="store_true", help="print JSON")
+    models = sub.add_parser("models", help="the model registry (admins)")
+    models_sub = models.add_subparsers(dest="models_command", required=True)
+    listing = models_sub.add_parser("list", parents=[common], help="all versions")
+    listing.add_argument("--json", action="store_true", help="print JSON")
+    add = models_sub.add_parser(
+        "import", parents=[common], help="add a checkpoint file as a new candidate version"
+    )
+    add.add_argument("checkpoint", type=Path, help="file written by triage's save_checkpoint")
+    add.add_argument("--promote", action="store_true", help="make it the serving model")
+    promote = models_sub.add_parser("promote", parents=[common], help="serve a version")
+    promote.add_argument("version")
     return parser
 
 
@@ -56,6 +67,8 @@ def main(argv: list[str] | None = None) -> int:
             return _serve(settings, args.host, args.port)
         if args.command == "status":
             return _status(settings, args.json)
+        if args.command == "models":
+            return _models(settings, args)
     except TriageError as exc:
         print(f"triage: {exc}", file=sys.stderr)
         return EXIT_RUNTIME
@@ -71,6 +84,36 @@ def _status(settings: Settings, as_json: bool) -> int:
     status = collect_status(settings)
     print(json.dumps(status, indent=2) if as_json else format_status(status))
     return 0
+
+
+def _models(settings: Settings, args: argparse.Namespace) -> int:
+    from triage import db as store
+    from triage.registry import ModelRegistry
+
+    db = store.connect(settings.path("database"))
+    try:
+        registry = ModelRegistry(db, settings.path("models"), settings.model)
+        if args.models_command == "list":
+            versions = [entry.to_json() for entry in registry.list()]
+            if args.json:
+                print(json.dumps(versions, indent=2))
+            elif not versions:
+                print("no model versions yet: the gate routes studies as cold_start")
+            for entry in [] if args.json else versions:
+                print(f"{entry['version']:<8} {entry['status']:<10} {entry['created_at']}  "
+                      f"{entry['source']}")
+            return 0
+        if args.models_command == "import":
+            entry = registry.add(args.checkpoint, source=f"import:{args.checkpoint.name}")
+            if args.promote:
+                entry = registry.promote(entry.version, note="promoted at import")
+            print(f"{entry.version} {entry.status}")
+            return 0
+        entry = registry.promote(args.version, note="promoted by an admin")
+        print(f"{entry.version} {entry.status}")
+        return 0
+    finally:
+        db.close()
 
 
 def _serve(settings: Settings, host: str | None, port: int | None) -> int:

@@ -28,7 +28,8 @@ from triage.ingest.ingestor import Ingestor
 from triage.ingest.watcher import InboxWatcher
 from triage.logs import event
 from triage.metrics import Metrics, StoreCollector, build_metrics
-from triage.scoring import NotScoredScorer, Scorer, ScoringWorker
+from triage.gate_scorer import GateScorer
+from triage.scoring import ScoringWorker
 from triage.studies import StudyAssembler
 
 log = logging.getLogger("triage.daemon")
@@ -49,7 +50,6 @@ class Daemon:
         self,
         settings: Settings,
         registry: CollectorRegistry | None = None,
-        scorer: Scorer | None = None,
     ) -> None:
         self.settings = settings
         self.registry = registry if registry is not None else CollectorRegistry()
@@ -57,7 +57,6 @@ class Daemon:
         self.registry.register(
             StoreCollector(lambda: store.connect(self.db_path, readonly=True), settings.home)
         )
-        self._scorer = scorer if scorer is not None else NotScoredScorer()
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._heartbeats: dict[str, float] = {}
@@ -71,6 +70,10 @@ class Daemon:
     def start(self) -> None:
         """Lock the state directory, prepare the store and start both loops."""
         set_track_meta(False)  # plain tensors through MONAI transforms: no metadata cost
+        # One intra-op thread (the setting is process-wide): ingest and scoring each use a
+        # core. Per-image tensors are small, and two OpenMP threads contending with the
+        # other loop made preprocessing 10x slower on a 2-core machine.
+        torch.set_num_threads(1)
         for name in ("inbox", "archive", "quarantine", "models", "logs"):
             self.settings.path(name).mkdir(parents=True, exist_ok=True)
         self._lock()
@@ -131,9 +134,6 @@ class Daemon:
         self._heartbeats[name] = time.monotonic()
 
     def _ingest_loop(self) -> None:
-        # Per-image tensors are small: one thread avoids OpenMP spin contention with the
-        # scorer, which is worth 10x here on a loaded 2-core machine.
-        torch.set_num_threads(1)
         db = store.connect(self.db_path)
         ingestor = Ingestor(self.settings, db, self.metrics)
         assembler = StudyAssembler(
@@ -172,7 +172,7 @@ class Daemon:
 
     def _scoring_loop(self) -> None:
         db = store.connect(self.db_path)
-        worker = ScoringWorker(db, self._scorer, self.metrics)
+        worker = ScoringWorker(db, GateScorer(self.settings, db, self.metrics), self.metrics)
         worker.requeue_interrupted()
         while not self._stop.is_set():
             self._beat("scoring")

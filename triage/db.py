@@ -89,6 +89,45 @@ MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX study_results_study ON study_results(study_id);
     """,
+    # 2: the model registry and the needs-label gate's decisions.
+    """
+    CREATE TABLE models (
+        version TEXT PRIMARY KEY,
+        status TEXT NOT NULL,
+        path TEXT NOT NULL,
+        parent TEXT,
+        source TEXT NOT NULL,
+        created_at REAL NOT NULL,
+        promoted_at REAL,
+        metrics TEXT,
+        data_summary TEXT,
+        note TEXT
+    );
+    CREATE TABLE decisions (
+        id INTEGER PRIMARY KEY,
+        result_id INTEGER NOT NULL UNIQUE REFERENCES study_results(id),
+        study_id INTEGER NOT NULL REFERENCES studies(id),
+        round INTEGER NOT NULL,
+        sequence INTEGER NOT NULL,
+        created_at REAL NOT NULL,
+        model_version TEXT,
+        strategy TEXT NOT NULL,
+        needs_label INTEGER NOT NULL,
+        reason TEXT NOT NULL,
+        combined REAL,
+        threshold REAL,
+        scores TEXT,
+        quantiles TEXT,
+        prediction TEXT,
+        uncertainty TEXT,
+        predicted_loss REAL,
+        images_scored INTEGER,
+        images_total INTEGER,
+        decision TEXT NOT NULL
+    );
+    CREATE INDEX decisions_study ON decisions(study_id);
+    CREATE INDEX decisions_routed ON decisions(needs_label, reason);
+    """,
 )
 
 

@@ -45,6 +45,11 @@ class Metrics:
     studies_reopened: Counter
     study_assembly_seconds: Histogram
     scored: Counter
+    gate_decisions: Counter
+    gate_threshold: Gauge
+    gate_routed_fraction: Gauge
+    gate_label_rate_target: Gauge
+    inference_seconds: Histogram
 
 
 def build_metrics(registry: CollectorRegistry) -> Metrics:
@@ -110,6 +115,34 @@ def build_metrics(registry: CollectorRegistry) -> Metrics:
             "triage_scoring_studies",
             "Studies handed to the scorer, by result status.",
             ["status"],
+            registry=registry,
+        ),
+        gate_decisions=Counter(
+            "triage_gate_decisions",
+            "Needs-label gate decisions, by reason (routed and not routed).",
+            ["reason"],
+            registry=registry,
+        ),
+        gate_threshold=Gauge(
+            "triage_gate_threshold",
+            "Current threshold on the combined quantile score (0 to 1).",
+            registry=registry,
+        ),
+        gate_routed_fraction=Gauge(
+            "triage_gate_routed_fraction",
+            "Fraction of the gate's rolling window of scored studies that was routed.",
+            registry=registry,
+        ),
+        gate_label_rate_target=Gauge(
+            "triage_gate_label_rate_target",
+            "Configured target fraction of studies to route (gate.label_rate).",
+            registry=registry,
+        ),
+        inference_seconds=Histogram(
+            "triage_inference_seconds",
+            "Model inference time per study, by stage (trunk, mc, lossnet).",
+            ["stage"],
+            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0),
             registry=registry,
         ),
     )

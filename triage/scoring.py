@@ -1,8 +1,9 @@
 """Hand completed studies to the scorer one at a time, in completion order.
 
-The scorer is anything with ``score(study) -> ScoreResult``. Until the gate exists the
-daemon runs :class:`NotScoredScorer`, which records that the study was not scored, and
-says why; it never invents a score.
+The scorer is anything with ``score(study) -> ScoreResult`` and ``commit(result)``
+(the daemon's is :class:`triage.gate_scorer.GateScorer`). "Ask, then commit": the
+worker stores the result and the gate's decision in one transaction, and only then
+tells the scorer to commit, so the gate's state never runs ahead of the store.
 """
 
 from __future__ import annotations
@@ -36,22 +37,27 @@ class StudyToScore:
 
 @dataclass(frozen=True)
 class ScoreResult:
-    """What the scorer concluded; ``detail`` is stored as JSON with the result."""
+    """What the scorer concluded.
+
+    Attributes:
+        status: ``routed``, ``not_routed`` or ``error``.
+        model_version: The model that scored the study, None without one.
+        detail: Short JSON summary stored with the result.
+        decision_row: Columns of the ``decisions`` row, when the gate decided.
+        pending: Scorer-private state handed back to :meth:`Scorer.commit`.
+    """
 
     status: str
     model_version: str | None = None
     detail: dict[str, Any] = field(default_factory=dict)
+    decision_row: dict[str, Any] | None = None
+    pending: Any = None
 
 
 class Scorer(Protocol):
     def score(self, study: StudyToScore) -> ScoreResult: ...
 
-
-class NotScoredScorer:
-    """Placeholder until a model and the needs-label gate are configured."""
-
-    def score(self, study: StudyToScore) -> ScoreResult:
-        return ScoreResult("not_scored", None, {"reason": "no scorer is configured yet"})
+    def commit(self, result: ScoreResult) -> None: ...
 
 
 class ScoringWorker:
@@ -95,18 +101,29 @@ class ScoringWorker:
             event(log, "scoring_failed", logging.ERROR, study_id=study_id,
                   error_type=type(exc).__name__)
             result = ScoreResult("error", None, {"error_type": type(exc).__name__})
+        now = self._clock()
         with transaction(self._db):
-            self._db.execute(
+            cursor = self._db.execute(
                 "INSERT INTO study_results (study_id, round, status, model_version, detail, "
                 "created_at) VALUES (?, ?, ?, ?, ?, ?)",
                 [study_id, round_, result.status, result.model_version,
-                 json.dumps(result.detail), self._clock()],
+                 json.dumps(result.detail), now],
             )
+            if result.decision_row is not None:
+                row = {"result_id": cursor.lastrowid, "study_id": study_id, "round": round_,
+                       "created_at": now, **result.decision_row}
+                self._db.execute(
+                    f"INSERT INTO decisions ({', '.join(row)}) "
+                    f"VALUES ({', '.join('?' for _ in row)})",
+                    list(row.values()),
+                )
             # A late instance may have reopened the study meanwhile: leave it open then.
             self._db.execute(
                 "UPDATE studies SET state = 'scored' WHERE id = ? AND state = 'scoring'",
                 [study_id],
             )
+        if result.decision_row is not None:
+            self._scorer.commit(result)
         self._metrics.scored.labels(result.status).inc()
         event(log, "study_scored", study_id=study_id, round=round_, status=result.status,
               images=int(images.shape[0]))
