@@ -128,6 +128,82 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX decisions_study ON decisions(study_id);
     CREATE INDEX decisions_routed ON decisions(needs_label, reason);
     """,
+    # 3: the review queue, labels, API tokens and the append-only audit trail.
+    """
+    CREATE TABLE tokens (
+        id INTEGER PRIMARY KEY,
+        name TEXT NOT NULL,
+        role TEXT NOT NULL,
+        token_hash TEXT NOT NULL UNIQUE,
+        created_at REAL NOT NULL,
+        revoked_at REAL,
+        last_used_at REAL
+    );
+    CREATE TABLE queue_items (
+        id INTEGER PRIMARY KEY,
+        study_id INTEGER NOT NULL UNIQUE REFERENCES studies(id),
+        decision_id INTEGER NOT NULL REFERENCES decisions(id),
+        reason TEXT NOT NULL,
+        priority REAL NOT NULL,
+        state TEXT NOT NULL,
+        routed_at REAL NOT NULL,
+        claimed_by INTEGER REFERENCES tokens(id),
+        claimed_at REAL,
+        lease_expires_at REAL,
+        labeled_at REAL
+    );
+    CREATE INDEX queue_items_state ON queue_items(state, reason, priority);
+    CREATE TABLE labels (
+        id INTEGER PRIMARY KEY,
+        study_id INTEGER NOT NULL REFERENCES studies(id),
+        item_id INTEGER NOT NULL REFERENCES queue_items(id),
+        label TEXT NOT NULL,
+        comment TEXT,
+        token_id INTEGER NOT NULL REFERENCES tokens(id),
+        role TEXT NOT NULL,
+        created_at REAL NOT NULL,
+        seconds_spent REAL,
+        model_version TEXT,
+        is_correction INTEGER NOT NULL DEFAULT 0,
+        superseded_by INTEGER REFERENCES labels(id),
+        split TEXT
+    );
+    CREATE INDEX labels_study ON labels(study_id);
+    CREATE UNIQUE INDEX labels_one_current ON labels(study_id) WHERE superseded_by IS NULL;
+    CREATE TABLE audit (
+        id INTEGER PRIMARY KEY,
+        at REAL NOT NULL,
+        actor TEXT NOT NULL,
+        role TEXT,
+        action TEXT NOT NULL,
+        study_id INTEGER,
+        address TEXT,
+        model_version TEXT,
+        detail TEXT
+    );
+    CREATE INDEX audit_at ON audit(at);
+    CREATE TRIGGER audit_no_update BEFORE UPDATE ON audit
+        BEGIN SELECT RAISE(ABORT, 'the audit trail is append-only'); END;
+    CREATE TRIGGER audit_no_delete BEFORE DELETE ON audit
+        BEGIN SELECT RAISE(ABORT, 'the audit trail is append-only'); END;
+    """,
+    # 4: retraining runs (written by the training subprocess, read by the daemon).
+    """
+    CREATE TABLE retrain_runs (
+        id INTEGER PRIMARY KEY,
+        trigger TEXT NOT NULL,
+        state TEXT NOT NULL,
+        started_at REAL NOT NULL,
+        finished_at REAL,
+        pid INTEGER,
+        progress REAL NOT NULL DEFAULT 0,
+        message TEXT,
+        labels_used INTEGER,
+        candidate_version TEXT,
+        metrics TEXT
+    );
+    CREATE INDEX retrain_runs_state ON retrain_runs(state);
+    """,
 )
 
 
@@ -175,9 +251,16 @@ def migrate(db: sqlite_utils.Database) -> int:
 
 
 def _statements(script: str) -> Iterator[str]:
-    for statement in script.split(";"):
-        if statement.strip():
-            yield statement
+    # Split on ';' at the end of a line; trigger bodies keep their inner statements.
+    buffer: list[str] = []
+    for line in script.splitlines():
+        buffer.append(line)
+        joined = "\n".join(buffer)
+        if line.rstrip().endswith(";") and sqlite3.complete_statement(joined):
+            yield joined
+            buffer = []
+    if "\n".join(buffer).strip():
+        yield "\n".join(buffer)
 
 
 @contextmanager
