@@ -86,8 +86,10 @@ class GateSettings(BaseModel):
     """Acquisition function: random, entropy, bald, predicted_loss or combined."""
     uncertainty_measure: Literal[
         "entropy", "bald", "variation_ratio", "least_confidence", "margin"
-    ] = "bald"
-    """MC uncertainty measure of the `combined` strategy."""
+    ] = "entropy"
+    """MC uncertainty measure of the `combined` strategy. Entropy of the MC-averaged
+    prediction: at the default `head` scope it flags the classifier's own errors better
+    than BALD (bench/gate_cost.py: error AUROC 0.950 against 0.878 on the dev val split)."""
     label_rate: float = Field(0.2, gt=0, le=1)
     """Target fraction of scored studies routed to a radiologist (audits included)."""
     window: int = Field(500, ge=10, le=100_000)
