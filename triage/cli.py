@@ -52,6 +52,30 @@ def _parser() -> argparse.ArgumentParser:
     add.add_argument("--promote", action="store_true", help="make it the serving model")
     promote = models_sub.add_parser("promote", parents=[common], help="serve a version")
     promote.add_argument("version")
+    show = models_sub.add_parser("show", parents=[common], help="one version in full")
+    show.add_argument("version")
+    show.add_argument("--json", action="store_true", help="print JSON")
+    models_sub.add_parser(
+        "rollback", parents=[common], help="serve the previously promoted version again"
+    )
+    retrain = sub.add_parser(
+        "retrain", parents=[common], help="train a candidate model now (one run at a time)"
+    )
+    retrain.add_argument(
+        "--background", action="store_true", help="start the run and return at once"
+    )
+    token = sub.add_parser("token", help="API tokens (admins)")
+    token_sub = token.add_subparsers(dest="token_command", required=True)
+    create = token_sub.add_parser("create", parents=[common], help="create a token")
+    create.add_argument("--role", required=True, choices=["radiologist", "ops", "admin"])
+    create.add_argument("--name", required=True, help="who will use it, e.g. 'Dr Smith'")
+    revoke = token_sub.add_parser("revoke", parents=[common], help="revoke a token by id")
+    revoke.add_argument("token_id", type=int)
+    token_sub.add_parser("list", parents=[common], help="tokens (never their secrets)")
+    trail = sub.add_parser("audit", parents=[common], help="print the audit trail")
+    trail.add_argument("--since", default="24h",
+                       help="ISO date/time (UTC) or a duration like 90m, 24h, 7d (default 24h)")
+    trail.add_argument("--json", action="store_true", help="print JSON lines")
     return parser
 
 
@@ -69,6 +93,17 @@ def main(argv: list[str] | None = None) -> int:
             return _status(settings, args.json)
         if args.command == "models":
             return _models(settings, args)
+        if args.command == "retrain":
+            from triage.retrain.cli import run_retrain_command
+
+            return run_retrain_command(settings, background=args.background)
+        if args.command == "token":
+            return _token(settings, args)
+        if args.command == "audit":
+            return _audit(settings, args)
+    except ConfigError as exc:
+        print(f"triage: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
     except TriageError as exc:
         print(f"triage: {exc}", file=sys.stderr)
         return EXIT_RUNTIME
@@ -109,11 +144,82 @@ def _models(settings: Settings, args: argparse.Namespace) -> int:
                 entry = registry.promote(entry.version, note="promoted at import")
             print(f"{entry.version} {entry.status}")
             return 0
+        if args.models_command in ("show", "rollback"):
+            from triage.retrain.cli import models_rollback, models_show
+
+            if args.models_command == "show":
+                return models_show(registry, args.version, args.json)
+            return models_rollback(registry)
         entry = registry.promote(args.version, note="promoted by an admin")
         print(f"{entry.version} {entry.status}")
         return 0
     finally:
         db.close()
+
+
+def _token(settings: Settings, args: argparse.Namespace) -> int:
+    from triage import audit
+    from triage import db as store
+    from triage.auth import create_token, list_tokens, revoke_token
+    from triage.db import transaction
+
+    db = store.connect(settings.path("database"))
+    try:
+        if args.token_command == "create":
+            token_id, secret = create_token(db, name=args.name, role=args.role)
+            with transaction(db):
+                audit.record(db, actor="cli", role="admin", action="token_create",
+                             detail={"token_id": token_id, "name": args.name, "role": args.role})
+            print(f"token {token_id} for {args.name} ({args.role}); shown once, keep it safe:")
+            print(secret)
+        elif args.token_command == "revoke":
+            who = revoke_token(db, args.token_id)
+            with transaction(db):
+                audit.record(db, actor="cli", role="admin", action="token_revoke",
+                             detail={"token_id": who.token_id, "name": who.name})
+            print(f"token {who.token_id} ({who.name}, {who.role}) revoked")
+        else:
+            for row in list_tokens(db):
+                state = "revoked" if row["revoked_at"] else "active"
+                print(f"{row['id']:>4}  {row['role']:<12} {state:<8} {row['name']}")
+        return 0
+    finally:
+        db.close()
+
+
+def _audit(settings: Settings, args: argparse.Namespace) -> int:
+    from triage import audit
+    from triage import db as store
+
+    start = _parse_since(args.since)
+    db = store.connect(settings.path("database"))
+    try:
+        for row in audit.since(db, start):
+            if args.json:
+                print(json.dumps(row))
+            else:
+                where = f" study {row['study_id']}" if row["study_id"] is not None else ""
+                print(f"{row['at']}  {row['actor']} ({row['role'] or '-'}) {row['action']}"
+                      f"{where} from {row['address'] or '-'} model {row['model_version'] or '-'}"
+                      f"{'  ' + json.dumps(row['detail']) if row['detail'] else ''}")
+        return 0
+    finally:
+        db.close()
+
+
+def _parse_since(text: str) -> float:
+    import re
+    import time
+    from datetime import UTC, datetime
+
+    match = re.fullmatch(r"(\d+)([mhd])", text.strip())
+    if match:
+        return time.time() - int(match[1]) * {"m": 60, "h": 3600, "d": 86400}[match[2]]
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        raise ConfigError(f"--since: expected an ISO date/time or 90m/24h/7d, got {text!r}")
+    return (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).timestamp()
 
 
 def _serve(settings: Settings, host: str | None, port: int | None) -> int:

@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from triage.errors import ConfigError
 from triage.gate import GateSettings
 from triage.model.settings import ModelSettings
+from triage.retrain.settings import RetrainSettings
 
 ENV_PREFIX = "TRIAGE__"
 HOME_ENV = "TRIAGE_HOME"
@@ -78,6 +79,17 @@ class ServerSettings(_Section):
     port: int = Field(8000, ge=0, le=65535)
 
 
+class ReviewSettings(_Section):
+    """The radiologist review queue and its web UI."""
+
+    lease_minutes: float = Field(15.0, gt=0, le=24 * 60)
+    show_prediction: bool = False
+    show_phi: bool = False
+    audit_every: int = Field(5, ge=1, le=1000)
+    metrics_require_token: bool = False
+    image_cache_instances: int = Field(16, ge=0, le=1024)
+
+
 class LogSettings(_Section):
     """Structured logs: one JSON event per line, to stderr and to ``paths.logs``."""
 
@@ -94,9 +106,11 @@ class Settings(_Section):
     ingest: IngestSettings = IngestSettings()
     studies: StudySettings = StudySettings()
     server: ServerSettings = ServerSettings()
+    review: ReviewSettings = ReviewSettings()
     log: LogSettings = LogSettings()
     model: ModelSettings = ModelSettings()
     gate: GateSettings = GateSettings()
+    retrain: RetrainSettings = RetrainSettings()
 
     def path(self, name: str) -> Path:
         """Absolute path of a ``paths`` entry, resolved against ``home``."""

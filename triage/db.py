@@ -165,7 +165,7 @@ MIGRATIONS: tuple[str, ...] = (
         seconds_spent REAL,
         model_version TEXT,
         is_correction INTEGER NOT NULL DEFAULT 0,
-        superseded_by INTEGER REFERENCES labels(id),
+        superseded_by INTEGER,
         split TEXT
     );
     CREATE INDEX labels_study ON labels(study_id);
@@ -214,11 +214,15 @@ def connect(path: Path, *, readonly: bool = False) -> sqlite_utils.Database:
         path: The SQLite file.
         readonly: Open for reading only; the file must exist and be migrated.
     """
+    # A connection is used by one thread at a time, but FastAPI may open it on one worker
+    # thread and use it on another within the same request: allow that.
     if readonly:
-        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=BUSY_TIMEOUT_MS / 1000)
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=BUSY_TIMEOUT_MS / 1000,
+                               check_same_thread=False)
     else:
         path.parent.mkdir(parents=True, exist_ok=True)
-        conn = sqlite3.connect(path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None)
+        conn = sqlite3.connect(path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None,
+                               check_same_thread=False)
     conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
     conn.execute("PRAGMA foreign_keys = ON")
     if not readonly:

@@ -8,6 +8,7 @@ State counts (files, studies by state) are read from the store at scrape time by
 from __future__ import annotations
 
 import shutil
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,6 +51,8 @@ class Metrics:
     gate_routed_fraction: Gauge
     gate_label_rate_target: Gauge
     inference_seconds: Histogram
+    labels: Counter
+    label_turnaround_seconds: Histogram
 
 
 def build_metrics(registry: CollectorRegistry) -> Metrics:
@@ -145,6 +148,18 @@ def build_metrics(registry: CollectorRegistry) -> Metrics:
             buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0),
             registry=registry,
         ),
+        labels=Counter(
+            "triage_labels",
+            "Labels stored by readers, by label and reader role.",
+            ["label", "role"],
+            registry=registry,
+        ),
+        label_turnaround_seconds=Histogram(
+            "triage_label_turnaround_seconds",
+            "Time from a study being routed to its label.",
+            buckets=(60, 300, 900, 1800, 3600, 7200, 14400, 28800, 86400, 172800, 604800),
+            registry=registry,
+        ),
     )
 
 
@@ -160,6 +175,10 @@ class StoreCollector(Collector):
         try:
             files = count_by(db, "files", "state")
             studies = count_by(db, "studies", "state")
+            queue = count_by(db, "queue_items", "state")
+            oldest = db.execute(
+                "SELECT MIN(routed_at) FROM queue_items WHERE state = 'pending'"
+            ).fetchone()[0]
         finally:
             db.close()
         family = GaugeMetricFamily(
@@ -168,6 +187,17 @@ class StoreCollector(Collector):
         for state, count in sorted(files.items()):
             family.add_metric([state], count)
         yield family
+        family = GaugeMetricFamily(
+            "triage_queue_items", "Review queue items by state.", labels=["state"]
+        )
+        for state in ("pending", "claimed", "labeled"):
+            family.add_metric([state], queue.get(state, 0))
+        yield family
+        yield GaugeMetricFamily(
+            "triage_queue_oldest_pending_seconds",
+            "Age of the oldest pending review queue item (0 when none).",
+            value=max(0.0, time.time() - oldest) if oldest is not None else 0.0,
+        )
         family = GaugeMetricFamily("triage_studies", "Studies by state.", labels=["state"])
         for state in STUDY_STATES:
             family.add_metric([state], studies.get(state, 0))

@@ -21,6 +21,7 @@ import torch
 from triage.db import transaction
 from triage.logs import event
 from triage.metrics import Metrics
+from triage.queue import enqueue
 from triage.studies import load_study_images
 
 log = logging.getLogger("triage.scoring")
@@ -112,11 +113,14 @@ class ScoringWorker:
             if result.decision_row is not None:
                 row = {"result_id": cursor.lastrowid, "study_id": study_id, "round": round_,
                        "created_at": now, **result.decision_row}
-                self._db.execute(
+                decision = self._db.execute(
                     f"INSERT INTO decisions ({', '.join(row)}) "
                     f"VALUES ({', '.join('?' for _ in row)})",
                     list(row.values()),
                 )
+                if row["needs_label"]:
+                    enqueue(self._db, study_id=study_id, decision_id=int(decision.lastrowid),
+                            reason=row["reason"], combined=row["combined"], now=now)
             # A late instance may have reopened the study meanwhile: leave it open then.
             self._db.execute(
                 "UPDATE studies SET state = 'scored' WHERE id = ? AND state = 'scoring'",

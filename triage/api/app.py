@@ -2,16 +2,44 @@
 
 from __future__ import annotations
 
-from fastapi import FastAPI
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from fastapi.responses import FileResponse, JSONResponse
+from fastapi.staticfiles import StaticFiles
 
 from triage import __version__
-from triage.api import ops
+from triage.api import images, ops, review
 from triage.daemon import Daemon
+from triage.errors import TriageError
+from triage.queue import QueueError
+
+STATIC = Path(__file__).parent / "static"
 
 
 def create_app(daemon: Daemon) -> FastAPI:
     """The app serves the daemon; starting and stopping the daemon is the caller's."""
-    app = FastAPI(title="triage", version=__version__)
+    app = FastAPI(title="triage", version=__version__,
+                  description="Needs-label gate and radiologist review queue for DICOM studies.")
     app.state.daemon = daemon
+    app.state.settings = daemon.settings
     app.include_router(ops.router)
+    app.include_router(review.router)
+    app.include_router(images.router)
+
+    @app.exception_handler(QueueError)
+    async def queue_error(request: Request, exc: QueueError) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=exc.status)
+
+    @app.exception_handler(TriageError)
+    async def triage_error(request: Request, exc: TriageError) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=400)
+
+    if STATIC.is_dir():
+        app.mount("/static", StaticFiles(directory=STATIC), name="static")
+
+        @app.get("/", include_in_schema=False)
+        def index() -> FileResponse:
+            return FileResponse(STATIC / "index.html")
+
     return app

@@ -250,7 +250,7 @@ def _decode(ds: Dataset, settings: IngestSettings) -> DecodedImage:
     if not np.isfinite(frames).all():
         raise DicomRejected("invalid_image", "pixel values are not finite numbers")
     return DecodedImage(
-        frames=frames, window=_window(ds), invert=photometric == "MONOCHROME1"
+        frames=frames, window=dicom_window(ds), invert=photometric == "MONOCHROME1"
     )
 
 
@@ -281,7 +281,8 @@ def _first(value: object) -> object:
     return value
 
 
-def _window(ds: Dataset) -> tuple[float, float] | None:
+def dicom_window(ds: Dataset) -> tuple[float, float] | None:
+    """The default VOI window (centre, width) of a dataset, or None if absent or invalid."""
     centre, width = ds.get("WindowCenter"), ds.get("WindowWidth")
     if centre is None or width is None:
         return None

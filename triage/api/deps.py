@@ -1,0 +1,65 @@
+"""Request dependencies: a store connection per request, the caller's token and role."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Annotated
+
+import sqlite_utils
+from fastapi import Depends, HTTPException, Request
+
+from triage import db as store
+from triage.auth import AuthError, Principal, authenticate
+from triage.config import Settings
+
+
+def get_settings(request: Request) -> Settings:
+    return request.app.state.settings
+
+
+def get_db(request: Request) -> Iterator[sqlite_utils.Database]:
+    db = store.connect(request.app.state.settings.path("database"))
+    try:
+        yield db
+    finally:
+        db.close()
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+DbDep = Annotated[sqlite_utils.Database, Depends(get_db)]
+
+
+def _bearer(request: Request) -> str | None:
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    return token.strip() if scheme.lower() == "bearer" else None
+
+
+def current_principal(request: Request, db: DbDep) -> Principal:
+    try:
+        return authenticate(db, _bearer(request))
+    except AuthError as exc:
+        raise HTTPException(401, str(exc), headers={"WWW-Authenticate": "Bearer"}) from None
+
+
+def require(*roles: str) -> Callable[..., Principal]:
+    """Dependency: the caller's principal, if their role is one of ``roles``."""
+
+    def check(who: Annotated[Principal, Depends(current_principal)]) -> Principal:
+        if who.role not in roles:
+            raise HTTPException(
+                403, f"this needs the role {' or '.join(roles)}; your token has {who.role}"
+            )
+        return who
+
+    return check
+
+
+READERS = ("radiologist", "admin")
+Reader = Annotated[Principal, Depends(require(*READERS))]
+Admin = Annotated[Principal, Depends(require("admin"))]
+Anyone = Annotated[Principal, Depends(current_principal)]
+
+
+def client_address(request: Request) -> str | None:
+    return request.client.host if request.client else None

@@ -1,0 +1,120 @@
+"""The review queue API: list, claim, release, label, correct, explain."""
+
+from __future__ import annotations
+
+import time
+from datetime import datetime
+from typing import Annotated, Any, Literal
+from zoneinfo import ZoneInfo
+
+from fastapi import APIRouter, Query, Request, Response
+from pydantic import BaseModel, Field
+
+from triage.api.deps import Admin, Anyone, DbDep, Reader, SettingsDep, client_address
+from triage.api.study_view import study_view
+from triage.queue import ReviewQueue, explain
+
+router = APIRouter(prefix="/api", tags=["review"])
+
+
+class LabelIn(BaseModel):
+    label: str = Field(description="a configured class, or 'skip' / 'not-diagnostic'")
+    comment: str | None = Field(None, max_length=2000)
+
+
+class ClaimOut(BaseModel):
+    study_id: int
+    lease_expires_at: float
+
+
+def _queue(db: Any, settings: Any) -> ReviewQueue:
+    return ReviewQueue(db, lease_seconds=settings.review.lease_minutes * 60,
+                       audit_every=settings.review.audit_every, labels=settings.model.labels)
+
+
+@router.get("/me", summary="Who am I, and my tally today")
+def me(who: Anyone, db: DbDep, settings: SettingsDep) -> dict[str, Any]:
+    zone = ZoneInfo(settings.gate.timezone)
+    midnight = datetime.now(zone).replace(hour=0, minute=0, second=0, microsecond=0)
+    tally = _queue(db, settings).tally(who, midnight.timestamp())
+    return {"name": who.name, "role": who.role, "tally": tally}
+
+
+@router.get("/config", summary="What the web UI needs to know")
+def ui_config(who: Anyone, settings: SettingsDep) -> dict[str, Any]:
+    return {
+        "labels": settings.model.labels,
+        "extra_labels": ["skip", "not-diagnostic"],
+        "show_prediction": settings.review.show_prediction,
+        "show_phi": settings.review.show_phi,
+        "lease_seconds": settings.review.lease_minutes * 60,
+    }
+
+
+@router.get("/queue", summary="Queue items, filtered by state and reason")
+def list_queue(
+    who: Anyone, db: DbDep, settings: SettingsDep,
+    state: Annotated[Literal["pending", "claimed", "labeled"] | None, Query()] = None,
+    reason: Annotated[str | None, Query(max_length=32)] = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 200,
+) -> dict[str, Any]:
+    return {"items": _queue(db, settings).list(state=state, reason=reason, limit=limit)}
+
+
+@router.post("/queue/next", summary="Claim the next study (204 when the queue is empty)",
+             response_model=ClaimOut)
+def claim_next(who: Reader, db: DbDep, settings: SettingsDep, request: Request) -> Any:
+    claim = _queue(db, settings).claim_next(who, client_address(request))
+    if claim is None:
+        return Response(status_code=204)
+    return ClaimOut(study_id=claim.study_id, lease_expires_at=claim.lease_expires_at)
+
+
+@router.post("/studies/{study_id}/claim", response_model=ClaimOut, summary="Claim a study")
+def claim(study_id: int, who: Reader, db: DbDep, settings: SettingsDep,
+          request: Request) -> ClaimOut:
+    result = _queue(db, settings).claim(study_id, who, client_address(request))
+    return ClaimOut(study_id=result.study_id, lease_expires_at=result.lease_expires_at)
+
+
+@router.post("/studies/{study_id}/release", summary="Give a claimed study back")
+def release(study_id: int, who: Reader, db: DbDep, settings: SettingsDep,
+            request: Request) -> dict[str, str]:
+    _queue(db, settings).release(study_id, who, client_address(request))
+    return {"status": "released"}
+
+
+@router.post("/studies/{study_id}/label", status_code=201, summary="Label a claimed study")
+def label(study_id: int, body: LabelIn, who: Reader, db: DbDep, settings: SettingsDep,
+          request: Request) -> dict[str, Any]:
+    stored = _queue(db, settings).label(study_id, who, body.label, body.comment,
+                                        client_address(request))
+    metrics = request.app.state.daemon.metrics
+    metrics.labels.labels(body.label, who.role).inc()
+    metrics.label_turnaround_seconds.observe(stored.turnaround_seconds)
+    return {"label_id": stored.label_id, "study_id": study_id, "label": body.label}
+
+
+@router.post("/studies/{study_id}/correction", status_code=201,
+             summary="Correct a study's label (admin); the history is kept")
+def correct(study_id: int, body: LabelIn, who: Admin, db: DbDep, settings: SettingsDep,
+            request: Request) -> dict[str, Any]:
+    label_id = _queue(db, settings).correct(study_id, who, body.label, body.comment,
+                                            client_address(request))
+    return {"label_id": label_id, "study_id": study_id, "label": body.label}
+
+
+@router.get("/studies/{study_id}", summary="A study for reading: images, why routed, labels")
+def get_study(study_id: int, who: Reader, db: DbDep, settings: SettingsDep,
+              request: Request) -> dict[str, Any]:
+    return study_view(db, settings, study_id, who, client_address(request))
+
+
+@router.get("/studies/{study_id}/why", summary="Why this study was routed")
+def why(study_id: int, who: Anyone, db: DbDep) -> dict[str, Any]:
+    return explain(db, study_id)
+
+
+@router.get("/studies/{study_id}/labels", summary="Label history of a study")
+def label_history(study_id: int, who: Anyone, db: DbDep, settings: SettingsDep) -> dict:
+    return {"labels": _queue(db, settings).history(study_id), "at": time.time()}

@@ -1,0 +1,72 @@
+"""What a reader sees of a study: its images, why it was routed, prediction, labels."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from typing import Any
+
+import pydicom
+import sqlite_utils
+
+from triage import audit
+from triage.auth import Principal
+from triage.config import Settings
+from triage.db import transaction
+from triage.ingest.dicom import dicom_window
+from triage.queue import QueueError, explain
+
+_SHOWN_PHI = ("PatientName", "PatientID", "PatientBirthDate", "AccessionNumber", "StudyDate")
+
+
+def study_view(db: sqlite_utils.Database, settings: Settings, study_id: int,
+               who: Principal, address: str | None) -> dict[str, Any]:
+    """The study as the web UI shows it; viewing is audited."""
+    item = next(iter(db.query("SELECT * FROM queue_items WHERE study_id = ?", [study_id])), None)
+    if item is None:
+        raise QueueError(f"study {study_id} is not in the review queue", status=404)
+    why = explain(db, study_id)
+    instances = list(db.query(
+        "SELECT id, modality, photometric, rows, cols, frames, path FROM instances "
+        "WHERE study_id = ? AND scoreable = 1 ORDER BY id", [study_id]))
+    images = []
+    for row in instances:
+        header = _header(settings.home / row["path"])
+        images.append({
+            "instance_id": row["id"], "modality": row["modality"],
+            "photometric": row["photometric"], "rows": row["rows"], "cols": row["cols"],
+            "frames": row["frames"], "window": _window(header),
+        })
+    view: dict[str, Any] = {
+        "study_id": study_id,
+        "state": item["state"],
+        "reason": item["reason"],
+        "why": why,
+        "images": images,
+        "modalities": sorted({row["modality"] or "?" for row in instances}),
+    }
+    if settings.review.show_prediction:
+        decision = next(iter(db.query(
+            "SELECT prediction FROM decisions WHERE id = ?", [item["decision_id"]])))
+        view["prediction"] = json.loads(decision["prediction"]) if decision["prediction"] else None
+    if settings.review.show_phi and instances:
+        header = _header(settings.home / instances[0]["path"])
+        view["patient"] = {k: str(header.get(k, "")) for k in _SHOWN_PHI} if header else None
+    with transaction(db):
+        audit.record(db, actor=who.name, role=who.role, action="view", study_id=study_id,
+                     address=address, model_version=why["model_version"])
+    return view
+
+
+def _header(path: Any) -> pydicom.Dataset | None:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return pydicom.dcmread(path, stop_before_pixels=True)
+    except Exception:  # noqa: BLE001 - the archive copy was checked at ingest
+        return None
+
+
+def _window(header: pydicom.Dataset | None) -> list[float] | None:
+    window = dicom_window(header) if header is not None else None
+    return list(window) if window is not None else None
