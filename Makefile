@@ -9,7 +9,11 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 TORCH  := torch==2.13.0
 
-.PHONY: run test test-full bench clean
+# Debian packages the tests drive for real: chromium (web UI test, with Python
+# Playwright; no browser download) and prometheus (promtool). Installed when missing
+# and apt-get is usable (root); otherwise those tests skip and say why.
+
+.PHONY: run test test-full bench clean system-deps
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -22,10 +26,19 @@ $(STAMP): pyproject.toml
 run: $(STAMP)
 	$(BIN)/triage serve --config config.yaml
 
-test: $(STAMP)
+system-deps:
+	@missing=""; \
+	command -v chromium >/dev/null || missing="$$missing chromium"; \
+	command -v promtool >/dev/null || missing="$$missing prometheus"; \
+	if [ -n "$$missing" ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		echo "installing Debian packages:$$missing"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	elif [ -n "$$missing" ]; then echo "not installed:$$missing (tests that need them will skip)"; fi
+
+test: $(STAMP) system-deps
 	$(BIN)/pytest -q
 
-test-full: $(STAMP)
+test-full: $(STAMP) system-deps
 	TRIAGE_FULL_SCALE=1 $(BIN)/pytest -q
 
 bench: $(STAMP)

@@ -184,3 +184,18 @@ def test_revoked_token_stops_working(server) -> None:
     )
     refused = client.get("/api/me", headers=auth(token))
     assert refused.status_code == 401 and "revoked" in refused.json()["detail"]
+
+
+def test_metrics_pass_promtool_after_real_traffic(server) -> None:
+    import shutil as _shutil
+
+    promtool = _shutil.which("promtool")
+    if promtool is None:
+        pytest.skip("promtool not found: `apt-get install prometheus` (make test does this as root)")
+    proc, client, tokens = server
+    exposition = client.get("/metrics").text
+    assert "triage_ingest_files_total" in exposition and "triage_gate_decisions_total" in exposition
+    checked = subprocess.run([promtool, "check", "metrics"], input=exposition,
+                             capture_output=True, text=True)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    assert checked.stdout.strip() == "" and checked.stderr.strip() == "", checked.stderr
