@@ -13,8 +13,10 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
+import shutil
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -50,8 +52,11 @@ class Daemon:
         self,
         settings: Settings,
         registry: CollectorRegistry | None = None,
+        disk_free: Callable[[], int] | None = None,
     ) -> None:
         self.settings = settings
+        self._disk_free = disk_free or (lambda: shutil.disk_usage(settings.home).free)
+        self._paused = False
         self.registry = registry if registry is not None else CollectorRegistry()
         self.metrics: Metrics = build_metrics(self.registry)
         self.registry.register(
@@ -147,6 +152,9 @@ class Daemon:
         while not self._stop.is_set():
             self._beat("ingest")
             try:
+                if self._disk_low():
+                    self._stop.wait(_IDLE_SECONDS * 5)
+                    continue
                 for ready in watcher.poll():
                     if self._stop.is_set():
                         break
@@ -169,6 +177,24 @@ class Daemon:
                 continue
             watcher.wait(_IDLE_SECONDS)
         db.close()
+
+    def _disk_low(self) -> bool:
+        """Back-pressure: below ``ingest.min_free_bytes`` new files wait in the inbox.
+
+        Resumes by itself once free space is 10 % above the floor (hysteresis, so the
+        daemon does not flap around it). Nothing is deleted to make room.
+        """
+        floor = self.settings.ingest.min_free_bytes
+        free = self._disk_free()
+        if not self._paused and free < floor:
+            self._paused = True
+            event(log, "ingest_paused_disk_low", logging.WARNING, free_bytes=free,
+                  min_free_bytes=floor)
+        elif self._paused and free >= floor * 1.1:
+            self._paused = False
+            event(log, "ingest_resumed", free_bytes=free)
+        self.metrics.ingest_paused.set(1 if self._paused else 0)
+        return self._paused
 
     def _scoring_loop(self) -> None:
         db = store.connect(self.db_path)

@@ -42,6 +42,7 @@ class Metrics:
     ingest_stage_seconds: Histogram
     ingest_file_seconds: Histogram
     inbox_pending: Gauge
+    ingest_paused: Gauge
     studies_completed: Counter
     studies_reopened: Counter
     study_assembly_seconds: Histogram
@@ -96,6 +97,11 @@ def build_metrics(registry: CollectorRegistry) -> Metrics:
         inbox_pending=Gauge(
             "triage_inbox_pending_files",
             "Files seen in the inbox and not yet complete or ingested.",
+            registry=registry,
+        ),
+        ingest_paused=Gauge(
+            "triage_ingest_paused",
+            "1 while ingestion is paused because free disk space is below ingest.min_free_bytes.",
             registry=registry,
         ),
         studies_completed=Counter(
