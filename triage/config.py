@@ -51,6 +51,7 @@ class IngestSettings(_Section):
     max_pixels: int = Field(512 * 1024**2, gt=0)
     max_read_attempts: int = Field(2, ge=1, le=10)
     fsync: bool = True
+    min_free_bytes: int = Field(1024**3, ge=0)
     unscored_modalities: list[str] = Field(
         default_factory=lambda: ["RTDOSE", "RTSTRUCT", "RTPLAN", "SEG", "SR", "KO", "PR", "REG"]
     )

@@ -5,13 +5,22 @@ A version is a folder ``<models>/<version>/`` holding ``checkpoint.pt``; its row
 ``retired`` or ``rejected``. Exactly one version serves at a time; promotion flips the
 rows in one transaction, so the scorer, which reads the serving version before each
 study, swaps atomically.
+
+Life of a version: ``candidate`` (registered by import or a retrain run) -> ``serving``
+(promoted) -> ``retired`` (another version was promoted). A candidate that loses to the
+serving model becomes ``rejected`` with the reason in ``note``; a serving version that is
+rolled back becomes ``rejected`` too (so a second rollback goes further back, never
+forth), and the most recently promoted ``retired`` version serves again.
+:func:`promotion_decision` is the rule a retrain run applies.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,15 +50,65 @@ class ModelVersion:
     promoted_at: float | None
     metrics: dict[str, Any] | None
     note: str | None
+    data_summary: dict[str, Any] | None = None
 
-    def to_json(self) -> dict[str, Any]:
-        return {
+    def to_json(self, *, full: bool = False) -> dict[str, Any]:
+        """JSON-ready fields; ``full`` adds the data summary (label ids used)."""
+        out = {
             "version": self.version, "status": self.status, "path": str(self.path),
             "parent": self.parent, "source": self.source,
             "created_at": _iso(self.created_at),
             "promoted_at": _iso(self.promoted_at) if self.promoted_at else None,
             "metrics": self.metrics, "note": self.note,
         }
+        if full:
+            out["data_summary"] = self.data_summary
+        return out
+
+
+PROMOTION_METRICS = ("auroc", "accuracy", "sensitivity", "specificity", "ece")
+
+
+def promotion_decision(
+    candidate: Mapping[str, Any] | None,
+    champion: Mapping[str, Any] | None,
+    tolerance: float,
+) -> tuple[bool, str]:
+    """Whether a candidate may replace the serving model, and why (one line).
+
+    Rule: every metric of :data:`PROMOTION_METRICS` of the candidate is finite, and its
+    validation AUROC is at least the champion's minus ``tolerance``, both measured on the
+    same (current) validation set. Without a champion (the first model) finite metrics
+    on a validation set holding every class (AUROC finite) suffice. A champion whose own
+    AUROC is not finite on today's set is replaced by any finite candidate.
+
+    Args:
+        candidate: The candidate's validation metrics (`auroc`, ...), or None.
+        champion: The serving model's metrics on the same set, or None if none serves.
+        tolerance: Allowed AUROC drop, >= 0.
+    """
+    if not (isinstance(tolerance, int | float) and math.isfinite(tolerance) and tolerance >= 0):
+        raise ValueError(f"tolerance must be a finite number >= 0, got {tolerance!r}")
+    if not candidate:
+        return False, "the candidate has no validation metrics"
+    bad = [k for k in PROMOTION_METRICS if not _finite(candidate.get(k))]
+    if bad:
+        return False, f"candidate metrics not finite: {', '.join(bad)}"
+    auroc = float(candidate["auroc"])
+    if champion is None:
+        return True, f"first model: validation AUROC {auroc:.4f}"
+    best = champion.get("auroc")
+    if not _finite(best):
+        return True, f"the serving model has no finite AUROC; candidate {auroc:.4f}"
+    if auroc >= float(best) - tolerance:
+        return True, (f"validation AUROC {auroc:.4f} >= serving {float(best):.4f} "
+                      f"- tolerance {tolerance:g}")
+    return False, (f"validation AUROC {auroc:.4f} < serving {float(best):.4f} "
+                   f"- tolerance {tolerance:g}")
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _iso(ts: float) -> str:
@@ -73,6 +132,10 @@ class ModelRegistry:
         if not rows:
             raise ModelError(f"no model version {version!r}; `triage models list` shows them")
         return self._row(rows[0])
+
+    def show(self, version: str) -> dict[str, Any]:
+        """Everything stored about a version (metrics, data summary, note), JSON-ready."""
+        return self.get(version).to_json(full=True)
 
     def serving(self) -> ModelVersion | None:
         rows = list(self._db.query("SELECT * FROM models WHERE status = 'serving'"))
@@ -120,17 +183,96 @@ class ModelRegistry:
             )
         return self.get(version)
 
-    def promote(self, version: str, note: str | None = None) -> ModelVersion:
-        """Make ``version`` the serving model; the previous one becomes ``retired``."""
+    def promote(
+        self,
+        version: str,
+        note: str | None = None,
+        *,
+        also: Callable[[sqlite_utils.Database], None] | None = None,
+    ) -> ModelVersion:
+        """Make ``version`` the serving model; the previous one becomes ``retired``.
+
+        Args:
+            version: The version to serve.
+            note: Replaces the version's note when given.
+            also: Optional callable run inside the same transaction (e.g. to finish a
+                retrain run's row), so both changes happen or neither does.
+        """
         self.load(version)  # refuse a checkpoint that would fail in the scorer
         with transaction(self._db):
-            self._db.execute("UPDATE models SET status = 'retired' WHERE status = 'serving'")
+            self._db.execute(
+                "UPDATE models SET status = 'retired' WHERE status = 'serving' AND version != ?",
+                [version],
+            )
             self._db.execute(
                 "UPDATE models SET status = 'serving', promoted_at = ?, note = COALESCE(?, note) "
                 "WHERE version = ?",
                 [time.time(), note, version],
             )
+            if also is not None:
+                also(self._db)
         return self.get(version)
+
+    def reject(
+        self,
+        version: str,
+        note: str,
+        *,
+        also: Callable[[sqlite_utils.Database], None] | None = None,
+    ) -> ModelVersion:
+        """Mark a candidate ``rejected`` with the reason in ``note``.
+
+        Raises:
+            ModelError: ``version`` is unknown or is the serving model (roll back instead).
+        """
+        if self.get(version).status == "serving":
+            raise ModelError(f"{version} is serving: use `triage models rollback`")
+        with transaction(self._db):
+            self._db.execute(
+                "UPDATE models SET status = 'rejected', note = ? WHERE version = ?",
+                [note, version],
+            )
+            if also is not None:
+                also(self._db)
+        return self.get(version)
+
+    def previous(self) -> ModelVersion | None:
+        """The version a rollback would serve: the most recently promoted ``retired`` one."""
+        rows = list(self._db.query(
+            "SELECT * FROM models WHERE status = 'retired' AND promoted_at IS NOT NULL "
+            "ORDER BY promoted_at DESC, version DESC LIMIT 1"
+        ))
+        return self._row(rows[0]) if rows else None
+
+    def rollback(self, note: str | None = None) -> ModelVersion:
+        """Serve the previous version again; the serving one becomes ``rejected``.
+
+        Returns:
+            The version now serving.
+
+        Raises:
+            ModelError: Nothing serves, no earlier version was ever promoted, or its
+                checkpoint cannot be loaded; nothing is changed then.
+        """
+        current = self.serving()
+        if current is None:
+            raise ModelError("no model is serving: nothing to roll back")
+        target = self.previous()
+        if target is None:
+            raise ModelError(
+                f"{current.version} is the only version ever promoted: nothing to roll back to"
+            )
+        self.load(target.version)
+        with transaction(self._db):
+            self._db.execute(
+                "UPDATE models SET status = 'rejected', note = ? WHERE version = ?",
+                [note or f"rolled back to {target.version}", current.version],
+            )
+            self._db.execute(
+                "UPDATE models SET status = 'serving', promoted_at = ? WHERE version = ?",
+                [time.time(), target.version],
+            )
+        return self.get(target.version)
 
     def _next_version(self) -> str:
         count = self._db.execute("SELECT COUNT(*) FROM models").fetchone()[0]
@@ -147,4 +289,5 @@ class ModelRegistry:
             promoted_at=row["promoted_at"],
             metrics=json.loads(row["metrics"]) if row["metrics"] else None,
             note=row["note"],
+            data_summary=json.loads(row["data_summary"]) if row["data_summary"] else None,
         )

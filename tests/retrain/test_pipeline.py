@@ -1,0 +1,117 @@
+"""Retrain runs in-process on real PneumoniaMNIST images in a real SQLite store."""
+
+from __future__ import annotations
+
+import math
+import time
+
+import pytest
+import torch
+
+from triage.model.checkpoint import save_checkpoint
+from triage.model.lossnet import build_loss_predictor
+from triage.model.network import build_network
+from triage.model.settings import TrainSettings
+from triage.registry import ModelRegistry
+from triage.retrain.pipeline import run_retrain
+from triage.retrain.runs import create_run, last_run
+from triage.retrain.train import TrainingFailed
+
+from .conftest import TINY_MODEL, Store, make_settings, subset
+
+
+def _store(tmp_path, data, n_train=240, n_val=100, **retrain) -> Store:
+    st = Store(make_settings(tmp_path, **retrain))
+    x, y = subset(data, "train", n_train)
+    st.labelled(x, y, "train")
+    xv, yv = subset(data, "val", n_val)
+    st.labelled(xv, yv, "validation")
+    return st
+
+
+def _run(st: Store, settings=None) -> str:
+    run_id = create_run(st.db, "manual", time.time())
+    return run_retrain(settings or st.settings, st.db, run_id)
+
+
+def _registry(st: Store) -> ModelRegistry:
+    return ModelRegistry(st.db, st.settings.path("models"), st.settings.model)
+
+
+def _serve_untrained(st: Store, tmp_path) -> str:
+    torch.manual_seed(123)
+    path = save_checkpoint(tmp_path / "untrained.pt", build_network(TINY_MODEL),
+                           build_loss_predictor(TINY_MODEL), TINY_MODEL)
+    registry = _registry(st)
+    version = registry.add(path, source="import").version
+    registry.promote(version)
+    return version
+
+
+def test_first_model_is_promoted_and_validation_never_trains(tmp_path, pneumonia):
+    st = _store(tmp_path, pneumonia)
+    assert _run(st) == "promoted"
+    entry = _registry(st).serving()
+    summary, metrics = entry.data_summary, entry.metrics["validation"]
+    train_ids, val_ids = set(summary["train"]["label_ids"]), set(summary["validation"]["label_ids"])
+    assert train_ids.isdisjoint(val_ids)
+    stored = dict(st.db.execute("SELECT id, split FROM labels").fetchall())
+    assert train_ids == {i for i, s in stored.items() if s == "train"}
+    assert val_ids == {i for i, s in stored.items() if s == "validation"}
+    assert summary["validation"]["classes"]["normal"] > 0
+    assert all(math.isfinite(metrics[k]) for k in ("auroc", "accuracy", "sensitivity",
+                                                   "specificity", "ece"))
+    assert metrics["auroc"] > 0.7 and entry.parent is None
+    run = last_run(st.db)
+    assert run["state"] == "promoted" and run["candidate_version"] == entry.version
+    assert run["labels_used"] == 340 and run["progress"] == 1.0
+
+
+def test_better_candidate_is_promoted_and_rollback_restores_the_old_one(tmp_path, pneumonia):
+    st = _store(tmp_path, pneumonia)
+    old = _serve_untrained(st, tmp_path)
+    assert _run(st) == "promoted"
+    registry = _registry(st)
+    new = registry.serving()
+    assert new.version != old and new.parent == old
+    champion = new.metrics["champion_validation"]
+    assert new.metrics["validation"]["auroc"] >= champion["auroc"] - 0.01
+    coverage = new.data_summary["coverage"]  # embeddings of the serving (untrained) model
+    assert coverage["rebalanced"] and coverage["radius"] > 0
+    assert set(coverage["class_mix_before"]) == {"normal", "pneumonia"}
+    assert registry.rollback().version == old
+    assert registry.get(new.version).status == "rejected"
+
+
+def test_worse_candidate_is_rejected_with_the_reason(tmp_path, pneumonia):
+    st = _store(tmp_path, pneumonia)
+    assert _run(st) == "promoted"
+    serving = _registry(st).serving().version
+    crippled = TINY_MODEL.model_copy(update={"training": TrainSettings(
+        epochs=1, batch_size=32, learning_rate=1e-7, seed=5)})
+    worse = make_settings(tmp_path, model=crippled, warm_start=False, augment=False)
+    assert _run(st, worse) == "rejected"
+    registry = _registry(st)
+    assert registry.serving().version == serving
+    candidate = registry.get(last_run(st.db)["candidate_version"])
+    assert candidate.status == "rejected" and "< serving" in candidate.note
+    assert "rejected" in last_run(st.db)["message"]
+
+
+def test_single_class_validation_does_not_make_a_first_model(tmp_path, pneumonia):
+    st = Store(make_settings(tmp_path))
+    x, y = subset(pneumonia, "train", 60)
+    st.labelled(x, y, "train")
+    xv, yv = subset(pneumonia, "val", 60)
+    keep = yv == 1
+    st.labelled(xv[torch.from_numpy(keep)], yv[keep], "validation")
+    assert _run(st) == "rejected"
+    assert "not finite" in _registry(st).list()[0].note
+    assert _registry(st).serving() is None
+
+
+def test_too_few_labels_fail_without_a_candidate(tmp_path, pneumonia):
+    st = _store(tmp_path, pneumonia, n_train=3, n_val=5)
+    with pytest.raises(TrainingFailed, match="min_train_studies"):
+        _run(st)
+    assert _registry(st).list() == []

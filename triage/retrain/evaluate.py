@@ -1,0 +1,131 @@
+"""Embeddings and study-level validation metrics of a classifier.
+
+Metrics are per study: a study's probabilities are the mean of its images' deterministic
+(eval-mode) probabilities. With two classes the second is the positive class
+(`pneumonia` in the default labels) for AUROC, sensitivity and specificity.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from triage.model.network import TriageNet
+from triage.model.training import classifier_auroc
+
+ECE_BINS = 10
+
+
+@torch.inference_mode()
+def embed(net: TriageNet, images: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
+    """Penultimate features (pooled last stage, before the head's dropout) in eval mode.
+
+    Args:
+        net: The classifier.
+        images: Float [N, 1, S, S] in [0, 1].
+        batch_size: Images per forward pass.
+
+    Returns:
+        Float [N, F], F = the last stage's channels.
+    """
+    was = net.training
+    net.eval()
+    try:
+        parts = [net.trunk(images[i : i + batch_size], "head")[0]
+                 for i in range(0, images.shape[0], batch_size)]
+    finally:
+        net.train(was)
+    if not parts:
+        return torch.zeros(0, net.stage_channels[-1])
+    return torch.cat(parts).float()
+
+
+@torch.inference_mode()
+def study_probabilities(
+    net: TriageNet, images: torch.Tensor, groups: torch.Tensor, num_studies: int,
+    batch_size: int = 512,
+) -> torch.Tensor:
+    """Mean eval-mode class probabilities per study, [num_studies, C].
+
+    Args:
+        net: The classifier.
+        images: Float [N, 1, S, S].
+        groups: Study position of each image, torch.long [N] in [0, num_studies).
+        num_studies: Number of studies M.
+        batch_size: Images per forward pass.
+    """
+    was = net.training
+    net.eval()
+    try:
+        probs = torch.cat([torch.softmax(net(images[i : i + batch_size]), dim=1)
+                           for i in range(0, images.shape[0], batch_size)])
+    finally:
+        net.train(was)
+    sums = torch.zeros(num_studies, probs.shape[1]).index_add_(0, groups, probs)
+    counts = torch.bincount(groups, minlength=num_studies).clamp_min(1).unsqueeze(1)
+    return sums / counts
+
+
+def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, bins: int = ECE_BINS
+                               ) -> float:
+    """ECE of the top-class confidence: sum over equal-width bins of |acc - conf| * share.
+
+    Args:
+        probs: Probabilities [M, C].
+        labels: Class indices [M].
+        bins: Number of confidence bins on [0, 1].
+    """
+    if probs.shape[0] == 0:
+        return float("nan")
+    confidence = probs.max(axis=1)
+    correct = probs.argmax(axis=1) == labels
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    which = np.clip(np.digitize(confidence, edges[1:-1], right=True), 0, bins - 1)
+    total = 0.0
+    for b in range(bins):
+        inside = which == b
+        if inside.any():
+            total += abs(correct[inside].mean() - confidence[inside].mean()) * inside.mean()
+    return float(total)
+
+
+def classification_metrics(probs: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    """Study-level metrics of probabilities [M, C] against labels [M].
+
+    Returns:
+        `auroc`, `accuracy`, `sensitivity` (recall of the positive class, index 1),
+        `specificity` (recall of class 0; for more classes: mean recall of the others),
+        `ece`, and `n`. AUROC is NaN unless both classes are present.
+    """
+    p = probs.detach().double().numpy()
+    y = labels.detach().numpy().astype(np.int64)
+    predicted = p.argmax(axis=1) if p.shape[0] else np.zeros(0, dtype=np.int64)
+
+    def recall(mask: np.ndarray) -> float:
+        return float((predicted[mask] == y[mask]).mean()) if mask.any() else math.nan
+
+    return {
+        "auroc": classifier_auroc(probs.detach().float(), labels) if p.shape[0] else math.nan,
+        "accuracy": float((predicted == y).mean()) if p.shape[0] else math.nan,
+        "sensitivity": recall(y == 1),
+        "specificity": recall(y == 0) if p.shape[1] == 2 else recall(y != 1),
+        "ece": expected_calibration_error(p, y),
+        "n": int(p.shape[0]),
+    }
+
+
+def validation_metrics(
+    net: TriageNet, images: torch.Tensor, groups: torch.Tensor, study_labels: list[int]
+) -> dict[str, float]:
+    """Study-level `classification_metrics` of `net` on a validation set."""
+    probs = study_probabilities(net, images, groups, len(study_labels))
+    return classification_metrics(probs, torch.tensor(study_labels, dtype=torch.long))
+
+
+def all_finite(metrics: dict[str, float], keys: tuple[str, ...] = (
+        "auroc", "accuracy", "sensitivity", "specificity", "ece")) -> bool:
+    """True when every metric in `keys` is a finite number."""
+    return all(isinstance(metrics.get(k), int | float) and math.isfinite(metrics[k])
+               for k in keys)

@@ -1,0 +1,138 @@
+"""When to retrain, and starting the training process without blocking the caller.
+
+The daemon loop calls :meth:`RetrainScheduler.due` every few seconds and, when it names a
+trigger, :meth:`RetrainScheduler.start`. `triage retrain` calls `start("manual")`.
+Triggers: `labels` once `retrain.min_new_labels` class labels arrived since the last run
+started, `schedule` once `retrain.every_hours` passed since then (with at least one new
+label; the first run needs `min_new_labels`), whichever comes first. Nothing is due while
+a run is `running`, and a run whose process died is marked failed first.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from triage import db as store
+from triage.logs import event
+from triage.retrain.runs import (
+    WORKER_MODULE,
+    create_run,
+    finish_run,
+    labels_since_last_run,
+    last_run,
+    reap_dead_runs,
+    set_pid,
+)
+
+if TYPE_CHECKING:
+    from triage.config import Settings
+
+log = logging.getLogger("triage.retrain")
+
+
+class RetrainScheduler:
+    """Decides when a retrain is due and spawns the worker process.
+
+    Args:
+        settings: The configuration (its `retrain` section and paths).
+        db_path: The SQLite store (the scheduler opens its own connection per call, so it
+            may be used from any one thread).
+        clock: Epoch seconds (tests pass a fake one).
+    """
+
+    def __init__(self, settings: Settings, db_path: Path,
+                 clock: Callable[[], float] = time.time) -> None:
+        self._settings = settings
+        self._db_path = Path(db_path)
+        self._clock = clock
+        self._procs: dict[int, subprocess.Popen[bytes]] = {}
+
+    @property
+    def processes(self) -> dict[int, subprocess.Popen[bytes]]:
+        """Worker processes started by this scheduler, by run id (still running or not)."""
+        return dict(self._procs)
+
+    def check(self) -> list[int]:
+        """Reap finished children and mark runs whose process died; return those run ids."""
+        for run_id, proc in list(self._procs.items()):
+            if proc.poll() is not None:  # reaped: no zombie keeps a dead pid "alive"
+                del self._procs[run_id]
+        db = store.connect(self._db_path)
+        try:
+            dead = reap_dead_runs(db, self._clock())
+        finally:
+            db.close()
+        for run_id in dead:
+            event(log, "retrain_process_died", logging.ERROR, run_id=run_id)
+        return dead
+
+    def due(self, now: float | None = None) -> str | None:
+        """The trigger that is due now (`labels` or `schedule`), or None.
+
+        None when `retrain.enabled` is false or a run is running (after reaping dead ones).
+        """
+        if not self._settings.retrain.enabled:
+            return None
+        self.check()
+        now = self._clock() if now is None else now
+        db = store.connect(self._db_path)
+        try:
+            last = last_run(db)
+            if last is not None and last["state"] == "running":
+                return None
+            new = labels_since_last_run(db, list(self._settings.model.labels))
+        finally:
+            db.close()
+        retrain = self._settings.retrain
+        if new >= retrain.min_new_labels:
+            return "labels"
+        if last is not None and new > 0 and now - last["started_at"] >= retrain.every_hours * 3600:
+            return "schedule"
+        return None
+
+    def start(self, trigger: str, *, stderr: Path | None = None) -> int:
+        """Insert a `running` row and spawn the worker; return the run id at once.
+
+        Args:
+            trigger: `labels`, `schedule` or `manual`.
+            stderr: Where the worker's output goes (default `<logs>/retrain.log`, appended).
+
+        Raises:
+            RetrainBusy: A run is already running.
+        """
+        self.check()
+        db = store.connect(self._db_path)
+        try:
+            run_id = create_run(db, trigger, self._clock())
+            folder = self._settings.home / "retrain"  # settings files for the worker
+            folder.mkdir(parents=True, exist_ok=True)
+            settings_file = folder / f"run-{run_id}.json"
+            settings_file.write_text(json.dumps(self._settings.model_dump(mode="json")))
+            out = stderr or self._settings.path("logs") / "retrain.log"
+            out.parent.mkdir(parents=True, exist_ok=True)
+            command = [sys.executable, "-m", WORKER_MODULE, "--run-id", str(run_id),
+                       "--settings", str(settings_file)]
+            try:
+                with open(out, "ab") as sink:
+                    proc = subprocess.Popen(
+                        command, stdin=subprocess.DEVNULL, stdout=sink, stderr=sink,
+                        cwd=self._settings.home, start_new_session=True,
+                    )
+            except OSError as exc:
+                with store.transaction(db):
+                    finish_run(db, run_id, "failed", f"cannot start the worker: {exc.strerror}")
+                settings_file.unlink(missing_ok=True)
+                raise
+            self._procs[run_id] = proc
+            set_pid(db, run_id, proc.pid)
+        finally:
+            db.close()
+        event(log, "retrain_spawned", run_id=run_id, trigger=trigger, pid=proc.pid)
+        return run_id

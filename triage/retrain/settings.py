@@ -1,0 +1,67 @@
+"""Configuration of periodic retraining (the `retrain:` section of config.yaml)."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class RetrainSettings(BaseModel):
+    """The `retrain:` section. Optimiser, epochs, batch size, seed and class weighting come
+    from `model.training`; this section says when to retrain, how to split and sample the
+    labels, and when a candidate may replace the serving model.
+
+    Attributes:
+        enabled: Let the daemon start runs by itself (`triage retrain` works regardless).
+        min_new_labels: Start a run once this many new class labels arrived since the
+            last run started.
+        every_hours: ...or once this many hours passed since the last run started (only
+            with at least one new label: retraining on unchanged data is pointless).
+        validation_fraction: Target share of each class's labels held out as the fixed
+            validation set (audit labels always are).
+        promotion_tolerance: A candidate is promoted when its validation AUROC is at
+            least the serving model's (re-evaluated on today's validation set) minus this.
+        auto_promote: Promote (or reject) automatically; False leaves the candidate for an
+            admin (`triage models promote V`).
+        warm_start: Start from the serving model's weights when there is one.
+        patience: Stop after this many epochs without a better validation AUROC (0: never
+            stop early). The best epoch is kept either way.
+        min_train_studies: Fewest labelled training studies a run needs.
+        augment: Random small rotations, zoom, shifts and intensity changes (MONAI) on
+            training batches; never left-right flips.
+        rotate_degrees: Largest rotation of the augmentation, degrees.
+        zoom: Largest relative zoom in or out of the augmentation.
+        shift_fraction: Largest shift of the augmentation, as a fraction of the side.
+        intensity: Largest relative contrast/brightness change of the augmentation.
+        rebalance: Draw each epoch's training sample with core-set coverage weights
+            (embeddings from the serving model) instead of the raw class skew.
+        coverage_power: Exponent p of the coverage weights |cell|^-p (1: equal mass per cell).
+        coverage_cells: Number of k-center cells (default ceil(sqrt(n))).
+        pool_max: Most recent unlabelled scored studies considered by coverage queries.
+        threads: Torch threads of the training process (the daemon keeps the other cores).
+        nice: Scheduling niceness added to the training process.
+        poll_seconds: How often `triage retrain` in the foreground reads the run's progress.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    enabled: bool = True
+    min_new_labels: int = Field(50, ge=1, le=1_000_000)
+    every_hours: float = Field(24.0, gt=0, le=24 * 365)
+    validation_fraction: float = Field(0.2, gt=0, lt=1)
+    promotion_tolerance: float = Field(0.01, ge=0, le=1)
+    auto_promote: bool = True
+    warm_start: bool = True
+    patience: int = Field(3, ge=0, le=10_000)
+    min_train_studies: int = Field(10, ge=2)
+    augment: bool = True
+    rotate_degrees: float = Field(7.0, ge=0, le=45)
+    zoom: float = Field(0.1, ge=0, lt=1)
+    shift_fraction: float = Field(0.05, ge=0, lt=0.5)
+    intensity: float = Field(0.1, ge=0, lt=1)
+    rebalance: bool = True
+    coverage_power: float = Field(1.0, ge=0, le=4)
+    coverage_cells: int | None = Field(None, ge=1)
+    pool_max: int = Field(5000, ge=1)
+    threads: int = Field(1, ge=1, le=256)
+    nice: int = Field(10, ge=0, le=19)
+    poll_seconds: float = Field(0.5, gt=0, le=60)
