@@ -2,7 +2,10 @@
 
 * ingest thread: finishes what a crash left in flight, then watches the inbox, ingests
   each complete file and completes quiet studies;
-* scoring thread: hands completed studies to the scorer one at a time.
+* scoring thread: hands completed studies to the scorer one at a time, and after each
+  promoted retrain routes the core-set coverage queries;
+* retrain thread: starts a training subprocess when enough labels arrived or enough
+  time passed (one at a time), and reaps it.
 
 Each thread has its own SQLite connection. :meth:`Daemon.health` tells the HTTP server
 whether both loops are alive and recent.
@@ -31,6 +34,8 @@ from triage.ingest.watcher import InboxWatcher
 from triage.logs import event
 from triage.metrics import Metrics, StoreCollector, build_metrics
 from triage.gate_scorer import GateScorer
+from triage.retrain.metrics import RetrainCollector
+from triage.retrain.scheduler import RetrainScheduler
 from triage.scoring import ScoringWorker
 from triage.studies import StudyAssembler
 
@@ -39,6 +44,8 @@ log = logging.getLogger("triage.daemon")
 _IDLE_SECONDS = 0.2
 _ERROR_BACKOFF_SECONDS = 5.0
 _STALE_AFTER_SECONDS = 60.0
+_COVERAGE_CHECK_SECONDS = 5.0
+_RETRAIN_CHECK_SECONDS = 5.0
 
 
 class AlreadyRunning(TriageError):
@@ -59,9 +66,8 @@ class Daemon:
         self._paused = False
         self.registry = registry if registry is not None else CollectorRegistry()
         self.metrics: Metrics = build_metrics(self.registry)
-        self.registry.register(
-            StoreCollector(lambda: store.connect(self.db_path, readonly=True), settings.home)
-        )
+        self.registry.register(StoreCollector(self._open_readonly, settings.home))
+        self.registry.register(RetrainCollector(self._open_readonly, settings.model.labels))
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._heartbeats: dict[str, float] = {}
@@ -71,6 +77,9 @@ class Daemon:
     @property
     def db_path(self) -> Path:
         return self.settings.path("database")
+
+    def _open_readonly(self):  # type: ignore[no-untyped-def]
+        return store.connect(self.db_path, readonly=True)
 
     def start(self) -> None:
         """Lock the state directory, prepare the store and start both loops."""
@@ -84,7 +93,9 @@ class Daemon:
         self._lock()
         store.connect(self.db_path).close()  # create and migrate before the threads
         self._stop.clear()
-        for name, target in (("ingest", self._ingest_loop), ("scoring", self._scoring_loop)):
+        loops = (("ingest", self._ingest_loop), ("scoring", self._scoring_loop),
+                 ("retrain", self._retrain_loop))
+        for name, target in loops:
             self._heartbeats[name] = time.monotonic()
             thread = threading.Thread(target=target, name=f"triage-{name}", daemon=True)
             thread.start()
@@ -92,7 +103,10 @@ class Daemon:
         event(log, "daemon_started", home=str(self.settings.home))
 
     def stop(self) -> None:
-        """Ask both loops to stop after the file or study in hand, and wait for them."""
+        """Ask the loops to stop after the file or study in hand, and wait for them.
+
+        A training subprocess that is running keeps going; the next start sees it.
+        """
         self._stop.set()
         if self._watcher is not None:
             self._watcher.stop()
@@ -198,11 +212,16 @@ class Daemon:
 
     def _scoring_loop(self) -> None:
         db = store.connect(self.db_path)
-        worker = ScoringWorker(db, GateScorer(self.settings, db, self.metrics), self.metrics)
+        scorer = GateScorer(self.settings, db, self.metrics)
+        worker = ScoringWorker(db, scorer, self.metrics)
         worker.requeue_interrupted()
+        next_coverage = 0.0
         while not self._stop.is_set():
             self._beat("scoring")
             try:
+                if time.monotonic() >= next_coverage:
+                    scorer.route_coverage()
+                    next_coverage = time.monotonic() + _COVERAGE_CHECK_SECONDS
                 if worker.run_once() is not None:
                     continue
             except Exception as exc:  # noqa: BLE001
@@ -211,3 +230,17 @@ class Daemon:
                 continue
             self._stop.wait(_IDLE_SECONDS * 2.5)
         db.close()
+
+    def _retrain_loop(self) -> None:
+        scheduler = RetrainScheduler(self.settings, self.db_path)
+        while not self._stop.is_set():
+            self._beat("retrain")
+            try:
+                scheduler.check()
+                trigger = scheduler.due() if self.settings.retrain.enabled else None
+                if trigger is not None:
+                    run_id = scheduler.start(trigger)
+                    event(log, "retrain_started", run_id=run_id, trigger=trigger)
+            except Exception as exc:  # noqa: BLE001 - the daemon keeps serving
+                event(log, "retrain_loop_error", logging.ERROR, error_type=type(exc).__name__)
+            self._stop.wait(_RETRAIN_CHECK_SECONDS)

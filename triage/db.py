@@ -204,6 +204,10 @@ MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX retrain_runs_state ON retrain_runs(state);
     """,
+    # 5: how many coverage queries each promoted run has routed (NULL: not yet).
+    """
+    ALTER TABLE retrain_runs ADD COLUMN coverage_routed INTEGER;
+    """,
 )
 
 

@@ -214,6 +214,21 @@ class BudgetGate:
         """Studies routed on `day` (a date in the gate's timezone)."""
         return self._day_counts.get(str(day), 0)
 
+    def note_routed(self, day: date | str, count: int) -> None:
+        """Count ``count`` studies routed outside `decide` (coverage queries) on ``day``
+        against the daily cap."""
+        if count < 0:
+            raise ValueError(f"count must be >= 0, got {count}")
+        self._day_counts[str(day)] = self._day_counts.get(str(day), 0) + count
+
+    def remaining_on(self, day: date | str) -> int:
+        """Studies that may still be routed on ``day`` under the daily cap."""
+        return max(0, self.settings.daily_cap - self.routed_on(day))
+
+    def day_of(self, now: datetime) -> str:
+        """The cap's day (ISO date in the gate's time zone) of a timezone-aware time."""
+        return now.astimezone(self._zone).date().isoformat()
+
     def realised_rate(self) -> float | None:
         """Routed fraction of the window's non-cap-blocked studies (None if none)."""
         eligible = self._eligible[: self._filled]

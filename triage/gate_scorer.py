@@ -18,12 +18,15 @@ from typing import Any
 import sqlite_utils
 
 from triage.config import Settings
+from triage.db import transaction
 from triage.gate import BudgetGate, Decision
 from triage.logs import event
 from triage.metrics import Metrics
 from triage.model.checkpoint import Checkpoint
 from triage.model.inference import StudyResult, score_study
+from triage.queue import enqueue
 from triage.registry import ModelError, ModelRegistry
+from triage.retrain.queries import coverage_queries
 from triage.scoring import ScoreResult, StudyToScore
 
 log = logging.getLogger("triage.gate")
@@ -43,7 +46,13 @@ class GateScorer:
         self._metrics = metrics
         self._clock = clock
         self._registry = ModelRegistry(db, settings.path("models"), settings.model)
+        self._db = db
         self._gate = BudgetGate.restore(settings.gate, _recent_decisions(db, settings, clock()))
+        for (routed_at,) in db.execute(
+            "SELECT routed_at FROM queue_items WHERE reason = 'coverage' AND routed_at >= ?",
+            [clock() - 2 * 86400],
+        ).fetchall():
+            self._gate.note_routed(self._gate.day_of(datetime.fromtimestamp(routed_at, UTC)), 1)
         self._model: tuple[str, Checkpoint] | None = None
         self._broken: str | None = None
         metrics.gate_label_rate_target.set(settings.gate.label_rate)
@@ -78,6 +87,43 @@ class GateScorer:
         realised = self._gate.realised_rate()
         if realised is not None:
             self._metrics.gate_routed_fraction.set(realised)
+
+    def route_coverage(self) -> int:
+        """After each promoted retrain, route the studies farthest from every labelled one.
+
+        At most ``retrain.coverage_queries`` per run and never beyond today's cap; they
+        count against the cap like the gate's own routes. Returns how many were routed.
+        """
+        runs = self._db.execute(
+            "SELECT id FROM retrain_runs WHERE state = 'promoted' AND coverage_routed IS NULL "
+            "ORDER BY id"
+        ).fetchall()
+        if not runs:
+            return 0
+        now = self._clock()
+        day = self._gate.day_of(datetime.fromtimestamp(now, UTC))
+        checkpoint, version = self._serving_model()
+        budget = min(self._settings.retrain.coverage_queries, self._gate.remaining_on(day))
+        picked = []
+        if checkpoint is not None and budget > 0:
+            picked = coverage_queries(self._db, checkpoint, self._settings, budget)
+        with transaction(self._db):
+            for rank, study_id in enumerate(picked):
+                latest = self._db.execute(
+                    "SELECT id FROM decisions WHERE study_id = ? ORDER BY id DESC LIMIT 1",
+                    [study_id],
+                ).fetchone()
+                # farthest first: priorities from 1 down, above most gate scores
+                enqueue(self._db, study_id=study_id, decision_id=int(latest[0]),
+                        reason="coverage", combined=1.0 - rank / (2 * len(picked)), now=now)
+            for (run_id,) in runs:
+                self._db.execute("UPDATE retrain_runs SET coverage_routed = ? WHERE id = ?",
+                                 [len(picked) if run_id == runs[-1][0] else 0, run_id])
+        self._gate.note_routed(day, len(picked))
+        if picked:
+            self._metrics.gate_decisions.labels("coverage").inc(len(picked))
+        event(log, "coverage_routed", studies=len(picked), budget=budget, model=version)
+        return len(picked)
 
     def _serving_model(self) -> tuple[Checkpoint | None, str | None]:
         serving = self._registry.serving()

@@ -290,8 +290,9 @@ class ReviewQueue:
 def explain(db: sqlite_utils.Database, study_id: int) -> dict[str, Any]:
     """Why a study was routed: the stored decision, in words and numbers."""
     row = next(iter(db.query(
-        "SELECT decisions.* FROM queue_items JOIN decisions ON decisions.id = decision_id "
-        "WHERE queue_items.study_id = ?", [study_id])), None)
+        "SELECT decisions.*, queue_items.reason AS routed_for FROM queue_items "
+        "JOIN decisions ON decisions.id = decision_id WHERE queue_items.study_id = ?",
+        [study_id])), None)
     if row is None:
         raise QueueError(f"study {study_id} is not in the review queue", status=404)
     words = {
@@ -304,9 +305,10 @@ def explain(db: sqlite_utils.Database, study_id: int) -> dict[str, Any]:
         "random": "random routing at the label rate (baseline strategy)",
         "coverage": "unlike anything labeled so far (core-set coverage query)",
     }
+    reason = row["routed_for"]  # `coverage` items keep the study's last gate decision
     return {
-        "reason": row["reason"],
-        "explanation": words.get(row["reason"], row["reason"]),
+        "reason": reason,
+        "explanation": words.get(reason, reason),
         "model_version": row["model_version"],
         "decided_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(row["created_at"])),
         "strategy": row["strategy"],

@@ -11,6 +11,7 @@ from typing import Any
 from triage import db as store
 from triage.config import Settings
 from triage.db import FINAL_FILE_STATES, STUDY_STATES, count_by
+from triage.retrain.runs import retrain_status
 
 
 def collect_status(settings: Settings) -> dict[str, Any]:
@@ -20,6 +21,8 @@ def collect_status(settings: Settings) -> dict[str, Any]:
     db_path = settings.path("database")
     files: dict[str, int] = {}
     studies: dict[str, int] = {}
+    queue: dict[str, int] = {}
+    retrain: dict[str, Any] | None = None
     schema = 0
     if db_path.exists():
         db = store.connect(db_path, readonly=True)
@@ -28,6 +31,10 @@ def collect_status(settings: Settings) -> dict[str, Any]:
             if schema:
                 files = count_by(db, "files", "state")
                 studies = count_by(db, "studies", "state")
+            if schema >= 3:
+                queue = count_by(db, "queue_items", "state")
+            if schema >= 4:
+                retrain = retrain_status(db, settings.model.labels)
         finally:
             db.close()
     in_flight = files.get("reading", 0) + files.get("moving", 0)
@@ -40,6 +47,8 @@ def collect_status(settings: Settings) -> dict[str, Any]:
         "studies": {state: studies.get(state, 0) for state in STUDY_STATES}
         | {"total": sum(studies.values())},
         "inbox_waiting": waiting,
+        "queue": {state: queue.get(state, 0) for state in ("pending", "claimed", "labeled")},
+        "retrain": retrain,
     }
 
 
@@ -49,4 +58,14 @@ def format_status(status: dict[str, Any]) -> str:
     lines += [f"  {state:<12} {count}" for state, count in status["files"].items()]
     lines.append("studies:")
     lines += [f"  {state:<12} {count}" for state, count in status["studies"].items()]
+    lines.append("review queue:")
+    lines += [f"  {state:<12} {count}" for state, count in status["queue"].items()]
+    retrain = status["retrain"]
+    if retrain:
+        run = retrain.get("run")
+        lines.append(f"serving model: {retrain.get('serving_version') or 'none (cold start)'}")
+        lines.append(f"labels since last retrain: {retrain.get('labels_since_last_run')}")
+        if run:
+            lines.append(f"last retrain: run {run['id']} {run['state']} "
+                         f"({round(100 * (run.get('progress') or 0))}%) {run.get('message') or ''}")
     return "\n".join(lines)

@@ -13,6 +13,7 @@ from pydantic import BaseModel, Field
 from triage.api.deps import Admin, Anyone, DbDep, Reader, SettingsDep, client_address
 from triage.api.study_view import study_view
 from triage.queue import ReviewQueue, explain
+from triage.retrain.splits import assign_split
 
 router = APIRouter(prefix="/api", tags=["review"])
 
@@ -87,8 +88,10 @@ def release(study_id: int, who: Reader, db: DbDep, settings: SettingsDep,
 @router.post("/studies/{study_id}/label", status_code=201, summary="Label a claimed study")
 def label(study_id: int, body: LabelIn, who: Reader, db: DbDep, settings: SettingsDep,
           request: Request) -> dict[str, Any]:
-    stored = _queue(db, settings).label(study_id, who, body.label, body.comment,
-                                        client_address(request))
+    stored = _queue(db, settings).label(
+        study_id, who, body.label, body.comment, client_address(request),
+        split_for=lambda conn, sid, value, reason: assign_split(conn, sid, value, reason, settings),
+    )
     metrics = request.app.state.daemon.metrics
     metrics.labels.labels(body.label, who.role).inc()
     metrics.label_turnaround_seconds.observe(stored.turnaround_seconds)

@@ -37,6 +37,8 @@ class RetrainSettings(BaseModel):
         coverage_power: Exponent p of the coverage weights |cell|^-p (1: equal mass per cell).
         coverage_cells: Number of k-center cells (default ceil(sqrt(n))).
         pool_max: Most recent unlabelled scored studies considered by coverage queries.
+        coverage_queries: After each promotion, route at most this many unlabelled studies
+            farthest from every labelled one (reason `coverage`), within the daily cap.
         threads: Torch threads of the training process (the daemon keeps the other cores).
         nice: Scheduling niceness added to the training process.
         poll_seconds: How often `triage retrain` in the foreground reads the run's progress.
@@ -62,6 +64,7 @@ class RetrainSettings(BaseModel):
     coverage_power: float = Field(1.0, ge=0, le=4)
     coverage_cells: int | None = Field(None, ge=1)
     pool_max: int = Field(5000, ge=1)
+    coverage_queries: int = Field(10, ge=0, le=10_000)
     threads: int = Field(1, ge=1, le=256)
     nice: int = Field(10, ge=0, le=19)
     poll_seconds: float = Field(0.5, gt=0, le=60)
