@@ -6,6 +6,7 @@ import time
 from pathlib import Path
 
 from conftest import make_image
+
 from triage import db as store
 from triage.config import load_settings
 from triage.daemon import Daemon

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import PHI_STRINGS, make_image
+
 from triage.config import IngestSettings
 from triage.dicom_writer import image_dataset, write_dataset
 from triage.errors import DicomRejected

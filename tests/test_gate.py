@@ -17,7 +17,9 @@ def stream(n, seed=0, drift=0.0):
     rng = np.random.default_rng(seed)
     u = rng.beta(2, 5, n) * (1 + drift * np.arange(n) / n)
     loss = 0.6 * u + rng.normal(0, 0.2, n) + drift * np.arange(n) / n
-    return [{"uncertainty": float(a), "predicted_loss": float(b)} for a, b in zip(u, loss)]
+    return [
+        {"uncertainty": float(a), "predicted_loss": float(b)} for a, b in zip(u, loss, strict=True)
+    ]
 
 
 def run(settings, scores, per_day=100):

@@ -10,8 +10,8 @@ import sys
 from pathlib import Path
 
 import httpx
-
 from conftest import FAST_ENV, REPO, DaemonProcess, make_image
+
 from triage.config import load_settings
 from triage.model.checkpoint import save_checkpoint
 from triage.model.lossnet import build_loss_predictor

@@ -11,7 +11,6 @@ import time
 from pathlib import Path
 
 import httpx
-
 from conftest import FAST_ENV, PHI_STRINGS, DaemonProcess, drop_without_root_read, make_image
 
 FINAL = ("archived", "unsupported", "quarantined", "duplicate", "vanished")

@@ -7,9 +7,9 @@ import shutil
 from pathlib import Path
 
 import pytest
+from conftest import make_image
 from prometheus_client import CollectorRegistry
 
-from conftest import make_image
 from triage import db as store
 from triage.config import load_settings
 from triage.ingest.ingestor import Ingestor
@@ -31,7 +31,8 @@ def _journal(db, rel: str, data: bytes, state: str, **extra) -> int:
     with store.transaction(db):
         cursor = db.execute(
             "INSERT INTO files (inbox_path, sha256, size, state, received_at) "
-            "VALUES (?, ?, ?, ?, 0)", [rel, sha, len(data), state],
+            "VALUES (?, ?, ?, ?, 0)",
+            [rel, sha, len(data), state],
         )
         for key, value in extra.items():
             db.execute(f"UPDATE files SET {key} = ? WHERE id = ?", [value, cursor.lastrowid])
@@ -92,12 +93,21 @@ def test_crash_during_quarantine_and_duplicate_removal(setup) -> None:
     settings, db, ingestor = setup
     junk = settings.path("inbox") / "junk.dcm"
     junk.write_text("not dicom")
-    _journal(db, "junk.dcm", junk.read_bytes(), "moving", target_state="quarantined",
-             reason_code="not_dicom", reason="not a DICOM file",
-             stored_path="quarantine/1-not_dicom.dcm")
+    _journal(
+        db,
+        "junk.dcm",
+        junk.read_bytes(),
+        "moving",
+        target_state="quarantined",
+        reason_code="not_dicom",
+        reason="not a DICOM file",
+        stored_path="quarantine/1-not_dicom.dcm",
+    )
     original = make_image(settings.path("inbox") / "e.dcm", seed=5)
     assert ingestor.ingest(ReadyFile(original)) == "archived"
-    copy_bytes = (settings.home / db.execute("SELECT path FROM instances").fetchone()[0]).read_bytes()
+    copy_bytes = (
+        settings.home / db.execute("SELECT path FROM instances").fetchone()[0]
+    ).read_bytes()
     # the duplicate was already deleted when the process died
     _journal(db, "e-copy.dcm", copy_bytes, "moving", target_state="duplicate")
     ingestor.recover()

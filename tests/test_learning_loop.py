@@ -12,9 +12,9 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-
 from conftest import FAST_ENV, DaemonProcess
 from test_review_api import auth, make_token
+
 from triage.datasets import find_data_dir, load_pneumoniamnist_dev
 from triage.dicom_writer import image_dataset, write_dataset
 
@@ -50,8 +50,9 @@ def _drop(proc: DaemonProcess, images: np.ndarray, start: int) -> list[str]:
     uids = []
     for i, pixels in enumerate(images):
         uid = f"2.25.{90000 + start + i}"
-        ds = image_dataset(pixels.astype(np.uint8), modality="DX", study_uid=uid,
-                           patient_name="PNEUMO^TEST")
+        ds = image_dataset(
+            pixels.astype(np.uint8), modality="DX", study_uid=uid, patient_name="PNEUMO^TEST"
+        )
         write_dataset(ds, proc.inbox / f"{start + i}.dcm")
         uids.append(uid)
     return uids
@@ -72,14 +73,20 @@ def test_labels_retrain_promote_score_and_coverage(tmp_path: Path) -> None:
         token = make_token(proc, "radiologist", "Oracle")
         client = httpx.Client(base_url=proc.url, timeout=10)
         by_uid = dict(zip(uids, truth[:40], strict=True))
-        uid_of = {row["id"]: row["study_uid"] for row in _rows(proc, "SELECT id, study_uid FROM studies")}
+        uid_of = {
+            row["id"]: row["study_uid"] for row in _rows(proc, "SELECT id, study_uid FROM studies")
+        }
         for _ in range(40):
             claimed = client.post("/api/queue/next", headers=auth(token))
             assert claimed.status_code == 200
             study = claimed.json()["study_id"]
             answer = names[int(by_uid[uid_of[study]])]
-            assert client.post(f"/api/studies/{study}/label", json={"label": answer},
-                               headers=auth(token)).status_code == 201
+            assert (
+                client.post(
+                    f"/api/studies/{study}/label", json={"label": answer}, headers=auth(token)
+                ).status_code
+                == 201
+            )
         splits = _rows(proc, "SELECT split, COUNT(*) AS n FROM labels GROUP BY split")
         assert {row["split"]: row["n"] for row in splits}["validation"] >= 4
         # the daemon notices 36+ new labels, trains in a subprocess, promotes the first model
@@ -93,10 +100,18 @@ def test_labels_retrain_promote_score_and_coverage(tmp_path: Path) -> None:
         status = proc.status()
         assert status["retrain"]["serving_version"] == runs[-1]["candidate_version"]
         version = runs[-1]["candidate_version"]
-        metrics = json.loads(_rows(proc, f"SELECT metrics FROM models WHERE version = '{version}'")[0]["metrics"])
+        metrics = json.loads(
+            _rows(proc, f"SELECT metrics FROM models WHERE version = '{version}'")[0]["metrics"]
+        )
         assert 0.5 < metrics["validation"]["auroc"] <= 1.0  # 31 training labels, 4 epochs
-        validation = {r["id"] for r in _rows(proc, "SELECT id FROM labels WHERE split = 'validation'")}
-        summary = json.loads(_rows(proc, f"SELECT data_summary FROM models WHERE version = '{version}'")[0]["data_summary"])
+        validation = {
+            r["id"] for r in _rows(proc, "SELECT id FROM labels WHERE split = 'validation'")
+        }
+        summary = json.loads(
+            _rows(proc, f"SELECT data_summary FROM models WHERE version = '{version}'")[0][
+                "data_summary"
+            ]
+        )
         assert set(summary["validation"]["label_ids"]) == validation
         assert not validation & set(summary["train"]["label_ids"])
         assert summary["train"]["studies"] + summary["validation"]["studies"] == 40
@@ -104,8 +119,10 @@ def test_labels_retrain_promote_score_and_coverage(tmp_path: Path) -> None:
         # new studies are scored by the promoted model
         _drop(proc, images[40:], 40)
         proc.wait_for(lambda s: s["studies"]["scored"] >= 50, 60, "new studies scored")
-        new = _rows(proc, "SELECT model_version, reason, needs_label FROM decisions "
-                          "ORDER BY id DESC LIMIT 10")
+        new = _rows(
+            proc,
+            "SELECT model_version, reason, needs_label FROM decisions ORDER BY id DESC LIMIT 10",
+        )
         assert all(r["model_version"] == version for r in new)
         unrouted = sum(1 for r in new if not r["needs_label"])
         assert unrouted > 0  # warm-up routes at the label rate, not everything
@@ -117,9 +134,11 @@ def test_labels_retrain_promote_score_and_coverage(tmp_path: Path) -> None:
         # a promoted run routes the studies least like anything labelled, within the cap
         conn = sqlite3.connect(proc.home / "triage.db")
         with conn:
-            conn.execute("INSERT INTO retrain_runs (trigger, state, started_at, finished_at, "
-                         "candidate_version) VALUES ('manual', 'promoted', ?, ?, ?)",
-                         [time.time(), time.time(), version])
+            conn.execute(
+                "INSERT INTO retrain_runs (trigger, state, started_at, finished_at, "
+                "candidate_version) VALUES ('manual', 'promoted', ?, ?, ?)",
+                [time.time(), time.time(), version],
+            )
         conn.close()
         deadline = time.monotonic() + 20
         coverage = []

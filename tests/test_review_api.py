@@ -8,11 +8,9 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import httpx
 import pytest
-
 from conftest import FAST_ENV, REPO, DaemonProcess, make_image
 
 LEASE_SECONDS = 3.0
@@ -20,9 +18,23 @@ LEASE_SECONDS = 3.0
 
 def make_token(proc: DaemonProcess, role: str, name: str) -> str:
     out = subprocess.run(
-        [sys.executable, "-m", "triage", "token", "create", "--role", role, "--name", name,
-         "--config", str(REPO / "config.yaml")],
-        env=proc.env, capture_output=True, text=True, check=True,
+        [
+            sys.executable,
+            "-m",
+            "triage",
+            "token",
+            "create",
+            "--role",
+            role,
+            "--name",
+            name,
+            "--config",
+            str(REPO / "config.yaml"),
+        ],
+        env=proc.env,
+        capture_output=True,
+        text=True,
+        check=True,
     )
     return out.stdout.strip().splitlines()[-1]
 
@@ -37,8 +49,9 @@ def server(tmp_path_factory: pytest.TempPathFactory):
     env = {**FAST_ENV, "TRIAGE__REVIEW__LEASE_MINUTES": str(LEASE_SECONDS / 60)}
     proc = DaemonProcess(home, env, []).start()
     for i in range(6):
-        make_image(proc.inbox / f"{i}.dcm", study_uid=f"2.25.{700 + i}", seed=i,
-                   window=(40.0, 400.0))
+        make_image(
+            proc.inbox / f"{i}.dcm", study_uid=f"2.25.{700 + i}", seed=i, window=(40.0, 400.0)
+        )
     proc.wait_for(lambda s: s["studies"]["scored"] == 6, 40, "six studies routed")
     tokens = {
         "alice": make_token(proc, "radiologist", "Dr Alice"),
@@ -76,8 +89,9 @@ def test_fifty_concurrent_claims_of_one_study_give_one_winner(server) -> None:
 
     def claim(i: int) -> int:
         with httpx.Client(base_url=proc.url, timeout=30) as own:
-            return own.post(f"/api/studies/{study}/claim",
-                            headers=auth(readers[i % len(readers)])).status_code
+            return own.post(
+                f"/api/studies/{study}/claim", headers=auth(readers[i % len(readers)])
+            ).status_code
 
     with ThreadPoolExecutor(max_workers=50) as pool:
         codes = list(pool.map(claim, range(50)))
@@ -99,22 +113,32 @@ def test_fifty_concurrent_claims_of_one_study_give_one_winner(server) -> None:
 def test_label_rules_and_expired_lease(server) -> None:
     proc, client, tokens = server
     study = _pending(client, tokens["alice"])[0]
-    unclaimed = client.post(f"/api/studies/{study}/label", json={"label": "normal"},
-                            headers=auth(tokens["alice"]))
+    unclaimed = client.post(
+        f"/api/studies/{study}/label", json={"label": "normal"}, headers=auth(tokens["alice"])
+    )
     assert unclaimed.status_code == 409 and "claim it first" in unclaimed.json()["detail"]
-    assert client.post(f"/api/studies/{study}/claim", headers=auth(tokens["alice"])).status_code == 200
-    others = client.post(f"/api/studies/{study}/label", json={"label": "normal"},
-                         headers=auth(tokens["bob"]))
+    assert (
+        client.post(f"/api/studies/{study}/claim", headers=auth(tokens["alice"])).status_code == 200
+    )
+    others = client.post(
+        f"/api/studies/{study}/label", json={"label": "normal"}, headers=auth(tokens["bob"])
+    )
     assert others.status_code == 403 and "another reader" in others.json()["detail"]
-    bad = client.post(f"/api/studies/{study}/label", json={"label": "maybe"},
-                      headers=auth(tokens["alice"]))
-    assert bad.status_code == 422 and "normal, pneumonia, skip, not-diagnostic" in bad.json()["detail"]
+    bad = client.post(
+        f"/api/studies/{study}/label", json={"label": "maybe"}, headers=auth(tokens["alice"])
+    )
+    assert (
+        bad.status_code == 422 and "normal, pneumonia, skip, not-diagnostic" in bad.json()["detail"]
+    )
     time.sleep(LEASE_SECONDS + 0.5)
-    late = client.post(f"/api/studies/{study}/label", json={"label": "normal"},
-                       headers=auth(tokens["alice"]))
+    late = client.post(
+        f"/api/studies/{study}/label", json={"label": "normal"}, headers=auth(tokens["alice"])
+    )
     assert late.status_code == 409 and "expired" in late.json()["detail"]
     assert study in _pending(client, tokens["bob"]), "an expired lease frees the study"
-    assert client.post(f"/api/studies/{study}/claim", headers=auth(tokens["bob"])).status_code == 200
+    assert (
+        client.post(f"/api/studies/{study}/claim", headers=auth(tokens["bob"])).status_code == 200
+    )
 
 
 def test_next_label_once_correct_and_audit(server) -> None:
@@ -134,33 +158,56 @@ def test_next_label_once_correct_and_audit(server) -> None:
     assert png.content[:8] == b"\x89PNG\r\n\x1a\n"
     wide = client.get(url, params={"wc": 40, "ww": 4000}, headers=auth(reader))
     assert wide.content != png.content  # window/level changes the rendering
-    stored = client.post(f"/api/studies/{study}/label",
-                         json={"label": "pneumonia", "comment": "RLL opacity"},
-                         headers=auth(reader))
+    stored = client.post(
+        f"/api/studies/{study}/label",
+        json={"label": "pneumonia", "comment": "RLL opacity"},
+        headers=auth(reader),
+    )
     assert stored.status_code == 201
-    again = client.post(f"/api/studies/{study}/label", json={"label": "normal"},
-                        headers=auth(reader))
+    again = client.post(
+        f"/api/studies/{study}/label", json={"label": "normal"}, headers=auth(reader)
+    )
     assert again.status_code == 409 and "already labeled" in again.json()["detail"]
-    assert client.post(f"/api/studies/{study}/correction", json={"label": "normal"},
-                       headers=auth(reader)).status_code == 403
-    fixed = client.post(f"/api/studies/{study}/correction", json={"label": "normal"},
-                        headers=auth(tokens["admin"]))
+    assert (
+        client.post(
+            f"/api/studies/{study}/correction", json={"label": "normal"}, headers=auth(reader)
+        ).status_code
+        == 403
+    )
+    fixed = client.post(
+        f"/api/studies/{study}/correction", json={"label": "normal"}, headers=auth(tokens["admin"])
+    )
     assert fixed.status_code == 201
     history = client.get(f"/api/studies/{study}/labels", headers=auth(reader)).json()["labels"]
     assert [(h["label"], h["is_correction"], h["superseded_by"] is None) for h in history] == [
-        ("pneumonia", 0, False), ("normal", 1, True)]
+        ("pneumonia", 0, False),
+        ("normal", 1, True),
+    ]
     me = client.get("/api/me", headers=auth(reader)).json()
     assert me["tally"]["labeled_today"] == 1 and me["tally"]["median_seconds"] >= 0
     metrics = client.get("/metrics").text
     assert 'triage_labels_total{label="pneumonia",role="radiologist"} 1.0' in metrics
     assert 'triage_queue_items{state="labeled"} 1.0' in metrics
     trail = subprocess.run(
-        [sys.executable, "-m", "triage", "audit", "--since", "1h", "--json",
-         "--config", str(REPO / "config.yaml")],
-        env=proc.env, capture_output=True, text=True, check=True,
+        [
+            sys.executable,
+            "-m",
+            "triage",
+            "audit",
+            "--since",
+            "1h",
+            "--json",
+            "--config",
+            str(REPO / "config.yaml"),
+        ],
+        env=proc.env,
+        capture_output=True,
+        text=True,
+        check=True,
     )
-    actions = [(r["actor"], r["action"], r["study_id"])
-               for r in map(json.loads, trail.stdout.splitlines())]
+    actions = [
+        (r["actor"], r["action"], r["study_id"]) for r in map(json.loads, trail.stdout.splitlines())
+    ]
     for action in ("claim", "view", "label"):
         assert ("Dr Carol", action, study) in actions
     assert ("Admin", "correct", study) in actions
@@ -175,12 +222,26 @@ def test_revoked_token_stops_working(server) -> None:
     assert client.get("/api/me", headers=auth(token)).status_code == 200
     listing = subprocess.run(
         [sys.executable, "-m", "triage", "token", "list", "--config", str(REPO / "config.yaml")],
-        env=proc.env, capture_output=True, text=True, check=True,
+        env=proc.env,
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout
     token_id = next(line.split()[0] for line in listing.splitlines() if "Temp Reader" in line)
     subprocess.run(
-        [sys.executable, "-m", "triage", "token", "revoke", token_id,
-         "--config", str(REPO / "config.yaml")], env=proc.env, check=True, capture_output=True,
+        [
+            sys.executable,
+            "-m",
+            "triage",
+            "token",
+            "revoke",
+            token_id,
+            "--config",
+            str(REPO / "config.yaml"),
+        ],
+        env=proc.env,
+        check=True,
+        capture_output=True,
     )
     refused = client.get("/api/me", headers=auth(token))
     assert refused.status_code == 401 and "revoked" in refused.json()["detail"]
@@ -191,11 +252,14 @@ def test_metrics_pass_promtool_after_real_traffic(server) -> None:
 
     promtool = _shutil.which("promtool")
     if promtool is None:
-        pytest.skip("promtool not found: `apt-get install prometheus` (make test does this as root)")
+        pytest.skip(
+            "promtool not found: `apt-get install prometheus` (make test does this as root)"
+        )
     proc, client, tokens = server
     exposition = client.get("/metrics").text
     assert "triage_ingest_files_total" in exposition and "triage_gate_decisions_total" in exposition
-    checked = subprocess.run([promtool, "check", "metrics"], input=exposition,
-                             capture_output=True, text=True)
+    checked = subprocess.run(
+        [promtool, "check", "metrics"], input=exposition, capture_output=True, text=True
+    )
     assert checked.returncode == 0, checked.stdout + checked.stderr
     assert checked.stdout.strip() == "" and checked.stderr.strip() == "", checked.stderr

@@ -25,11 +25,13 @@ def test_study_completes_after_quiet_period_and_a_late_instance_rescores_it(
     make_image(daemon.inbox / "other.dcm", study_uid="2.25.77", seed=9)
     status = daemon.wait_for(lambda s: s["studies"]["scored"] == 2, 30, "two studies scored")
     assert status["studies"]["total"] == 2
-    (study_id, n_instances, n_images, round_), = _rows(
+    ((study_id, n_instances, n_images, round_),) = _rows(
         daemon, f"SELECT id, n_instances, n_images, round FROM studies WHERE study_uid='{study}'"
     )
     assert (n_instances, n_images, round_) == (3, 3, 1)
-    results = _rows(daemon, f"SELECT round, status, detail FROM study_results WHERE study_id={study_id}")
+    results = _rows(
+        daemon, f"SELECT round, status, detail FROM study_results WHERE study_id={study_id}"
+    )
     assert results == [(1, "routed", '{"reason": "cold_start"}')]  # no model yet
 
     make_image(daemon.inbox / "late.dcm", study_uid=study, seed=5)
@@ -51,7 +53,9 @@ def test_studies_are_scored_one_at_a_time_in_completion_order(daemon: DaemonProc
         make_image(daemon.inbox / f"o{i}.dcm", study_uid=f"2.25.{900 + i}", seed=i)
         time.sleep(0.6)  # stagger arrivals so completion times differ
     daemon.wait_for(lambda s: s["studies"]["scored"] == 4, 40, "four studies scored")
-    completed = [row[0] for row in _rows(daemon, "SELECT id FROM studies ORDER BY completed_at, id")]
+    completed = [
+        row[0] for row in _rows(daemon, "SELECT id FROM studies ORDER BY completed_at, id")
+    ]
     scored = [row[0] for row in _rows(daemon, "SELECT study_id FROM study_results ORDER BY id")]
     assert scored == completed
 

@@ -218,7 +218,9 @@ def _parse_since(text: str) -> float:
     try:
         moment = datetime.fromisoformat(text)
     except ValueError:
-        raise ConfigError(f"--since: expected an ISO date/time or 90m/24h/7d, got {text!r}")
+        raise ConfigError(
+            f"--since: expected an ISO date/time or 90m/24h/7d, got {text!r}"
+        ) from None
     return (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).timestamp()
 
 

@@ -29,11 +29,11 @@ from prometheus_client import CollectorRegistry
 from triage import db as store
 from triage.config import Settings
 from triage.errors import TriageError
+from triage.gate_scorer import GateScorer
 from triage.ingest.ingestor import Ingestor
 from triage.ingest.watcher import InboxWatcher
 from triage.logs import event
 from triage.metrics import Metrics, StoreCollector, build_metrics
-from triage.gate_scorer import GateScorer
 from triage.retrain.metrics import RetrainCollector
 from triage.retrain.scheduler import RetrainScheduler
 from triage.scoring import ScoringWorker

@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import (
-    ExplicitVRLittleEndian,
     PYDICOM_IMPLEMENTATION_UID,
+    ExplicitVRLittleEndian,
     SecondaryCaptureImageStorage,
     generate_uid,
 )

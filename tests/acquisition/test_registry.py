@@ -57,7 +57,7 @@ def test_score_ranks_by_component():
 
 def test_score_pool_is_scale_free():
     acquisition = make_acquisition(GateSettings(uncertainty_measure="bald"))
-    pool = [result(bald=b, loss=1000 * l) for b, l in [(0.1, 3), (0.2, 2), (0.3, 1)]]
+    pool = [result(bald=b, loss=1000 * rank) for b, rank in [(0.1, 3), (0.2, 2), (0.3, 1)]]
     # equal weights on opposite orders: every study ties
     np.testing.assert_allclose(acquisition.score_pool(pool), [0.5, 0.5, 0.5])
 

@@ -16,7 +16,6 @@ from typing import TYPE_CHECKING, ClassVar, Self
 
 import numpy as np
 
-
 if TYPE_CHECKING:
     from triage.gate import GateSettings
     from triage.model.inference import StudyResult

@@ -225,7 +225,8 @@ def _decode(ds: Dataset, settings: IngestSettings) -> DecodedImage:
     if declared > settings.max_pixels:
         raise DicomRejected(
             "too_large",
-            f"declares {declared} pixel values, more than ingest.max_pixels ({settings.max_pixels})",
+            f"declares {declared} pixel values, more than ingest.max_pixels "
+            f"({settings.max_pixels})",
         )
     syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
     try:
@@ -249,9 +250,7 @@ def _decode(ds: Dataset, settings: IngestSettings) -> DecodedImage:
         ) from None
     if not np.isfinite(frames).all():
         raise DicomRejected("invalid_image", "pixel values are not finite numbers")
-    return DecodedImage(
-        frames=frames, window=dicom_window(ds), invert=photometric == "MONOCHROME1"
-    )
+    return DecodedImage(frames=frames, window=dicom_window(ds), invert=photometric == "MONOCHROME1")
 
 
 def _to_grey_frames(

@@ -154,9 +154,7 @@ class Ingestor:
             )
         return int(cursor.lastrowid)
 
-    def _process(
-        self, file_id: int, location: Path, data: bytes, sha: str, started: float
-    ) -> str:
+    def _process(self, file_id: int, location: Path, data: bytes, sha: str, started: float) -> str:
         outcome = self._classify(data, sha)
         return self._finish(file_id, location, outcome, sha, started)
 
@@ -168,7 +166,8 @@ class Ingestor:
             return _quarantine(exc.code, exc.reason, exc.detail)
         except Exception as exc:  # noqa: BLE001 - never let one file stop the daemon
             return _quarantine(
-                "internal_error", "an unexpected error occurred while reading the file",
+                "internal_error",
+                "an unexpected error occurred while reading the file",
                 type(exc).__name__,
             )
         known = self._db.execute(
@@ -264,20 +263,29 @@ class Ingestor:
         if outcome.state == "quarantined":
             self._metrics.quarantined.labels(outcome.reason_code).inc()
             event(
-                log, "file_quarantined", logging.WARNING,
-                file_id=file_id, reason_code=outcome.reason_code, reason=outcome.reason,
+                log,
+                "file_quarantined",
+                logging.WARNING,
+                file_id=file_id,
+                reason_code=outcome.reason_code,
+                reason=outcome.reason,
             )
         else:
             event(
-                log, f"file_{outcome.state}",
-                file_id=file_id, instance_id=instance_id, study_id=study_id,
+                log,
+                f"file_{outcome.state}",
+                file_id=file_id,
+                instance_id=instance_id,
+                study_id=study_id,
             )
 
     def _store_instance(self, file_id: int, outcome: Outcome, now: float) -> tuple[int, int | None]:
         instance = outcome.instance
         assert instance is not None
         frames = int(outcome.tensor.shape[0]) if outcome.tensor is not None else 0
-        study_id = self._touch_study(instance.study_uid, frames, now) if instance.study_uid else None
+        study_id = (
+            self._touch_study(instance.study_uid, frames, now) if instance.study_uid else None
+        )
         stored_path = self._db.execute(
             "SELECT stored_path, sha256 FROM files WHERE id = ?", [file_id]
         ).fetchone()
@@ -286,10 +294,20 @@ class Ingestor:
             "modality, photometric, rows, cols, frames, scoreable, note, path, created_at) "
             "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             [
-                instance.sop_uid, stored_path[1], study_id, instance.series_uid,
-                instance.sop_class_uid, instance.modality, instance.photometric, instance.rows,
-                instance.cols, frames, int(instance.scoreable), instance.unsupported_reason,
-                stored_path[0], now,
+                instance.sop_uid,
+                stored_path[1],
+                study_id,
+                instance.series_uid,
+                instance.sop_class_uid,
+                instance.modality,
+                instance.photometric,
+                instance.rows,
+                instance.cols,
+                frames,
+                int(instance.scoreable),
+                instance.unsupported_reason,
+                stored_path[0],
+                now,
             ],
         )
         instance_id = int(cursor.lastrowid)

@@ -1,0 +1,186 @@
+"""The operations status page and its data, for sites without Grafana.
+
+``GET /api/ops/summary`` (role ops or admin) returns the key figures and hourly series
+of the last day, computed from the store (plus the few live values only the running
+daemon knows: the gate's window, the ingest pause). ``GET /status`` serves the page,
+which signs in with a token and draws the figures without any external resource.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import sqlite_utils
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import FileResponse
+from prometheus_client.metrics import MetricWrapperBase
+
+from triage.api.deps import DbDep, SettingsDep, require
+from triage.auth import Principal
+from triage.config import Settings
+from triage.db import FINAL_FILE_STATES, STUDY_STATES, count_by
+from triage.ops_metrics import audit_accuracy, quarantined_by_reason, serving_model
+from triage.retrain.runs import retrain_status
+
+STATIC = Path(__file__).parent / "static"
+HOURS = 24
+QUEUE_STATES = ("pending", "claimed", "labeled")
+INGESTED_STATES = ("archived", "unsupported")
+
+router = APIRouter(tags=["ops"])
+Ops = Annotated[Principal, Depends(require("ops", "admin"))]
+
+
+@router.get("/status", include_in_schema=False)
+def status_page() -> FileResponse:
+    """The status page (it asks for a token itself; the data route checks the role)."""
+    return FileResponse(STATIC / "status.html")
+
+
+@router.get("/api/ops/summary", summary="Key operational figures and hourly series of the "
+            "last day (role ops or admin)")
+def summary(request: Request, who: Ops, db: DbDep, settings: SettingsDep) -> dict[str, Any]:
+    """Everything the status page shows, as one JSON object."""
+    daemon = request.app.state.daemon
+    live = {
+        "ingest_paused": _gauge(daemon.metrics.ingest_paused),
+        "inbox_pending": _gauge(daemon.metrics.inbox_pending),
+        "routed_fraction": _gauge(daemon.metrics.gate_routed_fraction),
+        "threshold": _gauge(daemon.metrics.gate_threshold),
+    }
+    return build_summary(db, settings, live, time.time())
+
+
+def build_summary(db: sqlite_utils.Database, settings: Settings,
+                  live: dict[str, float | None], now: float) -> dict[str, Any]:
+    """The summary from the store at ``now`` and the daemon's live gauges.
+
+    Args:
+        db: An open store connection (read-only is enough).
+        settings: The daemon's settings (targets, class names, home).
+        live: ``ingest_paused``, ``inbox_pending``, ``routed_fraction`` (the gate's
+            rolling window) and ``threshold``; None where unknown.
+        now: Unix seconds; the series cover the ``HOURS`` whole hours up to now.
+    """
+    files = count_by(db, "files", "state")
+    studies = count_by(db, "studies", "state")
+    queue = count_by(db, "queue_items", "state")
+    oldest = db.execute(
+        "SELECT MIN(routed_at) FROM queue_items WHERE state = 'pending'").fetchone()[0]
+    day_ago = now - 86400
+    decided = dict(db.execute(
+        "SELECT reason, COUNT(*) FROM decisions WHERE created_at >= ? GROUP BY reason",
+        [day_ago]).fetchall())
+    routed_24h, total_24h = db.execute(
+        "SELECT COALESCE(SUM(needs_label), 0), COUNT(*) FROM decisions WHERE created_at >= ?",
+        [day_ago]).fetchone()
+    queued = dict(db.execute(
+        "SELECT reason, COUNT(*) FROM queue_items WHERE routed_at >= ? GROUP BY reason",
+        [day_ago]).fetchall())
+    serving = serving_model(db)
+    audit = audit_accuracy(db, settings.model.labels)
+    retrain = retrain_status(db, settings.model.labels)
+    auroc = _validation_auroc(db, serving.version) if serving else None
+    disk = shutil.disk_usage(settings.home)
+    paused = live.get("ingest_paused")
+    return {
+        "generated_at": now,
+        "files": {state: files.get(state, 0) for state in FINAL_FILE_STATES}
+        | {"in_flight": files.get("reading", 0) + files.get("moving", 0),
+           "total": sum(files.values())},
+        "quarantine": quarantined_by_reason(db),
+        "inbox_pending": live.get("inbox_pending"),
+        "studies": {state: studies.get(state, 0) for state in STUDY_STATES}
+        | {"total": sum(studies.values())},
+        "queue": {state: queue.get(state, 0) for state in QUEUE_STATES}
+        | {"oldest_pending_seconds": max(0.0, now - oldest) if oldest is not None else 0.0},
+        "gate": {
+            "label_rate_target": settings.gate.label_rate,
+            "routed_fraction": live.get("routed_fraction"),
+            "routed_fraction_24h": routed_24h / total_24h if total_24h else None,
+            "threshold": live.get("threshold"),
+            "daily_cap": settings.gate.daily_cap,
+        },
+        "decisions_24h": {
+            "total": int(total_24h), "routed": int(routed_24h),
+            "by_reason": {str(k): int(v) for k, v in sorted(decided.items())},
+            "queued_by_reason": {str(k): int(v) for k, v in sorted(queued.items())},
+        },
+        "model": {
+            "serving_version": serving.version if serving else None,
+            "promoted_at": serving.promoted_at if serving else None,
+            "validation_auroc": auroc,
+            "audit_accuracy": audit.accuracy,
+            "audit_samples": audit.samples,
+        },
+        "retrain": {
+            "enabled": settings.retrain.enabled,
+            "running": retrain["running"],
+            "last_run": retrain["run"],
+            "labels_since_last_run": retrain["labels_since_last_run"],
+        },
+        "disk": {
+            "free_bytes": disk.free, "total_bytes": disk.total,
+            "min_free_bytes": settings.ingest.min_free_bytes,
+            "ingest_paused": bool(paused) if paused is not None else None,
+        },
+        "series": hourly_series(db, now),
+    }
+
+
+def hourly_series(db: sqlite_utils.Database, now: float) -> dict[str, Any]:
+    """Counts per hour over the last ``HOURS`` hours, oldest first.
+
+    Hours are whole Unix (UTC) hours; the last one is the current, partial hour.
+
+    Args:
+        db: An open store connection.
+        now: Unix seconds.
+    """
+    start = (math.floor(now / 3600) - HOURS + 1) * 3600.0
+    end = start + HOURS * 3600.0
+    ingested = ", ".join(f"'{state}'" for state in INGESTED_STATES)
+    sources = {  # name: (table, time column, condition)
+        "files_ingested": ("files", "finished_at", f"state IN ({ingested})"),
+        "files_quarantined": ("files", "finished_at", "state = 'quarantined'"),
+        "decisions": ("decisions", "created_at", "1"),
+        "decisions_routed": ("decisions", "created_at", "needs_label = 1"),
+        "labels": ("labels", "created_at", "is_correction = 0"),
+    }
+    series: dict[str, Any] = {"hour_starts": [start + 3600 * i for i in range(HOURS)]}
+    for name, (table, column, condition) in sources.items():
+        counts = [0] * HOURS
+        rows = db.execute(
+            f"SELECT CAST(({column} - ?) / 3600 AS INTEGER) AS hour, COUNT(*) FROM {table} "
+            f"WHERE {condition} AND {column} >= ? AND {column} < ? GROUP BY hour",
+            [start, start, end],
+        ).fetchall()
+        for hour, count in rows:
+            if 0 <= hour < HOURS:
+                counts[int(hour)] = int(count)
+        series[name] = counts
+    return series
+
+
+def _validation_auroc(db: sqlite_utils.Database, version: str) -> float | None:
+    row = db.execute("SELECT metrics FROM models WHERE version = ?", [version]).fetchone()
+    if row is None or not row[0]:
+        return None
+    try:
+        value = json.loads(row[0]).get("validation", {}).get("auroc")
+    except (ValueError, AttributeError):
+        return None
+    return float(value) if isinstance(value, int | float) else None
+
+
+def _gauge(metric: MetricWrapperBase) -> float | None:
+    """The value of an unlabelled gauge, through its public ``collect``."""
+    for family in metric.collect():
+        for sample in family.samples:
+            return float(sample.value)
+    return None
