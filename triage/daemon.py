@@ -34,6 +34,7 @@ from triage.ingest.ingestor import Ingestor
 from triage.ingest.watcher import InboxWatcher
 from triage.logs import event
 from triage.metrics import Metrics, StoreCollector, build_metrics
+from triage.ops_metrics import OpsCollector
 from triage.retrain.metrics import RetrainCollector
 from triage.retrain.scheduler import RetrainScheduler
 from triage.scoring import ScoringWorker
@@ -68,6 +69,7 @@ class Daemon:
         self.metrics: Metrics = build_metrics(self.registry)
         self.registry.register(StoreCollector(self._open_readonly, settings.home))
         self.registry.register(RetrainCollector(self._open_readonly, settings.model.labels))
+        self.registry.register(OpsCollector(self._open_readonly, settings.model.labels))
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._heartbeats: dict[str, float] = {}

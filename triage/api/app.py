@@ -9,7 +9,7 @@ from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 
 from triage import __version__
-from triage.api import images, ops, review
+from triage.api import images, ops, ops_status, review
 from triage.daemon import Daemon
 from triage.errors import TriageError
 from triage.queue import QueueError
@@ -26,6 +26,7 @@ def create_app(daemon: Daemon) -> FastAPI:
     app.include_router(ops.router)
     app.include_router(review.router)
     app.include_router(images.router)
+    app.include_router(ops_status.router)
 
     @app.exception_handler(QueueError)
     async def queue_error(request: Request, exc: QueueError) -> JSONResponse:

@@ -191,13 +191,19 @@ function render(s) {
   tags("quarantine", Object.entries(s.quarantine), "none");
   definitions("studies", Object.entries(s.studies));
 
+  // Like the TriageRoutedFractionOffTarget alert: only with a serving model (cold start
+  // routes everything up to the cap) and enough decisions; the gate's window and
+  // threshold mean nothing before that.
   const target = s.gate.label_rate_target;
-  const off = (f) => f !== null && Math.abs(f - target) > Math.max(0.05, target / 2);
-  set("routed_fraction", percent(s.gate.routed_fraction), off(s.gate.routed_fraction) ? "warn" : "");
+  const scoring = Boolean(s.model.serving_version);
+  const off = (f) => scoring && s.decisions_24h.total >= 50 && f !== null &&
+    Math.abs(f - target) > target / 2;
+  set("routed_fraction", scoring ? percent(s.gate.routed_fraction) : "– (cold start)",
+      off(s.gate.routed_fraction) ? "warn" : "");
   set("routed_fraction_24h", percent(s.gate.routed_fraction_24h),
       off(s.gate.routed_fraction_24h) ? "warn" : "");
   set("label_rate_target", percent(target));
-  set("threshold", s.gate.threshold === null ? "–" : s.gate.threshold.toFixed(3));
+  set("threshold", scoring && s.gate.threshold !== null ? s.gate.threshold.toFixed(3) : "–");
   set("decisions_total",
       `${count(s.decisions_24h.total)} (${count(s.decisions_24h.routed)} routed)`);
   tags("reasons", Object.entries(s.decisions_24h.by_reason), "no decisions");

@@ -1,0 +1,248 @@
+"""Write ``dashboards/triage.json``, the provisioned Grafana dashboard of triage.
+
+The JSON is generated so that every panel stays consistent (data source, units, layout);
+edit the panel list below and run ``python service/grafana/build_dashboard.py``.
+``tests/test_ops_assets.py`` checks that the committed file matches this script and that
+every metric a panel queries is one the daemon exports.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+OUT = Path(__file__).parent / "dashboards" / "triage.json"
+DATASOURCE = {"type": "prometheus", "uid": "prometheus"}
+JOB = 'job="triage"'
+
+
+def q(expr: str, legend: str = "", instant: bool = False) -> dict[str, Any]:
+    """One Prometheus query of a panel."""
+    return {"expr": expr, "legendFormat": legend or "__auto", "instant": instant,
+            "range": not instant}
+
+
+def quantiles(metric: str, by: str = "", window: str = "5m",
+              levels: tuple[float, ...] = (0.5, 0.95)) -> list[dict[str, Any]]:
+    """Histogram quantile queries, one per level (optionally split by a label)."""
+    group = f"le, {by}" if by else "le"
+    legend = "{{" + by + "}} " if by else ""
+    return [q(f"histogram_quantile({level}, sum by ({group}) "
+              f"(rate({metric}_bucket{{{JOB}}}[{window}])))", f"{legend}p{round(level * 100)}")
+            for level in levels]
+
+
+def panel(kind: str, title: str, targets: list[dict[str, Any]], *, unit: str = "short",
+          width: int = 8, height: int = 8, description: str = "",
+          options: dict[str, Any] | None = None,
+          defaults: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A panel of ``kind`` (timeseries, stat, bargauge) with its queries."""
+    return {
+        "type": kind, "title": title, "description": description,
+        "datasource": DATASOURCE,
+        "targets": [{"refId": chr(ord("A") + i), "datasource": DATASOURCE, **t}
+                    for i, t in enumerate(targets)],
+        "fieldConfig": {"defaults": {"unit": unit, **(defaults or {})}, "overrides": []},
+        "options": options or {},
+        "gridPos": {"w": width, "h": height},
+    }
+
+
+def stat(title: str, targets: list[dict[str, Any]], **kwargs: Any) -> dict[str, Any]:
+    options = {"reduceOptions": {"calcs": ["lastNotNull"], "fields": "", "values": False},
+               "colorMode": "value", "graphMode": "none", "textMode": "auto",
+               **kwargs.pop("options", {})}
+    return panel("stat", title, targets, width=kwargs.pop("width", 4),
+                 height=kwargs.pop("height", 4), options=options, **kwargs)
+
+
+def bars(title: str, targets: list[dict[str, Any]], **kwargs: Any) -> dict[str, Any]:
+    options = {"reduceOptions": {"calcs": ["lastNotNull"], "fields": "", "values": False},
+               "orientation": "horizontal", "displayMode": "basic", "showUnfilled": True}
+    return panel("bargauge", title, targets, options=options, **kwargs)
+
+
+def series(title: str, targets: list[dict[str, Any]], **kwargs: Any) -> dict[str, Any]:
+    options = {"legend": {"displayMode": "list", "placement": "bottom", "showLegend": True},
+               "tooltip": {"mode": "multi", "sort": "desc"}}
+    return panel("timeseries", title, targets, options=options, **kwargs)
+
+
+def thresholds(*steps: tuple[float | None, str]) -> dict[str, Any]:
+    return {"thresholds": {"mode": "absolute",
+                           "steps": [{"value": v, "color": c} for v, c in steps]}}
+
+
+ROWS: list[tuple[str, list[dict[str, Any]]]] = [
+    ("Overview", [
+        stat("Daemon up", [q(f"up{{{JOB}}}", "{{instance}}")],
+             defaults={"mappings": [{"type": "value", "options": {
+                 "0": {"text": "DOWN", "color": "red"}, "1": {"text": "up", "color": "green"}}}],
+                 **thresholds((None, "red"), (1, "green"))}),
+        stat("Version", [q(f"triage_build_info{{{JOB}}}", "{{version}}", instant=True)],
+             options={"textMode": "name"}),
+        stat("Serving model", [q(f"triage_model_info{{{JOB}}}", "{{version}}", instant=True)],
+             description="Absent (No data) during cold start, before any model is promoted.",
+             options={"textMode": "name"}),
+        stat("Ingest", [q(f"triage_ingest_paused{{{JOB}}}")],
+             description="Paused while free disk space is below ingest.min_free_bytes.",
+             defaults={"mappings": [{"type": "value", "options": {
+                 "0": {"text": "running", "color": "green"},
+                 "1": {"text": "PAUSED (disk)", "color": "red"}}}],
+                 **thresholds((None, "green"), (1, "red"))}),
+        stat("Oldest pending review", [q(f"triage_queue_oldest_pending_seconds{{{JOB}}}")],
+             unit="s", defaults=thresholds((None, "green"), (14400, "orange"), (86400, "red"))),
+        stat("Free disk", [q(f"triage_state_dir_free_bytes{{{JOB}}}")], unit="bytes",
+             defaults=thresholds((None, "red"), (5 * 2**30, "orange"), (20 * 2**30, "green"))),
+    ]),
+    ("Ingestion", [
+        series("Files by outcome (per minute)",
+               [q(f"sum by (outcome) (rate(triage_ingest_files_total{{{JOB}}}[5m])) * 60",
+                  "{{outcome}}")], unit="short"),
+        series("Quarantined files by reason (per hour)",
+               [q(f"sum by (reason) (increase(triage_ingest_quarantined_total{{{JOB}}}[1h]))",
+                  "{{reason}}")]),
+        bars("Quarantined files in the store, by reason",
+             [q(f"sum by (reason) (triage_quarantined_files{{{JOB}}})", "{{reason}}",
+                instant=True)]),
+        series("Inbox pending files", [q(f"triage_inbox_pending_files{{{JOB}}}", "pending")]),
+        series("Ingest stage latency", quantiles("triage_ingest_stage_seconds", "stage"),
+               unit="s"),
+        series("Time per file (pick-up to final state)",
+               quantiles("triage_ingest_file_seconds"), unit="s"),
+        series("Study assembly wait (first instance to complete)",
+               quantiles("triage_study_assembly_seconds", window="30m"), unit="s"),
+        series("Studies completed and reopened (per hour)", [
+            q(f"sum(rate(triage_studies_completed_total{{{JOB}}}[15m])) * 3600", "completed"),
+            q(f"sum(rate(triage_studies_reopened_total{{{JOB}}}[15m])) * 3600", "reopened"),
+            q(f"sum(rate(triage_ingest_vanished_total{{{JOB}}}[15m])) * 3600", "files vanished"),
+        ]),
+        series("Ingest paused by low disk", [q(f"triage_ingest_paused{{{JOB}}}", "paused")],
+               defaults={"min": 0, "max": 1}),
+        bars("Files by state", [q(f"triage_files{{{JOB}}}", "{{state}}", instant=True)]),
+        bars("Studies by state", [q(f"triage_studies{{{JOB}}}", "{{state}}", instant=True)]),
+    ]),
+    ("Scoring and the gate", [
+        series("Inference time by stage", quantiles("triage_inference_seconds", "stage"),
+               unit="s"),
+        series("Gate decisions by reason (per hour)",
+               [q(f"sum by (reason) (rate(triage_gate_decisions_total{{{JOB}}}[15m])) * 3600",
+                  "{{reason}}")]),
+        series("Routed fraction vs target", [
+            q(f"triage_gate_routed_fraction{{{JOB}}}", "routed (gate window)"),
+            q(f"triage_gate_label_rate_target{{{JOB}}}", "target"),
+        ], unit="percentunit", defaults={"min": 0, "max": 1}),
+        series("Gate threshold (combined quantile score)",
+               [q(f"triage_gate_threshold{{{JOB}}}", "threshold")],
+               unit="percentunit", defaults={"min": 0, "max": 1}),
+        series("Scoring results (per hour)",
+               [q(f"sum by (status) (rate(triage_scoring_studies_total{{{JOB}}}[15m])) * 3600",
+                  "{{status}}")]),
+    ]),
+    ("Review queue", [
+        series("Queue items by state", [q(f"triage_queue_items{{{JOB}}}", "{{state}}")]),
+        series("Oldest pending item age",
+               [q(f"triage_queue_oldest_pending_seconds{{{JOB}}}", "oldest pending")], unit="s"),
+        series("Label turnaround (routed to labeled)",
+               quantiles("triage_label_turnaround_seconds", window="6h", levels=(0.5, 0.9)),
+               unit="s"),
+        series("Labels by class and role (per hour)",
+               [q(f"sum by (label, role) (increase(triage_labels_total{{{JOB}}}[1h]))",
+                  "{{label}} ({{role}})")]),
+    ]),
+    ("Model", [
+        stat("Serving model version",
+             [q(f"triage_model_info{{{JOB}}}", "{{version}}", instant=True)],
+             options={"textMode": "name"}, width=6),
+        stat("Serving since", [q(f"triage_model_promoted_timestamp_seconds{{{JOB}}} * 1000")],
+             unit="dateTimeFromNow", width=6),
+        stat("Validation AUROC", [q(f"triage_model_validation_auroc{{{JOB}}}")],
+             unit="none", width=6, defaults={"decimals": 3}),
+        stat("Audit samples", [q(f"triage_model_audit_samples{{{JOB}}}")], width=6),
+        series("Live accuracy (audit) and validation AUROC", [
+            q(f"triage_model_audit_accuracy{{{JOB}}}", "audit accuracy"),
+            q(f"triage_model_validation_auroc{{{JOB}}}", "validation AUROC"),
+        ], unit="percentunit", width=12, defaults={"min": 0, "max": 1},
+            description="Audit accuracy: studies routed at random as `audit` whose current "
+                        "class label matches the model's prediction (see audit samples)."),
+        series("Audit samples", [q(f"triage_model_audit_samples{{{JOB}}}", "samples")],
+               width=12),
+    ]),
+    ("Retraining", [
+        bars("Retrain runs by result",
+             [q(f"triage_retrain_runs{{{JOB}}}", "{{result}}", instant=True)]),
+        stat("Last run started",
+             [q(f"(triage_retrain_last_run_timestamp_seconds{{{JOB}}} > 0) * 1000")],
+             unit="dateTimeFromNow"),
+        stat("Running", [q(f"triage_retrain_running{{{JOB}}}")],
+             defaults={"mappings": [{"type": "value", "options": {
+                 "0": {"text": "idle"}, "1": {"text": "running", "color": "blue"}}}]}),
+        stat("Progress", [q(f"triage_retrain_progress{{{JOB}}}")], unit="percentunit"),
+        stat("Labels since last retrain", [q(f"triage_labels_since_retrain{{{JOB}}}")]),
+        series("Run duration", [
+            q(f"triage_retrain_last_duration_seconds{{{JOB}}}", "last run"),
+            q(f"triage_retrain_duration_seconds_sum{{{JOB}}} / "
+              f"triage_retrain_duration_seconds_count{{{JOB}}}", "mean of finished runs"),
+        ], unit="s", width=12),
+        series("Retrain progress", [q(f"triage_retrain_progress{{{JOB}}}", "progress")],
+               unit="percentunit", width=12, defaults={"min": 0, "max": 1}),
+    ]),
+    ("Storage", [
+        series("Free bytes on the state directory",
+               [q(f"triage_state_dir_free_bytes{{{JOB}}}", "free")], unit="bytes", width=24),
+    ]),
+]
+
+
+def build() -> dict[str, Any]:
+    """The dashboard as a dict (rows with panels laid out left to right)."""
+    panels: list[dict[str, Any]] = []
+    y = 0
+    next_id = 1
+    for title, row in ROWS:
+        panels.append({"type": "row", "title": title, "id": next_id, "collapsed": False,
+                       "gridPos": {"x": 0, "y": y, "w": 24, "h": 1}, "panels": []})
+        next_id += 1
+        y += 1
+        x = 0
+        line_height = 0
+        for item in row:
+            item = json.loads(json.dumps(item))
+            w, h = item["gridPos"]["w"], item["gridPos"]["h"]
+            if x + w > 24:
+                x, y, line_height = 0, y + line_height, 0
+            item["gridPos"] = {"x": x, "y": y, "w": w, "h": h}
+            item["id"] = next_id
+            next_id += 1
+            x += w
+            line_height = max(line_height, h)
+            panels.append(item)
+        y += line_height
+    return {
+        "uid": "triage-ops",
+        "title": "triage",
+        "description": "Ingestion, needs-label gate, review queue, model and retraining of "
+                       "the triage daemon.",
+        "tags": ["triage", "dicom"],
+        "timezone": "browser",
+        "schemaVersion": 39,
+        "version": 1,
+        "editable": True,
+        "refresh": "30s",
+        "time": {"from": "now-24h", "to": "now"},
+        "templating": {"list": []},
+        "annotations": {"list": []},
+        "panels": panels,
+    }
+
+
+def render() -> str:
+    """The dashboard JSON text as committed."""
+    return json.dumps(build(), indent=2) + "\n"
+
+
+if __name__ == "__main__":
+    OUT.write_text(render())
+    sys.stdout.write(f"wrote {OUT}\n")
