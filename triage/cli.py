@@ -76,6 +76,13 @@ def _parser() -> argparse.ArgumentParser:
     trail.add_argument("--since", default="24h",
                        help="ISO date/time (UTC) or a duration like 90m, 24h, 7d (default 24h)")
     trail.add_argument("--json", action="store_true", help="print JSON lines")
+    replay = sub.add_parser(
+        "replay", parents=[common],
+        help="stream a labelled image set into a daemon; an oracle labels what it routes",
+    )
+    from triage.replay.cli import add_arguments as replay_arguments
+
+    replay_arguments(replay)
     return parser
 
 
@@ -101,6 +108,10 @@ def main(argv: list[str] | None = None) -> int:
             return _token(settings, args)
         if args.command == "audit":
             return _audit(settings, args)
+        if args.command == "replay":
+            from triage.replay.cli import run_replay_command
+
+            return run_replay_command(settings, args)
     except ConfigError as exc:
         print(f"triage: {exc}", file=sys.stderr)
         return EXIT_CONFIG
