@@ -41,6 +41,6 @@ def create_app(daemon: Daemon) -> FastAPI:
 
         @app.get("/", include_in_schema=False)
         def index() -> FileResponse:
-            return FileResponse(STATIC / "index.html")
+            return FileResponse(STATIC / "review.html")
 
     return app

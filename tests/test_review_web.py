@@ -1,0 +1,78 @@
+"""The review web UI in real headless Chromium against the real daemon."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+from pathlib import Path
+
+import httpx
+import pytest
+
+from conftest import FAST_ENV, REPO, DaemonProcess, make_image
+from test_review_api import auth, make_token
+
+CHROMIUM = "/usr/bin/chromium"
+ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+        "--disable-component-update", "--disable-sync", "--no-first-run"]
+
+
+@pytest.fixture
+def browser():
+    if not Path(CHROMIUM).exists():
+        pytest.skip("Debian chromium not found at /usr/bin/chromium (make test installs it)")
+    playwright = pytest.importorskip("playwright.sync_api", reason="playwright not installed")
+    with playwright.sync_playwright() as p:
+        chromium = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        yield chromium
+        chromium.close()
+
+
+def test_sign_in_read_and_label_with_the_keyboard(
+    tmp_path: Path, browser, pydicom_files: Path
+) -> None:
+    proc = DaemonProcess(tmp_path / "home", FAST_ENV, []).start()
+    try:
+        shutil.copyfile(pydicom_files / "CT_small.dcm", proc.inbox / "ct.dcm")  # real anatomy
+        proc.wait_for(lambda s: s["queue"]["pending"] == 1, 40, "the CT queued")
+        make_image(proc.inbox / "second.dcm", study_uid="2.25.301", seed=1, size=256)
+        proc.wait_for(lambda s: s["queue"]["pending"] == 2, 40, "two studies queued")
+        token = make_token(proc, "radiologist", "Dr Reader")
+        page = browser.new_page(viewport={"width": 1366, "height": 768})
+        outside = []
+        page.on("request", lambda r: outside.append(r.url)
+                if not r.url.startswith((proc.url, "blob:", "data:")) else None)
+        page.goto(proc.url + "/")
+        page.fill("#token", "trg_wrong")
+        page.click("button[type=submit]")
+        page.wait_for_selector("#signin-error:has-text('unknown token')")
+        page.fill("#token", token)
+        page.click("button[type=submit]")
+        page.wait_for_selector("#reader:not([hidden])")
+        page.wait_for_function(
+            "() => { const i = document.getElementById('image');"
+            " return i.complete && i.naturalWidth === 128; }")
+        assert page.is_hidden("#prediction-card"), "the prediction is hidden by default"
+        assert "no model yet" in page.inner_text("#why-text")
+        assert "Dr Reader" in page.inner_text("#who")
+        first = json.loads(page.evaluate("() => JSON.stringify(state.study.study_id)"))
+        # window/level: a CT preset re-renders the image on the server
+        before = page.get_attribute("#image", "src")
+        page.click("#presets button:has-text('Mediastinum')")
+        page.wait_for_function(f"() => document.getElementById('image').src !== '{before}'")
+        page.screenshot(path=str(tmp_path / "review.png"))
+        shot = REPO / "docs" / "screenshot-review.png"
+        shutil.copyfile(tmp_path / "review.png", shot) if shot.parent.exists() else None
+        assert page.input_value("#ww") == "400" and page.input_value("#wc") == "40"
+        page.keyboard.press("2")  # pneumonia
+        page.wait_for_function(f"() => state.study && state.study.study_id !== {first}")
+        page.wait_for_selector("#tally:has-text('Today: 1 labeled')")
+        history = httpx.get(f"{proc.url}/api/studies/{first}/labels",
+                            headers=auth(token), timeout=5).json()["labels"]
+        assert [(h["label"], h["reader"]) for h in history] == [("pneumonia", "Dr Reader")]
+        page.keyboard.press("s")  # skip the second study
+        page.wait_for_selector("#empty:not([hidden])")
+        assert outside == [], f"the page requested other hosts: {outside}"
+    finally:
+        proc.stop(signal.SIGKILL)
