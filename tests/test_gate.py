@@ -190,3 +190,34 @@ def test_skipped_reasons_never_route():
     _, decisions = run(GateSettings(daily_cap=20), stream(2000), per_day=200)
     for d in decisions:
         assert d.needs_label == (d.reason not in SKIPPED_REASONS)
+
+
+def test_external_routes_count_against_the_budget_and_the_cap():
+    settings = GateSettings(label_rate=0.2, daily_cap=10_000, exploration_rate=0.05)
+    gate = BudgetGate(settings)
+    decisions, external = [], 0
+    for i, s in enumerate(stream(6000, seed=3)):
+        now = START + timedelta(days=i / 1000)
+        if i % 500 == 250:  # a retrain every 500 studies routes 20 coverage queries
+            gate.note_routed(gate.day_of(now), 20)
+            external += 20
+        decision = gate.decide(s, now)
+        gate.commit(decision)
+        decisions.append(decision)
+    offset = [d for d in decisions if d.reason == "budget_offset"]
+    assert len(offset) == external  # every external route was paid back by the gate
+    assert not any(d.needs_label for d in offset)
+    after = decisions[settings.warmup :]
+    routed = (sum(d.needs_label for d in after) + external) / len(after)
+    assert abs(routed - settings.label_rate) <= 0.02
+    audits = np.mean([d.reason == "audit" for d in after])
+    assert abs(audits - settings.exploration_rate) < 0.015  # audits are never offset
+
+
+def test_external_routes_fill_the_daily_cap():
+    gate = BudgetGate(GateSettings(daily_cap=5, exploration_rate=0))
+    now = START
+    gate.note_routed(gate.day_of(now), 5, against_budget=False)
+    assert gate.remaining_on(gate.day_of(now)) == 0
+    decision = gate.decide(None, now)
+    assert (decision.needs_label, decision.reason) == (False, "cap_reached")

@@ -48,7 +48,7 @@ from triage.acquisition import REGISTRY, make_acquisition
 ROUTED_REASONS = (
     "uncertainty", "predicted_loss", "both", "audit", "cold_start", "warmup", "random",
 )  # fmt: skip
-SKIPPED_REASONS = ("below_threshold", "not_sampled", "cap_reached")
+SKIPPED_REASONS = ("below_threshold", "not_sampled", "cap_reached", "budget_offset")
 STATE_VERSION = 1
 
 
@@ -202,6 +202,7 @@ class BudgetGate:
         self._next = 0
         self._sequence = 0
         self._day_counts: dict[str, int] = {}
+        self._offset = 0  # external routes (coverage) still to offset against the budget
         score_share = settings.label_rate - settings.exploration_rate
         self._score_rate = score_share / (1 - settings.exploration_rate) if score_share else 0.0
 
@@ -214,12 +215,19 @@ class BudgetGate:
         """Studies routed on `day` (a date in the gate's timezone)."""
         return self._day_counts.get(str(day), 0)
 
-    def note_routed(self, day: date | str, count: int) -> None:
-        """Count ``count`` studies routed outside `decide` (coverage queries) on ``day``
-        against the daily cap."""
+    def note_routed(self, day: date | str, count: int, *, against_budget: bool = True) -> None:
+        """Count ``count`` studies routed outside `decide` (coverage queries) on ``day``.
+
+        They count against the daily cap and, with ``against_budget``, against the label
+        budget too: the next ``count`` studies the score rule would route are not routed
+        (reason `budget_offset`), so all routes together still track `label_rate`.
+        Audits are never offset.
+        """
         if count < 0:
             raise ValueError(f"count must be >= 0, got {count}")
         self._day_counts[str(day)] = self._day_counts.get(str(day), 0) + count
+        if against_budget:
+            self._offset += count
 
     def remaining_on(self, day: date | str) -> int:
         """Studies that may still be routed on ``day`` under the daily cap."""
@@ -280,6 +288,8 @@ class BudgetGate:
             reason = "below_threshold" if combined is not None else "not_sampled"
         elif not cap_open:
             want, reason = False, "cap_reached"
+        elif self._offset > 0 and reason != "audit":
+            want, reason = False, "budget_offset"
         return Decision(
             **base, needs_label=bool(want), reason=reason, scores=clean,
             quantiles=quantiles, combined=combined, threshold=threshold,
@@ -309,10 +319,14 @@ class BudgetGate:
         if scores is not None and all(k in scores for k in self._keys):
             i = self._next
             self._values[:, i] = [scores[k] for k in self._keys]
-            self._routed[i] = decision.needs_label
+            # a budget_offset study's slot went to an external route: for the feedback it
+            # counts as routed, so the threshold does not drop to make up for it
+            self._routed[i] = decision.needs_label or decision.reason == "budget_offset"
             self._eligible[i] = decision.reason != "cap_reached"
             self._next = (i + 1) % self.settings.window
             self._filled = min(self._filled + 1, self.settings.window)
+        if decision.reason == "budget_offset":
+            self._offset = max(0, self._offset - 1)
         self._sequence = decision.sequence + 1
 
     def _check_scores(self, scores: Mapping[str, float]) -> dict[str, float]:

@@ -52,7 +52,9 @@ class GateScorer:
             "SELECT routed_at FROM queue_items WHERE reason = 'coverage' AND routed_at >= ?",
             [clock() - 2 * 86400],
         ).fetchall():
-            self._gate.note_routed(self._gate.day_of(datetime.fromtimestamp(routed_at, UTC)), 1)
+            # after a restart only the cap is known to be used; the budget offset is not
+            day = self._gate.day_of(datetime.fromtimestamp(routed_at, UTC))
+            self._gate.note_routed(day, 1, against_budget=False)
         self._model: tuple[str, Checkpoint] | None = None
         self._broken: str | None = None
         metrics.gate_label_rate_target.set(settings.gate.label_rate)
