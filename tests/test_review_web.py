@@ -9,7 +9,6 @@ from pathlib import Path
 
 import httpx
 import pytest
-
 from conftest import FAST_ENV, REPO, DaemonProcess, make_image
 from test_review_api import auth, make_token
 
