@@ -112,7 +112,7 @@ def test_second_retrain_is_refused_and_sigterm_cancels(tmp_path, pneumonia):
     assert refused.returncode == 1
     assert refused.stderr.startswith("triage: a retrain is already running (run 1")
     assert "Traceback" not in refused.stderr
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + 240  # the worker is niced: slow on a busy machine
     while "epoch" not in (last_run(st.db)["message"] or ""):
         assert time.monotonic() < deadline
         time.sleep(0.2)
