@@ -89,13 +89,15 @@ class DaemonProcess:
             self.proc.send_signal(sig)
         return self.proc.wait(timeout=60)
 
-    def status(self) -> dict:
-        out = subprocess.run(
-            [sys.executable, "-m", "triage", "status", "--json", "--config",
-             str(REPO / "config.yaml")],
-            env=self.env, capture_output=True, check=True,
+    def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
+        """Run ``triage ARGS --config config.yaml`` against this daemon's home; must succeed."""
+        return subprocess.run(
+            [sys.executable, "-m", "triage", *args, "--config", str(REPO / "config.yaml")],
+            env=self.env, capture_output=True, text=True, check=True,
         )
-        return json.loads(out.stdout)
+
+    def status(self) -> dict:
+        return json.loads(self.cli("status", "--json").stdout)
 
     def wait_for(self, predicate, timeout: float = 60.0, what: str = "condition") -> dict:
         deadline = time.monotonic() + timeout

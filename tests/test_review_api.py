@@ -5,37 +5,18 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
-from conftest import FAST_ENV, REPO, DaemonProcess, make_image
+from conftest import FAST_ENV, DaemonProcess, make_image
 
 LEASE_SECONDS = 3.0
 
 
 def make_token(proc: DaemonProcess, role: str, name: str) -> str:
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "triage",
-            "token",
-            "create",
-            "--role",
-            role,
-            "--name",
-            name,
-            "--config",
-            str(REPO / "config.yaml"),
-        ],
-        env=proc.env,
-        capture_output=True,
-        text=True,
-        check=True,
-    )
+    out = proc.cli("token", "create", "--role", role, "--name", name)
     return out.stdout.strip().splitlines()[-1]
 
 
@@ -188,23 +169,7 @@ def test_next_label_once_correct_and_audit(server) -> None:
     metrics = client.get("/metrics").text
     assert 'triage_labels_total{label="pneumonia",role="radiologist"} 1.0' in metrics
     assert 'triage_queue_items{state="labeled"} 1.0' in metrics
-    trail = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "triage",
-            "audit",
-            "--since",
-            "1h",
-            "--json",
-            "--config",
-            str(REPO / "config.yaml"),
-        ],
-        env=proc.env,
-        capture_output=True,
-        text=True,
-        check=True,
-    )
+    trail = proc.cli("audit", "--since", "1h", "--json")
     actions = [
         (r["actor"], r["action"], r["study_id"]) for r in map(json.loads, trail.stdout.splitlines())
     ]
@@ -220,29 +185,9 @@ def test_revoked_token_stops_working(server) -> None:
     proc, client, tokens = server
     token = make_token(proc, "radiologist", "Temp Reader")
     assert client.get("/api/me", headers=auth(token)).status_code == 200
-    listing = subprocess.run(
-        [sys.executable, "-m", "triage", "token", "list", "--config", str(REPO / "config.yaml")],
-        env=proc.env,
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
+    listing = proc.cli("token", "list").stdout
     token_id = next(line.split()[0] for line in listing.splitlines() if "Temp Reader" in line)
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "triage",
-            "token",
-            "revoke",
-            token_id,
-            "--config",
-            str(REPO / "config.yaml"),
-        ],
-        env=proc.env,
-        check=True,
-        capture_output=True,
-    )
+    proc.cli("token", "revoke", token_id)
     refused = client.get("/api/me", headers=auth(token))
     assert refused.status_code == 401 and "revoked" in refused.json()["detail"]
 

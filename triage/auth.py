@@ -19,6 +19,7 @@ from triage.errors import TriageError
 
 ROLES = ("radiologist", "ops", "admin")
 TOKEN_PREFIX = "trg_"
+_LAST_USED_RESOLUTION_SECONDS = 60.0
 
 
 class AuthError(TriageError):
@@ -78,11 +79,15 @@ def authenticate(db: sqlite_utils.Database, token: str | None) -> Principal:
     if not token:
         raise AuthError("missing bearer token: send 'Authorization: Bearer <token>'")
     row = db.execute(
-        "SELECT id, name, role, revoked_at FROM tokens WHERE token_hash = ?", [hash_token(token)]
+        "SELECT id, name, role, revoked_at, last_used_at FROM tokens WHERE token_hash = ?",
+        [hash_token(token)],
     ).fetchone()
     if row is None:
         raise AuthError("unknown token")
     if row[3] is not None:
         raise AuthError("this token has been revoked")
-    db.execute("UPDATE tokens SET last_used_at = ? WHERE id = ?", [time.time(), row[0]])
+    now = time.time()
+    if row[4] is None or now - row[4] > _LAST_USED_RESOLUTION_SECONDS:
+        # every image fetch authenticates: a write per request would contend with ingest
+        db.execute("UPDATE tokens SET last_used_at = ? WHERE id = ?", [now, row[0]])
     return Principal(int(row[0]), row[1], row[2])

@@ -80,6 +80,12 @@ class ReviewQueue:
     def expire_leases(self) -> int:
         """Return items whose lease ran out to the queue; audit each."""
         now = self._clock()
+        due = self._db.execute(
+            "SELECT 1 FROM queue_items WHERE state = 'claimed' AND lease_expires_at <= ? LIMIT 1",
+            [now],
+        ).fetchone()
+        if due is None:
+            return 0  # the common case: no write lock taken just to look
         with transaction(self._db):
             rows = self._db.execute(
                 "SELECT queue_items.id, study_id, tokens.name, tokens.role FROM queue_items "
