@@ -18,6 +18,8 @@ import torch.nn.functional as F
 ENV_VAR = "TRIAGE_DATA_DIR"
 DEV_FILE = "pneumoniamnist_dev.npz"
 DEV_KEYS = ("train_images", "train_labels", "val_images", "val_labels")
+HOLDOUT_FILE = "pneumoniamnist_holdout.npz"
+HOLDOUT_KEYS = ("test_images", "test_labels")
 
 
 def find_data_dir() -> Path | None:
@@ -74,3 +76,25 @@ def images_to_tensor(images: np.ndarray, input_size: int) -> torch.Tensor:
 def labels_to_tensor(labels: np.ndarray) -> torch.Tensor:
     """Labels [N] or [N, 1] to torch.long [N]."""
     return torch.from_numpy(np.asarray(labels).reshape(-1).astype(np.int64))
+
+
+def load_pneumoniamnist_holdout(data_dir: Path | None = None) -> dict[str, np.ndarray]:
+    """Load the holdout test split: for final reported figures only (never for training,
+    model selection or thresholds).
+
+    Returns:
+        `test_images` uint8 [621, 28, 28], `test_labels` uint8 [621, 1].
+
+    Raises:
+        FileNotFoundError: The file cannot be found.
+    """
+    directory = data_dir if data_dir is not None else find_data_dir()
+    if directory is None or not (Path(directory) / HOLDOUT_FILE).is_file():
+        raise FileNotFoundError(
+            f"{HOLDOUT_FILE} not found: set {ENV_VAR} or place it in ../shared/data"
+        )
+    with np.load(Path(directory) / HOLDOUT_FILE) as archive:
+        missing = [k for k in HOLDOUT_KEYS if k not in archive]
+        if missing:
+            raise ValueError(f"{Path(directory) / HOLDOUT_FILE} lacks arrays {missing}")
+        return {key: archive[key] for key in HOLDOUT_KEYS}

@@ -22,13 +22,14 @@ FULL_SCALE = os.environ.get("TRIAGE_FULL_SCALE") == "1"
 SIZE = 28
 TINY_MODEL = ModelSettings(
     input_size=SIZE, channels=(8, 16), subunits=1, lossnet_width=16, mc_samples=5,
-    training=TrainSettings(epochs=6, batch_size=32, learning_rate=3e-3, seed=0),
+    training=TrainSettings(epochs=6, min_steps=0, batch_size=32, learning_rate=3e-3, seed=0),
 )
 
 
 def make_settings(home: Path, model: ModelSettings = TINY_MODEL, **retrain: object) -> Settings:
     """Settings with every path under ``home`` and a tiny network."""
-    options = {"augment": False, "min_train_studies": 4, "patience": 0, **retrain}
+    options = {"augment": False, "min_train_studies": 4, "min_validation_studies": 2,
+               "validation_source": "mixed", **retrain}
     return Settings(home=home, model=model, retrain=RetrainSettings(**options))
 
 

@@ -28,10 +28,11 @@ model:
   subunits: 1
   lossnet_width: 16
   mc_samples: 5
-  training: {{epochs: {epochs}, batch_size: 32, learning_rate: 0.003}}
+  training: {{epochs: {epochs}, min_steps: 0, batch_size: 32, learning_rate: 0.003}}
 retrain:
   min_train_studies: 4
-  patience: 3
+  min_validation_studies: 2
+  validation_source: mixed
   poll_seconds: 0.1
 """
 

@@ -13,6 +13,8 @@ from triage.model.lossnet import build_loss_predictor
 from triage.model.network import build_network
 from triage.model.settings import TrainSettings
 from triage.registry import ModelRegistry
+from triage.retrain.dataset import load_split
+from triage.retrain.evaluate import image_logits
 from triage.retrain.pipeline import run_retrain
 from triage.retrain.runs import create_run, last_run
 from triage.retrain.train import TrainingFailed
@@ -88,7 +90,7 @@ def test_worse_candidate_is_rejected_with_the_reason(tmp_path, pneumonia):
     assert _run(st) == "promoted"
     serving = _registry(st).serving().version
     crippled = TINY_MODEL.model_copy(update={"training": TrainSettings(
-        epochs=1, batch_size=32, learning_rate=1e-7, seed=5)})
+        epochs=1, min_steps=0, batch_size=32, learning_rate=1e-7, seed=5)})
     worse = make_settings(tmp_path, model=crippled, warm_start=False, augment=False)
     assert _run(st, worse) == "rejected"
     registry = _registry(st)
@@ -105,9 +107,9 @@ def test_single_class_validation_does_not_make_a_first_model(tmp_path, pneumonia
     xv, yv = subset(pneumonia, "val", 60)
     keep = yv == 1
     st.labelled(xv[torch.from_numpy(keep)], yv[keep], "validation")
-    assert _run(st) == "rejected"
-    assert "not finite" in _registry(st).list()[0].note
-    assert _registry(st).serving() is None
+    with pytest.raises(TrainingFailed, match="validation set holds 1 of 2 classes"):
+        _run(st)
+    assert _registry(st).list() == []  # no candidate judged without a class
 
 
 def test_too_few_labels_fail_without_a_candidate(tmp_path, pneumonia):
@@ -115,3 +117,42 @@ def test_too_few_labels_fail_without_a_candidate(tmp_path, pneumonia):
     with pytest.raises(TrainingFailed, match="min_train_studies"):
         _run(st)
     assert _registry(st).list() == []
+
+
+def test_candidate_stores_its_operating_point_and_calibration(tmp_path, pneumonia):
+    st = _store(tmp_path, pneumonia)
+    assert _run(st) == "promoted"
+    registry = _registry(st)
+    entry = registry.serving()
+    point = registry.load(entry.version).operating_point  # read back from the checkpoint
+    assert point.temperature != 1.0 and 0.0 < point.threshold < 1.0
+    assert entry.metrics["operating_point"] == point.to_json()
+    validation = entry.metrics["validation"]
+    assert math.isfinite(validation["ece"]) and math.isfinite(validation["ece_uncalibrated"])
+    # the temperature minimises the validation NLL: it is never worse than T = 1 there
+    val = load_split(st.db, "validation", st.settings.model)
+    logits = image_logits(registry.load(entry.version).network, val.images)
+    nll = torch.nn.functional.cross_entropy
+    assert nll(logits / point.temperature, val.labels) <= nll(logits, val.labels) + 1e-6
+
+
+def test_reference_is_the_best_recent_model_so_the_tolerance_cannot_ratchet(tmp_path, pneumonia):
+    """A good model A, then a worse B promoted within tolerance: a candidate as bad as B
+    is judged against A, not against B, so the chain cannot slide down step by step."""
+    st = _store(tmp_path, pneumonia)
+    assert _run(st) == "promoted"  # A, trained
+    registry = _registry(st)
+    good = registry.serving().version
+    torch.manual_seed(7)
+    path = save_checkpoint(tmp_path / "weak.pt", build_network(TINY_MODEL),
+                           build_loss_predictor(TINY_MODEL), TINY_MODEL)
+    weak = registry.add(path, source="import", parent=good).version
+    registry.promote(weak)  # B: untrained, its parent A
+    crippled = TINY_MODEL.model_copy(update={"training": TrainSettings(
+        epochs=1, min_steps=0, batch_size=32, learning_rate=1e-7, seed=7)})
+    tolerant = make_settings(tmp_path, model=crippled, promotion_tolerance=0.2)
+    assert _run(st, tolerant) == "rejected"
+    note = registry.get(last_run(st.db)["candidate_version"]).note
+    assert f"reference {good}" in note
+    alone = make_settings(tmp_path, model=crippled, promotion_tolerance=0.2, reference_models=1)
+    assert _run(st, alone) == "promoted"  # judged against B alone it would pass

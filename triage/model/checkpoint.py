@@ -10,6 +10,7 @@ from typing import Any
 import pydantic
 import torch
 
+from triage.model.calibration import OperatingPoint
 from triage.model.lossnet import LossPredictor, build_loss_predictor
 from triage.model.network import TriageNet, build_network
 from triage.model.settings import ModelSettings
@@ -33,6 +34,11 @@ class Checkpoint:
     network: TriageNet
     loss_predictor: LossPredictor | None
     metadata: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def operating_point(self) -> OperatingPoint:
+        """Temperature and threshold stored with the model (identity for older files)."""
+        return OperatingPoint.from_json(self.metadata.get("operating_point"))
 
 
 def save_checkpoint(

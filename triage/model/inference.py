@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 import torch
 
 from triage.acquisition.measures import MEASURES, all_measures
+from triage.model.calibration import OperatingPoint
 from triage.model.lossnet import LossPredictor
 from triage.model.mc_dropout import mc_predict
 from triage.model.network import TriageNet
@@ -30,6 +31,9 @@ class StudyResult:
         num_images: Images scored (<= max_images_per_study).
         num_images_total: Images in the study.
         durations: Wall time in seconds of the stages `trunk`, `mc` and `lossnet`.
+        predicted: Predicted class index at the model's operating point (threshold on
+            the calibrated probability of class 1 for two classes, else argmax); None
+            means argmax of `probs`.
     """
 
     probs: tuple[float, ...]
@@ -38,10 +42,13 @@ class StudyResult:
     num_images: int
     num_images_total: int
     durations: dict[str, float] = field(default_factory=dict)
+    predicted: int | None = None
 
     @property
     def predicted_index(self) -> int:
-        """Index of the most probable class."""
+        """The predicted class: at the operating point when scored with one, else argmax."""
+        if self.predicted is not None:
+            return self.predicted
         return max(range(len(self.probs)), key=self.probs.__getitem__)
 
 
@@ -69,6 +76,7 @@ def score_study(
     settings: ModelSettings,
     *,
     seed: int | None = None,
+    operating_point: OperatingPoint | None = None,
 ) -> StudyResult:
     """Score one study with MC dropout and the loss predictor.
 
@@ -79,6 +87,8 @@ def score_study(
         settings: Model settings (`mc_samples`, `mc_scope`, `max_images_per_study`,
             `image_reduction`).
         seed: Optional seed of the dropout masks (the global RNG is left untouched).
+        operating_point: The model's temperature and threshold (`Checkpoint.operating_point`);
+            None: temperature 1 and argmax.
 
     Returns:
         The study's `StudyResult`.
@@ -99,6 +109,7 @@ def score_study(
         scope=settings.mc_scope,
         with_features=loss_predictor is not None,
         seed=seed,
+        temperature=operating_point.temperature if operating_point is not None else 1.0,
     )
     start = time.perf_counter()
     predicted_loss = None
@@ -120,6 +131,9 @@ def score_study(
             for name in MEASURES
         ]
     probs = samples.mean(axis=(0, 1))
+    predicted = None
+    if operating_point is not None:
+        predicted = int(operating_point.predict(probs[None, :])[0])
     return StudyResult(
         probs=tuple(probs.tolist()),
         uncertainty=dict(zip(MEASURES, values, strict=True)),
@@ -131,4 +145,5 @@ def score_study(
             "mc": out.mc_seconds,
             "lossnet": lossnet_seconds,
         },
+        predicted=predicted,
     )

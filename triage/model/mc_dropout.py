@@ -85,6 +85,7 @@ def mc_predict(
     scope: McScope = "head",
     with_features: bool = True,
     seed: int | None = None,
+    temperature: float = 1.0,
 ) -> McOutput:
     """MC dropout predictions of `images` with the trunk run once.
 
@@ -97,6 +98,8 @@ def mc_predict(
             predictor).
         seed: If given, dropout masks are drawn from this seed without disturbing the
             global torch RNG; otherwise from the global RNG.
+        temperature: The logits are divided by it before the softmax (the model's
+            calibration, `triage.model.calibration.OperatingPoint`).
 
     Returns:
         An `McOutput` with probabilities [T, N, C].
@@ -120,7 +123,7 @@ def mc_predict(
                 _set_training(layer, True)
             repeated = z.repeat(samples, *([1] * (z.ndim - 1)))
             logits = net.stochastic(repeated, scope)
-        probs = torch.softmax(logits, dim=-1).view(samples, images.shape[0], -1)
+        probs = torch.softmax(logits / temperature, dim=-1).view(samples, images.shape[0], -1)
         mc_done = time.perf_counter()
     return McOutput(
         probs=probs,

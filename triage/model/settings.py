@@ -15,7 +15,13 @@ class TrainSettings(BaseModel):
     """The `model.training:` section: joint training of classifier and loss predictor.
 
     Attributes:
-        epochs: Passes over the training tensors.
+        epochs: Passes over the training tensors (at least; see `min_steps`).
+        min_steps: Fewest optimiser steps of a run: a small labelled set gets more
+            epochs, so a first model is not served with half-settled weights and
+            BatchNorm statistics.
+        schedule: Learning-rate schedule of the run: `onecycle` (warm-up to
+            `learning_rate`, cosine decay to 1/1000 of it; one optimiser for the whole
+            run) or `constant`.
         batch_size: Images per optimiser step; the ranking loss pairs the two halves of
             each batch, so it must be even.
         learning_rate: AdamW learning rate.
@@ -34,14 +40,16 @@ class TrainSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    epochs: int = Field(5, ge=1, le=10_000)
+    epochs: int = Field(30, ge=1, le=10_000)
+    min_steps: int = Field(150, ge=0, le=10_000_000)
+    schedule: Literal["onecycle", "constant"] = "onecycle"
     batch_size: int = Field(64, ge=2, le=65_536)
     learning_rate: float = Field(2e-3, gt=0, le=1)
     weight_decay: float = Field(1e-4, ge=0, le=1)
     ranking_margin: float = Field(1.0, ge=0)
     ranking_weight: float = Field(1.0, ge=0)
     detach_after_fraction: float = Field(0.6, ge=0, le=1)
-    class_weighted: bool = False
+    class_weighted: bool = True
     seed: int = 0
 
     @field_validator("batch_size")

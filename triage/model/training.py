@@ -1,5 +1,6 @@
 """Joint training of the classifier and the loss predictor, and evaluation metrics."""
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -123,6 +124,27 @@ def _check_data(images: torch.Tensor, labels: torch.Tensor, name: str, num_class
         raise ValueError(f"{name}labels must lie in [0, {num_classes}), got values outside")
 
 
+Sampler = Callable[[int, torch.Generator], torch.Tensor]
+"""Hook giving the training indices [N] of one epoch (epoch index, fit's generator)."""
+
+
+def planned_epochs(num_images: int, settings: TrainSettings) -> int:
+    """Epochs `fit` runs on `num_images` images: `epochs`, or more so that at least
+    `min_steps` optimiser steps are taken (small labelled sets get more passes)."""
+    steps_per_epoch = max(1, math.ceil(num_images / settings.batch_size))
+    return max(settings.epochs, math.ceil(settings.min_steps / steps_per_epoch))
+
+
+def _scheduler(optimiser: torch.optim.Optimizer, settings: TrainSettings, total_steps: int
+               ) -> torch.optim.lr_scheduler.LRScheduler | None:
+    if settings.schedule == "constant":
+        return None
+    return torch.optim.lr_scheduler.OneCycleLR(
+        optimiser, max_lr=settings.learning_rate, total_steps=max(total_steps, 2),
+        pct_start=0.25, anneal_strategy="cos", div_factor=10.0, final_div_factor=100.0,
+    )
+
+
 def fit(
     net: TriageNet,
     loss_predictor: LossPredictor,
@@ -133,16 +155,20 @@ def fit(
     val_images: torch.Tensor | None = None,
     val_labels: torch.Tensor | None = None,
     augment: Augment | None = None,
+    sampler: Sampler | None = None,
     on_epoch_end: Callable[[int, dict[str, float]], None] | None = None,
 ) -> History:
-    """Train classifier and loss predictor jointly, in place.
+    """Train classifier and loss predictor jointly, in place, as one run.
 
-    Loss per batch = mean (optionally class-weighted) cross-entropy + ranking_weight *
-    ranking loss of the loss predictor against the detached per-sample
-    cross-entropies. After `detach_after_fraction * epochs` epochs the loss
-    predictor's input features are detached. Randomness (shuffling, dropout,
-    `augment`) comes from `settings.seed`; the global torch RNG state is restored
-    afterwards. Both modules are left in eval mode.
+    One AdamW optimiser and one learning-rate schedule (`settings.schedule`: one-cycle
+    by default, Smith & Topin 2019) cover the whole run of `planned_epochs` epochs, so
+    the last epoch ends at a small learning rate and no epoch needs to be picked on
+    validation data. Loss per batch = mean (optionally class-weighted) cross-entropy +
+    ranking_weight * ranking loss of the loss predictor against the detached
+    per-sample cross-entropies. From epoch ceil(detach_after_fraction * epochs) on the
+    loss predictor's input features are detached. Randomness (shuffling, dropout,
+    `augment`, `sampler`) comes from `settings.seed`; the global torch RNG state is
+    restored afterwards. Both modules are left in eval mode.
 
     Args:
         net: The classifier (initialised by the caller; weights are updated).
@@ -150,9 +176,11 @@ def fit(
         images: Float [N, 1, S, S] in [0, 1].
         labels: Class indices [N], torch.long.
         settings: Training settings.
-        val_images: Optional validation images [M, 1, S, S].
+        val_images: Optional validation images [M, 1, S, S] (metrics per epoch only).
         val_labels: Optional validation labels [M]; required with `val_images`.
         augment: Optional hook applied to every training batch.
+        sampler: Optional hook giving each epoch's indices (e.g. coverage-weighted
+            draws); default a fresh permutation of all images.
         on_epoch_end: Optional callback(epoch_index, record) after each epoch.
 
     Returns:
@@ -170,20 +198,26 @@ def fit(
     optimiser = torch.optim.AdamW(
         params, lr=settings.learning_rate, weight_decay=settings.weight_decay
     )
-    detach_from = int(np.ceil(settings.detach_after_fraction * settings.epochs))
+    epochs = planned_epochs(images.shape[0], settings)
+    steps_per_epoch = math.ceil(images.shape[0] / settings.batch_size)
+    schedule = _scheduler(optimiser, settings, epochs * steps_per_epoch)
+    detach_from = int(np.ceil(settings.detach_after_fraction * epochs))
     history = History()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(settings.seed)
         generator = torch.Generator().manual_seed(settings.seed)
-        for epoch in range(settings.epochs):
+        for epoch in range(epochs):
             start = time.perf_counter()
             detach = epoch >= detach_from
             net.train()
             loss_predictor.train()
-            order = torch.randperm(images.shape[0], generator=generator)
+            if sampler is not None:
+                order = sampler(epoch, generator)
+            else:
+                order = torch.randperm(images.shape[0], generator=generator)
             sums = {"loss": 0.0, "ce": 0.0, "rank": 0.0}
             batches = 0
-            for first in range(0, images.shape[0], settings.batch_size):
+            for first in range(0, order.shape[0], settings.batch_size):
                 index = order[first : first + settings.batch_size]
                 if index.numel() < 2:
                     continue
@@ -200,12 +234,15 @@ def fit(
                 optimiser.zero_grad(set_to_none=True)
                 loss.backward()
                 optimiser.step()
+                if schedule is not None and schedule.last_epoch + 1 < schedule.total_steps:
+                    schedule.step()
                 sums["loss"] += float(loss.detach())
                 sums["ce"] += float(ce.detach())
                 sums["rank"] += float(rank.detach())
                 batches += 1
             record = {k: v / max(batches, 1) for k, v in sums.items()}
             record["detached"] = float(detach)
+            record["lr"] = float(optimiser.param_groups[0]["lr"])
             if val_images is not None:
                 record.update(evaluate(net, loss_predictor, val_images, val_labels))
             record["seconds"] = time.perf_counter() - start

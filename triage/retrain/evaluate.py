@@ -12,6 +12,7 @@ import math
 import numpy as np
 import torch
 
+from triage.model.calibration import OperatingPoint
 from triage.model.network import TriageNet
 from triage.model.training import classifier_auroc
 
@@ -45,7 +46,7 @@ def embed(net: TriageNet, images: torch.Tensor, batch_size: int = 512) -> torch.
 @torch.inference_mode()
 def study_probabilities(
     net: TriageNet, images: torch.Tensor, groups: torch.Tensor, num_studies: int,
-    batch_size: int = 512,
+    batch_size: int = 512, temperature: float = 1.0,
 ) -> torch.Tensor:
     """Mean eval-mode class probabilities per study, [num_studies, C].
 
@@ -55,14 +56,9 @@ def study_probabilities(
         groups: Study position of each image, torch.long [N] in [0, num_studies).
         num_studies: Number of studies M.
         batch_size: Images per forward pass.
+        temperature: Divides the logits before the softmax (calibration).
     """
-    was = net.training
-    net.eval()
-    try:
-        probs = torch.cat([torch.softmax(net(images[i : i + batch_size]), dim=1)
-                           for i in range(0, images.shape[0], batch_size)])
-    finally:
-        net.train(was)
+    probs = torch.softmax(image_logits(net, images, batch_size) / temperature, dim=1)
     sums = torch.zeros(num_studies, probs.shape[1]).index_add_(0, groups, probs)
     counts = torch.bincount(groups, minlength=num_studies).clamp_min(1).unsqueeze(1)
     return sums / counts
@@ -91,8 +87,15 @@ def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, bins: int 
     return float(total)
 
 
-def classification_metrics(probs: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+def classification_metrics(
+    probs: torch.Tensor, labels: torch.Tensor, operating_point: OperatingPoint | None = None
+) -> dict[str, float]:
     """Study-level metrics of probabilities [M, C] against labels [M].
+
+    Args:
+        probs: Study probabilities [M, C] (calibrated when an operating point is used).
+        labels: Class indices [M].
+        operating_point: Gives the predicted class (its threshold); None: argmax.
 
     Returns:
         `auroc`, `accuracy`, `sensitivity` (recall of the positive class, index 1),
@@ -101,7 +104,12 @@ def classification_metrics(probs: torch.Tensor, labels: torch.Tensor) -> dict[st
     """
     p = probs.detach().double().numpy()
     y = labels.detach().numpy().astype(np.int64)
-    predicted = p.argmax(axis=1) if p.shape[0] else np.zeros(0, dtype=np.int64)
+    if not p.shape[0]:
+        predicted = np.zeros(0, dtype=np.int64)
+    elif operating_point is not None:
+        predicted = operating_point.predict(p)
+    else:
+        predicted = p.argmax(axis=1)
 
     def recall(mask: np.ndarray) -> float:
         return float((predicted[mask] == y[mask]).mean()) if mask.any() else math.nan
@@ -117,11 +125,27 @@ def classification_metrics(probs: torch.Tensor, labels: torch.Tensor) -> dict[st
 
 
 def validation_metrics(
-    net: TriageNet, images: torch.Tensor, groups: torch.Tensor, study_labels: list[int]
+    net: TriageNet, images: torch.Tensor, groups: torch.Tensor, study_labels: list[int],
+    operating_point: OperatingPoint | None = None,
 ) -> dict[str, float]:
-    """Study-level `classification_metrics` of `net` on a validation set."""
-    probs = study_probabilities(net, images, groups, len(study_labels))
-    return classification_metrics(probs, torch.tensor(study_labels, dtype=torch.long))
+    """Study-level `classification_metrics` of `net` on a validation set, with the
+    probabilities calibrated and thresholded at `operating_point` when one is given."""
+    temperature = operating_point.temperature if operating_point is not None else 1.0
+    probs = study_probabilities(net, images, groups, len(study_labels), temperature=temperature)
+    return classification_metrics(probs, torch.tensor(study_labels, dtype=torch.long),
+                                  operating_point)
+
+
+@torch.inference_mode()
+def image_logits(net: TriageNet, images: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
+    """Eval-mode logits [N, C] of images [N, 1, S, S]."""
+    was = net.training
+    net.eval()
+    try:
+        parts = [net(images[i : i + batch_size]) for i in range(0, images.shape[0], batch_size)]
+    finally:
+        net.train(was)
+    return torch.cat(parts) if parts else torch.zeros(0, net.num_classes)
 
 
 def all_finite(metrics: dict[str, float], keys: tuple[str, ...] = (

@@ -1,13 +1,16 @@
 """One retrain run, start to finish (runs inside the worker process).
 
 1. Load the labelled studies: `train` and the fixed `validation` split.
-2. Start from the serving model's weights (`retrain.warm_start`) or from scratch.
-3. Rebalance: coverage weights of the training images in the serving model's embedding
-   space (without a serving model there is no trained embedding: the raw set is used).
-4. Train with early stopping on validation AUROC (`train_candidate`).
-5. Evaluate candidate and serving model on the same, current validation set; register the
-   candidate with its metrics, data summary and parent.
-6. Promote (one transaction with the run's final row, then re-score the pending queue) or
+2. `train_and_judge` (pure: no store, no files; the lockstep benchmark calls it too):
+   a. rebalance: coverage weights of the training images in the serving model's
+      embedding space (robust k-center cells, so outliers cannot capture cells);
+   b. train a candidate from scratch (or warm-started with `retrain.warm_start`), one
+      run with one optimiser and schedule (`train_candidate`);
+   c. fit its operating point (temperature, threshold) on the validation set;
+   d. compare it with the reference: the best of the serving model and its recent
+      promoted ancestors, all re-evaluated on the same, current validation set.
+3. Register the candidate with its metrics, operating point, data summary and parent.
+4. Promote (one transaction with the run's final row, then re-score the pending queue) or
    reject with the reason, per `triage.registry.promotion_decision`.
 
 Any error leaves the serving model untouched; the worker marks the run `failed`.
@@ -18,6 +21,7 @@ from __future__ import annotations
 import copy
 import logging
 import time
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import sqlite_utils
@@ -25,16 +29,17 @@ import torch
 
 from triage.db import transaction
 from triage.logs import event
+from triage.model.calibration import OperatingPoint, fit_operating_point
 from triage.model.checkpoint import Checkpoint, save_checkpoint
 from triage.model.lossnet import LossPredictor, build_loss_predictor
 from triage.model.network import TriageNet, build_network
 from triage.registry import ModelError, ModelRegistry, ModelVersion, promotion_decision
-from triage.retrain.dataset import load_split
-from triage.retrain.evaluate import embed, validation_metrics
+from triage.retrain.dataset import LabeledSet, load_split
+from triage.retrain.evaluate import embed, image_logits, validation_metrics
 from triage.retrain.queries import rescore_pending
 from triage.retrain.runs import finish_run, update_progress
 from triage.retrain.sampling import coverage_plan
-from triage.retrain.train import TrainingFailed, train_candidate
+from triage.retrain.train import EpochCallback, TrainingFailed, TrainOutcome, train_candidate
 
 if TYPE_CHECKING:
     from triage.config import Settings
@@ -42,6 +47,107 @@ if TYPE_CHECKING:
 log = logging.getLogger("triage.retrain")
 
 TRAIN_SHARE = 0.8  # progress from 0.05 to 0.85 is training
+
+
+@dataclass
+class Judgement:
+    """A trained candidate and the verdict on it (see `train_and_judge`).
+
+    Attributes:
+        network: The candidate classifier (eval mode).
+        loss_predictor: Its loss predictor.
+        outcome: The training run's records.
+        operating_point: Temperature and threshold fitted on the validation set.
+        candidate: The candidate's validation metrics at its operating point, plus
+            `ece_uncalibrated` (temperature 1, argmax).
+        reference: Validation metrics of the reference model (None for a first model).
+        reference_version: Which model the reference is.
+        promote: Whether the candidate may replace the serving model.
+        reason: One line saying why.
+        coverage: What rebalancing did (radius, cells, class mix before/after).
+    """
+
+    network: TriageNet
+    loss_predictor: LossPredictor
+    outcome: TrainOutcome
+    operating_point: OperatingPoint
+    candidate: dict[str, float]
+    reference: dict[str, float] | None
+    reference_version: str | None
+    promote: bool
+    reason: str
+    coverage: dict[str, Any] = field(default_factory=dict)
+
+
+def check_labels(train: LabeledSet, validation: LabeledSet, settings: Settings) -> None:
+    """Raise `TrainingFailed` unless there are enough labels to train and to judge.
+
+    Both sets need every class: a model judged without one of them has no AUROC."""
+    retrain = settings.retrain
+    classes = len(settings.model.labels)
+    if train.num_studies < retrain.min_train_studies:
+        raise TrainingFailed(f"too few labelled training studies: {train.num_studies} < "
+                             f"retrain.min_train_studies {retrain.min_train_studies}")
+    if validation.num_studies < retrain.min_validation_studies:
+        raise TrainingFailed(
+            f"too few validation studies: {validation.num_studies} < "
+            f"retrain.min_validation_studies {retrain.min_validation_studies}")
+    for name, part in (("training", train), ("validation", validation)):
+        present = len(set(part.study_labels))
+        if present < classes:
+            raise TrainingFailed(f"the {name} set holds {present} of {classes} classes")
+
+
+def train_and_judge(
+    train: LabeledSet,
+    validation: LabeledSet,
+    settings: Settings,
+    references: list[tuple[str, Checkpoint]],
+    on_epoch: EpochCallback | None = None,
+) -> Judgement:
+    """Train a candidate on `train` and judge it on `validation` against `references`.
+
+    Args:
+        train: Training studies (`check_labels` must pass).
+        validation: The fixed validation studies.
+        settings: The configuration (`model`, `retrain`).
+        references: (version, checkpoint) of the serving model first, then its recent
+            promoted ancestors; empty for a first model. The serving model embeds the
+            training images for rebalancing and is the warm start.
+        on_epoch: Progress callback.
+    """
+    check_labels(train, validation, settings)
+    retrain = settings.retrain
+    names = list(settings.model.labels)
+    champion = references[0][1] if references else None
+    plan, coverage = None, {"rebalanced": False}
+    if retrain.rebalance and champion is not None:
+        plan = coverage_plan(
+            embed(champion.network, train.images), train.labels, names,
+            n_cells=retrain.coverage_cells, power=retrain.coverage_power,
+            outlier_fraction=retrain.coverage_outlier_fraction,
+            seed=settings.model.training.seed,
+        )
+        coverage = {"rebalanced": True, **plan.to_json()}
+    elif retrain.rebalance:
+        coverage["why"] = "no serving model to embed with"
+    net, loss_predictor = _initial_model(settings, champion)
+    outcome = train_candidate(net, loss_predictor, train, settings.model, retrain, plan,
+                              on_epoch)
+    point = fit_operating_point(image_logits(net, validation.images), validation.labels)
+    args = (validation.images, validation.groups, validation.study_labels)
+    candidate = validation_metrics(net, *args, point)
+    candidate["ece_uncalibrated"] = validation_metrics(net, *args)["ece"]
+    reference, reference_version = None, None
+    for version, checkpoint in references:
+        metrics = validation_metrics(checkpoint.network, *args, checkpoint.operating_point)
+        if reference is None or metrics["auroc"] > reference["auroc"]:
+            reference, reference_version = metrics, version
+    promote, reason = promotion_decision(candidate, reference, retrain.promotion_tolerance)
+    if reference_version is not None:
+        reason = f"{reason} (reference {reference_version})"
+    return Judgement(net, loss_predictor, outcome, point, candidate, reference,
+                     reference_version, promote, reason, coverage)
 
 
 def run_retrain(settings: Settings, db: sqlite_utils.Database, run_id: int) -> str:
@@ -62,71 +168,44 @@ def run_retrain(settings: Settings, db: sqlite_utils.Database, run_id: int) -> s
                     labels_used=train.num_studies + validation.num_studies)
     event(log, "retrain_data", run_id=run_id, train_studies=train.num_studies,
           validation_studies=validation.num_studies)
-    if train.num_studies < retrain.min_train_studies:
-        raise TrainingFailed(f"too few labelled training studies: {train.num_studies} < "
-                             f"retrain.min_train_studies {retrain.min_train_studies}")
-    if validation.num_studies == 0:
-        raise TrainingFailed("the validation set is empty")
+    check_labels(train, validation, settings)
 
     serving = registry.serving()
-    champion: Checkpoint | None = None
-    if serving is not None:
-        try:
-            champion = registry.load(serving.version)
-        except ModelError as exc:
-            event(log, "retrain_champion_unusable", logging.WARNING, run_id=run_id,
-                  version=serving.version, error=str(exc))
-    net, loss_predictor = _initial_model(settings, champion)
-
-    plan, coverage = None, {"rebalanced": False}
-    if retrain.rebalance and champion is not None:
-        update_progress(db, run_id, 0.045, "core-set rebalancing")
-        plan = coverage_plan(
-            embed(champion.network, train.images), train.labels, names,
-            n_cells=retrain.coverage_cells, power=retrain.coverage_power,
-            seed=settings.model.training.seed,
-        )
-        coverage = {"rebalanced": True, **plan.to_json()}
-        event(log, "retrain_coverage", run_id=run_id, radius=round(plan.radius, 4),
-              cells=plan.n_cells)
-    elif retrain.rebalance:
-        coverage["why"] = "no serving model to embed with"
+    references = _references(registry, serving, retrain.reference_models, run_id)
 
     def on_epoch(epoch: int, planned: int, record: dict[str, float]) -> None:
-        message = (f"epoch {epoch + 1}/{planned}: loss {record['loss']:.4f}, "
-                   f"val AUROC {record.get('val_auroc', float('nan')):.4f}")
+        message = f"epoch {epoch + 1}/{planned}: loss {record['loss']:.4f}"
         update_progress(db, run_id, 0.05 + TRAIN_SHARE * (epoch + 1) / planned, message)
         event(log, "retrain_epoch", run_id=run_id, epoch=epoch + 1, planned=planned,
-              loss=round(record["loss"], 5), val_auroc=record.get("val_auroc"))
+              loss=round(record["loss"], 5))
 
-    outcome = train_candidate(net, loss_predictor, train, validation, settings.model, retrain,
-                              plan, on_epoch)
+    update_progress(db, run_id, 0.045, "training")
+    judged = train_and_judge(train, validation, settings, references, on_epoch)
+    if judged.coverage.get("rebalanced"):
+        event(log, "retrain_coverage", run_id=run_id, radius=round(judged.coverage["radius"], 4),
+              cells=judged.coverage["cells"])
     update_progress(db, run_id, 0.87, "evaluating")
-    candidate = validation_metrics(net, validation.images, validation.groups,
-                                   validation.study_labels)
-    champion_metrics = None
-    if champion is not None:
-        champion_metrics = validation_metrics(champion.network, validation.images,
-                                              validation.groups, validation.study_labels)
-    promote, reason = promotion_decision(
-        candidate, champion_metrics if champion is not None else None,
-        retrain.promotion_tolerance,
-    )
-    parent = serving.version if serving is not None and champion is not None else None
+    candidate, promote, reason = judged.candidate, judged.promote, judged.reason
+    champion_metrics = judged.reference
+    outcome = judged.outcome
+    parent = references[0][0] if references else None
     model_metrics = {
         "validation": candidate, "champion_validation": champion_metrics,
-        "best_epoch": outcome.best_epoch, "epochs_run": len(outcome.epochs),
+        "reference_version": judged.reference_version,
+        "operating_point": judged.operating_point.to_json(),
+        "epochs_run": len(outcome.epochs), "steps": outcome.steps,
         "decision": reason, "run_id": run_id,
     }
     summary: dict[str, Any] = {
         "train": train.summary(names), "validation": validation.summary(names),
-        "coverage": coverage, "warm_start": parent is not None and retrain.warm_start,
+        "coverage": judged.coverage, "warm_start": parent is not None and retrain.warm_start,
     }
+    net, loss_predictor = judged.network, judged.loss_predictor
     entry = _register(settings, registry, net, loss_predictor, run_id, parent,
-                      model_metrics, summary)
+                      model_metrics, summary, judged.operating_point)
     update_progress(db, run_id, 0.9, "deciding", candidate_version=entry.version)
     run_metrics = {**outcome.summary(), "candidate": candidate, "champion": champion_metrics,
-                   "decision": reason, "coverage": coverage, "version": entry.version,
+                   "decision": reason, "coverage": judged.coverage, "version": entry.version,
                    "seconds": time.monotonic() - started}
     event(log, "retrain_decision", run_id=run_id, version=entry.version, promote=promote,
           auroc=candidate["auroc"],
@@ -163,15 +242,38 @@ def _initial_model(settings: Settings, champion: Checkpoint | None
         return build_network(settings.model), build_loss_predictor(settings.model)
 
 
+def _references(registry: ModelRegistry, serving: ModelVersion | None, count: int,
+                run_id: int) -> list[tuple[str, Checkpoint]]:
+    """The serving model and up to ``count - 1`` promoted ancestors that still load."""
+    out: list[tuple[str, Checkpoint]] = []
+    entry = serving
+    seen: set[str] = set()
+    while entry is not None and len(out) < count and entry.version not in seen:
+        seen.add(entry.version)
+        if entry.promoted_at is not None:
+            try:
+                out.append((entry.version, registry.load(entry.version)))
+            except ModelError as exc:
+                event(log, "retrain_reference_unusable", logging.WARNING, run_id=run_id,
+                      version=entry.version, error=str(exc))
+        try:
+            entry = registry.get(entry.parent) if entry.parent else None
+        except ModelError:
+            entry = None
+    return out
+
+
 def _register(
     settings: Settings, registry: ModelRegistry, net: TriageNet, loss_predictor: LossPredictor,
     run_id: int, parent: str | None, metrics: dict[str, Any], summary: dict[str, Any],
+    operating_point: OperatingPoint,
 ) -> ModelVersion:
     folder = settings.path("models")
     folder.mkdir(parents=True, exist_ok=True)
     partial = folder / f".retrain-{run_id}.pt"
     save_checkpoint(partial, net, loss_predictor, settings.model,
-                    metadata={"run_id": run_id, "parent": parent})
+                    metadata={"run_id": run_id, "parent": parent,
+                              "operating_point": operating_point.to_json()})
     try:
         return registry.add(partial, source=f"retrain:{run_id}", parent=parent,
                             metrics=metrics, data_summary=summary)

@@ -4,6 +4,15 @@ The labelled set inherits the stream's skew. Each epoch draws its sample with
 `triage.coreset.coverage_weights`: the training images are split into k-center cells in
 the serving model's embedding space and each cell gets the same mass, so dense regions
 (the common finding) are drawn less and sparse ones (rare findings) more.
+
+Plain farthest-first puts its first centres on the most exotic points, and each such
+singleton cell then gets a whole cell's mass (in one replay outliers drew 23.8% of the
+training draws). So the outliers are found first, by k-center with outliers (Charikar et
+al. 2001, `triage.coreset.k_center_with_outliers`): the `outlier_fraction` of points it
+leaves uncovered take no part in the centre choice and join the cell of their nearest
+centre. The centres themselves come from k-Center-Greedy on the other points: Charikar's
+disks follow density (a dense common finding would take most cells), farthest-first
+follows spread, which is what gives a small distinct cluster its share.
 """
 
 from __future__ import annotations
@@ -14,7 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from triage.coreset import coverage_weights, k_center_greedy
+from triage.coreset import coverage_weights, k_center_greedy, k_center_with_outliers
 
 
 @dataclass(frozen=True)
@@ -58,6 +67,7 @@ def coverage_plan(
     *,
     n_cells: int | None = None,
     power: float = 1.0,
+    outlier_fraction: float = 0.02,
     seed: int = 0,
 ) -> CoveragePlan:
     """k-center cells of the training embeddings and their coverage weights.
@@ -68,7 +78,9 @@ def coverage_plan(
         class_names: Class names, in index order.
         n_cells: Number of cells (default ceil(sqrt(N))), clipped to [1, N].
         power: Exponent of `coverage_weights`.
-        seed: Seeds the first centre.
+        outlier_fraction: Share of the images, the farthest from every centre, that may
+            not become centres (they join their nearest centre's cell).
+        seed: Seeds the summary's first centre (large sets).
     """
     if features.ndim != 2 or features.shape[0] != labels.shape[0] or features.shape[0] < 1:
         raise ValueError(
@@ -76,13 +88,48 @@ def coverage_plan(
         )
     n = features.shape[0]
     cells = min(max(1, n_cells if n_cells is not None else math.ceil(math.sqrt(n))), n)
-    cover = k_center_greedy(features, [], cells, seed=seed)
-    weights = coverage_weights(features, cover.indices, power=power)
+    if not 0 <= outlier_fraction < 1:
+        raise ValueError(f"outlier_fraction must lie in [0, 1), got {outlier_fraction}")
+    centres, radius = robust_centres(features, [], cells, outlier_fraction, seed=seed)
+    weights = coverage_weights(features, centres, power=power)
     return CoveragePlan(
-        weights=weights, radius=cover.radius, n_cells=cells,
+        weights=weights, radius=radius, n_cells=cells,
         mix_before=class_mix(labels, None, class_names),
         mix_after=class_mix(labels, weights, class_names),
     )
+
+
+def robust_centres(
+    features: torch.Tensor, fixed: list[int], k: int, outlier_fraction: float, seed: int = 0
+) -> tuple[np.ndarray, float]:
+    """k farthest-first centres (besides the `fixed` ones) chosen among the inliers.
+
+    The outliers are the ``outlier_fraction`` of the non-fixed points that k-center with
+    outliers leaves uncovered; they can be neither centres nor count for the radius.
+
+    Args:
+        features: Points [N, F].
+        fixed: Indices of existing centres (labelled studies), never picked.
+        k: Centres to pick, at most the number of non-fixed points.
+        outlier_fraction: Share of the non-fixed points that may be outliers, in [0, 1).
+        seed: Seeds the first centre when `fixed` is empty.
+
+    Returns:
+        (indices into `features` of the new centres in pick order, the coverage radius of
+        the inliers).
+    """
+    if not 0 <= outlier_fraction < 1:
+        raise ValueError(f"outlier_fraction must lie in [0, 1), got {outlier_fraction}")
+    free = features.shape[0] - len(fixed)
+    z = min(int(outlier_fraction * free), free - k)
+    outliers: set[int] = set()
+    if z > 0:
+        robust = k_center_with_outliers(features, fixed, k, z, seed=seed)
+        outliers = {int(i) for i in robust.outliers}
+    keep = [i for i in range(features.shape[0]) if i not in outliers]
+    position = {index: j for j, index in enumerate(keep)}
+    greedy = k_center_greedy(features[keep], [position[i] for i in fixed], k, seed=seed)
+    return np.array([keep[int(j)] for j in greedy.indices], dtype=np.int64), greedy.radius
 
 
 def draw(weights: np.ndarray, size: int, generator: torch.Generator) -> torch.Tensor:

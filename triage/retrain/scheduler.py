@@ -37,6 +37,27 @@ if TYPE_CHECKING:
 log = logging.getLogger("triage.retrain")
 
 
+def due_trigger(new_labels: int, since_last_start: float | None, settings: Settings
+                ) -> str | None:
+    """The rule of `RetrainScheduler.due`, on counts (the lockstep benchmark uses it too).
+
+    Args:
+        new_labels: Class labels stored since the last run started.
+        since_last_start: Seconds since the last run started; None before the first run.
+        settings: `retrain.min_new_labels` and `retrain.every_hours`.
+
+    Returns:
+        `labels`, `schedule` or None.
+    """
+    retrain = settings.retrain
+    if new_labels >= retrain.min_new_labels:
+        return "labels"
+    if (since_last_start is not None and new_labels > 0
+            and since_last_start >= retrain.every_hours * 3600):
+        return "schedule"
+    return None
+
+
 class RetrainScheduler:
     """Decides when a retrain is due and spawns the worker process.
 
@@ -90,12 +111,8 @@ class RetrainScheduler:
             new = labels_since_last_run(db, list(self._settings.model.labels))
         finally:
             db.close()
-        retrain = self._settings.retrain
-        if new >= retrain.min_new_labels:
-            return "labels"
-        if last is not None and new > 0 and now - last["started_at"] >= retrain.every_hours * 3600:
-            return "schedule"
-        return None
+        since = None if last is None else now - last["started_at"]
+        return due_trigger(new, since, self._settings)
 
     def start(self, trigger: str, *, stderr: Path | None = None) -> int:
         """Insert a `running` row and spawn the worker; return the run id at once.

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field
 
 
@@ -16,15 +18,26 @@ class RetrainSettings(BaseModel):
             last run started.
         every_hours: ...or once this many hours passed since the last run started (only
             with at least one new label: retraining on unchanged data is pointless).
-        validation_fraction: Target share of each class's labels held out as the fixed
-            validation set (audit labels always are).
+        validation_source: Which labels form the fixed validation set: `audit` (only
+            the studies the gate routed at random, an unbiased sample of the stream;
+            every other label trains) or `mixed` (audits plus a stratified
+            `validation_fraction` of the gate's own picks, which are biased toward hard
+            cases).
+        validation_fraction: With `mixed`, the target share of each class's non-audit
+            labels held out.
+        min_validation_studies: Fewest validation studies (with every class present)
+            a run needs: no model is served that was judged on less.
         promotion_tolerance: A candidate is promoted when its validation AUROC is at
-            least the serving model's (re-evaluated on today's validation set) minus this.
+            least the reference's minus this. The reference is the best of the serving
+            model and its last `reference_models` - 1 promoted ancestors, all
+            re-evaluated on today's validation set, so the tolerance cannot ratchet the
+            chain down model after model.
+        reference_models: How many recent serving models (the current one included)
+            the candidate is compared with.
         auto_promote: Promote (or reject) automatically; False leaves the candidate for an
             admin (`triage models promote V`).
-        warm_start: Start from the serving model's weights when there is one.
-        patience: Stop after this many epochs without a better validation AUROC (0: never
-            stop early). The best epoch is kept either way.
+        warm_start: Start from the serving model's weights when there is one (off:
+            every run trains from scratch, which measured better; see the README).
         min_train_studies: Fewest labelled training studies a run needs.
         augment: Random small rotations, zoom, shifts and intensity changes (MONAI) on
             training batches; never left-right flips.
@@ -36,6 +49,9 @@ class RetrainSettings(BaseModel):
             (embeddings from the serving model) instead of the raw class skew.
         coverage_power: Exponent p of the coverage weights |cell|^-p (1: equal mass per cell).
         coverage_cells: Number of k-center cells (default ceil(sqrt(n))).
+        coverage_outlier_fraction: Share of the points (training images for the cells,
+            pool studies for the queries) that k-center with outliers may leave
+            uncovered, so a few corrupt or exotic studies cannot capture centres.
         pool_max: Most recent unlabelled scored studies considered by coverage queries.
         coverage_queries: After each promotion, route at most this many unlabelled studies
             farthest from every labelled one (reason `coverage`), within the daily cap.
@@ -49,11 +65,13 @@ class RetrainSettings(BaseModel):
     enabled: bool = True
     min_new_labels: int = Field(50, ge=1, le=1_000_000)
     every_hours: float = Field(24.0, gt=0, le=24 * 365)
+    validation_source: Literal["audit", "mixed"] = "audit"
     validation_fraction: float = Field(0.2, gt=0, lt=1)
+    min_validation_studies: int = Field(20, ge=2, le=1_000_000)
     promotion_tolerance: float = Field(0.01, ge=0, le=1)
+    reference_models: int = Field(3, ge=1, le=100)
     auto_promote: bool = True
-    warm_start: bool = True
-    patience: int = Field(3, ge=0, le=10_000)
+    warm_start: bool = False
     min_train_studies: int = Field(10, ge=2)
     augment: bool = True
     rotate_degrees: float = Field(7.0, ge=0, le=45)
@@ -63,6 +81,7 @@ class RetrainSettings(BaseModel):
     rebalance: bool = True
     coverage_power: float = Field(1.0, ge=0, le=4)
     coverage_cells: int | None = Field(None, ge=1)
+    coverage_outlier_fraction: float = Field(0.02, ge=0, lt=1)
     pool_max: int = Field(5000, ge=1)
     coverage_queries: int = Field(10, ge=0, le=10_000)
     threads: int = Field(1, ge=1, le=256)

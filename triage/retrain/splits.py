@@ -3,11 +3,15 @@
 Models are compared on the same studies only if a study never changes side, so the split
 is decided when a study's first label is stored and reused for every later label
 (correction) of that study. Audit labels (studies routed at random, regardless of score)
-always go to validation: they are the unbiased sample of the stream. Other labels are
-stratified by class: a label goes to validation while its class's validation share is
-below `validation_fraction`, i.e. when ``n_val < fraction * (n + 1)`` for the ``n``
-studies of that class already split (so the first study of each class is a validation
-study). The rule reads only the store: replaying the same labels gives the same split.
+always go to validation: they are the unbiased sample of the stream, and the only one.
+With `retrain.validation_source: audit` (the default) every other label trains: the
+gate's own picks are biased toward hard cases, and a validation set made of them picks
+a worse operating point and promotes on a distorted AUROC. With `mixed`, other labels
+are also stratified by class: a label goes to validation while its class's validation
+share is below `validation_fraction`, i.e. when ``n_val < fraction * (n + 1)`` for the
+``n`` studies of that class already split. The rule (`choose_split`) reads only counts:
+replaying the same labels gives the same split, in the daemon and in the lockstep
+benchmark alike.
 """
 
 from __future__ import annotations
@@ -21,6 +25,31 @@ if TYPE_CHECKING:
 
 Split = Literal["train", "validation"]
 AUDIT_REASON = "audit"
+
+
+def choose_split(
+    label: str, reason: str | None, class_total: int, class_validation: int, settings: Settings
+) -> Split | None:
+    """The split of a study's first label, from the counts of its class so far.
+
+    Args:
+        label: The label text: a class name, or `skip` / `not-diagnostic`.
+        reason: The gate reason of the study's queue item (`audit`, `uncertainty`, ...).
+        class_total: Studies of this class already split.
+        class_validation: How many of them are validation studies.
+        settings: `retrain.validation_source`, `retrain.validation_fraction`, `model.labels`.
+
+    Returns:
+        `train`, `validation`, or None for a label that is not a class.
+    """
+    if label not in settings.model.labels:
+        return None
+    if reason == AUDIT_REASON:
+        return "validation"
+    if settings.retrain.validation_source == "audit":
+        return "train"
+    fraction = settings.retrain.validation_fraction
+    return "validation" if class_validation < fraction * (class_total + 1) else "train"
 
 
 def assign_split(
@@ -44,20 +73,17 @@ def assign_split(
         label that is not a class (skip, not-diagnostic): such labels are never used for
         training or validation, and the study gets a split with its first class label.
     """
-    fraction = settings.retrain.validation_fraction
     earlier = db.execute(
         "SELECT split FROM labels WHERE study_id = ? AND split IS NOT NULL ORDER BY id LIMIT 1",
         [study_id],
     ).fetchone()
     if earlier is not None:
         return earlier[0]
-    if label not in settings.model.labels:
-        return None
-    if reason == AUDIT_REASON:
-        return "validation"
+    if label not in settings.model.labels or reason == AUDIT_REASON:
+        return choose_split(label, reason, 0, 0, settings)
     n_total, n_val = db.execute(
         "SELECT COUNT(*), COALESCE(SUM(split = 'validation'), 0) FROM labels "
         "WHERE superseded_by IS NULL AND label = ? AND split IS NOT NULL AND study_id != ?",
         [label, study_id],
     ).fetchone()
-    return "validation" if n_val < fraction * (n_total + 1) else "train"
+    return choose_split(label, reason, int(n_total), int(n_val), settings)

@@ -1,16 +1,19 @@
-"""Training a candidate: joint classifier + loss predictor, early stopping on validation.
+"""Training a candidate: one joint run of classifier and loss predictor, from scratch.
 
-`triage.model.training.fit` runs one epoch at a time so that every epoch can draw a fresh
-coverage-weighted sample of the training images. Consequences: each epoch is a `fit` call
-with seed `training.seed + epoch`, the loss predictor's features are detached from epoch
-`ceil(detach_after_fraction * epochs)` on as in a single `fit`, and AdamW's moment
-estimates restart every epoch (a `fit` with a sampler argument would avoid that). The
-weights of the epoch with the best validation AUROC are kept.
+One `fit` call covers the run: one AdamW optimiser and one one-cycle learning-rate
+schedule, at least `model.training.min_steps` steps, each epoch's sample drawn by the
+coverage plan (`sampler`) when rebalancing. The last epoch's weights are kept: the
+schedule ends at a small learning rate, so no epoch is picked on the validation set,
+which stays free for the promotion decision and the operating point (picking the epoch
+and deciding the promotion on the same ~100 studies would bias both).
+
+Measured on bench/label_efficiency.py (README, "Label efficiency"): retraining from
+scratch on every run beats warm-starting from the serving model, whose weights carry
+the bias of the gate's early picks; `retrain.warm_start` stays available.
 """
 
 from __future__ import annotations
 
-import copy
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -22,7 +25,7 @@ from triage.errors import TriageError
 from triage.model.lossnet import LossPredictor
 from triage.model.network import TriageNet
 from triage.model.settings import ModelSettings
-from triage.model.training import fit
+from triage.model.training import fit, planned_epochs
 from triage.retrain.augment import make_augment
 from triage.retrain.dataset import LabeledSet
 from triage.retrain.sampling import CoveragePlan, draw
@@ -38,99 +41,69 @@ class TrainingFailed(TriageError):
 
 @dataclass
 class TrainOutcome:
-    """Result of `train_candidate`; the modules hold the best epoch's weights (eval mode).
+    """Result of `train_candidate`; the modules hold the last epoch's weights (eval mode).
 
     Attributes:
         epochs: One `fit` record per epoch run (with `epoch` added).
-        best_epoch: Index of the kept epoch.
-        stopped_early: Whether patience ended training before `training.epochs`.
+        steps: Optimiser steps taken.
     """
 
     network: TriageNet
     loss_predictor: LossPredictor
     epochs: list[dict[str, float]] = field(default_factory=list)
-    best_epoch: int = -1
-    stopped_early: bool = False
+    steps: int = 0
 
     def summary(self) -> dict[str, Any]:
-        return {"epochs": self.epochs, "best_epoch": self.best_epoch,
-                "stopped_early": self.stopped_early}
+        return {"epochs": self.epochs, "epochs_run": len(self.epochs), "steps": self.steps}
 
 
 def train_candidate(
     net: TriageNet,
     loss_predictor: LossPredictor,
     train: LabeledSet,
-    validation: LabeledSet,
     model: ModelSettings,
     retrain: RetrainSettings,
     plan: CoveragePlan | None = None,
     on_epoch: EpochCallback | None = None,
 ) -> TrainOutcome:
-    """Train `net` and `loss_predictor` in place on `train`, select the epoch on `validation`.
+    """Train `net` and `loss_predictor` in place on `train` (one run, last epoch kept).
 
     Args:
-        net: Classifier (fresh or warm-started).
+        net: Classifier (fresh, or warm-started with `retrain.warm_start`).
         loss_predictor: Its loss predictor.
         train: Training images (at least 2).
-        validation: Validation images (may be empty: then the last epoch is kept).
-        model: Model settings; `model.training` gives epochs, batch size, optimiser, seed.
-        retrain: `patience` and the augmentation settings.
+        model: Model settings; `model.training` gives epochs, steps, optimiser, seed.
+        retrain: The augmentation settings.
         plan: Coverage weights of `train`'s images, or None for the raw set.
         on_epoch: Progress callback.
 
     Raises:
-        TrainingFailed: The training loss was not finite in some epoch.
+        TrainingFailed: Fewer than 2 images, or the training loss was not finite.
     """
     settings = model.training
-    if train.images.shape[0] < 2:
-        raise TrainingFailed(f"training needs at least 2 images, got {train.images.shape[0]}")
-    if plan is not None and plan.weights.shape[0] != train.images.shape[0]:
+    n = train.images.shape[0]
+    if n < 2:
+        raise TrainingFailed(f"training needs at least 2 images, got {n}")
+    if plan is not None and plan.weights.shape[0] != n:
         raise ValueError("plan.weights must have one weight per training image")
-    augment = make_augment(retrain, model.input_size)
-    detach_from = math.ceil(settings.detach_after_fraction * settings.epochs)
-    generator = torch.Generator().manual_seed(settings.seed)
-    has_val = validation.images.shape[0] > 0
+    planned = planned_epochs(n, settings)
+    sampler = None
+    if plan is not None:
+        def sampler(epoch: int, generator: torch.Generator) -> torch.Tensor:
+            return draw(plan.weights, n, generator)
+
     outcome = TrainOutcome(net, loss_predictor)
-    best_auroc, best_state, since_best = -math.inf, None, 0
-    for epoch in range(settings.epochs):
-        if plan is not None:
-            index = draw(plan.weights, train.images.shape[0], generator)
-            images, labels = train.images[index], train.labels[index]
-        else:
-            images, labels = train.images, train.labels
-        one = settings.model_copy(update={
-            "epochs": 1, "seed": settings.seed + epoch,
-            "detach_after_fraction": 0.0 if epoch >= detach_from else 1.0,
-        })
-        history = fit(
-            net, loss_predictor, images, labels, one,
-            val_images=validation.images if has_val else None,
-            val_labels=validation.labels if has_val else None,
-            augment=augment,
-        )
-        record = {**history.last, "epoch": float(epoch)}
+
+    def on_epoch_end(epoch: int, record: dict[str, float]) -> None:
+        record = {**record, "epoch": float(epoch)}
         outcome.epochs.append(record)
         if not math.isfinite(record["loss"]):
             raise TrainingFailed(f"training loss is not finite in epoch {epoch + 1}")
-        score = record.get("val_auroc", math.nan)
-        if best_state is None or (math.isfinite(score) and score > best_auroc):
-            best_auroc = score if math.isfinite(score) else -math.inf
-            best_state = (copy.deepcopy(net.state_dict()),
-                          copy.deepcopy(loss_predictor.state_dict()))
-            outcome.best_epoch, since_best = epoch, 0
-        else:
-            since_best += 1
         if on_epoch is not None:
-            on_epoch(epoch, settings.epochs, record)
-        if retrain.patience and since_best >= retrain.patience:
-            outcome.stopped_early = epoch + 1 < settings.epochs
-            break
-    if not has_val:  # nothing to select on: keep the last epoch
-        outcome.best_epoch = len(outcome.epochs) - 1
-    elif best_state is not None:
-        net.load_state_dict(best_state[0])
-        loss_predictor.load_state_dict(best_state[1])
-    net.eval()
-    loss_predictor.eval()
+            on_epoch(epoch, planned, record)
+
+    fit(net, loss_predictor, train.images, train.labels, settings,
+        augment=make_augment(retrain, model.input_size), sampler=sampler,
+        on_epoch_end=on_epoch_end)
+    outcome.steps = planned * math.ceil(n / settings.batch_size)
     return outcome
