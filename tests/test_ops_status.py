@@ -97,7 +97,7 @@ def test_summary_numbers_match_the_store_and_metrics(server) -> None:
     assert gate["routed_fraction"] == _metric(metrics, "triage_gate_routed_fraction")
     assert summary["model"] == {"serving_version": None, "promoted_at": None,
                                 "validation_auroc": None, "audit_accuracy": None,
-                                "audit_samples": 0}
+                                "audit_samples": 0, "operating_point": None}
     assert summary["retrain"]["enabled"] is False and summary["retrain"]["last_run"] is None
     assert summary["retrain"]["labels_since_last_run"] in (0, 1)  # split set by retraining
     disk = summary["disk"]
@@ -148,12 +148,13 @@ def test_status_page_signs_in_and_shows_the_figures(server, tmp_path: Path) -> N
             page.wait_for_selector("body[data-loaded=true]", timeout=15000)
             text = {key: page.text_content(f'[data-k="{key}"]') for key in (
                 "files.archived", "files.quarantined", "queue.pending", "queue.labeled",
-                "serving_version", "ingest_state", "label_rate_target", "decisions_total")}
+                "serving_version", "ingest_state", "label_rate_target", "decisions_total",
+                "operating_point")}
             assert text == {
                 "files.archived": "3", "files.quarantined": "1", "queue.pending": "2",
                 "queue.labeled": "1", "serving_version": "none (cold start)",
                 "ingest_state": "running", "label_rate_target": "20.0 %",
-                "decisions_total": "3 (3 routed)"}
+                "decisions_total": "3 (3 routed)", "operating_point": "–"}
             assert page.text_content("#who-name") == "ops user (ops)"
             assert "cold_start" in page.text_content("#reasons")
             assert page.text_content('[data-k="routed_fraction"]') == "– (cold start)"

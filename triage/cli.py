@@ -159,13 +159,29 @@ def _models(settings: Settings, args: argparse.Namespace) -> int:
             from triage.retrain.cli import models_rollback, models_show
 
             if args.models_command == "show":
-                return models_show(registry, args.version, args.json)
+                code = models_show(registry, args.version, args.json)
+                if not args.json:  # the JSON has `operating_point` (registry.show)
+                    _print_operating_point(registry.show(args.version)["operating_point"],
+                                           settings.model.labels)
+                return code
             return models_rollback(registry)
         entry = registry.promote(args.version, note="promoted by an admin")
         print(f"{entry.version} {entry.status}")
         return 0
     finally:
         db.close()
+
+
+def _print_operating_point(point: dict | None, labels: list[str]) -> None:
+    """One line for `models show`: the stored temperature and threshold, if any."""
+    if not point:
+        return
+    temperature = f"temperature {point['temperature']:.3f}"
+    if point.get("threshold") is None or len(labels) != 2:
+        print(f"operating point: argmax, {temperature}")
+    else:
+        print(f"operating point: {labels[1]} when P({labels[1]}) >= {point['threshold']:.3f}, "
+              f"{temperature}")
 
 
 def _token(settings: Settings, args: argparse.Namespace) -> int:

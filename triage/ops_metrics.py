@@ -1,5 +1,5 @@
 """Operations metrics read from the store at scrape time: the serving model and its
-audit-estimated live accuracy, and quarantined files by reason.
+audit-estimated live accuracy and operating point, and quarantined files by reason.
 
 Everything here is derived from tables the daemon already writes, so it survives a
 restart and needs no update hooks. The helpers are shared with the status page
@@ -18,6 +18,8 @@ from dataclasses import dataclass
 import sqlite_utils
 from prometheus_client.core import GaugeMetricFamily, InfoMetricFamily
 from prometheus_client.registry import Collector
+
+from triage.registry import model_operating_point
 
 
 @dataclass(frozen=True)
@@ -62,9 +64,11 @@ def audit_accuracy(db: sqlite_utils.Database, class_names: list[str]) -> AuditAc
     A sample is a queue item routed with reason ``audit`` whose study has a current
     (not superseded) label in one of ``class_names`` (``skip`` and ``not-diagnostic``
     do not count) and whose routing decision stored a prediction. It is correct when
-    the decision's predicted label equals the reader's label. The audit draw is uniform
-    over scored studies, so this is an unbiased estimate of accuracy on live traffic
-    (all model versions that made audited decisions together).
+    the decision's stored predicted label equals the reader's label: the label as the
+    model gave it at its operating point (calibrated, thresholded), never re-derived from
+    the stored probabilities, which with a threshold may differ from their argmax. The
+    audit draw is uniform over scored studies, so this is an unbiased estimate of
+    accuracy on live traffic (all model versions that made audited decisions together).
 
     Args:
         db: An open store connection.
@@ -113,11 +117,14 @@ class OpsCollector(Collector):
 
     def collect(self) -> Iterator[GaugeMetricFamily | InfoMetricFamily]:
         """Yield ``triage_model_info``, ``triage_model_promoted_timestamp_seconds``,
-        ``triage_model_audit_samples``, ``triage_model_audit_accuracy`` (only with
-        samples) and ``triage_quarantined_files``."""
+        ``triage_model_temperature`` and ``triage_model_decision_threshold`` (the serving
+        model's operating point; the threshold only when it has one, else it predicts by
+        argmax), ``triage_model_audit_samples``, ``triage_model_audit_accuracy`` (only
+        with samples) and ``triage_quarantined_files``."""
         db = self._open_db()
         try:
             serving = serving_model(db)
+            point = model_operating_point(db, serving.version) if serving else None
             audit = audit_accuracy(db, self._names)
             quarantined = quarantined_by_reason(db)
         finally:
@@ -131,6 +138,17 @@ class OpsCollector(Collector):
                     "triage_model_promoted_timestamp_seconds",
                     "When the serving model was promoted (Unix seconds).",
                     value=serving.promoted_at)
+        if point is not None:
+            yield GaugeMetricFamily(
+                "triage_model_temperature",
+                "Temperature the serving model's logits are divided by (1: uncalibrated).",
+                value=point.temperature)
+            if point.threshold is not None:
+                yield GaugeMetricFamily(
+                    "triage_model_decision_threshold",
+                    "Calibrated probability of the second class at or above which the "
+                    "serving model predicts it (absent: argmax).",
+                    value=point.threshold)
         yield GaugeMetricFamily(
             "triage_model_audit_samples",
             "Audit-routed studies with a current class label and a stored prediction.",

@@ -16,6 +16,7 @@ forth), and the most recently promoted ``retired`` version serves again.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import shutil
@@ -26,10 +27,12 @@ from pathlib import Path
 from typing import Any
 
 import sqlite_utils
+import torch
 
 from triage.db import transaction
 from triage.errors import TriageError
-from triage.model.checkpoint import Checkpoint, load_checkpoint
+from triage.model.calibration import OperatingPoint
+from triage.model.checkpoint import FORMAT, Checkpoint, load_checkpoint
 from triage.model.settings import ModelSettings
 
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -134,8 +137,27 @@ class ModelRegistry:
         return self._row(rows[0])
 
     def show(self, version: str) -> dict[str, Any]:
-        """Everything stored about a version (metrics, data summary, note), JSON-ready."""
-        return self.get(version).to_json(full=True)
+        """Everything stored about a version (metrics, data summary, note), JSON-ready.
+
+        ``operating_point`` is the temperature and threshold stored in its checkpoint, or
+        None when it has none (then it predicts at T = 1 by argmax) or cannot be read.
+        """
+        entry = self.get(version)
+        out = entry.to_json(full=True)
+        try:
+            point = read_operating_point(entry.path)
+        except ModelError:
+            point = None
+        out["operating_point"] = point.to_json() if point is not None else None
+        return out
+
+    def operating_point(self, version: str) -> OperatingPoint | None:
+        """The operating point stored in a version's checkpoint; None when it has none.
+
+        Raises:
+            ModelError: ``version`` is unknown or its checkpoint cannot be read.
+        """
+        return read_operating_point(self.get(version).path)
 
     def serving(self) -> ModelVersion | None:
         rows = list(self._db.query("SELECT * FROM models WHERE status = 'serving'"))
@@ -145,9 +167,11 @@ class ModelRegistry:
         """Load a version's checkpoint, checked against the configured model settings."""
         entry = self.get(version)
         try:
-            return load_checkpoint(entry.path, expected=self._settings)
+            checkpoint = load_checkpoint(entry.path, expected=self._settings)
+            checkpoint.operating_point  # noqa: B018 - a bad one would fail every study
         except (ValueError, FileNotFoundError) as exc:
             raise ModelError(f"model {version} cannot be used: {exc}") from None
+        return checkpoint
 
     def add(
         self,
@@ -164,7 +188,7 @@ class ModelRegistry:
         input size, architecture) is refused with the reason.
         """
         try:
-            load_checkpoint(checkpoint_file, expected=self._settings)
+            load_checkpoint(checkpoint_file, expected=self._settings).operating_point  # noqa: B018
         except (ValueError, FileNotFoundError) as exc:
             raise ModelError(str(exc)) from None
         version = self._next_version()
@@ -291,3 +315,53 @@ class ModelRegistry:
             note=row["note"],
             data_summary=json.loads(row["data_summary"]) if row["data_summary"] else None,
         )
+
+
+def model_operating_point(db: sqlite_utils.Database, version: str | None) -> OperatingPoint | None:
+    """The operating point a model version scores at (what ``Checkpoint.operating_point``
+    gives the scorer): the stored one, or the identity (T = 1, argmax) for a checkpoint
+    saved without one. None when ``version`` is None (cold start), unknown, or its
+    checkpoint cannot be read. Cheap after the first call per file (see
+    :func:`read_operating_point`), so it can be used on the request path.
+    """
+    if version is None:
+        return None
+    row = db.execute("SELECT path FROM models WHERE version = ?", [version]).fetchone()
+    if row is None:
+        return None
+    try:
+        point = read_operating_point(Path(row[0]))
+    except ModelError:
+        return None
+    return point if point is not None else OperatingPoint.from_json(None)
+
+
+def read_operating_point(path: Path) -> OperatingPoint | None:
+    """The operating point in a checkpoint file's metadata; None when it has none.
+
+    Only the metadata is read (the weights are memory-mapped, not loaded), and the result
+    is cached per file (path, modification time and size): a version's file never changes.
+
+    Raises:
+        ModelError: The file is missing or unreadable, or its operating point is invalid.
+    """
+    try:
+        stat = Path(path).stat()
+    except OSError as exc:
+        raise ModelError(f"checkpoint {path} cannot be read: {exc.strerror or exc}") from None
+    return _file_operating_point(str(path), stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=64)
+def _file_operating_point(path: str, mtime_ns: int, size: int) -> OperatingPoint | None:
+    try:
+        try:
+            payload = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError:  # not a zip-format file: mmap is not possible
+            payload = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+            raise ValueError(f"not a {FORMAT} file")
+        stored = json.loads(payload["metadata"]).get("operating_point")
+        return OperatingPoint.from_json(stored) if stored else None
+    except Exception as exc:  # noqa: BLE001 - torch raises many types for damaged files
+        raise ModelError(f"checkpoint {path}: cannot read its operating point: {exc}") from None

@@ -25,6 +25,7 @@ from triage.auth import Principal
 from triage.config import Settings
 from triage.db import FINAL_FILE_STATES, STUDY_STATES, count_by
 from triage.ops_metrics import audit_accuracy, quarantined_by_reason, serving_model
+from triage.registry import model_operating_point
 from triage.retrain.runs import retrain_status
 
 STATIC = Path(__file__).parent / "static"
@@ -86,6 +87,7 @@ def build_summary(db: sqlite_utils.Database, settings: Settings,
     audit = audit_accuracy(db, settings.model.labels)
     retrain = retrain_status(db, settings.model.labels)
     auroc = _validation_auroc(db, serving.version) if serving else None
+    point = model_operating_point(db, serving.version) if serving else None
     disk = shutil.disk_usage(settings.home)
     paused = live.get("ingest_paused")
     return {
@@ -117,6 +119,9 @@ def build_summary(db: sqlite_utils.Database, settings: Settings,
             "validation_auroc": auroc,
             "audit_accuracy": audit.accuracy,
             "audit_samples": audit.samples,
+            # temperature and threshold the serving model predicts at (threshold None:
+            # argmax); the audit accuracy counts the labels stored at these points
+            "operating_point": point.to_json() if point is not None else None,
         },
         "retrain": {
             "enabled": settings.retrain.enabled,

@@ -11,8 +11,8 @@ from fastapi import APIRouter, Query, Request, Response
 from pydantic import BaseModel, Field
 
 from triage.api.deps import Admin, Anyone, DbDep, Reader, SettingsDep, client_address
-from triage.api.study_view import study_view
-from triage.queue import ReviewQueue, explain
+from triage.api.study_view import explain_routing, study_view
+from triage.queue import ReviewQueue
 from triage.retrain.splits import assign_split
 
 router = APIRouter(prefix="/api", tags=["review"])
@@ -113,9 +113,10 @@ def get_study(study_id: int, who: Reader, db: DbDep, settings: SettingsDep,
     return study_view(db, settings, study_id, who, client_address(request))
 
 
-@router.get("/studies/{study_id}/why", summary="Why this study was routed")
+@router.get("/studies/{study_id}/why", summary="Why this study was routed, and the model's "
+            "operating point (temperature, threshold)")
 def why(study_id: int, who: Anyone, db: DbDep) -> dict[str, Any]:
-    return explain(db, study_id)
+    return explain_routing(db, study_id)
 
 
 @router.get("/studies/{study_id}/labels", summary="Label history of a study")

@@ -15,6 +15,7 @@ from triage.config import Settings
 from triage.db import transaction
 from triage.ingest.dicom import dicom_window
 from triage.queue import QueueError, explain
+from triage.registry import model_operating_point
 
 _SHOWN_PHI = ("PatientName", "PatientID", "PatientBirthDate", "AccessionNumber", "StudyDate")
 
@@ -25,7 +26,7 @@ def study_view(db: sqlite_utils.Database, settings: Settings, study_id: int,
     item = next(iter(db.query("SELECT * FROM queue_items WHERE study_id = ?", [study_id])), None)
     if item is None:
         raise QueueError(f"study {study_id} is not in the review queue", status=404)
-    why = explain(db, study_id)
+    why = explain_routing(db, study_id)
     instances = list(db.query(
         "SELECT id, modality, photometric, rows, cols, frames, path FROM instances "
         "WHERE study_id = ? AND scoreable = 1 ORDER BY id", [study_id]))
@@ -46,9 +47,14 @@ def study_view(db: sqlite_utils.Database, settings: Settings, study_id: int,
         "modalities": sorted({row["modality"] or "?" for row in instances}),
     }
     if settings.review.show_prediction:
+        # the label stored with the decision: calibrated and thresholded at the model's
+        # operating point when it was scored, never re-derived here
         decision = next(iter(db.query(
             "SELECT prediction FROM decisions WHERE id = ?", [item["decision_id"]])))
-        view["prediction"] = json.loads(decision["prediction"]) if decision["prediction"] else None
+        prediction = json.loads(decision["prediction"]) if decision["prediction"] else None
+        if prediction is not None:
+            prediction["operating_point"] = why["operating_point"]
+        view["prediction"] = prediction
     if settings.review.show_phi and instances:
         header = _header(settings.home / instances[0]["path"])
         view["patient"] = {k: str(header.get(k, "")) for k in _SHOWN_PHI} if header else None
@@ -56,6 +62,17 @@ def study_view(db: sqlite_utils.Database, settings: Settings, study_id: int,
         audit.record(db, actor=who.name, role=who.role, action="view", study_id=study_id,
                      address=address, model_version=why["model_version"])
     return view
+
+
+def explain_routing(db: sqlite_utils.Database, study_id: int) -> dict[str, Any]:
+    """`triage.queue.explain` plus the ``operating_point`` (temperature, threshold) of the
+    model that made the decision: what turned its probabilities into the stored label.
+    None without a model (cold start) or when its checkpoint cannot be read;
+    ``threshold`` None means argmax."""
+    why = explain(db, study_id)
+    point = model_operating_point(db, why["model_version"])
+    why["operating_point"] = point.to_json() if point is not None else None
+    return why
 
 
 def _header(path: Any) -> pydicom.Dataset | None:

@@ -7,7 +7,8 @@ Everything is read from the SQLite file read-only (the daemon keeps running):
   study-level validation AUROC/accuracy (from the run's metrics: the daemon's own
   validation split, which grows with the labels), and optionally an external AUROC of
   the model serving after the run on a fixed evaluation set (the dev ``val`` split when
-  the replay streams ``train``; never the holdout);
+  the replay streams ``train``; never the holdout), at the operating point stored with
+  that model (its temperature and threshold, as the daemon predicts);
 - routed fraction: gate decisions of the replayed studies (latest round each), reasons
   of the gate and of the queue (which adds ``coverage``), the cumulative routed fraction
   along the stream;
@@ -228,18 +229,25 @@ def eval_tensor(images: np.ndarray, input_size: int):
 
 
 def evaluate_checkpoint(path: Path, images: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
-    """Study-level metrics (one image per study) of a registry checkpoint."""
+    """Study-level metrics (one image per study) of a registry checkpoint at the operating
+    point stored with it, as the daemon predicts: probabilities calibrated with its
+    temperature (AUROC is unchanged, ECE is of the calibrated ones), accuracy,
+    sensitivity and specificity of the class its threshold picks (argmax for a
+    checkpoint without one). The result names the ``operating_point`` used."""
     import torch
 
     from triage.model.checkpoint import load_checkpoint
     from triage.retrain.evaluate import classification_metrics, study_probabilities
 
     checkpoint = load_checkpoint(path)
+    point = checkpoint.operating_point
     x = eval_tensor(images, checkpoint.settings.input_size)
     y = torch.as_tensor(np.asarray(labels).reshape(-1).astype(np.int64))
     with torch.no_grad():
-        probs = study_probabilities(checkpoint.network, x, torch.arange(len(y)), len(y))
-    return _clean(classification_metrics(probs, y))
+        probs = study_probabilities(checkpoint.network, x, torch.arange(len(y)), len(y),
+                                    temperature=point.temperature)
+    metrics = classification_metrics(probs, y, point)
+    return _clean({**metrics, "operating_point": point.to_json()})
 
 
 def external_curve(points: list[dict[str, Any]], images: np.ndarray, labels: np.ndarray

@@ -1,8 +1,9 @@
 """Uses of a freshly trained model on the pool: coverage queries and queue re-ordering.
 
 * :func:`coverage_queries`: unlabelled scored studies farthest (in the model's embedding
-  space) from every labelled or queued study, by k-Center-Greedy with those as existing
-  centres, so the labelled set covers the stream rather than only its dense regions.
+  space) from every labelled or queued study, by k-center with outliers with those as
+  existing centres (`pick_coverage`), so the labelled set covers the stream rather than
+  only its dense regions, and a handful of corrupt or exotic studies cannot take them.
 * :func:`rescore_pending`: after a promotion, pending queue items are scored with the new
   model and their priority replaced, so the queue re-orders.
 """
@@ -15,11 +16,11 @@ import sqlite_utils
 import torch
 
 from triage.acquisition import make_acquisition
-from triage.coreset import k_center_greedy
 from triage.db import transaction
 from triage.model.checkpoint import Checkpoint
 from triage.model.inference import pick_images, score_study
 from triage.retrain.evaluate import embed
+from triage.retrain.sampling import robust_centres
 from triage.studies import load_study_images
 
 if TYPE_CHECKING:
@@ -57,7 +58,7 @@ def coverage_queries(
 
     Candidates: studies in state `scored`, never labelled and not in the queue (the most
     recent `retrain.pool_max`). Existing centres: every labelled study (any label) and
-    every queued one. Picks are made by k-Center-Greedy (farthest first), so the first
+    every queued one. Picks are made by `pick_coverage` (farthest first), so the first
     id is the study farthest from all centres.
 
     Args:
@@ -90,10 +91,26 @@ def coverage_queries(
     centre_ids, centre_x = study_embeddings(db, checkpoint, centres, max_images)
     if not pool_ids:
         return []
-    features = torch.cat([centre_x, pool_x])
-    labeled = list(range(len(centre_ids)))
-    result = k_center_greedy(features, labeled, min(budget, len(pool_ids)), seed=0)
-    return [pool_ids[int(i) - len(centre_ids)] for i in result.indices]
+    picks = pick_coverage(centre_x, pool_x, budget, settings.retrain.coverage_outlier_fraction)
+    return [pool_ids[i] for i in picks]
+
+
+def pick_coverage(centres: torch.Tensor, pool: torch.Tensor, budget: int,
+                  outlier_fraction: float) -> list[int]:
+    """Positions in `pool` [P, F] that best extend the coverage of `centres` [C, F].
+
+    k-Center-Greedy with the centres fixed, farthest first, among the pool's inliers:
+    the ``outlier_fraction`` of the pool that k-center with outliers (Charikar et al.
+    2001) leaves uncovered is never picked, so a corrupt or exotic study does not take a
+    query that plain farthest-first would give it (`robust_centres`).
+    """
+    if budget < 1 or pool.shape[0] == 0:
+        return []
+    k = min(budget, pool.shape[0])
+    features = torch.cat([centres, pool])
+    fixed = list(range(centres.shape[0]))
+    picks, _ = robust_centres(features, fixed, k, outlier_fraction)
+    return [int(i) - centres.shape[0] for i in picks]
 
 
 def rescore_pending(db: sqlite_utils.Database, checkpoint: Checkpoint, settings: Settings) -> int:
@@ -102,8 +119,10 @@ def rescore_pending(db: sqlite_utils.Database, checkpoint: Checkpoint, settings:
     Priority = the gate's acquisition function on the new scores, each component turned
     into its quantile within the pending pool and weighted (`Acquisition.score_pool`),
     divided by the weights' sum: in [0, 1] like a decision's `combined` score, larger
-    first. MC-dropout seeds follow the gate scorer (study id, round). With the `random`
-    strategy nothing changes.
+    first. MC-dropout seeds follow the gate scorer (study id, round), and the studies are
+    scored at the model's operating point (`Checkpoint.operating_point`: its temperature
+    enters every MC sample, hence the uncertainty measures), as the gate scorer does.
+    With the `random` strategy nothing changes.
 
     Returns:
         Number of queue items whose priority was updated.
@@ -116,6 +135,7 @@ def rescore_pending(db: sqlite_utils.Database, checkpoint: Checkpoint, settings:
         "ON s.id = q.study_id WHERE q.state = 'pending' ORDER BY q.id"
     ).fetchall()
     size = settings.model.input_size
+    operating_point = checkpoint.operating_point
     items, results = [], []
     for item_id, study_id, round_ in rows:
         images = load_study_images(db, study_id)
@@ -123,7 +143,7 @@ def rescore_pending(db: sqlite_utils.Database, checkpoint: Checkpoint, settings:
             continue
         results.append(score_study(
             checkpoint.network, checkpoint.loss_predictor, images, settings.model,
-            seed=study_id * SEED_FACTOR + round_,
+            seed=study_id * SEED_FACTOR + round_, operating_point=operating_point,
         ))
         items.append(item_id)
     if not items:

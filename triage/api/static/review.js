@@ -191,6 +191,14 @@ function buildLabelButtons() {
   add("not-diagnostic", "d", "other");
 }
 
+function operatingPointText(point, names) {
+  if (!point) return "";
+  const temperature = `temperature ${Number(point.temperature).toFixed(2)}`;
+  if (point.threshold == null || names.length !== 2) return `argmax of the probabilities, ${temperature}`;
+  return `${names[1]} when its probability ≥ ${(100 * point.threshold).toFixed(0)} % ` +
+    `(threshold ${Number(point.threshold).toFixed(3)}), ${temperature}`;
+}
+
 function renderStudy() {
   const study = state.study;
   const why = study.why;
@@ -213,9 +221,13 @@ function renderStudy() {
   const prediction = study.prediction;
   $("prediction-card").hidden = !(state.config.show_prediction && prediction);
   if (prediction) {
+    // the label stored with the decision, at the model's operating point: with a
+    // threshold it can differ from the larger of the (calibrated) probabilities
+    const names = Object.keys(prediction.probabilities);
     const p = Object.entries(prediction.probabilities)
       .map(([name, value]) => `${name} ${(100 * value).toFixed(0)} %`).join(" · ");
     $("prediction").textContent = `${prediction.label} (${p})`;
+    $("operating-point").textContent = operatingPointText(prediction.operating_point, names);
   }
   $("patient-card").hidden = !(state.config.show_phi && study.patient);
   if (study.patient) {

@@ -219,6 +219,10 @@ function render(s) {
   set("serving_version", m.serving_version || "none (cold start)", m.serving_version ? "" : "warn");
   set("promoted_at", m.promoted_at ? ago(m.promoted_at, now) : "–");
   set("validation_auroc", m.validation_auroc === null ? "–" : m.validation_auroc.toFixed(3));
+  const point = m.operating_point;
+  set("operating_point", !point ? "–"
+    : `${point.threshold === null ? "argmax" : `threshold ${point.threshold.toFixed(3)}`}, ` +
+      `temperature ${point.temperature.toFixed(2)}`);
   set("audit_accuracy", m.audit_samples
     ? `${percent(m.audit_accuracy)} (n = ${count(m.audit_samples)})` : "no audited labels yet");
 

@@ -1,0 +1,302 @@
+"""A model's stored operating point (temperature, threshold) is what every prediction uses.
+
+In-process: scoring, the registry, re-scoring the queue. Against a real daemon, SQLite
+file and HTTP server: the stored decisions, the `why` and study routes, the status
+summary, /metrics and `triage models show`, for models saved with and without one.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import torch
+from conftest import FAST_ENV, REPO, DaemonProcess, make_image
+from retrain.conftest import SIZE, TINY_MODEL, Store
+from test_review_api import auth, make_token
+
+import triage.retrain.queries as queries
+from triage import db as store
+from triage.config import Settings, load_settings
+from triage.model.calibration import OperatingPoint
+from triage.model.checkpoint import load_checkpoint, save_checkpoint
+from triage.model.inference import score_study
+from triage.model.lossnet import build_loss_predictor
+from triage.model.network import build_network
+from triage.model.settings import ModelSettings
+from triage.registry import ModelError, ModelRegistry, model_operating_point
+from triage.studies import load_study_images
+
+SEED_FACTOR = 1009  # the gate scorer's MC-dropout seed: study id * 1009 + round
+
+
+def _save(path: Path, model: ModelSettings, point: dict | None, seed: int = 0) -> Path:
+    """A freshly initialised model (same weights for the same seed), with `point` stored."""
+    torch.manual_seed(seed)
+    metadata = {"note": "untrained, for the test"}
+    if point is not None:
+        metadata["operating_point"] = point
+    return save_checkpoint(path, build_network(model), build_loss_predictor(model), model,
+                           metadata)
+
+
+def _images(n: int, seed: int) -> torch.Tensor:
+    return torch.rand(n, 1, SIZE, SIZE, generator=torch.Generator().manual_seed(seed))
+
+
+# ---- in process -------------------------------------------------------------------------
+
+
+def test_scoring_uses_the_stored_temperature_and_threshold(tmp_path: Path) -> None:
+    plain = load_checkpoint(_save(tmp_path / "plain.pt", TINY_MODEL, None))
+    for threshold, label in ((0.0, 1), (1.0, 0)):
+        checkpoint = load_checkpoint(_save(tmp_path / f"t{threshold}.pt", TINY_MODEL,
+                                           {"temperature": 4.0, "threshold": threshold}))
+        assert checkpoint.operating_point == OperatingPoint(4.0, threshold)
+        for study in range(4):
+            images = _images(3, study)
+            result = score_study(checkpoint.network, checkpoint.loss_predictor, images,
+                                 TINY_MODEL, seed=study, operating_point=checkpoint.operating_point)
+            raw = score_study(plain.network, plain.loss_predictor, images, TINY_MODEL, seed=study)
+            assert result.predicted_index == label
+            assert result.probs != raw.probs  # T = 4: the same weights, softer probabilities
+            assert abs(result.probs[1] - 0.5) <= abs(raw.probs[1] - 0.5)
+            assert result.probs[1] < 1.0  # threshold 1.0 is above every probability here
+
+
+def test_a_checkpoint_without_an_operating_point_scores_exactly_as_before(tmp_path: Path) -> None:
+    checkpoint = load_checkpoint(_save(tmp_path / "plain.pt", TINY_MODEL, None))
+    assert checkpoint.operating_point == OperatingPoint(1.0, None)
+    for study in range(6):
+        images = _images(2, 10 + study)
+        before = score_study(checkpoint.network, checkpoint.loss_predictor, images, TINY_MODEL,
+                             seed=study)
+        now = score_study(checkpoint.network, checkpoint.loss_predictor, images, TINY_MODEL,
+                          seed=study, operating_point=checkpoint.operating_point)
+        assert now.probs == before.probs and now.uncertainty == before.uncertainty
+        assert now.predicted_loss == before.predicted_loss
+        argmax = max(range(len(before.probs)), key=before.probs.__getitem__)
+        assert now.predicted_index == before.predicted_index == argmax
+
+
+def test_registry_exposes_the_stored_point_and_refuses_a_bad_one(tmp_path: Path) -> None:
+    db = store.connect(tmp_path / "triage.db")
+    try:
+        registry = ModelRegistry(db, tmp_path / "models", TINY_MODEL)
+        plain = registry.add(_save(tmp_path / "a.pt", TINY_MODEL, None), source="test")
+        tuned = registry.add(_save(tmp_path / "b.pt", TINY_MODEL,
+                                   {"temperature": 1.5, "threshold": 0.3}), source="test")
+        assert registry.operating_point(plain.version) is None
+        assert registry.show(plain.version)["operating_point"] is None
+        assert registry.operating_point(tuned.version) == OperatingPoint(1.5, 0.3)
+        assert registry.show(tuned.version)["operating_point"] == {"temperature": 1.5,
+                                                                   "threshold": 0.3}
+        # what the scorer uses: the identity (argmax) for a model saved without one
+        assert model_operating_point(db, plain.version) == OperatingPoint(1.0, None)
+        assert model_operating_point(db, tuned.version) == OperatingPoint(1.5, 0.3)
+        assert model_operating_point(db, None) is None
+        assert model_operating_point(db, "v9999") is None
+        bad = _save(tmp_path / "bad.pt", TINY_MODEL, {"temperature": 1.0, "threshold": 1.7})
+        with pytest.raises(ModelError, match="threshold"):
+            registry.add(bad, source="test")
+    finally:
+        db.close()
+
+
+def test_rescore_pending_scores_at_the_checkpoints_operating_point(tmp_path: Path,
+                                                                   monkeypatch) -> None:
+    st = Store(Settings(home=tmp_path, model=TINY_MODEL))
+    pending = [st.enqueue(st.add_study(_images(1, i)), priority=0.0) for i in range(5)]
+    checkpoint = load_checkpoint(_save(tmp_path / "ck.pt", TINY_MODEL,
+                                       {"temperature": 3.0, "threshold": 0.0}))
+    calls = []
+
+    def spy(*args, **kwargs):
+        result = score_study(*args, **kwargs)
+        calls.append((kwargs.get("operating_point"), result))
+        return result
+
+    monkeypatch.setattr(queries, "score_study", spy)
+    assert queries.rescore_pending(st.db, checkpoint, st.settings) == len(pending)
+    assert len(calls) == len(pending)
+    assert all(point == OperatingPoint(3.0, 0.0) for point, _ in calls)
+    assert all(result.predicted_index == 1 for _, result in calls)
+
+
+def test_replay_evaluation_uses_the_stored_operating_point(tmp_path: Path) -> None:
+    from triage.replay.report import eval_tensor, evaluate_checkpoint
+    from triage.retrain.evaluate import classification_metrics, study_probabilities
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (12, 40, 40), dtype=np.uint8)
+    labels = np.array([0, 1] * 4 + [0] * 4)
+    always = evaluate_checkpoint(_save(tmp_path / "t0.pt", TINY_MODEL,
+                                       {"temperature": 2.0, "threshold": 0.0}), images, labels)
+    assert always["operating_point"] == {"temperature": 2.0, "threshold": 0.0}
+    assert always["sensitivity"] == 1.0 and always["specificity"] == 0.0
+    assert always["accuracy"] == pytest.approx(4 / 12)
+    never = evaluate_checkpoint(_save(tmp_path / "t1.pt", TINY_MODEL,
+                                      {"temperature": 2.0, "threshold": 1.0}), images, labels)
+    assert never["sensitivity"] == 0.0 and never["specificity"] == 1.0
+    assert never["auroc"] == pytest.approx(always["auroc"])  # the temperature keeps the order
+    # without a stored point: exactly the argmax metrics of the raw probabilities
+    path = _save(tmp_path / "plain.pt", TINY_MODEL, None)
+    plain = evaluate_checkpoint(path, images, labels)
+    assert plain.pop("operating_point") == {"temperature": 1.0, "threshold": None}
+    net = load_checkpoint(path).network
+    y = torch.as_tensor(labels)
+    probs = study_probabilities(net, eval_tensor(images, SIZE), torch.arange(12), 12)
+    assert plain == pytest.approx(classification_metrics(probs, y), nan_ok=True)
+
+
+# ---- a real daemon ----------------------------------------------------------------------
+
+# v0001: saved without an operating point; v0002: T = 2, threshold 0 (always the second
+# class); v0003: T = 0.5, threshold 1 (never the second class). Same weights throughout.
+POINTS = {"v0001": None, "v0002": {"temperature": 2.0, "threshold": 0.0},
+          "v0003": {"temperature": 0.5, "threshold": 1.0}}
+PER_MODEL = 3
+
+
+def _cli(proc: DaemonProcess, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "triage", *args, "--config",
+                           str(REPO / "config.yaml")], env=proc.env, capture_output=True,
+                          text=True)
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory):
+    """Three studies scored by each of the three models, promoted one after the other
+    while the daemon runs; every study is routed (as `audit`), predictions are shown."""
+    root = tmp_path_factory.mktemp("operating_point")
+    settings = load_settings(REPO / "config.yaml", environ={})
+    env = {**FAST_ENV, "TRIAGE__GATE__LABEL_RATE": "1.0",
+           "TRIAGE__GATE__EXPLORATION_RATE": "1.0", "TRIAGE__RETRAIN__ENABLED": "false",
+           "TRIAGE__REVIEW__SHOW_PREDICTION": "true"}
+    proc = DaemonProcess(root / "home", env, [])
+    proc.home.mkdir(parents=True)
+    files = {version: _save(root / f"{version}.pt", settings.model, point)
+             for version, point in POINTS.items()}
+    first = _cli(proc, "models", "import", str(files["v0001"]), "--promote")
+    assert first.returncode == 0 and first.stdout.strip() == "v0001 serving", first.stderr
+    proc.start()
+    try:
+        for n, version in enumerate(POINTS):
+            if version != "v0001":
+                imported = _cli(proc, "models", "import", str(files[version]), "--promote")
+                assert imported.stdout.strip() == f"{version} serving", imported.stderr
+            for i in range(PER_MODEL):
+                make_image(proc.inbox / f"{version}-{i}.dcm",
+                           study_uid=f"2.25.{9100 + n * 10 + i}", seed=n * 10 + i)
+            proc.wait_for(lambda s, n=n: s["studies"]["scored"] == (n + 1) * PER_MODEL, 60,
+                          f"studies scored by {version}")
+        tokens = {role: make_token(proc, role, f"{role} user")
+                  for role in ("radiologist", "ops")}
+        with httpx.Client(base_url=proc.url, timeout=10) as client:
+            yield proc, settings, files, client, tokens
+    finally:
+        proc.stop(signal.SIGKILL)
+
+
+def _decisions(proc: DaemonProcess) -> list[dict]:
+    db = store.connect(proc.home / "triage.db", readonly=True)
+    try:
+        return [dict(row) for row in db.query("SELECT * FROM decisions ORDER BY id")]
+    finally:
+        db.close()
+
+
+def test_stored_predictions_follow_each_models_operating_point(served) -> None:
+    proc, settings, files, _, _ = served
+    rows = _decisions(proc)
+    assert [r["model_version"] for r in rows] == [v for v in POINTS for _ in range(PER_MODEL)]
+    assert all(r["reason"] == "audit" and r["needs_label"] == 1 for r in rows)
+    db = store.connect(proc.home / "triage.db", readonly=True)
+    try:
+        for row in rows:
+            prediction = json.loads(row["prediction"])
+            probs = prediction["probabilities"]
+            assert list(probs) == settings.model.labels
+            argmax = max(probs, key=probs.get)
+            expected = {"v0001": argmax, "v0002": "pneumonia", "v0003": "normal"}
+            assert prediction["label"] == expected[row["model_version"]]
+            # the stored probabilities are those of the model at its temperature, with the
+            # gate scorer's seed; for v0001 exactly what scoring without a point gives
+            checkpoint = load_checkpoint(files[row["model_version"]])
+            images = load_study_images(db, row["study_id"])
+            seed = row["study_id"] * SEED_FACTOR + row["round"]
+            at_point = score_study(checkpoint.network, checkpoint.loss_predictor, images,
+                                   settings.model, seed=seed,
+                                   operating_point=checkpoint.operating_point)
+            raw = score_study(checkpoint.network, checkpoint.loss_predictor, images,
+                              settings.model, seed=seed)
+            assert list(probs.values()) == pytest.approx(list(at_point.probs), abs=1e-6)
+            assert prediction["label"] == settings.model.labels[at_point.predicted_index]
+            if row["model_version"] == "v0001":
+                assert list(probs.values()) == pytest.approx(list(raw.probs), abs=1e-6)
+            else:
+                assert list(probs.values()) != pytest.approx(list(raw.probs), abs=1e-6)
+    finally:
+        db.close()
+
+
+def test_why_and_the_study_view_show_the_operating_point(served) -> None:
+    proc, _, _, client, tokens = served
+    reader = auth(tokens["radiologist"])
+    identity = {"temperature": 1.0, "threshold": None}
+    for row in _decisions(proc):
+        expected = POINTS[row["model_version"]] or identity
+        why = client.get(f"/api/studies/{row['study_id']}/why", headers=reader)
+        assert why.status_code == 200, why.text
+        assert why.json()["model_version"] == row["model_version"]
+        assert why.json()["operating_point"] == expected
+        view = client.get(f"/api/studies/{row['study_id']}", headers=reader).json()
+        assert view["why"]["operating_point"] == expected
+        stored = json.loads(row["prediction"])
+        assert view["prediction"] == {**stored, "operating_point": expected}
+
+
+def test_status_metrics_and_cli_show_the_serving_operating_point(served) -> None:
+    proc, _, _, client, tokens = served
+    summary = client.get("/api/ops/summary", headers=auth(tokens["ops"])).json()
+    assert summary["model"]["serving_version"] == "v0003"
+    assert summary["model"]["operating_point"] == {"temperature": 0.5, "threshold": 1.0}
+    metrics = client.get("/metrics").text
+    assert "triage_model_temperature 0.5" in metrics
+    assert "triage_model_decision_threshold 1.0" in metrics
+
+    shown = _cli(proc, "models", "show", "v0002")
+    assert shown.returncode == 0, shown.stderr
+    assert "operating point: pneumonia when P(pneumonia) >= 0.000, temperature 2.000" \
+        in shown.stdout
+    plain = _cli(proc, "models", "show", "v0001")
+    assert plain.returncode == 0 and "operating point" not in plain.stdout
+    full = json.loads(_cli(proc, "models", "show", "v0003", "--json").stdout)
+    assert full["operating_point"] == {"temperature": 0.5, "threshold": 1.0}
+    assert json.loads(_cli(proc, "models", "show", "v0001", "--json").stdout)[
+        "operating_point"] is None
+
+
+def test_audit_accuracy_counts_the_stored_thresholded_labels(served) -> None:
+    proc, _, _, client, tokens = served
+    reader = auth(tokens["radiologist"])
+    rows = {r["model_version"]: r for r in _decisions(proc)}  # one study per model
+    # v0002 stored `pneumonia` (threshold 0), v0003 `normal` (threshold 1): the reader
+    # says pneumonia to both, so exactly one of the two audits is right
+    stored = {"v0002": "pneumonia", "v0003": "normal"}
+    for version in ("v0002", "v0003"):
+        assert json.loads(rows[version]["prediction"])["label"] == stored[version]
+        study = rows[version]["study_id"]
+        assert client.post(f"/api/studies/{study}/claim", headers=reader).status_code == 200
+        labelled = client.post(f"/api/studies/{study}/label", json={"label": "pneumonia"},
+                               headers=reader)
+        assert labelled.status_code == 201, labelled.text
+    summary = client.get("/api/ops/summary", headers=auth(tokens["ops"])).json()
+    assert summary["model"]["audit_samples"] == 2
+    assert summary["model"]["audit_accuracy"] == 0.5
