@@ -1,8 +1,11 @@
-"""A real study flows from the inbox to a stored, explainable gate decision."""
+"""A real study flows from the inbox to a stored, explainable gate decision; the scorer
+rescores the gate's window at a promotion, falls back to uncertainty without a loss
+predictor and chooses cold-start studies at the label rate."""
 
 from __future__ import annotations
 
 import json
+import logging
 import signal
 import sqlite3
 import subprocess
@@ -10,12 +13,26 @@ import sys
 from pathlib import Path
 
 import httpx
+import numpy as np
+import pytest
+import torch
 from conftest import FAST_ENV, REPO, DaemonProcess, make_image
+from prometheus_client import CollectorRegistry
+from test_coldstart import synthetic_study
 
-from triage.config import load_settings
+from triage import db as store
+from triage.config import Settings, load_settings
+from triage.gate import GateSettings
+from triage.gate_scorer import GateScorer
+from triage.metrics import build_metrics
 from triage.model.checkpoint import save_checkpoint
+from triage.model.inference import score_study
 from triage.model.lossnet import build_loss_predictor
 from triage.model.network import build_network
+from triage.model.settings import ModelSettings
+from triage.preprocess import to_storage
+from triage.registry import ModelRegistry
+from triage.scoring import ScoringWorker
 
 
 def _decisions(proc: DaemonProcess) -> list[sqlite3.Row]:
@@ -28,7 +45,9 @@ def _decisions(proc: DaemonProcess) -> list[sqlite3.Row]:
 
 
 def test_cold_start_routes_up_to_the_daily_cap(tmp_path: Path) -> None:
-    env = {**FAST_ENV, "TRIAGE__GATE__DAILY_CAP": "3", "TRIAGE__GATE__EXPLORATION_RATE": "0"}
+    # label_rate 1: the cold-start selector chooses every study, the cap stops them
+    env = {**FAST_ENV, "TRIAGE__GATE__DAILY_CAP": "3", "TRIAGE__GATE__EXPLORATION_RATE": "0",
+           "TRIAGE__GATE__LABEL_RATE": "1.0"}
     proc = DaemonProcess(tmp_path / "home", env, []).start()
     try:
         for i in range(5):
@@ -37,7 +56,8 @@ def test_cold_start_routes_up_to_the_daily_cap(tmp_path: Path) -> None:
         rows = _decisions(proc)
         assert [r["reason"] for r in rows] == ["cold_start"] * 3 + ["cap_reached"] * 2
         assert [r["needs_label"] for r in rows] == [1, 1, 1, 0, 0]
-        assert all(r["model_version"] is None and r["scores"] is None for r in rows)
+        assert all(r["model_version"] is None for r in rows)
+        assert all(set(json.loads(r["scores"])) == {"novelty"} for r in rows)
         metrics = httpx.get(f"{proc.url}/metrics", timeout=5).text
         assert 'triage_gate_decisions_total{reason="cold_start"} 3.0' in metrics
         assert 'triage_gate_decisions_total{reason="cap_reached"} 2.0' in metrics
@@ -101,3 +121,195 @@ def test_a_checkpoint_that_does_not_fit_is_refused_by_name(tmp_path: Path) -> No
     )
     assert result.returncode == 1
     assert "bad.pt" in result.stderr and "Traceback" not in result.stderr
+
+
+# In-process: the scorer on a real store, studies built row by row.
+
+TINY = ModelSettings(input_size=32, channels=(4, 8), subunits=1, lossnet_width=8, mc_samples=3)
+T0 = 1_709_280_000.0  # 2024-03-01 08:00 UTC
+
+
+class Home:
+    """A store with studies, models and a scorer's metrics, on a fixed clock."""
+
+    def __init__(self, path: Path, **gate: object) -> None:
+        options = {"daily_cap": 10_000, "window": 20, "warmup": 5, **gate}
+        self.settings = Settings(home=path, model=TINY, gate=GateSettings(**options))
+        self.db = store.connect(self.settings.path("database"))
+        self.prometheus = CollectorRegistry()
+        self.metrics = build_metrics(self.prometheus)
+        self.models = ModelRegistry(self.db, self.settings.path("models"), TINY)
+        self.rng = np.random.default_rng(0)
+        self.now = T0
+        self._n = 0
+
+    def scorer(self) -> GateScorer:
+        return GateScorer(self.settings, self.db, self.metrics, clock=lambda: self.now)
+
+    def add_study(self) -> int:
+        """A complete study of one or two synthetic images (four kinds of pattern)."""
+        self._n += 1
+        images = synthetic_study(int(self.rng.integers(0, 4)), self.rng)
+        with store.transaction(self.db):
+            study_id = self.db.execute(
+                "INSERT INTO studies (study_uid, state, first_seen_at, last_instance_at, "
+                "completed_at, n_instances, n_images, round) VALUES (?, 'complete', ?, ?, ?, "
+                "?, ?, 1)",
+                [f"2.25.{self._n}", self.now, self.now, self.now + self._n, len(images),
+                 len(images)]).lastrowid
+            for k, image in enumerate(images):
+                instance = self.db.execute(
+                    "INSERT INTO instances (sop_uid, sha256, study_id, frames, scoreable, path, "
+                    "created_at) VALUES (?, 'x', ?, 1, 1, 'a.dcm', ?)",
+                    [f"2.25.{self._n}.{k}", study_id, self.now]).lastrowid
+                self.db.execute(
+                    "INSERT INTO images (instance_id, size, frames, data) VALUES (?, ?, 1, ?)",
+                    [instance, image.shape[-1], to_storage(image[0])])
+        return int(study_id)
+
+    def promote(self, seed: int, *, loss_predictor: bool = True) -> str:
+        """Save an untrained model built from ``seed``, add it and make it serve."""
+        torch.manual_seed(seed)
+        net = build_network(TINY)
+        lossnet = build_loss_predictor(TINY) if loss_predictor else None
+        path = save_checkpoint(self.settings.home / f"m{seed}.pt", net, lossnet, TINY)
+        version = self.models.add(path, source="test").version
+        self.models.promote(version)
+        return version
+
+    def score(self, scorer: GateScorer, n: int) -> list[sqlite3.Row]:
+        """Add ``n`` studies and score them through the worker; their decision rows."""
+        worker = ScoringWorker(self.db, scorer, self.metrics, clock=lambda: self.now)
+        ids = [self.add_study() for _ in range(n)]
+        for study_id in ids:
+            assert worker.run_once() == study_id
+            self.now += 60
+        self.db.conn.row_factory = sqlite3.Row
+        try:
+            marks = ",".join("?" * len(ids))
+            return self.db.execute(
+                f"SELECT decisions.*, study_results.status FROM decisions JOIN study_results "
+                f"ON study_results.id = result_id WHERE decisions.study_id IN ({marks}) "
+                "ORDER BY decisions.id", ids).fetchall()
+        finally:
+            self.db.conn.row_factory = None
+
+    def expected_scores(self, version: str, study_id: int) -> list[float]:
+        """The gate's raw scores of a study under ``version``, computed directly."""
+        checkpoint = self.models.load(version)
+        images = torch.cat([
+            torch.from_numpy(np.frombuffer(data, np.float16).astype(np.float32)).reshape(
+                1, 1, TINY.input_size, TINY.input_size)
+            for (data,) in self.db.execute(
+                "SELECT data FROM images JOIN instances ON instances.id = instance_id "
+                "WHERE study_id = ? ORDER BY instances.id", [study_id])
+        ])
+        result = score_study(checkpoint.network, checkpoint.loss_predictor, images, TINY,
+                             seed=study_id * 1009 + 1,
+                             operating_point=checkpoint.operating_point)
+        return [result.uncertainty["entropy"], result.predicted_loss]
+
+
+def _events(caplog: pytest.LogCaptureFixture, name: str) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if r.getMessage() == name]
+
+
+def test_a_promotion_rescores_the_gate_window_with_the_new_model(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="triage")
+    home = Home(tmp_path, exploration_rate=0.0)
+    old = home.promote(seed=1)
+    scorer = home.scorer()
+    first = home.score(scorer, 12)
+    assert all(r["status"] != "error" and r["model_version"] == old for r in first)
+    assert scorer.gate.window_keys() == [r["study_id"] for r in first]
+    gone = first[3]["study_id"]  # its images can no longer be loaded: it leaves the window
+    home.db.execute("DELETE FROM images WHERE instance_id IN "
+                    "(SELECT id FROM instances WHERE study_id = ?)", [gone])
+
+    new = home.promote(seed=2)
+    caplog.clear()
+    second = home.score(scorer, 2)
+    (rescored,) = _events(caplog, "gate_window_rescored")  # once per change of model
+    assert (rescored.model, rescored.previous) == (new, old)
+    assert (rescored.entries, rescored.studies, rescored.rescored, rescored.failed,
+            rescored.kept) == (12, 12, 11, 1, 11)
+    assert rescored.seconds >= 0
+    assert home.prometheus.get_sample_value("triage_gate_rescore_seconds_count") == 2.0
+    kept = [r["study_id"] for r in first if r["study_id"] != gone]
+    state = scorer.gate.state_dict()
+    assert state["window_keys"] == kept + [r["study_id"] for r in second]
+    expected = [home.expected_scores(new, study_id) for study_id in state["window_keys"]]
+    np.testing.assert_allclose(state["values"], expected, rtol=1e-6)
+    stored = [json.loads(r["scores"]) for r in second]
+    np.testing.assert_allclose([[s["uncertainty"], s["predicted_loss"]] for s in stored],
+                               expected[-2:], rtol=1e-6)
+
+    # a restart finds a window of two models: it is rescored again, to the same state
+    restarted = home.scorer()
+    home.score(restarted, 1)
+    after = restarted.gate.state_dict()
+    assert after["window_keys"][:-1] == state["window_keys"]
+    assert after["routed"][:-1] == state["routed"]
+    np.testing.assert_allclose(after["values"][:-1], state["values"], rtol=1e-6)
+
+
+def test_the_first_model_after_cold_start_scores_without_a_stale_window(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="triage")
+    home = Home(tmp_path)
+    scorer = home.scorer()
+    cold = home.score(scorer, 6)
+    assert all(r["model_version"] is None for r in cold)
+    assert scorer.gate.window_filled == 0  # cold-start studies never enter the window
+    version = home.promote(seed=1)
+    rows = home.score(scorer, 3)
+    assert all(r["model_version"] == version and r["status"] != "error" for r in rows)
+    (rescored,) = _events(caplog, "gate_window_rescored")
+    assert (rescored.previous, rescored.entries, rescored.kept) == (None, 0, 0)
+
+
+@pytest.mark.parametrize("strategy", ["combined", "predicted_loss"])
+def test_a_model_without_loss_predictor_ranks_by_uncertainty(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, strategy: str
+) -> None:
+    caplog.set_level(logging.INFO, logger="triage")
+    home = Home(tmp_path, strategy=strategy, exploration_rate=0.0)
+    version = home.promote(seed=1, loss_predictor=False)
+    rows = home.score(home.scorer(), 12)
+    assert [r["status"] for r in rows].count("error") == 0
+    assert all(r["model_version"] == version for r in rows)
+    assert {r["reason"] for r in rows} & {"predicted_loss", "uncertainty", "both",
+                                         "below_threshold"}  # scored past warm-up
+    routed = sum(r["needs_label"] for r in rows)
+    assert 0 < routed < len(rows)
+    for row in rows:
+        scores = json.loads(row["scores"])
+        entropy = json.loads(row["uncertainty"])["entropy"]
+        assert row["predicted_loss"] is None
+        assert scores["predicted_loss"] == pytest.approx(entropy)  # the stand-in
+    assert home.prometheus.get_sample_value(
+        "triage_gate_fallback_total", {"reason": "no_loss_predictor"}) == 12.0
+    (warning,) = _events(caplog, "gate_fallback_uncertainty")  # once per model version
+    assert warning.levelno == logging.WARNING and warning.model == version
+
+
+def test_cold_start_routes_at_the_label_rate_and_survives_a_restart(tmp_path: Path) -> None:
+    gate = {"label_rate": 0.2, "window": 50, "warmup": 20, "daily_cap": 40}
+    one = Home(tmp_path / "one", **gate)
+    straight = one.score(one.scorer(), 120)
+    two = Home(tmp_path / "two", **gate)
+    scorer = two.scorer()
+    restarted = two.score(scorer, 70) + two.score(two.scorer(), 50)
+
+    def summary(rows: list[sqlite3.Row]) -> list[tuple]:
+        return [(r["reason"], r["needs_label"], json.loads(r["scores"])["novelty"]) for r in rows]
+
+    assert summary(restarted) == summary(straight)  # same studies, same decisions
+    reasons = {r["reason"] for r in straight}
+    assert reasons <= {"cold_start", "audit", "not_sampled", "cap_reached"}
+    routed = sum(r["needs_label"] for r in straight)
+    assert 0.1 * 120 <= routed <= 0.3 * 120  # the label rate, nowhere near the daily cap
+    assert all(r["model_version"] is None and r["status"] != "error" for r in straight)

@@ -26,13 +26,18 @@ LOOP_ENV = {
     "TRIAGE__MODEL__SUBUNITS": "1",
     "TRIAGE__MODEL__MC_SAMPLES": "5",
     "TRIAGE__MODEL__TRAINING__EPOCHS": "4",
+    "TRIAGE__MODEL__TRAINING__MIN_STEPS": "0",
     "TRIAGE__MODEL__TRAINING__BATCH_SIZE": "16",
     "TRIAGE__GATE__DAILY_CAP": "48",
+    # cold start routes at label_rate: all of the first 40 studies, so they can be labelled
+    "TRIAGE__GATE__LABEL_RATE": "1.0",
     "TRIAGE__GATE__EXPLORATION_RATE": "0",
     "TRIAGE__GATE__WARMUP": "5",
     "TRIAGE__GATE__WINDOW": "20",
     "TRIAGE__RETRAIN__MIN_NEW_LABELS": "36",
     "TRIAGE__RETRAIN__MIN_TRAIN_STUDIES": "10",
+    "TRIAGE__RETRAIN__VALIDATION_SOURCE": "mixed",
+    "TRIAGE__RETRAIN__MIN_VALIDATION_STUDIES": "4",
     "TRIAGE__RETRAIN__COVERAGE_QUERIES": "3",
 }
 
@@ -116,7 +121,12 @@ def test_labels_retrain_promote_score_and_coverage(tmp_path: Path) -> None:
         assert not validation & set(summary["train"]["label_ids"])
         assert summary["train"]["studies"] + summary["validation"]["studies"] == 40
 
-        # new studies are scored by the promoted model
+        # an admin lowers the label rate (a restart), and new studies are scored by the
+        # promoted model
+        proc.stop(signal.SIGTERM)
+        proc = DaemonProcess(tmp_path / "home", {**LOOP_ENV, "TRIAGE__GATE__LABEL_RATE": "0.2"},
+                             []).start()
+        client = httpx.Client(base_url=proc.url, timeout=10)
         _drop(proc, images[40:], 40)
         proc.wait_for(lambda s: s["studies"]["scored"] >= 50, 60, "new studies scored")
         new = _rows(

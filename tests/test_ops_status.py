@@ -24,7 +24,8 @@ KEYS = {"generated_at", "files", "quarantine", "inbox_pending", "studies", "queu
 def server(tmp_path_factory: pytest.TempPathFactory):
     """A daemon after real traffic: 3 studies routed (cold start), 1 labeled, 1 junk file."""
     home = tmp_path_factory.mktemp("ops_status") / "home"
-    env = {**FAST_ENV, "TRIAGE__RETRAIN__ENABLED": "false"}
+    # label_rate 1: every cold-start study is routed (the queue numbers below rely on it)
+    env = {**FAST_ENV, "TRIAGE__RETRAIN__ENABLED": "false", "TRIAGE__GATE__LABEL_RATE": "1.0"}
     proc = DaemonProcess(home, env, []).start()
     for i in range(3):
         make_image(proc.inbox / f"{i}.dcm", study_uid=f"2.25.{800 + i}", seed=i)
@@ -93,7 +94,7 @@ def test_summary_numbers_match_the_store_and_metrics(server) -> None:
     assert decisions["by_reason"]["cold_start"] == _metric(
         metrics, "triage_gate_decisions_total", reason="cold_start")
     gate = summary["gate"]
-    assert gate["label_rate_target"] == 0.2 and gate["routed_fraction_24h"] == 1.0
+    assert gate["label_rate_target"] == 1.0 and gate["routed_fraction_24h"] == 1.0
     assert gate["routed_fraction"] == _metric(metrics, "triage_gate_routed_fraction")
     assert summary["model"] == {"serving_version": None, "promoted_at": None,
                                 "validation_auroc": None, "audit_accuracy": None,
@@ -153,7 +154,7 @@ def test_status_page_signs_in_and_shows_the_figures(server, tmp_path: Path) -> N
             assert text == {
                 "files.archived": "3", "files.quarantined": "1", "queue.pending": "2",
                 "queue.labeled": "1", "serving_version": "none (cold start)",
-                "ingest_state": "running", "label_rate_target": "20.0 %",
+                "ingest_state": "running", "label_rate_target": "100.0 %",
                 "decisions_total": "3 (3 routed)", "operating_point": "–"}
             assert page.text_content("#who-name") == "ops user (ops)"
             assert "cold_start" in page.text_content("#reasons")

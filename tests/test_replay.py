@@ -153,8 +153,9 @@ def test_pneumoniamnist_source_is_dev_only() -> None:
 SCALE = {"n": 600, "rate": 8, "cap": 300} if FULL_SCALE else {"n": 240, "rate": 6, "cap": 130}
 TINY = [
     "model.input_size=32", "model.channels=[8, 16]", "model.subunits=1", "model.mc_samples=5",
-    "model.training.epochs=4", "model.training.batch_size=16", "gate.warmup=5",
-    "gate.window=40", "gate.label_rate=0.25", "gate.exploration_rate=0.03",
+    "model.training.epochs=4", "model.training.min_steps=0", "model.training.batch_size=16",
+    "gate.warmup=5", "gate.window=40", "gate.label_rate=0.25", "gate.exploration_rate=0.08",
+    "retrain.min_validation_studies=4",
     f"gate.daily_cap={SCALE['cap']}", "retrain.min_new_labels=40",
     "retrain.min_train_studies=10", "retrain.coverage_queries=3",
     "studies.stable_age_seconds=1",

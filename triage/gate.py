@@ -27,16 +27,33 @@ e.g. `uncertainty` and `predicted_loss`):
 4. Cap: at most `daily_cap` routed studies (all reasons) per calendar day in
    `timezone`; a study that would be routed beyond it gets `cap_reached`.
 
-Without scores (no model yet) a study is routed as `cold_start` while the day's cap
-allows; cold-start studies do not enter the window. The `random` strategy routes
-with probability `label_rate` (reason `random`), without audits. Random draws come
-from (seed, sequence number), so a decision is reproducible.
+Without scores (no model yet) audits are drawn as above, and otherwise the caller
+chooses: `decide(None, now, cold_start=True)` routes the study as `cold_start` while the
+day's cap allows, `cold_start=False` skips it (`not_sampled`). The choice is
+`triage.coldstart.ColdStartSelector`'s, run at `score_rate` so that audits and cold start
+together keep to `label_rate`, picking studies for coverage of the stream; the
+selector's novelty may be stored with the decision as its only score
+(`{"novelty": x}`). Cold-start decisions never enter the window. Audits are drawn under
+every strategy, cold start included: the audit labels are the unbiased validation set
+every model is judged and calibrated on (`retrain.validation_source: audit`), so no
+model could be trained without them. The `random` strategy routes the rest with
+probability r_s (reason `random`), `label_rate` in all. Random draws come from
+(seed, sequence number), so a decision is reproducible.
+
+A new model (promotion, rollback, first model) gives raw scores on another scale: the
+predicted loss has no fixed scale at all, so a window of old-model scores would rank
+the new model's scores against the wrong yardstick and the routed share would swing.
+Each window entry therefore keeps the key of its study (`decide(..., key=study_id)`);
+`window_keys()` lists them and `rescore(scores_by_key)` replaces their raw values
+with the new model's (routed/eligible flags kept) and drops the entries that got no
+new scores, so the window holds the current model's scores only.
 """
 
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
 from datetime import date, datetime
+from numbers import Integral
 from typing import Any, Literal, Self
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -49,7 +66,10 @@ ROUTED_REASONS = (
     "uncertainty", "predicted_loss", "both", "audit", "cold_start", "warmup", "random",
 )  # fmt: skip
 SKIPPED_REASONS = ("below_threshold", "not_sampled", "cap_reached", "budget_offset")
-STATE_VERSION = 1
+NOVELTY = "novelty"
+"""The only score of a cold-start decision: its `ColdStartSelector` novelty."""
+STATE_VERSION = 2
+"""Version of `state_dict()`; 2 added the window's keys (version 1 is still read)."""
 
 
 _MASK64 = (1 << 64) - 1
@@ -91,11 +111,13 @@ class GateSettings(BaseModel):
     prediction: at the default `head` scope it flags the classifier's own errors better
     than BALD (bench/gate_cost.py: error AUROC 0.950 against 0.878 on the dev val split)."""
     label_rate: float = Field(0.2, gt=0, le=1)
-    """Target fraction of scored studies routed to a radiologist (audits included)."""
+    """Target fraction of studies routed to a radiologist (audits and cold start included)."""
     window: int = Field(500, ge=10, le=100_000)
-    """Rolling window (scored studies) for quantiles, threshold and realised rate."""
+    """Rolling window (scored studies) for quantiles, threshold and realised rate; the
+    cold-start selector keeps as many cold-start studies for its novelty threshold."""
     warmup: int = Field(50, ge=1)
-    """Scored studies needed in the window before scores are used (<= window)."""
+    """Scored studies needed in the window before scores are used (<= window); likewise
+    cold-start studies before the selector uses novelty."""
     uncertainty_weight: float = Field(0.5, ge=0)
     """Weight of the uncertainty quantile in the combined score."""
     loss_weight: float = Field(0.5, ge=0)
@@ -158,6 +180,8 @@ class Decision:
         quantiles: Each component's quantile in the window (None in warm-up/random).
         combined: Weighted quantile score in [0, 1] (None in warm-up/random/cold start).
         threshold: Threshold `combined` had to exceed (None likewise).
+        key: The caller's key of the study (the daemon's study id), kept with the
+            window entry so `rescore` can find it; None in decisions stored before keys.
     """
 
     sequence: int
@@ -170,6 +194,7 @@ class Decision:
     quantiles: dict[str, float] | None = None
     combined: float | None = None
     threshold: float | None = None
+    key: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict for storage."""
@@ -177,7 +202,7 @@ class Decision:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Self:
-        """Inverse of `to_dict`."""
+        """Inverse of `to_dict` (a stored decision without `key` gets None)."""
         return cls(**data)
 
 
@@ -198,6 +223,7 @@ class BudgetGate:
         self._values = np.zeros((len(self._keys), settings.window))
         self._routed = np.zeros(settings.window, dtype=bool)
         self._eligible = np.zeros(settings.window, dtype=bool)
+        self._window_keys: list[int | None] = [None] * settings.window
         self._filled = 0
         self._next = 0
         self._sequence = 0
@@ -205,6 +231,12 @@ class BudgetGate:
         self._offset = 0  # external routes (coverage) still to offset against the budget
         score_share = settings.label_rate - settings.exploration_rate
         self._score_rate = score_share / (1 - settings.exploration_rate) if score_share else 0.0
+
+    @property
+    def score_rate(self) -> float:
+        """r_s: the share of non-audit studies the score rule (or cold start, or the
+        random strategy) routes, so that with audits all routes track `label_rate`."""
+        return self._score_rate
 
     @property
     def sequence(self) -> int:
@@ -237,6 +269,11 @@ class BudgetGate:
         """The cap's day (ISO date in the gate's time zone) of a timezone-aware time."""
         return now.astimezone(self._zone).date().isoformat()
 
+    @property
+    def window_filled(self) -> int:
+        """Scored studies in the window (with or without a key)."""
+        return self._filled
+
     def realised_rate(self) -> float | None:
         """Routed fraction of the window's non-cap-blocked studies (None if none)."""
         eligible = self._eligible[: self._filled]
@@ -244,20 +281,37 @@ class BudgetGate:
             return None
         return float(self._routed[: self._filled][eligible].mean())
 
-    def decide(self, scores: Mapping[str, float] | None, now: datetime) -> Decision:
+    def decide(
+        self,
+        scores: Mapping[str, float] | None,
+        now: datetime,
+        *,
+        key: int | None = None,
+        cold_start: bool = False,
+        novelty: float | None = None,
+    ) -> Decision:
         """Decide for one study without changing the gate.
 
         Args:
             scores: Raw component scores from `self.acquisition.components(result)`
                 (e.g. {"uncertainty": .., "predicted_loss": ..}), or None when no model
-                exists yet.
+                exists yet (cold start).
             now: Timezone-aware time of the study (its day is taken in `timezone`).
+            key: The study's key (the daemon's study id), kept with its window entry.
+            cold_start: Without scores only: route the study as `cold_start` (if the
+                day's cap allows); False skips it as `not_sampled`. Ignored with scores.
+            novelty: Without scores only: the cold-start selector's novelty of the study,
+                stored as the decision's scores ({"novelty": x}); must be finite.
 
         Returns:
             The `Decision`; pass it to `commit` once stored.
         """
         if not isinstance(now, datetime) or now.tzinfo is None or now.utcoffset() is None:
             raise ValueError(f"now must be a timezone-aware datetime, got {now!r}")
+        if key is not None:
+            if isinstance(key, bool) or not isinstance(key, Integral):
+                raise ValueError(f"key must be an int or None, got {key!r}")
+            key = int(key)
         day = now.astimezone(self._zone).date().isoformat()
         cap_open = self._day_counts.get(day, 0) < self.settings.daily_cap
         base = {
@@ -265,18 +319,18 @@ class BudgetGate:
             "timestamp": now.isoformat(),
             "day": day,
             "strategy": self.settings.strategy,
+            "key": key,
         }
-        if scores is None:
-            routed = cap_open
-            reason = "cold_start" if routed else "cap_reached"
-            return Decision(**base, needs_label=routed, reason=reason)
-        clean = self._check_scores(scores)
         u_audit, u_sample = uniform_pair(self.settings.seed, self._sequence)
+        if scores is None:
+            audit = u_audit < self.settings.exploration_rate
+            return self._decide_cold_start(base, cap_open, cold_start, novelty, audit)
+        clean = self._check_scores(scores)
         quantiles = combined = threshold = None
-        if self.acquisition.is_random:
-            want, reason = u_sample < self.settings.label_rate, "random"
-        elif u_audit < self.settings.exploration_rate:
+        if u_audit < self.settings.exploration_rate:
             want, reason = True, "audit"
+        elif self.acquisition.is_random:
+            want, reason = u_sample < self._score_rate, "random"
         elif self._filled < self.settings.warmup:
             want, reason = u_sample < self._score_rate, "warmup"
         else:
@@ -294,6 +348,30 @@ class BudgetGate:
             **base, needs_label=bool(want), reason=reason, scores=clean,
             quantiles=quantiles, combined=combined, threshold=threshold,
         )  # fmt: skip
+
+    @staticmethod
+    def _decide_cold_start(
+        base: dict[str, Any], cap_open: bool, cold_start: bool, novelty: float | None,
+        audit: bool,
+    ) -> Decision:
+        stored = None
+        if novelty is not None:
+            if not math.isfinite(float(novelty)):
+                raise ValueError(f"novelty must be finite, got {novelty!r}")
+            stored = {NOVELTY: float(novelty)}
+        if audit:
+            reason = "audit" if cap_open else "cap_reached"
+            return Decision(**base, needs_label=cap_open, reason=reason, scores=stored)
+        if not cold_start:
+            return Decision(**base, needs_label=False, reason="not_sampled", scores=stored)
+        reason = "cold_start" if cap_open else "cap_reached"
+        return Decision(**base, needs_label=cap_open, reason=reason, scores=stored)
+
+    def enters_window(self, decision: Decision) -> bool:
+        """Whether `commit(decision)` adds the decision to the score window: it has
+        every component of the strategy and is not a cold-start decision."""
+        scores = decision.scores
+        return scores is not None and NOVELTY not in scores and all(k in scores for k in self._keys)
 
     def commit(self, decision: Decision) -> None:
         """Record a stored decision: update the day counter and the rolling window.
@@ -316,9 +394,10 @@ class BudgetGate:
                 for old in sorted(self._day_counts)[:-8]:
                     del self._day_counts[old]
         scores = decision.scores
-        if scores is not None and all(k in scores for k in self._keys):
+        if scores is not None and self.enters_window(decision):
             i = self._next
             self._values[:, i] = [scores[k] for k in self._keys]
+            self._window_keys[i] = decision.key
             # a budget_offset study's slot went to an external route: for the feedback it
             # counts as routed, so the threshold does not drop to make up for it
             self._routed[i] = decision.needs_label or decision.reason == "budget_offset"
@@ -365,11 +444,60 @@ class BudgetGate:
         threshold = _quantile(np.sort(member_c), 1.0 - rate)
         return dict(zip(self._keys, new_q.tolist(), strict=True)), combined, threshold
 
-    def state_dict(self) -> dict[str, Any]:
-        """JSON-serialisable state (window oldest first, day counters, sequence)."""
-        order = [(self._next + i) % self.settings.window for i in range(self._filled)]
+    def window_keys(self) -> list[int]:
+        """Keys of the window's scored studies, oldest first (entries without one skipped)."""
+        return [k for k in (self._window_keys[i] for i in self._order()) if k is not None]
+
+    def rescore(self, scores_by_key: Mapping[int, Mapping[str, float]]) -> int:
+        """Replace the window's raw scores with a new model's scores of the same studies.
+
+        Entries whose key is in `scores_by_key` get those scores (their routed and
+        eligible flags are kept, so the realised rate is unchanged for them); entries
+        without new scores (no key, or the study could not be scored again) are dropped,
+        so the window holds scores of one model only. Order is kept. Below `warmup`
+        entries the gate is back in warm-up until the window refills.
+
+        Args:
+            scores_by_key: New raw component scores by study key, each with every
+                component of the strategy (see `decide`).
+
+        Returns:
+            How many window entries were kept.
+
+        Raises:
+            ValueError: A score mapping lacks a component or is not finite (the gate is
+                then unchanged).
+        """
+        keep: list[tuple[int, dict[str, float]]] = []
+        for i in self._order():
+            key = self._window_keys[i]
+            if key is not None and key in scores_by_key:
+                keep.append((i, self._check_scores(scores_by_key[key])))
+        window = self.settings.window
+        values = np.zeros_like(self._values)
+        routed = np.zeros(window, dtype=bool)
+        eligible = np.zeros(window, dtype=bool)
+        keys: list[int | None] = [None] * window
+        for j, (i, clean) in enumerate(keep):
+            values[:, j] = [clean[k] for k in self._keys]
+            routed[j], eligible[j] = self._routed[i], self._eligible[i]
+            keys[j] = self._window_keys[i]
+        self._values, self._routed, self._eligible = values, routed, eligible
+        self._window_keys = keys
+        self._filled = len(keep)
+        self._next = len(keep) % window
+        return len(keep)
+
+    def _order(self) -> list[int]:
+        """Slots of the window's entries, oldest first."""
         if self._filled < self.settings.window:
-            order = list(range(self._filled))
+            return list(range(self._filled))
+        return [(self._next + i) % self.settings.window for i in range(self._filled)]
+
+    def state_dict(self) -> dict[str, Any]:
+        """JSON-serialisable state (window oldest first with its keys, day counters,
+        sequence)."""
+        order = self._order()
         return {
             "version": STATE_VERSION,
             "strategy": self.settings.strategy,
@@ -379,21 +507,31 @@ class BudgetGate:
             "values": [self._values[:, i].tolist() for i in order],
             "routed": [bool(self._routed[i]) for i in order],
             "eligible": [bool(self._eligible[i]) for i in order],
+            "window_keys": [self._window_keys[i] for i in order],
         }
 
     @classmethod
     def from_state_dict(cls, settings: GateSettings, state: Mapping[str, Any]) -> Self:
-        """Rebuild a gate from `state_dict()` output (window trimmed to `settings.window`)."""
+        """Rebuild a gate from `state_dict()` output (window trimmed to `settings.window`).
+
+        Version-1 state (before window keys) is read too; its entries have no key.
+        """
         gate = cls(settings)
-        if state.get("version") != STATE_VERSION or list(state.get("keys", ())) != list(gate._keys):
+        version = state.get("version")
+        if version not in (1, STATE_VERSION) or list(state.get("keys", ())) != list(gate._keys):
             raise ValueError(
-                f"state has version {state.get('version')!r} and keys {state.get('keys')!r}; "
-                f"expected version {STATE_VERSION} and keys {list(gate._keys)}"
+                f"state has version {version!r} and keys {state.get('keys')!r}; "
+                f"expected version 1 or {STATE_VERSION} and keys {list(gate._keys)}"
             )
-        rows = list(zip(state["values"], state["routed"], state["eligible"], strict=True))
-        for values, routed, eligible in rows[-settings.window :]:
+        n = len(state["values"])
+        window_keys = state.get("window_keys", [None] * n) if version != 1 else [None] * n
+        rows = list(
+            zip(state["values"], state["routed"], state["eligible"], window_keys, strict=True)
+        )
+        for values, routed, eligible, key in rows[-settings.window :]:
             i = gate._next
             gate._values[:, i], gate._routed[i], gate._eligible[i] = values, routed, eligible
+            gate._window_keys[i] = None if key is None else int(key)
             gate._next = (i + 1) % settings.window
             gate._filled = min(gate._filled + 1, settings.window)
         gate._sequence = int(state["sequence"])

@@ -1,25 +1,54 @@
 """Score a complete study with the serving model and ask the gate whether it needs a label.
 
-Without a usable serving model the gate routes studies as ``cold_start`` up to the daily
-cap. The serving version is read before every study, so a promotion takes effect at the
-next study. MC-dropout masks are seeded by (study id, round): the same study scored by
-the same model gives the same numbers, so a decision can be explained and replayed.
+Scoring: the serving version is read before every study, so a promotion takes effect at
+the next study. MC-dropout masks are seeded by (study id, round): the same study scored
+by the same model gives the same numbers, so a decision can be explained and replayed.
+Predictions are made at the model's operating point (`Checkpoint.operating_point`).
+
+Window rescoring: the gate ranks a study's raw scores against its window of recent
+studies, and a new model's raw scores have a scale of their own (the predicted loss has
+no fixed scale at all). So when the serving version differs from the one that scored
+the window (a promotion, a rollback, the first model, or a restart whose window mixes
+versions), the window's studies are scored again with the serving model before the
+next decision (`BudgetGate.rescore`; event `gate_window_rescored`, histogram
+`triage_gate_rescore_seconds`). Studies whose images cannot be loaded or scored are
+left out of the window. This costs one inference per window study, once per change.
+
+No loss predictor: a model without one gives no predicted loss; the uncertainty stands
+in for it (`Acquisition.components_with_fallback`), so such a model ranks by
+uncertainty alone instead of failing every study. The first such study of a version
+logs a WARNING event `gate_fallback_uncertainty`; the counter
+`triage_gate_fallback_total{reason="no_loss_predictor"}` counts the studies.
+
+Cold start: without a usable serving model, `triage.coldstart.ColdStartSelector` chooses
+the studies to route, at `gate.label_rate` and for coverage of the stream (farthest
+first on a label-free thumbnail embedding); the gate routes them as `cold_start` within
+the daily cap and skips the others as `not_sampled`. The study's novelty is stored as
+the decision's scores (`{"novelty": x}`). After a restart the selector is rebuilt, when
+first needed, from the stored cold-start decisions (those without a model version):
+their novelty and outcome, and the embeddings of the routed studies, recomputed from
+their images.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
 
+import numpy as np
 import sqlite_utils
+import torch
 
+from triage.coldstart import ColdStartSelector, coldstart_embedding
 from triage.config import Settings
 from triage.db import transaction
-from triage.gate import BudgetGate, Decision
+from triage.gate import NOVELTY, BudgetGate, Decision
 from triage.logs import event
 from triage.metrics import Metrics
 from triage.model.checkpoint import Checkpoint
@@ -28,8 +57,17 @@ from triage.queue import enqueue
 from triage.registry import ModelError, ModelRegistry
 from triage.retrain.queries import coverage_queries
 from triage.scoring import ScoreResult, StudyToScore
+from triage.studies import load_study_images
 
 log = logging.getLogger("triage.gate")
+
+
+@dataclass(frozen=True)
+class _Pending:
+    """What `commit` needs: the decision, and a cold-start study's embedding."""
+
+    decision: Decision
+    embedding: np.ndarray | None = None
 
 
 class GateScorer:
@@ -47,7 +85,10 @@ class GateScorer:
         self._clock = clock
         self._registry = ModelRegistry(db, settings.path("models"), settings.model)
         self._db = db
-        self._gate = BudgetGate.restore(settings.gate, _recent_decisions(db, settings, clock()))
+        recent = _recent_decisions(db, settings, clock())
+        self._gate = BudgetGate.restore(settings.gate, [decision for decision, _ in recent])
+        # the model that scored the window; None (unknown or mixed) rescores it
+        self._window_version = _window_version(self._gate, recent, settings.gate.window)
         for (routed_at,) in db.execute(
             "SELECT routed_at FROM queue_items WHERE reason = 'coverage' AND routed_at >= ?",
             [clock() - 2 * 86400],
@@ -57,38 +98,177 @@ class GateScorer:
             self._gate.note_routed(day, 1, against_budget=False)
         self._model: tuple[str, Checkpoint] | None = None
         self._broken: str | None = None
+        self._selector: ColdStartSelector | None = None  # built when first needed
+        self._fallback_logged: set[str] = set()
         metrics.gate_label_rate_target.set(settings.gate.label_rate)
 
+    @property
+    def gate(self) -> BudgetGate:
+        """The budget gate (read it; `score` and `commit` change it)."""
+        return self._gate
+
     def score(self, study: StudyToScore) -> ScoreResult:
+        """Decide for one study (the gate moves on at `commit`).
+
+        With a serving model the study is scored and the gate decides on its scores,
+        after the window is rescored if the model changed; without one the cold-start
+        selector chooses.
+        """
         checkpoint, version = self._serving_model()
-        result: StudyResult | None = None
-        scores = None
-        if checkpoint is not None:
-            result = score_study(
-                checkpoint.network, checkpoint.loss_predictor, study.images,
-                self._settings.model, seed=study.study_id * 1009 + study.round,
-            )
-            for stage, seconds in result.durations.items():
-                self._metrics.inference_seconds.labels(stage).observe(seconds)
-            scores = self._gate.acquisition.components(result)
-        decision = self._gate.decide(scores, datetime.fromtimestamp(self._clock(), tz=UTC))
+        now = datetime.fromtimestamp(self._clock(), tz=UTC)
+        if checkpoint is None or version is None:
+            return self._score_cold_start(study, now)
+        if version != self._window_version:
+            self._rescore_window(checkpoint, version)
+        result = self._score_images(checkpoint, study.images, study.study_id, study.round)
+        for stage, seconds in result.durations.items():
+            self._metrics.inference_seconds.labels(stage).observe(seconds)
+        scores = self._components(result, version, count=True)
+        decision = self._gate.decide(scores, now, key=study.study_id)
         row = _decision_row(decision, result, version, self._settings.model.labels)
         status = "routed" if decision.needs_label else "not_routed"
-        detail = {"reason": decision.reason}
-        if result is not None:
-            detail["predicted"] = self._settings.model.labels[result.predicted_index]
-        return ScoreResult(status, version, detail, decision_row=row, pending=decision)
+        detail = {"reason": decision.reason,
+                  "predicted": self._settings.model.labels[result.predicted_index]}
+        return ScoreResult(status, version, detail, decision_row=row, pending=_Pending(decision))
 
     def commit(self, result: ScoreResult) -> None:
         """Called after the decision is stored: the gate's state moves on."""
-        decision: Decision = result.pending
+        pending: _Pending = result.pending
+        decision = pending.decision
         self._gate.commit(decision)
+        if pending.embedding is not None and self._selector is not None:
+            novelty = decision.scores[NOVELTY] if decision.scores else None
+            self._selector.record(pending.embedding, decision.reason, novelty=novelty)
         self._metrics.gate_decisions.labels(decision.reason).inc()
         if decision.threshold is not None:
             self._metrics.gate_threshold.set(decision.threshold)
         realised = self._gate.realised_rate()
         if realised is not None:
             self._metrics.gate_routed_fraction.set(realised)
+
+    def _score_cold_start(self, study: StudyToScore, now: datetime) -> ScoreResult:
+        """No usable model: the cold-start selector chooses, within the gate's cap."""
+        selector = self._cold_start_selector()
+        embedding = coldstart_embedding(study.images)
+        novelty = selector.novelty(embedding)
+        wanted = selector.wants(embedding, self._gate.sequence)
+        decision = self._gate.decide(
+            None, now, key=study.study_id, cold_start=wanted, novelty=novelty
+        )
+        row = _decision_row(decision, None, None, self._settings.model.labels)
+        status = "routed" if decision.needs_label else "not_routed"
+        return ScoreResult(status, None, {"reason": decision.reason}, decision_row=row,
+                           pending=_Pending(decision, embedding))
+
+    def _score_images(
+        self, checkpoint: Checkpoint, images: torch.Tensor, study_id: int, round_: int
+    ) -> StudyResult:
+        return score_study(
+            checkpoint.network, checkpoint.loss_predictor, images, self._settings.model,
+            seed=study_id * 1009 + round_, operating_point=checkpoint.operating_point,
+        )  # fmt: skip
+
+    def _components(self, result: StudyResult, version: str, *, count: bool) -> dict[str, float]:
+        """The gate's raw scores of a result; the uncertainty stands in for a missing
+        predicted loss (counted when ``count``, logged once per model version)."""
+        acquisition = self._gate.acquisition
+        scores, fallback = acquisition.components_with_fallback(result)
+        if fallback is not None:
+            if count:
+                self._metrics.gate_fallback.labels(fallback).inc()
+            if version not in self._fallback_logged:
+                self._fallback_logged.add(version)
+                event(log, "gate_fallback_uncertainty", logging.WARNING, model=version,
+                      reason=fallback, measure=acquisition.fallback_measure)
+        return scores
+
+    def _rescore_window(self, checkpoint: Checkpoint, version: str) -> None:
+        """Score the window's studies again with the serving model (see module doc)."""
+        start = time.perf_counter()
+        previous = self._window_version
+        entries = self._gate.window_filled
+        studies = list(dict.fromkeys(self._gate.window_keys()))  # unique, oldest first
+        fresh: dict[int, dict[str, float]] = {}
+        if not self._gate.acquisition.is_random:
+            for study_id in studies:
+                scores = self._rescore_study(checkpoint, version, study_id)
+                if scores is not None:
+                    fresh[study_id] = scores
+        else:  # the random strategy ranks nothing: keep the window's entries as they are
+            fresh = {study_id: {} for study_id in studies}
+        kept = self._gate.rescore(fresh)
+        self._window_version = version
+        seconds = time.perf_counter() - start
+        self._metrics.gate_rescore_seconds.observe(seconds)
+        event(log, "gate_window_rescored", model=version, previous=previous, entries=entries,
+              studies=len(studies), rescored=len(fresh), failed=len(studies) - len(fresh),
+              kept=kept, seconds=round(seconds, 3))
+
+    def _rescore_study(
+        self, checkpoint: Checkpoint, version: str, study_id: int
+    ) -> dict[str, float] | None:
+        """One window study's raw scores under the serving model; None if it cannot be
+        loaded or scored (it then leaves the window)."""
+        try:
+            row = self._db.execute("SELECT round FROM studies WHERE id = ?", [study_id]).fetchone()
+            if row is None:
+                return None
+            images = load_study_images(self._db, study_id)
+            result = self._score_images(checkpoint, images, study_id, int(row[0]))
+            scores = self._components(result, version, count=False)
+        except Exception:  # noqa: BLE001 - a study that cannot be scored leaves the window
+            return None
+        return scores if all(math.isfinite(v) for v in scores.values()) else None
+
+    def _cold_start_selector(self) -> ColdStartSelector:
+        if self._selector is None:
+            self._selector = self._rebuild_selector()
+        return self._selector
+
+    def _rebuild_selector(self) -> ColdStartSelector:
+        """The selector as the stored cold-start decisions (no model version) left it.
+
+        The last ``window`` of them are replayed with their stored novelty and outcome
+        (only whether ``warmup`` <= ``window`` studies were seen matters, so older ones
+        need not be counted); every routed one adds its embedding, recomputed from the
+        study's current images. Decisions stored before the selector have no novelty:
+        their routed studies only join the routed set.
+        """
+        gate = self._settings.gate
+        selector = ColdStartSelector(max(self._gate.score_rate, 1e-6), gate.seed,
+                                     window=gate.window,
+                                     warmup=gate.warmup, feedback_gain=gate.feedback_gain)
+        recent = self._db.execute(
+            "SELECT id, study_id, needs_label, reason, scores FROM decisions "
+            "WHERE model_version IS NULL ORDER BY id DESC LIMIT ?",
+            [gate.window],
+        ).fetchall()[::-1]
+        older = self._db.execute(
+            "SELECT study_id FROM decisions WHERE model_version IS NULL AND needs_label = 1 "
+            "AND id < ? ORDER BY id",
+            [recent[0][0] if recent else 0],
+        ).fetchall()
+        for (study_id,) in older:
+            embedding = self._stored_embedding(study_id)
+            if embedding is not None:
+                selector.add_selected(embedding)
+        for _, study_id, needs_label, reason, scores in recent:
+            novelty = json.loads(scores).get(NOVELTY) if scores else None
+            embedding = self._stored_embedding(study_id) if needs_label else None
+            if novelty is None:
+                if embedding is not None:
+                    selector.add_selected(embedding)
+                continue
+            selector.record(embedding, reason, novelty=float(novelty))
+        event(log, "cold_start_selector_restored", seen=selector.seen,
+              selected=selector.selected)
+        return selector
+
+    def _stored_embedding(self, study_id: int) -> np.ndarray | None:
+        try:
+            return coldstart_embedding(load_study_images(self._db, study_id))
+        except Exception:  # noqa: BLE001 - no usable image left: the study is left out
+            return None
 
     def route_coverage(self) -> int:
         """After each promoted retrain, route the studies farthest from every labelled one.
@@ -177,12 +357,38 @@ def _json(value: object) -> str | None:
     return json.dumps(value) if value is not None else None
 
 
-def _recent_decisions(db: sqlite_utils.Database, settings: Settings, now: float) -> list[Decision]:
+def _recent_decisions(
+    db: sqlite_utils.Database, settings: Settings, now: float
+) -> list[tuple[Decision, str | None]]:
     """Enough stored decisions, oldest first, to rebuild the gate after a restart: the
-    last two windows' worth and everything from the last two days (the cap's day)."""
+    last two windows' worth and everything from the last two days (the cap's day), each
+    with the model version that scored it. Decisions stored before keys get their
+    study id as key."""
     rows = db.execute(
-        "SELECT decision FROM decisions WHERE id >= (SELECT COALESCE(MIN(id), 0) FROM "
-        "(SELECT id FROM decisions ORDER BY id DESC LIMIT ?)) OR created_at >= ? ORDER BY id",
+        "SELECT decision, model_version, study_id FROM decisions WHERE id >= "
+        "(SELECT COALESCE(MIN(id), 0) FROM (SELECT id FROM decisions ORDER BY id DESC LIMIT ?)) "
+        "OR created_at >= ? ORDER BY id",
         [2 * settings.gate.window, now - 2 * 86400],
     ).fetchall()
-    return [Decision.from_dict(json.loads(row[0])) for row in rows]
+    recent = []
+    for stored, version, study_id in rows:
+        decision = Decision.from_dict(json.loads(stored))
+        if decision.key is None:
+            decision = replace(decision, key=int(study_id))
+        recent.append((decision, version))
+    return recent
+
+
+def _window_version(
+    gate: BudgetGate, recent: list[tuple[Decision, str | None]], window: int
+) -> str | None:
+    """The model version that scored every decision in the restored window, or None when
+    the window is empty or mixes versions (then the next scored study rescores it)."""
+    versions = set()
+    for decision, version in reversed(recent):
+        if len(versions) > 1 or window == 0:
+            break
+        if gate.enters_window(decision):
+            versions.add(version)
+            window -= 1
+    return versions.pop() if len(versions) == 1 else None

@@ -54,6 +54,8 @@ class Metrics:
     inference_seconds: Histogram
     labels: Counter
     label_turnaround_seconds: Histogram
+    gate_fallback: Counter
+    gate_rescore_seconds: Histogram
 
 
 def build_metrics(registry: CollectorRegistry) -> Metrics:
@@ -164,6 +166,19 @@ def build_metrics(registry: CollectorRegistry) -> Metrics:
             "triage_label_turnaround_seconds",
             "Time from a study being routed to its label.",
             buckets=(60, 300, 900, 1800, 3600, 7200, 14400, 28800, 86400, 172800, 604800),
+            registry=registry,
+        ),
+        gate_fallback=Counter(
+            "triage_gate_fallback",
+            "Studies the gate scored with a stand-in component, by reason "
+            "(no_loss_predictor: the uncertainty stood in for the predicted loss).",
+            ["reason"],
+            registry=registry,
+        ),
+        gate_rescore_seconds=Histogram(
+            "triage_gate_rescore_seconds",
+            "Time to rescore the gate's window with a new serving model.",
+            buckets=(0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 60, 120, 300),
             registry=registry,
         ),
     )

@@ -8,7 +8,13 @@ subclass and add it to `REGISTRY` below.
 from types import MappingProxyType
 from typing import TYPE_CHECKING
 
-from triage.acquisition.base import PREDICTED_LOSS, UNCERTAINTY, Acquisition, uncertainty_score
+from triage.acquisition.base import (
+    NO_LOSS_PREDICTOR,
+    PREDICTED_LOSS,
+    UNCERTAINTY,
+    Acquisition,
+    uncertainty_score,
+)
 from triage.acquisition.combined import CombinedAcquisition
 from triage.acquisition.predicted_loss import PredictedLossAcquisition
 from triage.acquisition.random_baseline import RandomAcquisition
@@ -44,6 +50,7 @@ def make_acquisition(settings: "GateSettings") -> Acquisition:
 
 
 __all__ = [
+    "NO_LOSS_PREDICTOR",
     "PREDICTED_LOSS",
     "REGISTRY",
     "UNCERTAINTY",

@@ -6,12 +6,17 @@ gate makes each component scale-free by its rank in a rolling window before
 weighting; `score` (weighted raw sum) and `score_pool` (weighted within-pool
 ranks) serve offline ranking. A new function is one file: subclass
 `Acquisition`, then add the class to `triage.acquisition.REGISTRY`.
+
+`components` needs every input its components use (a model without a loss
+predictor gives no predicted loss). `components_with_fallback`, which the daemon's
+scorer uses, lets the uncertainty stand in for a missing predicted loss instead.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import TYPE_CHECKING, ClassVar, Self
 
 import numpy as np
@@ -22,6 +27,8 @@ if TYPE_CHECKING:
 
 UNCERTAINTY = "uncertainty"
 PREDICTED_LOSS = "predicted_loss"
+NO_LOSS_PREDICTOR = "no_loss_predictor"
+"""Fallback reason: the model has no loss predictor, the uncertainty stands in."""
 
 
 def uncertainty_score(result: StudyResult, measure: str) -> float:
@@ -49,10 +56,13 @@ class Acquisition(ABC):
         name: Registry name (`GateSettings.strategy`).
         is_random: True for the random baseline, which the gate routes at label_rate
             without looking at scores.
+        fallback_measure: Uncertainty measure that stands in for a missing predicted
+            loss in `components_with_fallback`.
     """
 
     name: ClassVar[str]
     is_random: ClassVar[bool] = False
+    fallback_measure: str = "entropy"
 
     @classmethod
     @abstractmethod
@@ -68,6 +78,24 @@ class Acquisition(ABC):
     def weights(self) -> dict[str, float]:
         """Weight of each component (keys as in `components`), non-negative."""
 
+    def components_with_fallback(self, result: StudyResult) -> tuple[dict[str, float], str | None]:
+        """`components`, with the uncertainty standing in for a missing predicted loss.
+
+        A model without a loss predictor gives `predicted_loss` None, which would make
+        every study a scoring error for a function with a predicted-loss component.
+        The component then takes the study's uncertainty instead (`fallback_measure`,
+        oriented as in `uncertainty_score`), so the study is ranked by uncertainty
+        alone: with `combined`, both components are the same uncertainty.
+
+        Returns:
+            The components and the fallback reason: `NO_LOSS_PREDICTOR` when the
+            uncertainty stood in, else None.
+        """
+        if result.predicted_loss is None and PREDICTED_LOSS in self.weights:
+            stand_in = uncertainty_score(result, self.fallback_measure)
+            return self.components(replace(result, predicted_loss=stand_in)), NO_LOSS_PREDICTOR
+        return self.components(result), None
+
     def score(self, result: StudyResult) -> float:
         """Weighted sum of the raw components (exact for one component; use `score_pool`
         or the gate for scale-free combinations)."""
@@ -75,10 +103,13 @@ class Acquisition(ABC):
         return float(sum(w * parts[k] for k, w in self.weights.items()))
 
     def score_pool(self, results: Sequence[StudyResult]) -> np.ndarray:
-        """Scores [N] of a fixed pool: each component's within-pool quantile, weighted."""
+        """Scores [N] of a fixed pool: each component's within-pool quantile, weighted.
+
+        Like the gate, a result without a predicted loss is ranked on the uncertainty
+        stand-in (`components_with_fallback`)."""
         if not results:
             return np.zeros(0)
-        rows = [self.components(r) for r in results]
+        rows = [self.components_with_fallback(r)[0] for r in results]
         total = np.zeros(len(results))
         for key, weight in self.weights.items():
             total += weight * midranks(np.array([row[key] for row in rows], dtype=np.float64))

@@ -16,6 +16,8 @@ if TYPE_CHECKING:
 class CombinedAcquisition(Acquisition):
     """Weighted uncertainty (one MC measure) + predicted loss, combined on ranks.
 
+    Without a loss predictor, `components_with_fallback` uses the uncertainty for both.
+
     Args:
         measure: Uncertainty measure (see `triage.acquisition.measures.MEASURES`).
         uncertainty_weight: Weight of the uncertainty component (>= 0).
@@ -36,6 +38,7 @@ class CombinedAcquisition(Acquisition):
                 f"{uncertainty_weight} and {loss_weight}"
             )
         self.measure = measure
+        self.fallback_measure = measure
         self._weights = {UNCERTAINTY: uncertainty_weight, PREDICTED_LOSS: loss_weight}
 
     @classmethod

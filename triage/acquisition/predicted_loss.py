@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, ClassVar, Self
 
 from triage.acquisition.base import PREDICTED_LOSS, Acquisition
+from triage.acquisition.measures import MEASURES
 
 if TYPE_CHECKING:
     from triage.gate import GateSettings
@@ -19,13 +20,25 @@ def predicted_loss_of(result: StudyResult) -> float:
 
 
 class PredictedLossAcquisition(Acquisition):
-    """The loss predictor's output (only its order is meaningful)."""
+    """The loss predictor's output (only its order is meaningful).
+
+    Args:
+        fallback_measure: Uncertainty measure that stands in for the predicted loss of
+            a model without a loss predictor (`components_with_fallback`).
+    """
 
     name: ClassVar[str] = "predicted_loss"
 
+    def __init__(self, fallback_measure: str = "entropy") -> None:
+        if fallback_measure not in MEASURES:
+            raise ValueError(
+                f"fallback_measure must be one of {MEASURES}, got {fallback_measure!r}"
+            )
+        self.fallback_measure = fallback_measure
+
     @classmethod
     def from_settings(cls, settings: GateSettings) -> Self:
-        return cls()
+        return cls(settings.uncertainty_measure)
 
     def components(self, result: StudyResult) -> dict[str, float]:
         return {PREDICTED_LOSS: predicted_loss_of(result)}
