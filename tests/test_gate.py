@@ -132,7 +132,7 @@ def test_cold_start_routes_chosen_studies_up_to_cap_then_stops_for_the_day():
     assert gate.realised_rate() is None  # cold-start studies stay out of the window
 
 
-@pytest.mark.parametrize("strategy", ["combined", "random"])
+@pytest.mark.parametrize("strategy", ["combined", "entropy"])
 def test_cold_start_is_not_routed_unless_chosen_and_stores_its_novelty(strategy):
     gate = BudgetGate(GateSettings(strategy=strategy))
     plain = gate.decide(None, START)
@@ -162,6 +162,19 @@ def test_cold_start_draws_audits_so_a_first_model_has_a_validation_set():
     assert set(reasons) == {"audit", "not_sampled"}
     # the selector runs at r_s, so audits and cold start together keep to label_rate
     assert gate.score_rate == pytest.approx((0.1 - 0.02) / (1 - 0.02))
+
+
+def test_random_strategy_is_a_coin_during_cold_start_too():
+    gate = BudgetGate(GateSettings(strategy="random", label_rate=0.2, daily_cap=10**6))
+    reasons = []
+    for i in range(3000):
+        # the selector's wish is ignored: the baseline must not get coverage-chosen studies
+        d = gate.decide(None, START + timedelta(minutes=i), cold_start=True, novelty=1.0)
+        gate.commit(d)
+        reasons.append(d.reason)
+    assert set(reasons) == {"random", "audit", "not_sampled"}
+    routed = sum(r != "not_sampled" for r in reasons)
+    assert abs(routed - 600) <= 4 * math.sqrt(3000 * 0.2 * 0.8)
 
 
 def test_random_strategy_routes_at_label_rate():

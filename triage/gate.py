@@ -36,8 +36,9 @@ selector's novelty may be stored with the decision as its only score
 (`{"novelty": x}`). Cold-start decisions never enter the window. Audits are drawn under
 every strategy, cold start included: the audit labels are the unbiased validation set
 every model is judged and calibrated on (`retrain.validation_source: audit`), so no
-model could be trained without them. The `random` strategy routes the rest with
-probability r_s (reason `random`), `label_rate` in all. Random draws come from
+model could be trained without them. The `random` strategy is a coin throughout: it
+routes the rest with probability r_s (reason `random`), `label_rate` in all, ignores
+the cold-start selector, and gets no coverage queries. Random draws come from
 (seed, sequence number), so a decision is reproducible.
 
 A new model (promotion, rollback, first model) gives raw scores on another scale: the
@@ -124,8 +125,10 @@ class GateSettings(BaseModel):
     """Weight of the predicted-loss quantile in the combined score."""
     daily_cap: int = Field(200, ge=0)
     """Radiologist capacity: most studies routed per calendar day (all reasons)."""
-    exploration_rate: float = Field(0.05, ge=0, le=1)
-    """Probability that a scored study is routed as `audit` regardless of its score."""
+    exploration_rate: float = Field(0.02, ge=0, le=1)
+    """Probability that a study is routed as `audit` regardless of its score. Audit labels
+    are the validation set (`retrain.validation_source: audit`) and the live-accuracy
+    estimate; at label_rate 0.1 the default gives them a fifth of the labels."""
     feedback_gain: float = Field(8.0, ge=0, le=100)
     """Gain of the correction from the realised routed fraction (0 disables it). With the
     window-long realised rate, a high gain is needed on drifting score streams: 8 keeps
@@ -324,7 +327,10 @@ class BudgetGate:
         u_audit, u_sample = uniform_pair(self.settings.seed, self._sequence)
         if scores is None:
             audit = u_audit < self.settings.exploration_rate
-            return self._decide_cold_start(base, cap_open, cold_start, novelty, audit)
+            if self.acquisition.is_random:  # a coin, before and after the first model
+                cold_start = u_sample < self._score_rate
+            return self._decide_cold_start(base, cap_open, cold_start, novelty, audit,
+                                           "random" if self.acquisition.is_random else None)
         clean = self._check_scores(scores)
         quantiles = combined = threshold = None
         if u_audit < self.settings.exploration_rate:
@@ -352,7 +358,7 @@ class BudgetGate:
     @staticmethod
     def _decide_cold_start(
         base: dict[str, Any], cap_open: bool, cold_start: bool, novelty: float | None,
-        audit: bool,
+        audit: bool, routed_reason: str | None = None,
     ) -> Decision:
         stored = None
         if novelty is not None:
@@ -364,7 +370,7 @@ class BudgetGate:
             return Decision(**base, needs_label=cap_open, reason=reason, scores=stored)
         if not cold_start:
             return Decision(**base, needs_label=False, reason="not_sampled", scores=stored)
-        reason = "cold_start" if cap_open else "cap_reached"
+        reason = (routed_reason or "cold_start") if cap_open else "cap_reached"
         return Decision(**base, needs_label=cap_open, reason=reason, scores=stored)
 
     def enters_window(self, decision: Decision) -> bool:

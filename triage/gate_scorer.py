@@ -286,6 +286,8 @@ class GateScorer:
         day = self._gate.day_of(datetime.fromtimestamp(now, UTC))
         checkpoint, version = self._serving_model()
         budget = min(self._settings.retrain.coverage_queries, self._gate.remaining_on(day))
+        if self._gate.acquisition.is_random:  # the random baseline stays a coin
+            budget = 0
         picked = []
         if checkpoint is not None and budget > 0:
             picked = coverage_queries(self._db, checkpoint, self._settings, budget)

@@ -1,0 +1,354 @@
+"""Label efficiency of the gate: paired, deterministic runs of the loop in lockstep.
+
+Every run replays the PneumoniaMNIST dev `train` stream (4,690 studies) through the
+daemon's own scorer, gate, label splits, retraining, promotion and coverage queries
+(`triage.replay.lockstep`), at a label budget, and scores:
+
+* `holdout_auroc` / `holdout_accuracy`: the final serving model on the holdout, at its
+  stored operating point (what the hospital gets);
+* `fresh_holdout_auroc`: a model trained by one fixed recipe on exactly the labels the
+  run bought (the quality of the labelled set, apart from the chain);
+* `curve`: dev-val AUROC of each promoted model against the labels bought so far.
+
+Within a seed every strategy sees the same stream and starts from the same state;
+`random_b` is the random strategy with other draws, so `random_b - random` is the
+null: the spread a difference must beat.
+
+    # the whole grid (README table, JSON and plot); about 70 min on 2 cores
+    .venv/bin/python bench/label_efficiency.py grid --jobs 2 --readme
+    # one run, printed as the same JSON object the grid stores
+    .venv/bin/python bench/label_efficiency.py run --stream uniform --budget 0.1 \\
+        --strategy default --seed 3
+    # summary, plot and README table again from the stored runs
+    .venv/bin/python bench/label_efficiency.py summarize --readme
+
+Runs already in `bench/results/label_efficiency.runs.jsonl` are reused by `grid`, so an
+interrupted grid resumes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import multiprocessing
+import platform
+import statistics
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from triage.config import load_settings  # noqa: E402
+from triage.datasets import (  # noqa: E402
+    find_data_dir,
+    images_to_tensor,
+    labels_to_tensor,
+    load_pneumoniamnist_dev,
+    load_pneumoniamnist_holdout,
+)
+from triage.replay.lockstep import Data, RunSpec, run_one  # noqa: E402
+
+RESULTS = REPO / "bench" / "results"
+OUT = RESULTS / "label_efficiency.json"
+CACHE = RESULTS / "label_efficiency.runs.jsonl"
+PLOT = RESULTS / "label_efficiency.png"
+README = REPO / "README.md"
+MARK_START, MARK_END = "<!-- label-efficiency:start -->", "<!-- label-efficiency:end -->"
+BUDGETS = (0.05, 0.10, 0.20)
+# which strategies run at which budget: every named strategy at 10%, the default and the
+# two random arms (the null) at every budget
+PLAN = {
+    0.05: ("random", "random_b", "default"),
+    0.10: ("random", "random_b", "default", "entropy", "bald", "predicted_loss"),
+    0.20: ("random", "random_b", "default"),
+}
+# ablations of the shipped configuration, uniform stream, 10% budget
+ABLATIONS = ("default+old_recipe", "default+warm_start", "default+mixed_validation")
+# two-sided 95% t quantiles by degrees of freedom
+T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306,
+       9: 2.262, 10: 2.228, 12: 2.179, 15: 2.131, 20: 2.086, 30: 2.042}
+
+_DATA: Data | None = None
+
+
+def load_data() -> Data:
+    """Dev stream, dev val and holdout at 28 px (the holdout only scores final models)."""
+    global _DATA
+    if _DATA is None:
+        if find_data_dir() is None:
+            raise SystemExit("PneumoniaMNIST not found: set TRIAGE_DATA_DIR or place the "
+                             "files in ../shared/data (see README, 'Data')")
+        dev, holdout = load_pneumoniamnist_dev(), load_pneumoniamnist_holdout()
+        _DATA = Data(
+            images_to_tensor(dev["train_images"], 28), labels_to_tensor(dev["train_labels"]),
+            images_to_tensor(dev["val_images"], 28), labels_to_tensor(dev["val_labels"]),
+            images_to_tensor(holdout["test_images"], 28),
+            labels_to_tensor(holdout["test_labels"]),
+        )
+    return _DATA
+
+
+def _run(spec: RunSpec) -> dict[str, Any]:
+    base = load_settings(REPO / "config.yaml", environ={})
+    return run_one(base, load_data(), spec)
+
+
+def _key(run: dict[str, Any]) -> tuple:
+    return (run["stream"], float(run["budget"]), run["strategy"], int(run["seed"]),
+            float(run.get("noise", 0.0)), run.get("length"))
+
+
+def _t95(df: int) -> float:
+    if df in T95:
+        return T95[df]
+    below = [k for k in T95 if k <= df]
+    return T95[max(below)] if below else T95[1]
+
+
+def paired(diffs: list[float]) -> dict[str, float | int]:
+    """Mean paired difference with its 95% t confidence half-width."""
+    n = len(diffs)
+    mean = statistics.fmean(diffs)
+    half = _t95(n - 1) * statistics.stdev(diffs) / math.sqrt(n) if n > 1 else math.nan
+    return {"n": n, "mean": round(mean, 4), "ci95": round(half, 4),
+            "low": round(mean - half, 4), "high": round(mean + half, 4)}
+
+
+def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per (stream, budget, strategy): means and the paired difference against random."""
+    groups: dict[tuple, dict[int, dict[str, Any]]] = {}
+    for run in runs:
+        key = (run["stream"], float(run["budget"]), run["strategy"], float(run.get("noise", 0)))
+        groups.setdefault(key, {})[int(run["seed"])] = run
+    rows = []
+    for (stream, budget, strategy, noise), by_seed in sorted(groups.items()):
+        random_runs = groups.get((stream, budget, "random", noise), {})
+        row: dict[str, Any] = {"stream": stream, "budget": budget, "strategy": strategy,
+                               "noise": noise, "seeds": sorted(by_seed)}
+        for metric in ("holdout_auroc", "holdout_accuracy", "fresh_holdout_auroc", "labels",
+                       "seconds", "holdout_ece", "holdout_ece_uncalibrated"):
+            values = [r[metric] for r in by_seed.values() if r.get(metric) is not None]
+            if values:
+                row[metric] = round(statistics.fmean(values), 4)
+                row[metric + "_sd"] = round(statistics.stdev(values), 4) if len(values) > 1 \
+                    else None
+        if strategy != "random":
+            for metric in ("holdout_auroc", "fresh_holdout_auroc", "holdout_accuracy"):
+                diffs = [by_seed[s][metric] - random_runs[s][metric] for s in by_seed
+                         if s in random_runs and by_seed[s].get(metric) is not None
+                         and random_runs[s].get(metric) is not None]
+                if diffs:
+                    row[f"{metric}_vs_random"] = paired(diffs)
+        rows.append(row)
+    return rows
+
+
+def markdown(summary: list[dict[str, Any]], meta: dict[str, Any]) -> str:
+    lines = [
+        f"Measured {meta['date']} on {meta['machine']} with `{meta['command']}`: "
+        f"{meta['runs']} runs, seeds {meta['seeds']}, {meta['studies']} studies per run, "
+        f"label delay {meta['label_delay']} studies, median {meta['median_seconds']} s per run.",
+        "Holdout AUROC of the final serving model and a fresh fixed-recipe model on the "
+        "bought labels (mean ± sd over seeds); Δ = paired difference against `random` "
+        "on the same seeds, with its 95% CI; `random_b` − `random` is the null.",
+        "",
+        "| stream | budget | strategy | labels | holdout AUROC | Δ vs random (95% CI) "
+        "| accuracy | fresh AUROC | Δ fresh vs random |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+
+    def cell(row: dict[str, Any], key: str) -> str:
+        d = row.get(key)
+        return f"{d['mean']:+.4f} ± {d['ci95']:.4f}" if d else "—"
+
+    order = {"random": 0, "random_b": 1, "default": 2}
+    for row in sorted(summary, key=lambda r: (r["stream"], r["budget"],
+                                              order.get(r["strategy"], 3), r["strategy"])):
+        lines.append(
+            f"| {row['stream']} | {row['budget']:.0%} | {row['strategy']} | "
+            f"{row.get('labels', 0):.0f} | {row.get('holdout_auroc', math.nan):.4f} ± "
+            f"{row.get('holdout_auroc_sd') or 0:.4f} | {cell(row, 'holdout_auroc_vs_random')} | "
+            f"{row.get('holdout_accuracy', math.nan):.3f} | "
+            f"{row.get('fresh_holdout_auroc', math.nan):.4f} | "
+            f"{cell(row, 'fresh_holdout_auroc_vs_random')} |"
+        )
+    return "\n".join(lines)
+
+
+def plot(runs: list[dict[str, Any]], summary: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    streams = sorted({r["stream"] for r in runs})
+    fig, axes = plt.subplots(2, len(streams), figsize=(6 * len(streams), 8), squeeze=False)
+    for col, stream in enumerate(streams):
+        ax = axes[0][col]
+        for strategy, colour in (("random", "tab:grey"), ("random_b", "tab:olive"),
+                                 ("default", "tab:red"), ("entropy", "tab:blue")):
+            for run in runs:
+                if (run["stream"], run["budget"], run["strategy"]) != (stream, 0.1, strategy):
+                    continue
+                xs = [p["labels"] for p in run["curve"]]
+                ys = [p["val_auroc"] for p in run["curve"]]
+                ax.plot(xs, ys, color=colour, alpha=0.6, marker=".",
+                        label=strategy if run["seed"] == min(r["seed"] for r in runs) else None)
+        ax.set(title=f"{stream} stream, 10% budget: serving model on dev val",
+               xlabel="labels bought", ylabel="dev-val AUROC", ylim=(0.85, 1.0))
+        ax.legend(loc="lower right")
+        ax = axes[1][col]
+        rows = [r for r in summary if r["stream"] == stream and r["strategy"] != "random"
+                and "holdout_auroc_vs_random" in r]
+        rows.sort(key=lambda r: (r["budget"], r["strategy"]))
+        labels = [f"{r['strategy']} @{r['budget']:.0%}" for r in rows]
+        means = [r["holdout_auroc_vs_random"]["mean"] for r in rows]
+        errs = [r["holdout_auroc_vs_random"]["ci95"] for r in rows]
+        colours = ["tab:olive" if r["strategy"] == "random_b" else
+                   "tab:red" if r["strategy"] == "default" else "tab:blue" for r in rows]
+        ax.barh(range(len(rows)), means, xerr=errs, color=colours, alpha=0.8)
+        ax.set_yticks(range(len(rows)), labels)
+        ax.axvline(0, color="black", lw=0.8)
+        ax.set(title=f"{stream}: holdout AUROC − random (paired, 95% CI)",
+               xlabel="Δ AUROC")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+
+
+def _load_cache() -> dict[tuple, dict[str, Any]]:
+    out = {}
+    if CACHE.is_file():
+        for line in CACHE.read_text().splitlines():
+            if line.strip():
+                run = json.loads(line)
+                out[_key(run)] = run
+    return out
+
+
+def _meta(runs: list[dict[str, Any]], command: str) -> dict[str, Any]:
+    import torch
+
+    seconds = sorted(r["seconds"] for r in runs) or [0]
+    return {
+        "date": datetime.now(UTC).strftime("%Y-%m-%d"),
+        "machine": f"{platform.machine()}, {multiprocessing.cpu_count()} cores, "
+                   f"torch {torch.__version__} (CPU, 1 thread per run)",
+        "command": command, "runs": len(runs),
+        "seeds": sorted({r["seed"] for r in runs}),
+        "studies": sorted({r["studies"] for r in runs}),
+        "label_delay": sorted({r["label_delay"] for r in runs}),
+        "median_seconds": round(statistics.median(seconds), 1),
+    }
+
+
+def write_outputs(runs: list[dict[str, Any]], command: str, readme: bool) -> dict[str, Any]:
+    summary = summarize(runs)
+    meta = _meta(runs, command)
+    result = {"meta": meta, "summary": summary, "runs": runs}
+    OUT.parent.mkdir(parents=True, exist_ok=True)
+    OUT.write_text(json.dumps(result, indent=1))
+    plot(runs, summary, PLOT)
+    table = markdown(summary, meta)
+    (RESULTS / "label_efficiency.md").write_text(table + "\n")
+    if readme:
+        text = README.read_text()
+        if MARK_START in text and MARK_END in text:
+            head, rest = text.split(MARK_START, 1)
+            _, tail = rest.split(MARK_END, 1)
+            README.write_text(f"{head}{MARK_START}\n{table}\n{MARK_END}{tail}")
+    return result
+
+
+def _tier(budget: float, strategy: str) -> int:
+    """Run order: the comparison that matters first (default against random and the
+    null at 10%), so a grid stopped early still answers it."""
+    if budget == 0.10 and strategy in ("random", "random_b", "default", "entropy"):
+        return 0
+    if strategy in ("random", "default"):
+        return 1
+    if "+" in strategy:
+        return 2
+    return 4 if strategy == "random_b" else 3
+
+
+def grid_specs(args: argparse.Namespace) -> list[RunSpec]:
+    specs = []
+    for seed in args.seeds:
+        for stream in args.streams:
+            for budget in args.budgets:
+                extra = ABLATIONS if (stream, budget) == ("uniform", 0.10) else ()
+                for strategy in (*PLAN[budget], *extra):
+                    specs.append(RunSpec(stream, budget, strategy, seed, noise=args.noise,
+                                         label_delay=args.delay, length=args.length))
+    return sorted(specs, key=lambda s: (_tier(s.budget, s.strategy), s.seed, s.stream))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    grid = sub.add_parser("grid", help="run the grid (reusing stored runs), write outputs")
+    grid.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    grid.add_argument("--streams", nargs="+", default=["uniform", "drift"])
+    grid.add_argument("--budgets", type=float, nargs="+", default=list(BUDGETS))
+    grid.add_argument("--jobs", type=int, default=2)
+    grid.add_argument("--noise", type=float, default=0.0)
+    grid.add_argument("--delay", type=int, default=50)
+    grid.add_argument("--length", type=int, default=None)
+    grid.add_argument("--readme", action="store_true", help="rewrite the README table")
+    one = sub.add_parser("run", help="one run, printed as JSON")
+    one.add_argument("--stream", default="uniform")
+    one.add_argument("--budget", type=float, default=0.1)
+    one.add_argument("--strategy", default="default")
+    one.add_argument("--seed", type=int, default=0)
+    one.add_argument("--noise", type=float, default=0.0)
+    one.add_argument("--delay", type=int, default=50)
+    one.add_argument("--length", type=int, default=None)
+    summ = sub.add_parser("summarize", help="outputs again from the stored runs")
+    summ.add_argument("--readme", action="store_true")
+    args = parser.parse_args(argv)
+
+    if args.command == "run":
+        spec = RunSpec(args.stream, args.budget, args.strategy, args.seed, noise=args.noise,
+                       label_delay=args.delay, length=args.length)
+        print(json.dumps(_run(spec), indent=1))
+        return 0
+    if args.command == "summarize":
+        runs = list(_load_cache().values())
+        result = write_outputs(runs, "bench/label_efficiency.py grid --jobs 2 --readme",
+                               args.readme)
+        print(json.dumps(result["summary"], indent=1))
+        return 0
+    args.budgets = [b for b in args.budgets if b in PLAN]
+    cache = _load_cache()
+    specs = grid_specs(args)
+    todo = [s for s in specs if _key({**s.__dict__}) not in cache]
+    print(f"{len(specs)} runs, {len(specs) - len(todo)} stored, {len(todo)} to run",
+          file=sys.stderr, flush=True)
+    started = time.time()
+    CACHE.parent.mkdir(parents=True, exist_ok=True)
+    with multiprocessing.get_context("fork").Pool(args.jobs) as pool, CACHE.open("a") as out:
+        for done, run in enumerate(pool.imap_unordered(_run, todo), 1):
+            out.write(json.dumps(run) + "\n")
+            out.flush()
+            cache[_key(run)] = run
+            print(f"[{done}/{len(todo)}] {run['stream']} {run['budget']:.0%} "
+                  f"{run['strategy']} seed {run['seed']}: holdout AUROC "
+                  f"{run['holdout_auroc']}, fresh {run['fresh_holdout_auroc']}, "
+                  f"{run['labels']} labels, {run['seconds']} s "
+                  f"({time.time() - started:.0f} s elapsed)", file=sys.stderr, flush=True)
+    wanted = {_key(s.__dict__) for s in specs}
+    runs = [r for k, r in cache.items() if k in wanted]
+    result = write_outputs(runs, "bench/label_efficiency.py grid --jobs 2 --readme",
+                           args.readme)
+    print(json.dumps(result["summary"], indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,419 @@
+"""The learning loop in lockstep: the daemon's own parts, in one process, deterministic.
+
+`triage replay` drives the real daemon over DICOM and HTTP: the end-to-end check, but
+asynchronous, so its outcome moves with machine load. This module runs the same parts
+the daemon runs, in lockstep, over a labelled image stream (PneumoniaMNIST), to compare
+acquisition strategies on equal terms:
+
+* the scorer (`score_study`: MC dropout, loss predictor, the model's operating point),
+  the gate (`BudgetGate`, with the window rescored at each promotion as `GateScorer`
+  does) and cold start (`ColdStartSelector`);
+* label splits (`choose_split`), the retrain trigger (`due_trigger`), training,
+  calibration and the promotion rule (`train_and_judge`), and coverage queries
+  (`pick_coverage`) after each promotion, charged to the label budget.
+
+There is no DICOM, HTTP, SQLite or clock: study ``i`` arrives at ``i * seconds_per_study``,
+is scored only after study ``i - 1`` was decided, a routed study's label comes back
+``label_delay`` studies later (in routing order), and a due retrain runs to completion
+before the next study. Every random draw is seeded from the run's seed, so the same
+seed gives the same labels and the same AUROC on one machine; within a seed every
+strategy sees the same stream and starts from the same state.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+import torch
+
+from triage.coldstart import ColdStartSelector, coldstart_embedding
+from triage.gate import BudgetGate, uniform_pair
+from triage.model.calibration import OperatingPoint
+from triage.model.checkpoint import Checkpoint
+from triage.model.inference import score_study
+from triage.model.lossnet import build_loss_predictor
+from triage.model.network import build_network
+from triage.model.settings import TrainSettings
+from triage.model.training import classifier_auroc, fit
+from triage.replay.stream import order_indices
+from triage.retrain.augment import make_augment
+from triage.retrain.dataset import LabeledSet
+from triage.retrain.evaluate import (
+    embed,
+    expected_calibration_error,
+    study_probabilities,
+)
+from triage.retrain.pipeline import train_and_judge
+from triage.retrain.queries import SEED_FACTOR, pick_coverage
+from triage.retrain.scheduler import due_trigger
+from triage.retrain.splits import choose_split
+from triage.retrain.train import TrainingFailed
+
+if TYPE_CHECKING:
+    from triage.config import Settings
+
+Stream = Literal["uniform", "drift"]
+STREAMS: tuple[str, ...] = ("uniform", "drift")
+START = datetime(2026, 1, 5, tzinfo=UTC).timestamp()
+
+
+@dataclass(frozen=True)
+class Data:
+    """Tensors of one data set, already at the model's input size.
+
+    Attributes:
+        stream_images: The stream, float [N, 1, S, S] (dev `train_*`).
+        stream_labels: Their true classes, long [N].
+        val_images / val_labels: Dev `val_*`, for learning curves only.
+        holdout_images / holdout_labels: The holdout, for the final figures only.
+    """
+
+    stream_images: torch.Tensor
+    stream_labels: torch.Tensor
+    val_images: torch.Tensor
+    val_labels: torch.Tensor
+    holdout_images: torch.Tensor
+    holdout_labels: torch.Tensor
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One benchmark run.
+
+    Attributes:
+        stream: `uniform` (shuffled) or `drift` (the rarer class scarce in the first half).
+        budget: Share of the stream the gate may route (`gate.label_rate`).
+        strategy: Name in the JSON (`default` for the shipped configuration, else the
+            `gate.strategy`; `random_b` is `random` with other gate draws: the null).
+        seed: Seeds the stream order, the oracle's noise, training and the gate.
+        noise: Probability that the oracle returns the wrong class.
+        label_delay: Studies between routing and the label's return.
+        length: Studies in the stream (None: all).
+    """
+
+    stream: str
+    budget: float
+    strategy: str
+    seed: int
+    noise: float = 0.0
+    label_delay: int = 50
+    length: int | None = None
+
+
+@dataclass
+class _Labelled:
+    """The labels returned so far, as the store would hold them."""
+
+    positions: dict[str, list[int]] = field(default_factory=lambda: {"train": [],
+                                                                      "validation": []})
+    classes: dict[str, list[int]] = field(default_factory=lambda: {"train": [],
+                                                                    "validation": []})
+    counts: dict[int, list[int]] = field(default_factory=dict)  # class -> [total, validation]
+
+    def add(self, position: int, label: int, reason: str, settings: Settings) -> None:
+        total, val = self.counts.setdefault(label, [0, 0])
+        split = choose_split(settings.model.labels[label], reason, total, val, settings)
+        if split is None:
+            return
+        self.counts[label][0] += 1
+        self.counts[label][1] += split == "validation"
+        self.positions[split].append(position)
+        self.classes[split].append(label)
+
+    def as_set(self, split: str, images: torch.Tensor) -> LabeledSet:
+        positions = self.positions[split]
+        n = len(positions)
+        labels = torch.tensor(self.classes[split], dtype=torch.long)
+        return LabeledSet(
+            images[positions] if n else images[:0], labels, torch.arange(n),
+            list(positions), list(range(n)), list(self.classes[split]),
+        )
+
+    @property
+    def total(self) -> int:
+        return sum(len(v) for v in self.positions.values())
+
+
+VARIANTS: dict[str, dict[str, dict[str, Any]]] = {
+    # the recipe before the learning-loop work: 5 warm-started epochs at a constant rate
+    "old_recipe": {"training": {"epochs": 5, "min_steps": 0, "schedule": "constant",
+                                "class_weighted": False},
+                   "retrain": {"warm_start": True}},
+    "warm_start": {"retrain": {"warm_start": True}},
+    "mixed_validation": {"retrain": {"validation_source": "mixed"}},
+    "no_rebalance": {"retrain": {"rebalance": False}},
+    "no_coverage_queries": {"retrain": {"coverage_queries": 0}},
+}
+"""Ablations of the shipped configuration: strategy ``default+<name>``."""
+
+
+def run_settings(base: Settings, spec: RunSpec) -> Settings:
+    """The configuration of a run: `base` with the budget, strategy and seeds of `spec`.
+
+    The daily cap is lifted (a stream day here is not a hospital day) and the model's
+    input size is the data's native 28 px (the daemon resamples to `model.input_size`
+    at ingest; upsampling 28 px images adds no information). `default` is `base` as it
+    is; `default+<variant>` applies one of `VARIANTS`; any other name sets
+    `gate.strategy` (`random_b`: the random strategy with other draws, the null).
+    """
+    name, _, variant = spec.strategy.partition("+")
+    if variant and variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {sorted(VARIANTS)}, got {variant!r}")
+    gate: dict[str, Any] = {"label_rate": spec.budget, "daily_cap": 10**9,
+                            "seed": spec.seed + (7919 if name == "random_b" else 0)}
+    if name != "default":
+        gate["strategy"] = "random" if name == "random_b" else name
+    gate["exploration_rate"] = min(base.gate.exploration_rate, spec.budget)
+    changes = VARIANTS.get(variant, {})
+    training = base.model.training.model_copy(update={"seed": spec.seed,
+                                                      **changes.get("training", {})})
+    model = base.model.model_copy(update={"input_size": 28, "training": training})
+    retrain = base.retrain.model_copy(update=changes.get("retrain", {}))
+    return base.model_copy(update={
+        "gate": base.gate.model_copy(update=gate), "model": model, "retrain": retrain,
+    })
+
+
+def stream_order(labels: torch.Tensor, spec: RunSpec) -> np.ndarray:
+    """Positions of the stream's images in arrival order (same for every strategy)."""
+    order = order_indices(labels.numpy(), "shuffled" if spec.stream == "uniform" else "drift",
+                          spec.seed)
+    return order if spec.length is None else order[: spec.length]
+
+
+def oracle(true_label: int, position: int, spec: RunSpec, num_classes: int) -> int:
+    """The reader's label: the truth, or with probability `noise` another class."""
+    if spec.noise <= 0:
+        return true_label
+    flip, pick = uniform_pair(spec.seed * 104729 + 17, position)
+    if flip >= spec.noise:
+        return true_label
+    return (true_label + 1 + int(pick * (num_classes - 1))) % num_classes
+
+
+class Lockstep:
+    """One run of the learning loop; `run()` returns the run's JSON object."""
+
+    def __init__(self, base: Settings, data: Data, spec: RunSpec) -> None:
+        if spec.stream not in STREAMS:
+            raise ValueError(f"stream must be one of {STREAMS}, got {spec.stream!r}")
+        if not 0 < spec.budget <= 1:
+            raise ValueError(f"budget must lie in (0, 1], got {spec.budget}")
+        if not 0 <= spec.noise < 1:
+            raise ValueError(f"noise must lie in [0, 1), got {spec.noise}")
+        self.spec = spec
+        self.settings = run_settings(base, spec)
+        self.data = data
+        self.order = stream_order(data.stream_labels, spec)
+        self.images = data.stream_images[self.order]
+        self.truth = data.stream_labels[self.order]
+        self.gate = BudgetGate(self.settings.gate)
+        gate = self.settings.gate
+        self.cold = ColdStartSelector(max(self.gate.score_rate, 1e-6), gate.seed,
+                                      window=gate.window, warmup=gate.warmup,
+                                      feedback_gain=gate.feedback_gain)
+        self.labelled = _Labelled()
+        self.serving: list[tuple[str, Checkpoint]] = []  # newest first
+        self.window_version: str | None = None
+        self.pending: list[tuple[int, int, str]] = []  # (due at, position, reason)
+        self.routed: dict[int, str] = {}
+        self.scored_unrouted: list[int] = []
+        self.curve: list[dict[str, float]] = []
+        self.runs: list[dict[str, Any]] = []
+        self.new_labels = 0
+        self.last_start: float | None = None
+
+    # -- the stream ------------------------------------------------------------------
+
+    def run(self) -> dict[str, Any]:
+        started = time.perf_counter()
+        seconds = 60.0
+        for i in range(len(self.order)):
+            now = START + i * seconds
+            self._return_labels(i)
+            self._maybe_retrain(i, now)
+            self._decide(i, now)
+        return self._report(started)
+
+    def _checkpoint(self) -> Checkpoint | None:
+        return self.serving[0][1] if self.serving else None
+
+    def _score(self, position: int, checkpoint: Checkpoint) -> dict[str, float]:
+        result = score_study(
+            checkpoint.network, checkpoint.loss_predictor, self.images[position : position + 1],
+            self.settings.model, seed=position * SEED_FACTOR,
+            operating_point=checkpoint.operating_point,
+        )
+        return self.gate.acquisition.components(result)
+
+    def _decide(self, i: int, now: float) -> None:
+        when = datetime.fromtimestamp(now, UTC)
+        checkpoint = self._checkpoint()
+        if checkpoint is None:
+            embedding = coldstart_embedding(self.images[i : i + 1])
+            wants = self.cold.wants(embedding, self.gate.sequence)
+            decision = self.gate.decide(None, when, cold_start=wants)
+            self.cold.record(embedding, decision.reason)
+        else:
+            version = self.serving[0][0]
+            if self.window_version != version:
+                keys = self.gate.window_keys()
+                self.gate.rescore({k: self._score(k, checkpoint) for k in keys})
+                self.window_version = version
+            decision = self.gate.decide(self._score(i, checkpoint), when, key=i)
+        self.gate.commit(decision)
+        if decision.needs_label:
+            self._route(i, decision.reason)
+        elif checkpoint is not None:
+            self.scored_unrouted.append(i)
+
+    def _route(self, position: int, reason: str) -> None:
+        self.routed[position] = reason
+        self.pending.append((position + self.spec.label_delay, position, reason))
+
+    def _return_labels(self, i: int) -> None:
+        while self.pending and self.pending[0][0] <= i:
+            _, position, reason = self.pending.pop(0)
+            label = oracle(int(self.truth[position]), int(self.order[position]), self.spec,
+                           len(self.settings.model.labels))
+            self.labelled.add(position, label, reason, self.settings)
+            self.new_labels += 1
+
+    # -- retraining ------------------------------------------------------------------
+
+    def _maybe_retrain(self, i: int, now: float) -> None:
+        since = None if self.last_start is None else now - self.last_start
+        if due_trigger(self.new_labels, since, self.settings) is None:
+            return
+        self.last_start, self.new_labels = now, 0
+        train = self.labelled.as_set("train", self.images)
+        validation = self.labelled.as_set("validation", self.images)
+        references = self.serving[: self.settings.retrain.reference_models]
+        record: dict[str, Any] = {"at": i, "train": train.num_studies,
+                                  "validation": validation.num_studies}
+        try:
+            judged = train_and_judge(train, validation, self.settings, references)
+        except TrainingFailed as exc:
+            self.runs.append({**record, "state": "failed", "why": str(exc)})
+            return
+        record.update(state="promoted" if judged.promote else "rejected",
+                      val_auroc=judged.candidate["auroc"], reason=judged.reason)
+        self.runs.append(record)
+        if not judged.promote:
+            return
+        version = f"v{len(self.runs):04d}"
+        checkpoint = Checkpoint(self.settings.model, judged.network, judged.loss_predictor,
+                                {"operating_point": judged.operating_point.to_json()})
+        self.serving.insert(0, (version, checkpoint))
+        labels_bought = len(self.routed)
+        self.curve.append({"studies": i, "labels": labels_bought,
+                           "val_auroc": self._auroc(checkpoint, self.data.val_images,
+                                                    self.data.val_labels)})
+        self._coverage_queries(i, now, checkpoint)
+
+    def _coverage_queries(self, i: int, now: float, checkpoint: Checkpoint) -> None:
+        budget = self.settings.retrain.coverage_queries
+        if budget < 1 or self.gate.acquisition.is_random:  # the random baseline: a coin
+            return
+        pool = [p for p in self.scored_unrouted[-self.settings.retrain.pool_max :]
+                if p not in self.routed]
+        centres = sorted(self.routed)
+        if not pool:
+            return
+        net = checkpoint.network
+        picks = pick_coverage(embed(net, self.images[centres]), embed(net, self.images[pool]),
+                              budget, self.settings.retrain.coverage_outlier_fraction)
+        for k in picks:
+            self._route(pool[k], "coverage")
+        day = self.gate.day_of(datetime.fromtimestamp(now, UTC))
+        self.gate.note_routed(day, len(picks))
+
+    # -- results ---------------------------------------------------------------------
+
+    @staticmethod
+    def _auroc(checkpoint: Checkpoint, images: torch.Tensor, labels: torch.Tensor) -> float:
+        probs = study_probabilities(checkpoint.network, images, torch.arange(images.shape[0]),
+                                    images.shape[0])
+        return classifier_auroc(probs, labels)
+
+    def _report(self, started: float) -> dict[str, Any]:
+        spec = self.spec
+        out: dict[str, Any] = {
+            "stream": spec.stream, "budget": spec.budget, "strategy": spec.strategy,
+            "seed": spec.seed, "noise": spec.noise, "label_delay": spec.label_delay,
+            "studies": len(self.order), "labels": len(self.routed),
+        }
+        reasons: dict[str, int] = {}
+        for reason in self.routed.values():
+            reasons[reason] = reasons.get(reason, 0) + 1
+        out["labels_by_reason"] = dict(sorted(reasons.items()))
+        out["labels_returned"] = self.labelled.total
+        final = self._checkpoint()
+        out["final_val_auroc"] = (self._auroc(final, self.data.val_images, self.data.val_labels)
+                                  if final is not None else float("nan"))
+        out.update(self._final_scores())
+        out["fresh_holdout_auroc"] = self._fresh_auroc()
+        out["promotions"] = sum(r["state"] == "promoted" for r in self.runs)
+        out["retrains"] = self.runs
+        out["curve"] = self.curve
+        out["seconds"] = round(time.perf_counter() - started, 2)
+        return out
+
+    def _final_scores(self) -> dict[str, Any]:
+        checkpoint = self._checkpoint()
+        nan = float("nan")
+        if checkpoint is None:
+            return {"holdout_auroc": nan, "holdout_accuracy": nan, "holdout_ece": nan,
+                    "holdout_ece_uncalibrated": nan, "operating_point": None}
+        x, y = self.data.holdout_images, self.data.holdout_labels
+        groups = torch.arange(x.shape[0])
+        point = checkpoint.operating_point
+        calibrated = study_probabilities(checkpoint.network, x, groups, x.shape[0],
+                                         temperature=point.temperature).double().numpy()
+        raw = study_probabilities(checkpoint.network, x, groups, x.shape[0]).double().numpy()
+        truth = y.numpy()
+        return {
+            "holdout_auroc": classifier_auroc(torch.from_numpy(calibrated), y),
+            "holdout_accuracy": float((point.predict(calibrated) == truth).mean()),
+            "holdout_accuracy_argmax": float((raw.argmax(1) == truth).mean()),
+            "holdout_ece": expected_calibration_error(calibrated, truth),
+            "holdout_ece_uncalibrated": expected_calibration_error(raw, truth),
+            "operating_point": point.to_json(),
+        }
+
+    def _fresh_auroc(self) -> float:
+        """AUROC on the holdout of a model trained by one fixed recipe on every label
+        this run bought (both splits): the quality of the labelled set alone."""
+        positions = self.labelled.positions["train"] + self.labelled.positions["validation"]
+        labels = self.labelled.classes["train"] + self.labelled.classes["validation"]
+        if len(set(labels)) < 2:
+            return float("nan")
+        recipe = TrainSettings(seed=self.spec.seed)
+        model = self.settings.model
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.spec.seed)
+            net, loss_predictor = build_network(model), build_loss_predictor(model)
+        fit(net, loss_predictor, self.images[positions], torch.tensor(labels), recipe,
+            augment=make_augment(self.settings.retrain, model.input_size))
+        checkpoint = Checkpoint(model, net, loss_predictor)
+        return self._auroc(checkpoint, self.data.holdout_images, self.data.holdout_labels)
+
+
+def run_one(base: Settings, data: Data, spec: RunSpec) -> dict[str, Any]:
+    """Run `spec` and return its JSON object (one torch thread: runs go in parallel)."""
+    torch.set_num_threads(1)
+    result = Lockstep(base, data, spec).run()
+    return {k: (None if isinstance(v, float) and math.isnan(v) else v)
+            for k, v in result.items()}
+
+
+def spec_json(spec: RunSpec) -> dict[str, Any]:
+    return asdict(spec)
+
+
+__all__ = ["Data", "Lockstep", "RunSpec", "STREAMS", "OperatingPoint", "run_one", "run_settings"]
