@@ -277,8 +277,8 @@ class GateScorer:
         count against the cap like the gate's own routes. Returns how many were routed.
         """
         runs = self._db.execute(
-            "SELECT id FROM retrain_runs WHERE state = 'promoted' AND coverage_routed IS NULL "
-            "ORDER BY id"
+            "SELECT id, metrics FROM retrain_runs WHERE state = 'promoted' "
+            "AND coverage_routed IS NULL ORDER BY id"
         ).fetchall()
         if not runs:
             return 0
@@ -288,8 +288,13 @@ class GateScorer:
         budget = min(self._settings.retrain.coverage_queries, self._gate.remaining_on(day))
         if self._gate.acquisition.is_random:  # the random baseline stays a coin
             budget = 0
-        picked = []
-        if checkpoint is not None and budget > 0:
+        picked: list[int] = []
+        precomputed = json.loads(runs[-1][1] or "{}").get("coverage_picks")
+        if budget > 0 and precomputed is not None:
+            # chosen by the retrain worker, off this thread: keep those still unlabelled
+            # and not queued, farthest first
+            picked = [int(i) for i in precomputed if self._still_unlabelled(int(i))][:budget]
+        elif checkpoint is not None and budget > 0:  # runs recorded before the worker did
             picked = coverage_queries(self._db, checkpoint, self._settings, budget)
         with transaction(self._db):
             for rank, study_id in enumerate(picked):
@@ -300,7 +305,7 @@ class GateScorer:
                 # farthest first: priorities from 1 down, above most gate scores
                 enqueue(self._db, study_id=study_id, decision_id=int(latest[0]),
                         reason="coverage", combined=1.0 - rank / (2 * len(picked)), now=now)
-            for (run_id,) in runs:
+            for run_id, _ in runs:
                 self._db.execute("UPDATE retrain_runs SET coverage_routed = ? WHERE id = ?",
                                  [len(picked) if run_id == runs[-1][0] else 0, run_id])
         self._gate.note_routed(day, len(picked))
@@ -308,6 +313,14 @@ class GateScorer:
             self._metrics.gate_decisions.labels("coverage").inc(len(picked))
         event(log, "coverage_routed", studies=len(picked), budget=budget, model=version)
         return len(picked)
+
+    def _still_unlabelled(self, study_id: int) -> bool:
+        return self._db.execute(
+            "SELECT 1 FROM studies s WHERE s.id = ? AND s.state = 'scored' "
+            "AND NOT EXISTS (SELECT 1 FROM labels l WHERE l.study_id = s.id) "
+            "AND NOT EXISTS (SELECT 1 FROM queue_items q WHERE q.study_id = s.id)",
+            [study_id],
+        ).fetchone() is not None
 
     def _serving_model(self) -> tuple[Checkpoint | None, str | None]:
         serving = self._registry.serving()

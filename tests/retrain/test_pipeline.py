@@ -156,3 +156,14 @@ def test_reference_is_the_best_recent_model_so_the_tolerance_cannot_ratchet(tmp_
     assert f"reference {good}" in note
     alone = make_settings(tmp_path, model=crippled, promotion_tolerance=0.2, reference_models=1)
     assert _run(st, alone) == "promoted"  # judged against B alone it would pass
+
+
+def test_promoted_run_chooses_its_coverage_queries_in_the_worker(tmp_path, pneumonia):
+    """The scoring thread only routes what the worker chose: no embedding of the pool on
+    the daemon's scoring path."""
+    st = _store(tmp_path, pneumonia, coverage_queries=3)
+    x, _ = subset(pneumonia, "val", 20)
+    pool = [st.add_study(x[i : i + 1]) for i in range(20)]  # scored, unlabelled
+    assert _run(st) == "promoted"
+    picks = last_run(st.db)["metrics"]["coverage_picks"]
+    assert len(picks) == 3 and set(picks) <= set(pool)

@@ -11,7 +11,9 @@
       promoted ancestors, all re-evaluated on the same, current validation set.
 3. Register the candidate with its metrics, operating point, data summary and parent.
 4. Promote (one transaction with the run's final row, then re-score the pending queue) or
-   reject with the reason, per `triage.registry.promotion_decision`.
+   reject with the reason, per `triage.registry.promotion_decision`. A promoted run also
+   chooses its coverage queries here, in the worker process, and stores them in the
+   run's metrics (`coverage_picks`); the daemon's scoring thread only routes them.
 
 Any error leaves the serving model untouched; the worker marks the run `failed`.
 """
@@ -36,7 +38,7 @@ from triage.model.network import TriageNet, build_network
 from triage.registry import ModelError, ModelRegistry, ModelVersion, promotion_decision
 from triage.retrain.dataset import LabeledSet, load_split
 from triage.retrain.evaluate import embed, image_logits, validation_metrics
-from triage.retrain.queries import rescore_pending
+from triage.retrain.queries import coverage_queries, rescore_pending
 from triage.retrain.runs import finish_run, update_progress
 from triage.retrain.sampling import coverage_plan
 from triage.retrain.train import EpochCallback, TrainingFailed, TrainOutcome, train_candidate
@@ -219,6 +221,8 @@ def run_retrain(settings: Settings, db: sqlite_utils.Database, run_id: int) -> s
         registry.reject(entry.version, reason, also=lambda d: finish_run(
             d, run_id, "rejected", f"{entry.version} rejected: {reason}", run_metrics))
         return "rejected"
+    run_metrics["coverage_picks"] = _coverage_picks(settings, db, net, loss_predictor,
+                                                    judged.operating_point, run_id)
     registry.promote(entry.version, note=reason, also=lambda d: finish_run(
         d, run_id, "promoted", f"{entry.version} promoted: {reason}", run_metrics))
     try:
@@ -228,6 +232,24 @@ def run_retrain(settings: Settings, db: sqlite_utils.Database, run_id: int) -> s
         event(log, "retrain_rescore_failed", logging.ERROR, run_id=run_id,
               error_type=type(exc).__name__)
     return "promoted"
+
+
+def _coverage_picks(settings: Settings, db: sqlite_utils.Database, net: TriageNet,
+                    loss_predictor: LossPredictor, point: OperatingPoint, run_id: int
+                    ) -> list[int]:
+    """The coverage queries of a model about to be promoted, computed here in the worker
+    process (embedding thousands of pool studies would stall the daemon's scoring thread);
+    the scoring thread routes those still unlabelled within the gate's cap."""
+    if settings.gate.strategy == "random" or settings.retrain.coverage_queries < 1:
+        return []
+    try:
+        checkpoint = Checkpoint(settings.model, net, loss_predictor,
+                                {"operating_point": point.to_json()})
+        return coverage_queries(db, checkpoint, settings, settings.retrain.coverage_queries)
+    except Exception as exc:  # noqa: BLE001 - the promotion stands without queries
+        event(log, "retrain_coverage_failed", logging.ERROR, run_id=run_id,
+              error_type=type(exc).__name__)
+        return []
 
 
 def _initial_model(settings: Settings, champion: Checkpoint | None
