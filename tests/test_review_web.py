@@ -32,7 +32,9 @@ def browser():
 def test_sign_in_read_and_label_with_the_keyboard(
     tmp_path: Path, browser, pydicom_files: Path
 ) -> None:
-    proc = DaemonProcess(tmp_path / "home", FAST_ENV, []).start()
+    # label_rate 1: both cold-start studies are routed to the reader
+    env = {**FAST_ENV, "TRIAGE__GATE__LABEL_RATE": "1.0"}
+    proc = DaemonProcess(tmp_path / "home", env, []).start()
     try:
         shutil.copyfile(pydicom_files / "CT_small.dcm", proc.inbox / "ct.dcm")  # real anatomy
         proc.wait_for(lambda s: s["queue"]["pending"] == 1, 40, "the CT queued")

@@ -66,7 +66,8 @@ def test_retrain_command_trains_promotes_and_admins_can_inspect(tmp_path, pneumo
     seconds = time.monotonic() - start
     assert first.returncode == 0, first.stderr
     lines = first.stdout.splitlines()
-    assert any("epoch 1/" in line for line in lines) and "promoted" in lines[-1]
+    # progress lines name the epoch (the poller may skip some: epochs take ~0.1 s here)
+    assert any(f"/{epochs}: loss" in line for line in lines) and "promoted" in lines[-1]
     run = last_run(st.db)
     auroc = run["metrics"]["candidate"]["auroc"]
     print(f"\nfirst model: val AUROC {auroc:.4f} on {n_val} studies, {run['labels_used']} "
