@@ -49,16 +49,7 @@ def load_pneumoniamnist_dev(data_dir: Path | None = None) -> dict[str, np.ndarra
     Raises:
         FileNotFoundError: The file cannot be found.
     """
-    directory = data_dir if data_dir is not None else find_data_dir()
-    if directory is None or not (Path(directory) / DEV_FILE).is_file():
-        raise FileNotFoundError(
-            f"{DEV_FILE} not found: set {ENV_VAR} or place it in ../shared/data"
-        )
-    with np.load(Path(directory) / DEV_FILE) as archive:
-        missing = [k for k in DEV_KEYS if k not in archive]
-        if missing:
-            raise ValueError(f"{Path(directory) / DEV_FILE} lacks arrays {missing}")
-        return {key: archive[key] for key in DEV_KEYS}
+    return _load_arrays(DEV_FILE, DEV_KEYS, data_dir)
 
 
 def images_to_tensor(images: np.ndarray, input_size: int) -> torch.Tensor:
@@ -88,13 +79,15 @@ def load_pneumoniamnist_holdout(data_dir: Path | None = None) -> dict[str, np.nd
     Raises:
         FileNotFoundError: The file cannot be found.
     """
+    return _load_arrays(HOLDOUT_FILE, HOLDOUT_KEYS, data_dir)
+
+
+def _load_arrays(name: str, keys: tuple[str, ...], data_dir: Path | None) -> dict[str, np.ndarray]:
     directory = data_dir if data_dir is not None else find_data_dir()
-    if directory is None or not (Path(directory) / HOLDOUT_FILE).is_file():
-        raise FileNotFoundError(
-            f"{HOLDOUT_FILE} not found: set {ENV_VAR} or place it in ../shared/data"
-        )
-    with np.load(Path(directory) / HOLDOUT_FILE) as archive:
-        missing = [k for k in HOLDOUT_KEYS if k not in archive]
+    if directory is None or not (Path(directory) / name).is_file():
+        raise FileNotFoundError(f"{name} not found: set {ENV_VAR} or place it in ../shared/data")
+    with np.load(Path(directory) / name) as archive:
+        missing = [k for k in keys if k not in archive]
         if missing:
-            raise ValueError(f"{Path(directory) / HOLDOUT_FILE} lacks arrays {missing}")
-        return {key: archive[key] for key in HOLDOUT_KEYS}
+            raise ValueError(f"{Path(directory) / name} lacks arrays {missing}")
+        return {key: archive[key] for key in keys}
