@@ -67,8 +67,14 @@ PLAN = {
     0.10: ("random", "random_b", "default", "entropy", "bald", "predicted_loss"),
     0.20: ("random", "random_b", "default"),
 }
-# ablations of the shipped configuration, uniform stream, 10% budget
-ABLATIONS = ("default+old_recipe", "default+warm_start", "default+mixed_validation")
+# ablations of the shipped configuration at a 10% budget, and the streams they run on
+ABLATIONS = {
+    "default+old_recipe": ("uniform",),
+    "default+warm_start": ("uniform",),
+    "default+mixed_validation": ("uniform",),
+    "default+delong_promotion": ("uniform", "drift"),
+    "random+delong_promotion": ("uniform", "drift"),
+}
 # two-sided 95% t quantiles by degrees of freedom
 T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306,
        9: 2.262, 10: 2.228, 12: 2.179, 15: 2.131, 20: 2.086, 30: 2.042}
@@ -273,7 +279,7 @@ def _tier(budget: float, strategy: str) -> int:
     if strategy in ("random", "default"):
         return 1
     if "+" in strategy:
-        return 2
+        return 2 if strategy.startswith("default+") and "delong" not in strategy else 5
     return 4 if strategy == "random_b" else 3
 
 
@@ -282,7 +288,8 @@ def grid_specs(args: argparse.Namespace) -> list[RunSpec]:
     for seed in args.seeds:
         for stream in args.streams:
             for budget in args.budgets:
-                extra = ABLATIONS if (stream, budget) == ("uniform", 0.10) else ()
+                extra = [a for a, streams in ABLATIONS.items()
+                         if budget == 0.10 and stream in streams]
                 for strategy in (*PLAN[budget], *extra):
                     specs.append(RunSpec(stream, budget, strategy, seed, noise=args.noise,
                                          label_delay=args.delay, length=args.length))

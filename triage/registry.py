@@ -76,6 +76,7 @@ def promotion_decision(
     candidate: Mapping[str, Any] | None,
     champion: Mapping[str, Any] | None,
     tolerance: float,
+    noise: float = 0.0,
 ) -> tuple[bool, str]:
     """Whether a candidate may replace the serving model, and why (one line).
 
@@ -89,6 +90,8 @@ def promotion_decision(
         candidate: The candidate's validation metrics (`auroc`, ...), or None.
         champion: The serving model's metrics on the same set, or None if none serves.
         tolerance: Allowed AUROC drop, >= 0.
+        noise: Further allowed drop for the validation set's sampling noise (e.g. 1.645
+            DeLong standard errors of the paired difference), >= 0.
     """
     if not (isinstance(tolerance, int | float) and math.isfinite(tolerance) and tolerance >= 0):
         raise ValueError(f"tolerance must be a finite number >= 0, got {tolerance!r}")
@@ -103,11 +106,12 @@ def promotion_decision(
     best = champion.get("auroc")
     if not _finite(best):
         return True, f"the serving model has no finite AUROC; candidate {auroc:.4f}"
-    if auroc >= float(best) - tolerance:
-        return True, (f"validation AUROC {auroc:.4f} >= serving {float(best):.4f} "
-                      f"- tolerance {tolerance:g}")
-    return False, (f"validation AUROC {auroc:.4f} < serving {float(best):.4f} "
-                   f"- tolerance {tolerance:g}")
+    if not (_finite(noise) and noise >= 0):
+        noise = 0.0
+    slack = f"- tolerance {tolerance:g}" + (f" - noise {noise:.4f}" if noise else "")
+    if auroc >= float(best) - tolerance - noise:
+        return True, f"validation AUROC {auroc:.4f} >= serving {float(best):.4f} {slack}"
+    return False, f"validation AUROC {auroc:.4f} < serving {float(best):.4f} {slack}"
 
 
 def _finite(value: Any) -> bool:

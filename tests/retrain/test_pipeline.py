@@ -167,3 +167,13 @@ def test_promoted_run_chooses_its_coverage_queries_in_the_worker(tmp_path, pneum
     assert _run(st) == "promoted"
     picks = last_run(st.db)["metrics"]["coverage_picks"]
     assert len(picks) == 3 and set(picks) <= set(pool)
+
+
+def test_delong_promotion_test_records_the_noise_it_allowed(tmp_path, pneumonia):
+    st = _store(tmp_path, pneumonia)
+    assert _run(st) == "promoted"
+    settings = make_settings(tmp_path, promotion_test="delong")
+    _run(st, settings)
+    metrics = last_run(st.db)["metrics"]
+    assert 0 < metrics["candidate"]["auroc_noise"] < 0.2
+    assert "noise" in metrics["decision"]

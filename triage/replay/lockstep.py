@@ -148,6 +148,7 @@ VARIANTS: dict[str, dict[str, dict[str, Any]]] = {
     "mixed_validation": {"retrain": {"validation_source": "mixed"}},
     "no_rebalance": {"retrain": {"rebalance": False}},
     "no_coverage_queries": {"retrain": {"coverage_queries": 0}},
+    "delong_promotion": {"retrain": {"promotion_test": "delong"}},
 }
 """Ablations of the shipped configuration: strategy ``default+<name>``."""
 

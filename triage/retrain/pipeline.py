@@ -22,10 +22,12 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import sqlite_utils
 import torch
 
@@ -37,7 +39,8 @@ from triage.model.lossnet import LossPredictor, build_loss_predictor
 from triage.model.network import TriageNet, build_network
 from triage.registry import ModelError, ModelRegistry, ModelVersion, promotion_decision
 from triage.retrain.dataset import LabeledSet, load_split
-from triage.retrain.evaluate import embed, image_logits, validation_metrics
+from triage.retrain.delong import paired_auroc_difference
+from triage.retrain.evaluate import embed, image_logits, study_probabilities, validation_metrics
 from triage.retrain.queries import coverage_queries, rescore_pending
 from triage.retrain.runs import finish_run, update_progress
 from triage.retrain.sampling import coverage_plan
@@ -140,12 +143,18 @@ def train_and_judge(
     args = (validation.images, validation.groups, validation.study_labels)
     candidate = validation_metrics(net, *args, point)
     candidate["ece_uncalibrated"] = validation_metrics(net, *args)["ece"]
-    reference, reference_version = None, None
+    reference, reference_version, reference_net = None, None, None
     for version, checkpoint in references:
         metrics = validation_metrics(checkpoint.network, *args, checkpoint.operating_point)
         if reference is None or metrics["auroc"] > reference["auroc"]:
             reference, reference_version = metrics, version
-    promote, reason = promotion_decision(candidate, reference, retrain.promotion_tolerance)
+            reference_net = checkpoint.network
+    noise = 0.0
+    if retrain.promotion_test == "delong" and reference_net is not None:
+        noise = _auroc_noise(net, reference_net, validation)
+        candidate["auroc_noise"] = noise
+    promote, reason = promotion_decision(candidate, reference, retrain.promotion_tolerance,
+                                         noise)
     if reference_version is not None:
         reason = f"{reason} (reference {reference_version})"
     return Judgement(net, loss_predictor, outcome, point, candidate, reference,
@@ -232,6 +241,20 @@ def run_retrain(settings: Settings, db: sqlite_utils.Database, run_id: int) -> s
         event(log, "retrain_rescore_failed", logging.ERROR, run_id=run_id,
               error_type=type(exc).__name__)
     return "promoted"
+
+
+ONE_SIDED_95 = 1.645
+
+
+def _auroc_noise(net: TriageNet, reference: TriageNet, validation: LabeledSet) -> float:
+    """1.645 DeLong standard errors of the paired AUROC difference on `validation`
+    (0 when it cannot be estimated: a class with fewer than two studies)."""
+    n = validation.num_studies
+    labels = np.asarray(validation.study_labels) == 1
+    scores = [study_probabilities(m, validation.images, validation.groups, n)[:, 1].numpy()
+              for m in (net, reference)]
+    _, se = paired_auroc_difference(scores[0], scores[1], labels)
+    return ONE_SIDED_95 * se if math.isfinite(se) else 0.0
 
 
 def _coverage_picks(settings: Settings, db: sqlite_utils.Database, net: TriageNet,

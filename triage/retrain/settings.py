@@ -34,6 +34,10 @@ class RetrainSettings(BaseModel):
             chain down model after model.
         reference_models: How many recent serving models (the current one included)
             the candidate is compared with.
+        promotion_test: `none`: the AUROC rule above as it is. `delong`: the candidate
+            is also allowed the validation set's sampling noise, 1.645 DeLong standard
+            errors of its paired AUROC difference with the reference (one-sided 95%),
+            so it is rejected only when it is worse beyond chance.
         auto_promote: Promote (or reject) automatically; False leaves the candidate for an
             admin (`triage models promote V`).
         warm_start: Start from the serving model's weights when there is one (off:
@@ -70,6 +74,7 @@ class RetrainSettings(BaseModel):
     min_validation_studies: int = Field(20, ge=2, le=1_000_000)
     promotion_tolerance: float = Field(0.01, ge=0, le=1)
     reference_models: int = Field(3, ge=1, le=100)
+    promotion_test: Literal["none", "delong"] = "none"
     auto_promote: bool = True
     warm_start: bool = False
     min_train_studies: int = Field(10, ge=2)
