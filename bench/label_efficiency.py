@@ -143,13 +143,17 @@ def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 row[metric] = round(statistics.fmean(values), 4)
                 row[metric + "_sd"] = round(statistics.stdev(values), 4) if len(values) > 1 \
                     else None
-        if strategy != "random":
+        bases = {"random": random_runs} if strategy != "random" else {}
+        if "+" in strategy:  # an ablation: also against the configuration it changes
+            base = strategy.split("+")[0]
+            bases["base"] = groups.get((stream, budget, base, noise), {})
+        for name, others in bases.items():
             for metric in ("holdout_auroc", "fresh_holdout_auroc", "holdout_accuracy"):
-                diffs = [by_seed[s][metric] - random_runs[s][metric] for s in by_seed
-                         if s in random_runs and by_seed[s].get(metric) is not None
-                         and random_runs[s].get(metric) is not None]
+                diffs = [by_seed[s][metric] - others[s][metric] for s in by_seed
+                         if s in others and by_seed[s].get(metric) is not None
+                         and others[s].get(metric) is not None]
                 if diffs:
-                    row[f"{metric}_vs_random"] = paired(diffs)
+                    row[f"{metric}_vs_{name}"] = paired(diffs)
         rows.append(row)
     return rows
 
@@ -173,8 +177,9 @@ def markdown(summary: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         return f"{d['mean']:+.4f} ± {d['ci95']:.4f}" if d else "—"
 
     order = {"random": 0, "random_b": 1, "default": 2}
-    for row in sorted(summary, key=lambda r: (r["stream"], r["budget"],
-                                              order.get(r["strategy"], 3), r["strategy"])):
+    for row in sorted((r for r in summary if "+" not in r["strategy"]),
+                      key=lambda r: (r["stream"], r["budget"], order.get(r["strategy"], 3),
+                                     r["strategy"])):
         lines.append(
             f"| {row['stream']} | {row['budget']:.0%} | {row['strategy']} | "
             f"{row.get('labels', 0):.0f} | {row.get('holdout_auroc', math.nan):.4f} ± "
@@ -183,6 +188,25 @@ def markdown(summary: list[dict[str, Any]], meta: dict[str, Any]) -> str:
             f"{row.get('fresh_holdout_auroc', math.nan):.4f} | "
             f"{cell(row, 'fresh_holdout_auroc_vs_random')} |"
         )
+    ablations = [r for r in summary if "+" in r["strategy"]]
+    if ablations:
+        lines += [
+            "",
+            "Ablations (10% budget): each against the configuration it changes "
+            "(`default` or `random`), paired on the same seeds.",
+            "",
+            "| stream | ablation | holdout AUROC | Δ vs base (95% CI) | accuracy "
+            "| fresh AUROC | Δ fresh vs base |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for row in sorted(ablations, key=lambda r: (r["stream"], r["strategy"])):
+            lines.append(
+                f"| {row['stream']} | {row['strategy']} | "
+                f"{row.get('holdout_auroc', math.nan):.4f} | {cell(row, 'holdout_auroc_vs_base')} "
+                f"| {row.get('holdout_accuracy', math.nan):.3f} | "
+                f"{row.get('fresh_holdout_auroc', math.nan):.4f} | "
+                f"{cell(row, 'fresh_holdout_auroc_vs_base')} |"
+            )
     return "\n".join(lines)
 
 
@@ -210,7 +234,7 @@ def plot(runs: list[dict[str, Any]], summary: list[dict[str, Any]], path: Path) 
         ax.legend(loc="lower right")
         ax = axes[1][col]
         rows = [r for r in summary if r["stream"] == stream and r["strategy"] != "random"
-                and "holdout_auroc_vs_random" in r]
+                and "+" not in r["strategy"] and "holdout_auroc_vs_random" in r]
         rows.sort(key=lambda r: (r["budget"], r["strategy"]))
         labels = [f"{r['strategy']} @{r['budget']:.0%}" for r in rows]
         means = [r["holdout_auroc_vs_random"]["mean"] for r in rows]
@@ -279,8 +303,8 @@ def _tier(budget: float, strategy: str) -> int:
     if strategy in ("random", "default"):
         return 1
     if "+" in strategy:
-        return 2 if strategy.startswith("default+") and "delong" not in strategy else 5
-    return 4 if strategy == "random_b" else 3
+        return 3 if "delong" in strategy else 2
+    return 5 if strategy == "random_b" else 4
 
 
 def grid_specs(args: argparse.Namespace) -> list[RunSpec]:
