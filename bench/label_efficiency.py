@@ -167,9 +167,9 @@ def markdown(summary: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         "bought labels (mean ± sd over seeds); Δ = paired difference against `random` "
         "on the same seeds, with its 95% CI; `random_b` − `random` is the null.",
         "",
-        "| stream | budget | strategy | labels | holdout AUROC | Δ vs random (95% CI) "
+        "| stream | budget | strategy | seeds | labels | holdout AUROC | Δ vs random (95% CI) "
         "| accuracy | fresh AUROC | Δ fresh vs random |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
 
     def cell(row: dict[str, Any], key: str) -> str:
@@ -182,7 +182,8 @@ def markdown(summary: list[dict[str, Any]], meta: dict[str, Any]) -> str:
                                      r["strategy"])):
         lines.append(
             f"| {row['stream']} | {row['budget']:.0%} | {row['strategy']} | "
-            f"{row.get('labels', 0):.0f} | {row.get('holdout_auroc', math.nan):.4f} ± "
+            f"{len(row['seeds'])} | {row.get('labels', 0):.0f} | "
+            f"{row.get('holdout_auroc', math.nan):.4f} ± "
             f"{row.get('holdout_auroc_sd') or 0:.4f} | {cell(row, 'holdout_auroc_vs_random')} | "
             f"{row.get('holdout_accuracy', math.nan):.3f} | "
             f"{row.get('fresh_holdout_auroc', math.nan):.4f} | "
@@ -195,13 +196,13 @@ def markdown(summary: list[dict[str, Any]], meta: dict[str, Any]) -> str:
             "Ablations (10% budget): each against the configuration it changes "
             "(`default` or `random`), paired on the same seeds.",
             "",
-            "| stream | ablation | holdout AUROC | Δ vs base (95% CI) | accuracy "
+            "| stream | ablation | seeds | holdout AUROC | Δ vs base (95% CI) | accuracy "
             "| fresh AUROC | Δ fresh vs base |",
-            "|---|---|---|---|---|---|---|",
+            "|---|---|---|---|---|---|---|---|",
         ]
         for row in sorted(ablations, key=lambda r: (r["stream"], r["strategy"])):
             lines.append(
-                f"| {row['stream']} | {row['strategy']} | "
+                f"| {row['stream']} | {row['strategy']} | {len(row['seeds'])} | "
                 f"{row.get('holdout_auroc', math.nan):.4f} | {cell(row, 'holdout_auroc_vs_base')} "
                 f"| {row.get('holdout_accuracy', math.nan):.3f} | "
                 f"{row.get('fresh_holdout_auroc', math.nan):.4f} | "
@@ -237,13 +238,17 @@ def plot(runs: list[dict[str, Any]], summary: list[dict[str, Any]], path: Path) 
                 and "+" not in r["strategy"] and "holdout_auroc_vs_random" in r]
         rows.sort(key=lambda r: (r["budget"], r["strategy"]))
         labels = [f"{r['strategy']} @{r['budget']:.0%}" for r in rows]
-        means = [r["holdout_auroc_vs_random"]["mean"] for r in rows]
-        errs = [r["holdout_auroc_vs_random"]["ci95"] for r in rows]
-        colours = ["tab:olive" if r["strategy"] == "random_b" else
-                   "tab:red" if r["strategy"] == "default" else "tab:blue" for r in rows]
-        ax.barh(range(len(rows)), means, xerr=errs, color=colours, alpha=0.8)
+        for offset, key, colour, name in ((-0.2, "holdout_auroc_vs_random", "tab:red",
+                                           "serving model"),
+                                          (0.2, "fresh_holdout_auroc_vs_random", "tab:blue",
+                                           "fresh model on the bought labels")):
+            ys = [i + offset for i, r in enumerate(rows) if key in r]
+            means = [r[key]["mean"] for r in rows if key in r]
+            errs = [r[key]["ci95"] for r in rows if key in r]
+            ax.barh(ys, means, height=0.38, xerr=errs, color=colour, alpha=0.7, label=name)
         ax.set_yticks(range(len(rows)), labels)
         ax.axvline(0, color="black", lw=0.8)
+        ax.legend(loc="best", fontsize=8)
         ax.set(title=f"{stream}: holdout AUROC − random (paired, 95% CI)",
                xlabel="Δ AUROC")
     fig.tight_layout()
