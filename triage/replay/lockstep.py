@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -33,7 +33,6 @@ import torch
 
 from triage.coldstart import ColdStartSelector, coldstart_embedding
 from triage.gate import BudgetGate, uniform_pair
-from triage.model.calibration import OperatingPoint
 from triage.model.checkpoint import Checkpoint
 from triage.model.inference import score_study
 from triage.model.lossnet import build_loss_predictor
@@ -413,8 +412,4 @@ def run_one(base: Settings, data: Data, spec: RunSpec) -> dict[str, Any]:
             for k, v in result.items()}
 
 
-def spec_json(spec: RunSpec) -> dict[str, Any]:
-    return asdict(spec)
-
-
-__all__ = ["Data", "Lockstep", "RunSpec", "STREAMS", "OperatingPoint", "run_one", "run_settings"]
+__all__ = ["Data", "Lockstep", "RunSpec", "STREAMS", "run_one", "run_settings"]
