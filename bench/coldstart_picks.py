@@ -22,12 +22,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from triage.coldstart import ColdStartSelector, coldstart_embedding  # noqa: E402
 from triage.datasets import (  # noqa: E402
     images_to_tensor,
     labels_to_tensor,
     load_pneumoniamnist_dev,
 )
+from triage.gate.coldstart import ColdStartSelector, coldstart_embedding  # noqa: E402
 from triage.model.lossnet import build_loss_predictor  # noqa: E402
 from triage.model.network import build_network  # noqa: E402
 from triage.model.settings import ModelSettings  # noqa: E402

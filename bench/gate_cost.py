@@ -27,14 +27,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from triage.acquisition.base import midranks  # noqa: E402
-from triage.acquisition.measures import MEASURES, all_measures  # noqa: E402
 from triage.datasets import (  # noqa: E402
     images_to_tensor,
     labels_to_tensor,
     load_pneumoniamnist_dev,
 )
 from triage.gate import BudgetGate, GateSettings  # noqa: E402
+from triage.gate.measures import MEASURES, all_measures  # noqa: E402
+from triage.gate.strategies import midranks  # noqa: E402
 from triage.model.inference import score_study  # noqa: E402
 from triage.model.lossnet import build_loss_predictor  # noqa: E402
 from triage.model.mc_dropout import mc_predict  # noqa: E402
@@ -53,7 +53,7 @@ def time_costs(net, lossnet, settings, images, repeats):
         gate = BudgetGate(gate_settings)
         for i in range(gate_settings.window):  # steady state: a full window
             result = score_study(net, lossnet, images[i % len(images)][None], settings)
-            gate.commit(gate.decide(gate.acquisition.components(result), start))
+            gate.commit(gate.decide(gate.strategy.components(result), start))
         gates[scope] = gate
     samples = {"deterministic": [], **{scope: [] for scope in MC_SCOPES}}
     stage = {scope: {"trunk": [], "mc": [], "lossnet": []} for scope in MC_SCOPES}
@@ -71,7 +71,7 @@ def time_costs(net, lossnet, settings, images, repeats):
             gate = gates[scope]
             t0 = time.perf_counter()
             result = score_study(net, lossnet, x, scope_settings[scope])
-            decision = gate.decide(gate.acquisition.components(result), now)
+            decision = gate.decide(gate.strategy.components(result), now)
             gate.commit(decision)
             elapsed = time.perf_counter() - t0
             if r >= 10:

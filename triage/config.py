@@ -16,7 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from triage.errors import ConfigError
-from triage.gate import GateSettings
+from triage.gate.settings import GateSettings
 from triage.model.settings import ModelSettings
 from triage.retrain.settings import RetrainSettings
 

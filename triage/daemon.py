@@ -29,7 +29,8 @@ from prometheus_client import CollectorRegistry
 from triage import db as store
 from triage.config import Settings
 from triage.errors import TriageError
-from triage.gate_scorer import GateScorer
+from triage.gate.scorer import GateScorer
+from triage.gate.worker import ScoringWorker
 from triage.ingest.ingestor import Ingestor
 from triage.ingest.watcher import InboxWatcher
 from triage.logs import event
@@ -37,7 +38,6 @@ from triage.metrics import Metrics, StoreCollector, build_metrics
 from triage.ops_metrics import OpsCollector
 from triage.retrain.metrics import RetrainCollector
 from triage.retrain.scheduler import RetrainScheduler
-from triage.scoring import ScoringWorker
 from triage.studies import StudyAssembler
 
 log = logging.getLogger("triage.daemon")

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from triage.acquisition.measures import MEASURES
+from triage.gate.measures import MEASURES
 from triage.model.checkpoint import load_checkpoint, save_checkpoint
 from triage.model.inference import STAGES, pick_images, score_study
 from triage.model.lossnet import build_loss_predictor

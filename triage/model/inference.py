@@ -5,7 +5,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from triage.acquisition.measures import MEASURES, all_measures
+from triage.gate.measures import MEASURES, all_measures
 from triage.model.calibration import OperatingPoint
 from triage.model.lossnet import LossPredictor
 from triage.model.mc_dropout import mc_predict
@@ -22,7 +22,7 @@ class StudyResult:
     Attributes:
         probs: Class probabilities averaged over MC samples and scored images, one per
             label (sums to 1).
-        uncertainty: Every measure of `triage.acquisition.measures.MEASURES`, reduced
+        uncertainty: Every measure of `triage.gate.measures.MEASURES`, reduced
             over images: with reduction `max` the most uncertain image counts (the
             largest value, except `margin`, where the smallest is the most uncertain),
             with `mean` the mean. Entropy and BALD are in bits.

@@ -31,8 +31,8 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 import torch
 
-from triage.coldstart import ColdStartSelector, coldstart_embedding
 from triage.gate import BudgetGate, uniform_pair
+from triage.gate.coldstart import ColdStartSelector, coldstart_embedding
 from triage.model.checkpoint import Checkpoint
 from triage.model.inference import score_study
 from triage.model.lossnet import build_loss_predictor
@@ -249,7 +249,7 @@ class Lockstep:
             self.settings.model, seed=position * SEED_FACTOR,
             operating_point=checkpoint.operating_point,
         )
-        return self.gate.acquisition.components(result)
+        return self.gate.strategy.components(result)
 
     def _decide(self, i: int, now: float) -> None:
         when = datetime.fromtimestamp(now, UTC)
@@ -318,7 +318,7 @@ class Lockstep:
 
     def _coverage_queries(self, i: int, now: float, checkpoint: Checkpoint) -> None:
         budget = self.settings.retrain.coverage_queries
-        if budget < 1 or self.gate.acquisition.is_random:  # the random baseline: a coin
+        if budget < 1 or not self.gate.manager.uses_scores:  # the random baseline: a coin
             return
         pool = [p for p in self.scored_unrouted[-self.settings.retrain.pool_max :]
                 if p not in self.routed]

@@ -15,8 +15,8 @@ from typing import TYPE_CHECKING
 import sqlite_utils
 import torch
 
-from triage.acquisition import make_acquisition
 from triage.db import transaction
+from triage.gate import BUDGET_MANAGERS, make_strategy
 from triage.model.checkpoint import Checkpoint
 from triage.model.inference import pick_images, score_study
 from triage.retrain.evaluate import embed
@@ -116,20 +116,20 @@ def pick_coverage(centres: torch.Tensor, pool: torch.Tensor, budget: int,
 def rescore_pending(db: sqlite_utils.Database, checkpoint: Checkpoint, settings: Settings) -> int:
     """Score pending queue items with `checkpoint` and replace their priority.
 
-    Priority = the gate's acquisition function on the new scores, each component turned
-    into its quantile within the pending pool and weighted (`Acquisition.score_pool`),
+    Priority = the gate's strategy on the new scores, each component turned
+    into its quantile within the pending pool and weighted (`Strategy.score_pool`),
     divided by the weights' sum: in [0, 1] like a decision's `combined` score, larger
     first. MC-dropout seeds follow the gate scorer (study id, round), and the studies are
     scored at the model's operating point (`Checkpoint.operating_point`: its temperature
     enters every MC sample, hence the uncertainty measures), as the gate scorer does.
-    With the `random` strategy nothing changes.
+    With the `coin` budget manager (the random baseline) nothing changes.
 
     Returns:
         Number of queue items whose priority was updated.
     """
-    acquisition = make_acquisition(settings.gate)
-    if acquisition.is_random:
+    if not BUDGET_MANAGERS[settings.gate.manager].uses_scores:  # the random baseline
         return 0
+    strategy = make_strategy(settings.gate)
     rows = db.execute(
         "SELECT q.id, q.study_id, s.round FROM queue_items q JOIN studies s "
         "ON s.id = q.study_id WHERE q.state = 'pending' ORDER BY q.id"
@@ -148,7 +148,7 @@ def rescore_pending(db: sqlite_utils.Database, checkpoint: Checkpoint, settings:
         items.append(item_id)
     if not items:
         return 0
-    scores = acquisition.score_pool(results) / sum(acquisition.weights.values())
+    scores = strategy.score_pool(results) / sum(strategy.weights.values())
     updated = 0
     with transaction(db):
         for item_id, score in zip(items, scores.tolist(), strict=True):

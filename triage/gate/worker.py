@@ -1,7 +1,7 @@
 """Hand completed studies to the scorer one at a time, in completion order.
 
 The scorer is anything with ``score(study) -> ScoreResult`` and ``commit(result)``
-(the daemon's is :class:`triage.gate_scorer.GateScorer`). "Ask, then commit": the
+(the daemon's is :class:`triage.gate.scorer.GateScorer`). "Ask, then commit": the
 worker stores the result and the gate's decision in one transaction, and only then
 tells the scorer to commit, so the gate's state never runs ahead of the store.
 """

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from triage.acquisition.measures import (
+from triage.gate.measures import (
     all_measures,
     bald,
     least_confidence,

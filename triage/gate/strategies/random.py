@@ -7,29 +7,29 @@ from typing import TYPE_CHECKING, ClassVar, Self
 
 import numpy as np
 
-from triage.acquisition.base import Acquisition
+from triage.gate.strategies.base import Strategy, StrategyOptions
 
 if TYPE_CHECKING:
-    from triage.gate import GateSettings
     from triage.model.inference import StudyResult
 
 
-class RandomAcquisition(Acquisition):
-    """Uniform random scores; the gate routes it at label_rate without ranking.
+class RandomStrategy(Strategy):
+    """No components; its budget manager (`coin`) routes at label_rate without ranking.
 
     Args:
         seed: Seed of this instance's generator (used by `score` only).
     """
 
     name: ClassVar[str] = "random"
-    is_random: ClassVar[bool] = True
+    has_scores: ClassVar[bool] = False
+    default_budget_manager: ClassVar[str] = "coin"
 
     def __init__(self, seed: int = 0) -> None:
         self._rng = np.random.default_rng(seed)
 
     @classmethod
-    def from_settings(cls, settings: GateSettings) -> Self:
-        return cls(settings.seed)
+    def from_settings(cls, options: StrategyOptions) -> Self:
+        return cls(options.seed)
 
     def components(self, result: StudyResult) -> dict[str, float]:
         return {}

@@ -6,40 +6,37 @@ caller stores it, then calls `commit(decision)`, which updates the rolling
 window and the per-day counter. After a restart, `BudgetGate.restore(settings,
 stored_decisions)` (or `from_state_dict`) rebuilds the state.
 
-Algorithm, per study with scores (raw components from the acquisition function,
-e.g. `uncertainty` and `predicted_loss`):
+The gate joins the two swappable parts of acquisition: the *strategy*
+(`triage.gate.strategies`, `gate.strategy`) gives each study its raw component scores,
+e.g. `uncertainty` and `predicted_loss`, and the *budget manager*
+(`triage.gate.budget_managers`, `gate.budget_manager`) turns them into a route. Per
+study with scores:
 
 1. Exploration: with probability `exploration_rate` the study is routed as
-   `audit` whatever its score. Audits count toward `label_rate`: the score rule
+   `audit` whatever its score. Audits count toward `label_rate`: the manager
    targets r_s = (label_rate - exploration_rate) / (1 - exploration_rate) of the
    rest, so all routed studies together track `label_rate`.
-2. Warm-up: while the window holds fewer than `warmup` scored studies, studies are
-   routed at random with probability r_s (reason `warmup`).
-3. Otherwise each component is replaced by its quantile (mid-rank) within the last
-   `window` scored studies, and combined = sum_k w_k q_k / sum_k w_k. The window's
-   own studies get combined scores the same way, against the same window.
-   Threshold = the (1 - r) quantile of those, where r = clip(r_s + feedback_gain *
-   (label_rate - realised), 0, 1) and `realised` is the routed fraction of the
-   window's studies that were not blocked by the cap (proportional feedback). The
-   study is routed if combined > threshold. Reason: the components whose quantile
-   alone exceeds the threshold (at least one must): `uncertainty`,
-   `predicted_loss`, or `both` when several do.
-4. Cap: at most `daily_cap` routed studies (all reasons) per calendar day in
+2. Otherwise the manager decides from the study's scores and the rolling window of
+   the last `window` scored studies: `quantile` (the default) routes the study when
+   its combined within-window quantile passes the threshold that keeps r_s, with
+   feedback from the realised rate, after a `warmup` of random routes; `coin` routes
+   it with probability r_s (reason `random`).
+3. Cap: at most `daily_cap` routed studies (all reasons) per calendar day in
    `timezone`; a study that would be routed beyond it gets `cap_reached`.
 
 Without scores (no model yet) audits are drawn as above, and otherwise the caller
 chooses: `decide(None, now, cold_start=True)` routes the study as `cold_start` while the
 day's cap allows, `cold_start=False` skips it (`not_sampled`). The choice is
-`triage.coldstart.ColdStartSelector`'s, run at `score_rate` so that audits and cold start
-together keep to `label_rate`, picking studies for coverage of the stream; the
+`triage.gate.coldstart.ColdStartSelector`'s, run at `score_rate` so that audits and cold
+start together keep to `label_rate`, picking studies for coverage of the stream; the
 selector's novelty may be stored with the decision as its only score
 (`{"novelty": x}`). Cold-start decisions never enter the window. Audits are drawn under
 every strategy, cold start included: the audit labels are the unbiased validation set
 every model is judged and calibrated on (`retrain.validation_source: audit`), so no
-model could be trained without them. The `random` strategy is a coin throughout: it
-routes the rest with probability r_s (reason `random`), `label_rate` in all, ignores
-the cold-start selector, and gets no coverage queries. Random draws come from
-(seed, sequence number), so a decision is reproducible.
+model could be trained without them. The `coin` manager (the `random` strategy's) is a
+coin throughout: it routes the rest with probability r_s (reason `random`),
+`label_rate` in all, ignores the cold-start selector, and gets no coverage queries.
+Random draws come from (seed, sequence number), so a decision is reproducible.
 
 A new model (promotion, rollback, first model) gives raw scores on another scale: the
 predicted loss has no fixed scale at all, so a window of old-model scores would rank
@@ -55,13 +52,14 @@ from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
 from datetime import date, datetime
 from numbers import Integral
-from typing import Any, Literal, Self
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+from typing import Any, Self
+from zoneinfo import ZoneInfo
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from triage.acquisition import REGISTRY, make_acquisition
+from triage.gate.budget_managers import BUDGET_MANAGERS
+from triage.gate.settings import GateSettings
+from triage.gate.strategies import make_strategy
 
 ROUTED_REASONS = (
     "uncertainty", "predicted_loss", "both", "audit", "cold_start", "warmup", "random",
@@ -88,84 +86,6 @@ def uniform_pair(seed: int, sequence: int) -> tuple[float, float]:
     state = _splitmix64((seed & _MASK64) ^ _splitmix64(sequence & _MASK64))
     second = _splitmix64(state)
     return (state >> 11) / 2.0**53, (second >> 11) / 2.0**53
-
-
-def _quantile(ordered: np.ndarray, level: float) -> float:
-    """Linear-interpolation quantile (numpy's default) of an ascending array."""
-    position = level * (ordered.shape[0] - 1)
-    low = int(math.floor(position))
-    high = min(low + 1, ordered.shape[0] - 1)
-    return float(ordered[low] + (position - low) * (ordered[high] - ordered[low]))
-
-
-class GateSettings(BaseModel):
-    """The `gate:` section of config.yaml."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    strategy: str = "combined"
-    """Acquisition function: random, entropy, bald, predicted_loss or combined."""
-    uncertainty_measure: Literal[
-        "entropy", "bald", "variation_ratio", "least_confidence", "margin"
-    ] = "entropy"
-    """MC uncertainty measure of the `combined` strategy. Entropy of the MC-averaged
-    prediction: at the default `head` scope it flags the classifier's own errors better
-    than BALD (bench/gate_cost.py: error AUROC 0.950 against 0.878 on the dev val split)."""
-    label_rate: float = Field(0.2, gt=0, le=1)
-    """Target fraction of studies routed to a radiologist (audits and cold start included)."""
-    window: int = Field(500, ge=10, le=100_000)
-    """Rolling window (scored studies) for quantiles, threshold and realised rate; the
-    cold-start selector keeps as many cold-start studies for its novelty threshold."""
-    warmup: int = Field(50, ge=1)
-    """Scored studies needed in the window before scores are used (<= window); likewise
-    cold-start studies before the selector uses novelty."""
-    uncertainty_weight: float = Field(0.5, ge=0)
-    """Weight of the uncertainty quantile in the combined score."""
-    loss_weight: float = Field(0.5, ge=0)
-    """Weight of the predicted-loss quantile in the combined score."""
-    daily_cap: int = Field(200, ge=0)
-    """Radiologist capacity: most studies routed per calendar day (all reasons)."""
-    exploration_rate: float = Field(0.02, ge=0, le=1)
-    """Probability that a study is routed as `audit` regardless of its score. Audit labels
-    are the validation set (`retrain.validation_source: audit`) and the live-accuracy
-    estimate; at label_rate 0.1 the default gives them a fifth of the labels."""
-    feedback_gain: float = Field(8.0, ge=0, le=100)
-    """Gain of the correction from the realised routed fraction (0 disables it). With the
-    window-long realised rate, a high gain is needed on drifting score streams: 8 keeps
-    500-study blocks within about 2 points of label_rate on the drift tests."""
-    seed: int = 0
-    """Seed of the exploration, warm-up and random-strategy draws."""
-    timezone: str = "UTC"
-    """IANA time zone whose midnight starts a new day for `daily_cap`."""
-
-    @field_validator("strategy")
-    @classmethod
-    def _known_strategy(cls, value: str) -> str:
-        if value not in REGISTRY:
-            raise ValueError(f"strategy must be one of {sorted(REGISTRY)}, got {value!r}")
-        return value
-
-    @field_validator("timezone")
-    @classmethod
-    def _known_zone(cls, value: str) -> str:
-        try:
-            ZoneInfo(value)
-        except (ZoneInfoNotFoundError, ValueError) as exc:
-            raise ValueError(f"timezone must be an IANA zone name, got {value!r}") from exc
-        return value
-
-    @model_validator(mode="after")
-    def _consistent(self) -> Self:
-        if self.warmup > self.window:
-            raise ValueError(f"warmup ({self.warmup}) must not exceed window ({self.window})")
-        if self.exploration_rate > self.label_rate:
-            raise ValueError(
-                f"exploration_rate ({self.exploration_rate}) must not exceed "
-                f"label_rate ({self.label_rate})"
-            )
-        if self.uncertainty_weight + self.loss_weight <= 0:
-            raise ValueError("uncertainty_weight and loss_weight must not both be 0")
-        return self
 
 
 @dataclass(frozen=True)
@@ -218,11 +138,15 @@ class BudgetGate:
 
     def __init__(self, settings: GateSettings) -> None:
         self.settings = settings
-        self.acquisition = make_acquisition(settings)
+        self.strategy = make_strategy(settings)
         self._zone = ZoneInfo(settings.timezone)
-        weights = self.acquisition.weights
+        weights = self.strategy.weights
         self._keys = tuple(k for k, w in weights.items() if w > 0)
         self._weights = np.array([weights[k] for k in self._keys], dtype=np.float64)
+        self.manager = BUDGET_MANAGERS[settings.manager](
+            self._keys, self._weights, label_rate=settings.label_rate, warmup=settings.warmup,
+            feedback_gain=settings.feedback_gain,
+        )  # fmt: skip
         self._values = np.zeros((len(self._keys), settings.window))
         self._routed = np.zeros(settings.window, dtype=bool)
         self._eligible = np.zeros(settings.window, dtype=bool)
@@ -296,7 +220,7 @@ class BudgetGate:
         """Decide for one study without changing the gate.
 
         Args:
-            scores: Raw component scores from `self.acquisition.components(result)`
+            scores: Raw component scores from `self.strategy.components(result)`
                 (e.g. {"uncertainty": .., "predicted_loss": ..}), or None when no model
                 exists yet (cold start).
             now: Timezone-aware time of the study (its day is taken in `timezone`).
@@ -325,25 +249,25 @@ class BudgetGate:
             "key": key,
         }
         u_audit, u_sample = uniform_pair(self.settings.seed, self._sequence)
+        coin = not self.manager.uses_scores
         if scores is None:
             audit = u_audit < self.settings.exploration_rate
-            if self.acquisition.is_random:  # a coin, before and after the first model
+            if coin:  # a coin, before and after the first model
                 cold_start = u_sample < self._score_rate
-            return self._decide_cold_start(base, cap_open, cold_start, novelty, audit,
-                                           "random" if self.acquisition.is_random else None)
+            return self._decide_cold_start(
+                base, cap_open, cold_start, novelty, audit, "random" if coin else None
+            )
         clean = self._check_scores(scores)
         quantiles = combined = threshold = None
         if u_audit < self.settings.exploration_rate:
             want, reason = True, "audit"
-        elif self.acquisition.is_random:
-            want, reason = u_sample < self._score_rate, "random"
-        elif self._filled < self.settings.warmup:
-            want, reason = u_sample < self._score_rate, "warmup"
         else:
-            quantiles, combined, threshold = self._rank(clean)
-            want = combined > threshold
-            above = [k for k in self._keys if quantiles[k] > threshold]
-            reason = above[0] if len(above) == 1 else "both"
+            route = self.manager.route(
+                clean, self._values[:, : self._filled], self.realised_rate(), u_sample,
+                self._score_rate,
+            )  # fmt: skip
+            want, reason = route.want, route.reason
+            quantiles, combined, threshold = route.quantiles, route.combined, route.threshold
         if not want:
             reason = "below_threshold" if combined is not None else "not_sampled"
         elif not cap_open:
@@ -357,8 +281,12 @@ class BudgetGate:
 
     @staticmethod
     def _decide_cold_start(
-        base: dict[str, Any], cap_open: bool, cold_start: bool, novelty: float | None,
-        audit: bool, routed_reason: str | None = None,
+        base: dict[str, Any],
+        cap_open: bool,
+        cold_start: bool,
+        novelty: float | None,
+        audit: bool,
+        routed_reason: str | None = None,
     ) -> Decision:
         stored = None
         if novelty is not None:
@@ -425,30 +353,6 @@ class BudgetGate:
         if bad:
             raise ValueError(f"scores must be finite, got {bad} non-finite")
         return clean
-
-    def _rank(self, scores: dict[str, float]) -> tuple[dict[str, float], float, float]:
-        n = self._filled
-        window = self._values[:, :n]
-        member_q = np.empty_like(window)
-        new_q = np.empty(len(self._keys))
-        for j, key in enumerate(self._keys):
-            order = np.argsort(window[j])
-            ordered = window[j][order]
-            # mid-rank of each member (ties averaged); sorted queries keep this fast
-            left = np.searchsorted(ordered, ordered, "left")
-            member_q[j, order] = (left + np.searchsorted(ordered, ordered, "right")) / (2.0 * n)
-            below = np.searchsorted(ordered, scores[key], "left")
-            new_q[j] = (below + np.searchsorted(ordered, scores[key], "right")) / (2.0 * n)
-        total = self._weights.sum()
-        member_c = self._weights @ member_q / total
-        combined = float(self._weights @ new_q / total)
-        rate = self._score_rate
-        realised = self.realised_rate()
-        if realised is not None:
-            rate += self.settings.feedback_gain * (self.settings.label_rate - realised)
-        rate = min(max(rate, 0.0), 1.0)
-        threshold = _quantile(np.sort(member_c), 1.0 - rate)
-        return dict(zip(self._keys, new_q.tolist(), strict=True)), combined, threshold
 
     def window_keys(self) -> list[int]:
         """Keys of the window's scored studies, oldest first (entries without one skipped)."""

@@ -1,25 +1,30 @@
-"""Acquisition by MC uncertainty and predicted loss together."""
+"""Strategy by MC uncertainty and predicted loss together."""
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, ClassVar, Self
 
-from triage.acquisition.base import PREDICTED_LOSS, UNCERTAINTY, Acquisition, uncertainty_score
-from triage.acquisition.measures import MEASURES
-from triage.acquisition.predicted_loss import predicted_loss_of
+from triage.gate.measures import MEASURES
+from triage.gate.strategies.base import (
+    PREDICTED_LOSS,
+    UNCERTAINTY,
+    Strategy,
+    StrategyOptions,
+    uncertainty_score,
+)
+from triage.gate.strategies.predicted_loss import predicted_loss_of
 
 if TYPE_CHECKING:
-    from triage.gate import GateSettings
     from triage.model.inference import StudyResult
 
 
-class CombinedAcquisition(Acquisition):
+class CombinedStrategy(Strategy):
     """Weighted uncertainty (one MC measure) + predicted loss, combined on ranks.
 
     Without a loss predictor, `components_with_fallback` uses the uncertainty for both.
 
     Args:
-        measure: Uncertainty measure (see `triage.acquisition.measures.MEASURES`).
+        measure: Uncertainty measure (see `triage.gate.measures.MEASURES`).
         uncertainty_weight: Weight of the uncertainty component (>= 0).
         loss_weight: Weight of the predicted-loss component (>= 0); the two weights
             must not both be 0.
@@ -42,8 +47,8 @@ class CombinedAcquisition(Acquisition):
         self._weights = {UNCERTAINTY: uncertainty_weight, PREDICTED_LOSS: loss_weight}
 
     @classmethod
-    def from_settings(cls, settings: GateSettings) -> Self:
-        return cls(settings.uncertainty_measure, settings.uncertainty_weight, settings.loss_weight)
+    def from_settings(cls, options: StrategyOptions) -> Self:
+        return cls(options.uncertainty_measure, options.uncertainty_weight, options.loss_weight)
 
     def components(self, result: StudyResult) -> dict[str, float]:
         return {

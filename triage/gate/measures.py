@@ -5,15 +5,21 @@ study's mean MC probabilities [N, C] or a single [C]); `samples` is [T, ..., C]
 for measures that need the MC samples (T samples first). Every function returns
 the shape of its input without the class axis (and without T). Logarithms are
 base 2, so entropies are in bits. Inputs may be torch tensors or numpy arrays;
-the output has the same type.
+the output has the same type. The module does not import torch itself (the gate's
+settings load without it): a tensor can only come from a caller that has.
 """
 
-from typing import TypeVar
+import sys
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
-import torch
 
-Array = TypeVar("Array", torch.Tensor, np.ndarray)
+if TYPE_CHECKING:
+    import torch
+
+    Array = TypeVar("Array", torch.Tensor, np.ndarray)
+else:
+    Array = TypeVar("Array")
 
 MEASURES: tuple[str, ...] = ("entropy", "bald", "variation_ratio", "least_confidence", "margin")
 """All measures. All grow with uncertainty except `margin`, which shrinks."""
@@ -21,14 +27,21 @@ MEASURES: tuple[str, ...] = ("entropy", "bald", "variation_ratio", "least_confid
 _TINY = 1e-12
 
 
+def _is_tensor(value: Any) -> bool:
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(value, torch.Tensor)
+
+
 def _xlog2x(p: Array) -> Array:
-    if isinstance(p, torch.Tensor):
+    if _is_tensor(p):
+        import torch
+
         return torch.where(p > 0, p * torch.log2(p.clamp_min(_TINY)), torch.zeros_like(p))
     return np.where(p > 0, p * np.log2(np.maximum(p, _TINY)), 0.0)
 
 
 def _check(probs: Array, name: str, min_ndim: int) -> None:
-    if not isinstance(probs, torch.Tensor | np.ndarray):
+    if not (isinstance(probs, np.ndarray) or _is_tensor(probs)):
         raise TypeError(f"{name} must be a torch.Tensor or numpy array, got {type(probs)}")
     if probs.ndim < min_ndim or probs.shape[-1] < 2:
         raise ValueError(
@@ -52,7 +65,7 @@ def least_confidence(probs: Array) -> Array:
 def margin(probs: Array) -> Array:
     """Top-1 minus top-2 probability of [..., C] -> [...]; small = uncertain."""
     _check(probs, "probs", 1)
-    if isinstance(probs, torch.Tensor):
+    if _is_tensor(probs):
         top2 = probs.topk(2, dim=-1).values
         return top2[..., 0] - top2[..., 1]
     top2 = np.sort(probs, axis=-1)[..., -2:]
@@ -69,7 +82,7 @@ def bald(samples: Array) -> Array:
     total = predictive_entropy(samples.mean(0))
     expected = predictive_entropy(samples).mean(0)
     result = total - expected
-    if isinstance(result, torch.Tensor):
+    if _is_tensor(result):
         return result.clamp_min(0.0)
     return np.maximum(result, 0.0)
 
@@ -78,7 +91,9 @@ def variation_ratio(samples: Array) -> Array:
     """1 - (share of MC samples voting for the modal class), [T, ..., C] -> [...]."""
     _check(samples, "samples", 2)
     num_classes = samples.shape[-1]
-    if isinstance(samples, torch.Tensor):
+    if _is_tensor(samples):
+        import torch
+
         votes = torch.nn.functional.one_hot(samples.argmax(-1), num_classes).sum(0)
         return 1.0 - votes.max(-1).values.to(samples.dtype) / samples.shape[0]
     votes = (samples.argmax(-1)[..., None] == np.arange(num_classes)).sum(0)
@@ -94,7 +109,7 @@ def all_measures(samples: Array) -> dict[str, Array]:
     mean = samples.mean(0)
     total = predictive_entropy(mean)
     mutual = total - predictive_entropy(samples).mean(0)
-    if isinstance(mutual, torch.Tensor):
+    if _is_tensor(mutual):
         mutual = mutual.clamp_min(0.0)
     else:
         mutual = np.maximum(mutual, 0.0)

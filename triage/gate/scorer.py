@@ -15,12 +15,12 @@ next decision (`BudgetGate.rescore`; event `gate_window_rescored`, histogram
 left out of the window. This costs one inference per window study, once per change.
 
 No loss predictor: a model without one gives no predicted loss; the uncertainty stands
-in for it (`Acquisition.components_with_fallback`), so such a model ranks by
+in for it (`Strategy.components_with_fallback`), so such a model ranks by
 uncertainty alone instead of failing every study. The first such study of a version
 logs a WARNING event `gate_fallback_uncertainty`; the counter
 `triage_gate_fallback_total{reason="no_loss_predictor"}` counts the studies.
 
-Cold start: without a usable serving model, `triage.coldstart.ColdStartSelector` chooses
+Cold start: without a usable serving model, `triage.gate.coldstart.ColdStartSelector` chooses
 the studies to route, at `gate.label_rate` and for coverage of the stream (farthest
 first on a label-free thumbnail embedding); the gate routes them as `cold_start` within
 the daily cap and skips the others as `not_sampled`. The study's novelty is stored as
@@ -45,10 +45,11 @@ import numpy as np
 import sqlite_utils
 import torch
 
-from triage.coldstart import ColdStartSelector, coldstart_embedding
 from triage.config import Settings
 from triage.db import transaction
 from triage.gate import NOVELTY, BudgetGate, Decision
+from triage.gate.coldstart import ColdStartSelector, coldstart_embedding
+from triage.gate.worker import ScoreResult, StudyToScore
 from triage.logs import event
 from triage.metrics import Metrics
 from triage.model.checkpoint import Checkpoint
@@ -56,7 +57,6 @@ from triage.model.inference import StudyResult, score_study
 from triage.queue import enqueue
 from triage.registry import ModelError, ModelRegistry
 from triage.retrain.queries import coverage_queries
-from triage.scoring import ScoreResult, StudyToScore
 from triage.studies import load_study_images
 
 log = logging.getLogger("triage.gate")
@@ -171,15 +171,15 @@ class GateScorer:
     def _components(self, result: StudyResult, version: str, *, count: bool) -> dict[str, float]:
         """The gate's raw scores of a result; the uncertainty stands in for a missing
         predicted loss (counted when ``count``, logged once per model version)."""
-        acquisition = self._gate.acquisition
-        scores, fallback = acquisition.components_with_fallback(result)
+        strategy = self._gate.strategy
+        scores, fallback = strategy.components_with_fallback(result)
         if fallback is not None:
             if count:
                 self._metrics.gate_fallback.labels(fallback).inc()
             if version not in self._fallback_logged:
                 self._fallback_logged.add(version)
                 event(log, "gate_fallback_uncertainty", logging.WARNING, model=version,
-                      reason=fallback, measure=acquisition.fallback_measure)
+                      reason=fallback, measure=strategy.fallback_measure)
         return scores
 
     def _rescore_window(self, checkpoint: Checkpoint, version: str) -> None:
@@ -189,7 +189,7 @@ class GateScorer:
         entries = self._gate.window_filled
         studies = list(dict.fromkeys(self._gate.window_keys()))  # unique, oldest first
         fresh: dict[int, dict[str, float]] = {}
-        if not self._gate.acquisition.is_random:
+        if self._gate.manager.uses_scores:
             for study_id in studies:
                 scores = self._rescore_study(checkpoint, version, study_id)
                 if scores is not None:
@@ -286,7 +286,7 @@ class GateScorer:
         day = self._gate.day_of(datetime.fromtimestamp(now, UTC))
         checkpoint, version = self._serving_model()
         budget = min(self._settings.retrain.coverage_queries, self._gate.remaining_on(day))
-        if self._gate.acquisition.is_random:  # the random baseline stays a coin
+        if not self._gate.manager.uses_scores:  # the random baseline stays a coin
             budget = 0
         picked: list[int] = []
         precomputed = json.loads(runs[-1][1] or "{}").get("coverage_picks")

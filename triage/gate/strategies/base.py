@@ -1,11 +1,11 @@
-"""The acquisition-function interface.
+"""The strategy interface: the score of each study.
 
-An acquisition function turns a study's `StudyResult` into named raw component
+A strategy turns a study's `StudyResult` into named raw component
 scores (larger = more worth labelling) and the weights that combine them. The
 gate makes each component scale-free by its rank in a rolling window before
 weighting; `score` (weighted raw sum) and `score_pool` (weighted within-pool
 ranks) serve offline ranking. A new function is one file: subclass
-`Acquisition`, then add the class to `triage.acquisition.REGISTRY`.
+`Strategy`, then add the class to `triage.gate.strategies.STRATEGIES`.
 
 `components` needs every input its components use (a model without a loss
 predictor gives no predicted loss). `components_with_fallback`, which the daemon's
@@ -17,18 +17,27 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import replace
-from typing import TYPE_CHECKING, ClassVar, Self
+from typing import TYPE_CHECKING, ClassVar, Protocol, Self
 
 import numpy as np
 
 if TYPE_CHECKING:
-    from triage.gate import GateSettings
     from triage.model.inference import StudyResult
 
 UNCERTAINTY = "uncertainty"
 PREDICTED_LOSS = "predicted_loss"
 NO_LOSS_PREDICTOR = "no_loss_predictor"
 """Fallback reason: the model has no loss predictor, the uncertainty stands in."""
+
+
+class StrategyOptions(Protocol):
+    """What a strategy is built from: the matching fields of `GateSettings`."""
+
+    strategy: str
+    uncertainty_measure: str
+    uncertainty_weight: float
+    loss_weight: float
+    seed: int
 
 
 def uncertainty_score(result: StudyResult, measure: str) -> float:
@@ -49,25 +58,28 @@ def midranks(values: np.ndarray) -> np.ndarray:
     return ranks / n
 
 
-class Acquisition(ABC):
-    """Base of all acquisition functions.
+class Strategy(ABC):
+    """Base of all strategies.
 
     Attributes:
-        name: Registry name (`GateSettings.strategy`).
-        is_random: True for the random baseline, which the gate routes at label_rate
-            without looking at scores.
+        name: Registry name (`gate.strategy`).
+        has_scores: False for a strategy without components (the random baseline),
+            which only a budget manager that ignores scores can serve.
+        default_budget_manager: The budget manager used when `gate.budget_manager` is
+            not set.
         fallback_measure: Uncertainty measure that stands in for a missing predicted
             loss in `components_with_fallback`.
     """
 
     name: ClassVar[str]
-    is_random: ClassVar[bool] = False
+    has_scores: ClassVar[bool] = True
+    default_budget_manager: ClassVar[str] = "quantile"
     fallback_measure: str = "entropy"
 
     @classmethod
     @abstractmethod
-    def from_settings(cls, settings: GateSettings) -> Self:
-        """Build the function from the gate settings."""
+    def from_settings(cls, options: StrategyOptions) -> Self:
+        """Build the strategy from the gate settings."""
 
     @abstractmethod
     def components(self, result: StudyResult) -> dict[str, float]:

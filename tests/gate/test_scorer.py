@@ -23,7 +23,8 @@ from test_coldstart import synthetic_study
 from triage import db as store
 from triage.config import Settings, load_settings
 from triage.gate import GateSettings
-from triage.gate_scorer import GateScorer
+from triage.gate.scorer import GateScorer
+from triage.gate.worker import ScoringWorker
 from triage.metrics import build_metrics
 from triage.model.checkpoint import save_checkpoint
 from triage.model.inference import score_study
@@ -32,7 +33,6 @@ from triage.model.network import build_network
 from triage.model.settings import ModelSettings
 from triage.preprocess import to_storage
 from triage.registry import ModelRegistry
-from triage.scoring import ScoringWorker
 
 
 def _decisions(proc: DaemonProcess) -> list[sqlite3.Row]:

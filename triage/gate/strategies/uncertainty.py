@@ -1,24 +1,23 @@
-"""Acquisition by one MC-dropout uncertainty measure: `entropy` and `bald`."""
+"""Strategy by one MC-dropout uncertainty measure: `entropy` and `bald`."""
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, ClassVar, Self
 
-from triage.acquisition.base import UNCERTAINTY, Acquisition, uncertainty_score
+from triage.gate.strategies.base import UNCERTAINTY, Strategy, StrategyOptions, uncertainty_score
 
 if TYPE_CHECKING:
-    from triage.gate import GateSettings
     from triage.model.inference import StudyResult
 
 
-class EntropyAcquisition(Acquisition):
+class EntropyStrategy(Strategy):
     """Predictive entropy (bits) of the MC mean probabilities."""
 
     name: ClassVar[str] = "entropy"
     measure: ClassVar[str] = "entropy"
 
     @classmethod
-    def from_settings(cls, settings: GateSettings) -> Self:
+    def from_settings(cls, options: StrategyOptions) -> Self:
         return cls()
 
     def components(self, result: StudyResult) -> dict[str, float]:
@@ -29,7 +28,7 @@ class EntropyAcquisition(Acquisition):
         return {UNCERTAINTY: 1.0}
 
 
-class BaldAcquisition(EntropyAcquisition):
+class BaldStrategy(EntropyStrategy):
     """BALD mutual information (bits) between prediction and dropout mask."""
 
     name: ClassVar[str] = "bald"

@@ -1,14 +1,13 @@
-"""Acquisition by the learned loss predictor (Yoo & Kweon 2019)."""
+"""Strategy by the learned loss predictor (Yoo & Kweon 2019)."""
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, ClassVar, Self
 
-from triage.acquisition.base import PREDICTED_LOSS, Acquisition
-from triage.acquisition.measures import MEASURES
+from triage.gate.measures import MEASURES
+from triage.gate.strategies.base import PREDICTED_LOSS, Strategy, StrategyOptions
 
 if TYPE_CHECKING:
-    from triage.gate import GateSettings
     from triage.model.inference import StudyResult
 
 
@@ -19,7 +18,7 @@ def predicted_loss_of(result: StudyResult) -> float:
     return result.predicted_loss
 
 
-class PredictedLossAcquisition(Acquisition):
+class PredictedLossStrategy(Strategy):
     """The loss predictor's output (only its order is meaningful).
 
     Args:
@@ -37,8 +36,8 @@ class PredictedLossAcquisition(Acquisition):
         self.fallback_measure = fallback_measure
 
     @classmethod
-    def from_settings(cls, settings: GateSettings) -> Self:
-        return cls(settings.uncertainty_measure)
+    def from_settings(cls, options: StrategyOptions) -> Self:
+        return cls(options.uncertainty_measure)
 
     def components(self, result: StudyResult) -> dict[str, float]:
         return {PREDICTED_LOSS: predicted_loss_of(result)}

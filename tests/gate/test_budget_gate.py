@@ -8,8 +8,8 @@ from datetime import UTC, datetime, timedelta
 import numpy as np
 import pytest
 
-from triage.acquisition import NO_LOSS_PREDICTOR, make_acquisition
 from triage.gate import SKIPPED_REASONS, BudgetGate, Decision, GateSettings
+from triage.gate.strategies import NO_LOSS_PREDICTOR, make_strategy
 from triage.model.inference import StudyResult
 
 START = datetime(2024, 3, 1, tzinfo=UTC)
@@ -187,6 +187,21 @@ def test_random_strategy_routes_at_label_rate():
     assert {d.reason for d in decisions} == {"random", "audit", "not_sampled"}
     audits = sum(d.reason == "audit" for d in decisions)
     assert abs(audits - n * settings.exploration_rate) <= 4 * math.sqrt(n * 0.05 * 0.95)
+
+
+def test_coin_budget_manager_ignores_the_strategys_scores():
+    """The budget manager is swappable: under `coin`, the same scored stream is routed
+    by the coin alone (same draws, same routes whatever the scores), at label_rate."""
+    n, rate = 4000, 0.2
+    settings = GateSettings(strategy="combined", budget_manager="coin", label_rate=rate,
+                            daily_cap=10_000)  # fmt: skip
+    _, high = run(settings, stream(n, seed=1))
+    _, other = run(settings, stream(n, seed=2))
+    assert [d.needs_label for d in high] == [d.needs_label for d in other]
+    assert {d.reason for d in high} == {"random", "audit", "not_sampled"}
+    assert abs(sum(d.needs_label for d in high) - n * rate) <= 4 * math.sqrt(n * rate)
+    _, quantile = run(settings.model_copy(update={"budget_manager": "quantile"}), stream(n, 1))
+    assert [d.needs_label for d in quantile] != [d.needs_label for d in high]
 
 
 def test_warmup_then_scores():
@@ -416,21 +431,21 @@ def _result(entropy, loss):
     ],
 )
 def test_uncertainty_stands_in_for_a_missing_predicted_loss(strategy, measure, expected):
-    acquisition = make_acquisition(GateSettings(strategy=strategy, uncertainty_measure=measure))
-    scores, reason = acquisition.components_with_fallback(_result(0.7, None))
+    strategy = make_strategy(GateSettings(strategy=strategy, uncertainty_measure=measure))
+    scores, reason = strategy.components_with_fallback(_result(0.7, None))
     assert reason == NO_LOSS_PREDICTOR
     assert scores == pytest.approx(expected)
     # with a predicted loss nothing changes
     with_loss = _result(0.7, 2.0)
-    assert acquisition.components_with_fallback(with_loss) == (
-        acquisition.components(with_loss),
+    assert strategy.components_with_fallback(with_loss) == (
+        strategy.components(with_loss),
         None,
     )
 
 
 def test_uncertainty_strategies_never_fall_back_and_pools_rank_by_the_stand_in():
-    entropy = make_acquisition(GateSettings(strategy="entropy"))
+    entropy = make_strategy(GateSettings(strategy="entropy"))
     assert entropy.components_with_fallback(_result(0.7, None)) == ({"uncertainty": 0.7}, None)
-    combined = make_acquisition(GateSettings())
+    combined = make_strategy(GateSettings())
     pool = [_result(e, None) for e in (0.2, 0.9, 0.5)]  # the pending queue after a promotion
     assert np.argsort(combined.score_pool(pool)).tolist() == [0, 2, 1]

@@ -6,7 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-from triage.coldstart import EMBEDDING_SIZE, NOVELTY_CAP, ColdStartSelector, coldstart_embedding
+from triage.gate.coldstart import (
+    EMBEDDING_SIZE,
+    NOVELTY_CAP,
+    ColdStartSelector,
+    coldstart_embedding,
+)
 
 S = 32
 YY, XX = np.mgrid[0:S, 0:S] / (S - 1)

@@ -1,0 +1,43 @@
+"""The acquisition stage: which scored studies a radiologist should label.
+
+- `strategies/`: the score of each study (random, entropy, bald, predicted_loss,
+  combined); one file per strategy and a line in `STRATEGIES`.
+- `budget_managers.py`: from scores to "route it or not" under the budget (`quantile`,
+  `coin`).
+- `budget_gate.py`: `BudgetGate`, which joins the two with audits, cold start, the
+  daily cap and the rolling window; `settings.py`: the `gate:` config section.
+- `measures.py`: the MC-dropout uncertainty measures (entropy, BALD, ...).
+- `coldstart.py`: the label-free cold-start selector.
+- `scorer.py` (`GateScorer`) and `worker.py` (`ScoringWorker`): the daemon's scoring
+  thread, which runs the model, asks the gate and stores the decision.
+
+Importing this package (or `triage.gate.settings`) does not import torch; `scorer`,
+`worker` and `coldstart` do and are imported by their module path.
+"""
+
+from triage.gate.budget_gate import (
+    NOVELTY,
+    ROUTED_REASONS,
+    SKIPPED_REASONS,
+    BudgetGate,
+    Decision,
+    uniform_pair,
+)
+from triage.gate.budget_managers import BUDGET_MANAGERS, BudgetManager
+from triage.gate.settings import GateSettings
+from triage.gate.strategies import STRATEGIES, Strategy, make_strategy
+
+__all__ = [
+    "BUDGET_MANAGERS",
+    "NOVELTY",
+    "ROUTED_REASONS",
+    "SKIPPED_REASONS",
+    "STRATEGIES",
+    "BudgetGate",
+    "BudgetManager",
+    "Decision",
+    "GateSettings",
+    "Strategy",
+    "make_strategy",
+    "uniform_pair",
+]

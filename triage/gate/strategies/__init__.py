@@ -1,0 +1,66 @@
+"""Strategies: the score of each study, larger = more worth a radiologist's label.
+
+Use `make_strategy(settings)` to build the strategy named by `gate.strategy`. To add
+one, write a file with a `Strategy` subclass and add it to `STRATEGIES` below; which
+scored studies are routed is the budget manager's part (`triage.gate.budget_managers`).
+"""
+
+from collections.abc import Mapping
+from types import MappingProxyType
+
+from triage.gate.strategies.base import (
+    NO_LOSS_PREDICTOR,
+    PREDICTED_LOSS,
+    UNCERTAINTY,
+    Strategy,
+    StrategyOptions,
+    midranks,
+    uncertainty_score,
+)
+from triage.gate.strategies.combined import CombinedStrategy
+from triage.gate.strategies.predicted_loss import PredictedLossStrategy
+from triage.gate.strategies.random import RandomStrategy
+from triage.gate.strategies.uncertainty import BaldStrategy, EntropyStrategy
+
+STRATEGIES: Mapping[str, type[Strategy]] = MappingProxyType(
+    {
+        cls.name: cls
+        for cls in (
+            RandomStrategy,
+            EntropyStrategy,
+            BaldStrategy,
+            PredictedLossStrategy,
+            CombinedStrategy,
+        )
+    }
+)
+"""Strategy classes by name (read-only)."""
+
+
+def make_strategy(options: StrategyOptions) -> Strategy:
+    """The strategy named by `options.strategy` (a `GateSettings`), built from `options`."""
+    try:
+        cls = STRATEGIES[options.strategy]
+    except KeyError:
+        raise ValueError(
+            f"strategy must be one of {sorted(STRATEGIES)}, got {options.strategy!r}"
+        ) from None
+    return cls.from_settings(options)
+
+
+__all__ = [
+    "NO_LOSS_PREDICTOR",
+    "PREDICTED_LOSS",
+    "STRATEGIES",
+    "UNCERTAINTY",
+    "BaldStrategy",
+    "CombinedStrategy",
+    "EntropyStrategy",
+    "PredictedLossStrategy",
+    "RandomStrategy",
+    "Strategy",
+    "StrategyOptions",
+    "make_strategy",
+    "midranks",
+    "uncertainty_score",
+]
