@@ -3,7 +3,8 @@
 Every thread opens its own connection with :func:`connect`. WAL mode lets the HTTP
 server read while ingestion writes; the busy timeout makes writers wait instead of fail.
 The schema version is SQLite's ``user_version``; :data:`MIGRATIONS` are applied in order,
-each in its own transaction, so an interrupted upgrade is rolled back whole.
+each in its own write transaction that first reads the version, so an interrupted upgrade
+is rolled back whole and processes starting at once on a new file apply each step once.
 """
 
 from __future__ import annotations
@@ -20,7 +21,9 @@ BUSY_TIMEOUT_MS = 30_000
 # File states. ``reading`` and ``moving`` are the two in-flight states of the ingestion
 # journal; the others are final and every file that entered the inbox ends in one.
 FINAL_FILE_STATES = ("archived", "unsupported", "quarantined", "duplicate", "vanished")
-STUDY_STATES = ("open", "complete", "scoring", "scored", "unscoreable")
+# ``error``: the study's stored images could not be read; ``error_reason`` says why, and a
+# late instance reopens it like any other study.
+STUDY_STATES = ("open", "complete", "scoring", "scored", "unscoreable", "error")
 
 MIGRATIONS: tuple[str, ...] = (
     # 1: ingestion journal, instances with their preprocessed pixels, studies, results.
@@ -208,6 +211,16 @@ MIGRATIONS: tuple[str, ...] = (
     """
     ALTER TABLE retrain_runs ADD COLUMN coverage_routed INTEGER;
     """,
+    # 6: why a study ended `error`, and how often it did; what orders a study's instances
+    # independently of arrival (series number, position along the slice normal, instance
+    # number). Instances stored before this step keep NULLs there and sort by UID.
+    """
+    ALTER TABLE studies ADD COLUMN error_reason TEXT;
+    ALTER TABLE studies ADD COLUMN error_count INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE instances ADD COLUMN series_number INTEGER;
+    ALTER TABLE instances ADD COLUMN slice_position REAL;
+    ALTER TABLE instances ADD COLUMN instance_number INTEGER;
+    """,
 )
 
 
@@ -243,19 +256,32 @@ def schema_version(db: sqlite_utils.Database) -> int:
 
 
 def migrate(db: sqlite_utils.Database) -> int:
-    """Apply pending migrations; return the schema version now in force."""
-    version = schema_version(db)
+    """Apply pending migrations; return the schema version now in force.
+
+    Each step runs in one write transaction that reads the version after taking the lock:
+    a second process starting at the same time waits, then finds the step applied,
+    instead of applying it again ("table already exists"). An up-to-date store is
+    recognised without taking the write lock (the version only ever grows).
+    """
+    _check_known(schema_version(db))
+    while schema_version(db) < len(MIGRATIONS):
+        with transaction(db):
+            version = schema_version(db)  # under the write lock: no one else migrates now
+            _check_known(version)
+            if version == len(MIGRATIONS):
+                break
+            for statement in _statements(MIGRATIONS[version]):
+                db.execute(statement)
+            db.execute(f"PRAGMA user_version = {version + 1}")
+    return schema_version(db)
+
+
+def _check_known(version: int) -> None:
     if version > len(MIGRATIONS):
         raise RuntimeError(
             f"database schema version {version} is newer than this triage "
             f"({len(MIGRATIONS)}): upgrade triage or restore a matching database"
         )
-    for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
-        with transaction(db):
-            for statement in _statements(script):
-                db.execute(statement)
-            db.execute(f"PRAGMA user_version = {number}")
-    return schema_version(db)
 
 
 def _statements(script: str) -> Iterator[str]:
@@ -273,14 +299,21 @@ def _statements(script: str) -> Iterator[str]:
 
 @contextmanager
 def transaction(db: sqlite_utils.Database) -> Iterator[sqlite_utils.Database]:
-    """BEGIN IMMEDIATE ... COMMIT, rolled back on any error."""
+    """BEGIN IMMEDIATE ... COMMIT, rolled back on any error, a failed COMMIT included.
+
+    A COMMIT can fail (a deferred constraint, disk full, an I/O error) and SQLite then
+    keeps the transaction open: without the ROLLBACK the connection would hold the write
+    lock and its next BEGIN would fail. Errors that already ended the transaction
+    (SQLite rolls back on some) are re-raised as they are.
+    """
     db.execute("BEGIN IMMEDIATE")
     try:
         yield db
+        db.execute("COMMIT")
     except BaseException:
-        db.execute("ROLLBACK")
+        if db.conn.in_transaction:
+            db.execute("ROLLBACK")
         raise
-    db.execute("COMMIT")
 
 
 def count_by(db: sqlite_utils.Database, table: str, column: str) -> dict[str, int]:

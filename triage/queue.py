@@ -54,14 +54,20 @@ def enqueue(db: sqlite_utils.Database, *, study_id: int, decision_id: int,
             reason: str, combined: float | None, now: float) -> None:
     """Add (or refresh) a routed study; call inside the decision's transaction.
 
-    A study already in the queue keeps its state; a pending one takes the new priority.
+    A study already in the queue keeps its state and the reason it was first routed for:
+    the reason decides the split of its label (an audit label validates), so an audit
+    item that a later round routes for uncertainty must stay an audit, or the unbiased
+    validation set and live-accuracy estimate would lose it. A pending item takes the
+    new decision and, when neither it nor the new decision is an audit, the new priority
+    (audit items keep the audit priority: they are claimed by interleaving, not rank).
     """
     priority = _AUDIT_PRIORITY if reason == "audit" else (combined if combined is not None else 0.0)
     db.execute(
         "INSERT INTO queue_items (study_id, decision_id, reason, priority, state, routed_at) "
         "VALUES (?, ?, ?, ?, 'pending', ?) ON CONFLICT(study_id) DO UPDATE SET "
-        "decision_id = excluded.decision_id, reason = excluded.reason, "
-        "priority = excluded.priority WHERE queue_items.state = 'pending'",
+        "decision_id = excluded.decision_id, priority = CASE WHEN queue_items.reason = "
+        "'audit' OR excluded.reason = 'audit' THEN queue_items.priority "
+        "ELSE excluded.priority END WHERE queue_items.state = 'pending'",
         [study_id, decision_id, reason, priority, now],
     )
 

@@ -64,17 +64,29 @@ class StudyAssembler:
         return [item[0] for item in done]
 
 
+# A study's instances in an order that does not depend on their arrival: series (by
+# number, then UID), position along the slice normal, InstanceNumber, SOP Instance UID
+# (unique, so the order is total). Missing values sort last; instances stored before
+# these columns existed fall back to series UID and SOP Instance UID.
+INSTANCE_ORDER = (
+    "instances.series_number IS NULL, instances.series_number, instances.series_uid, "
+    "instances.slice_position IS NULL, instances.slice_position, "
+    "instances.instance_number IS NULL, instances.instance_number, instances.sop_uid"
+)
+
+
 def load_study_images(db: sqlite_utils.Database, study_id: int) -> torch.Tensor:
     """All preprocessed frames of a study's scoreable instances, [n_images, 1, S, S].
 
-    Instances are in arrival order and frames in file order, so evenly spaced picks over
-    the result follow the acquisition.
+    Instances are in :data:`INSTANCE_ORDER` and frames in file order, so evenly spaced
+    picks over the result follow the anatomy, and the same study scores the same
+    whatever order its files arrived in.
     """
     frames = []
     for size, n_frames, data in db.execute(
         "SELECT images.size, images.frames, images.data FROM images "
         "JOIN instances ON instances.id = images.instance_id "
-        "WHERE instances.study_id = ? ORDER BY instances.id",
+        f"WHERE instances.study_id = ? ORDER BY {INSTANCE_ORDER}",
         [study_id],
     ).fetchall():
         frames.append(from_storage(data, n_frames, size))

@@ -77,15 +77,28 @@ class ScoringWorker:
         self._clock = clock
 
     def requeue_interrupted(self) -> int:
-        """Studies left ``scoring`` by a crash go back to ``complete``."""
+        """Studies left ``scoring`` by a crash go back to ``complete``, to be scored again.
+
+        Call at start-up, before the first :meth:`run_once`; the ids go to the log so an
+        operator can follow each recovered study (ids only: no UIDs or patient data).
+        """
         with transaction(self._db):
-            cursor = self._db.execute(
-                "UPDATE studies SET state = 'complete' WHERE state = 'scoring'"
-            )
-        return cursor.rowcount
+            ids = [int(row[0]) for row in self._db.execute(
+                "SELECT id FROM studies WHERE state = 'scoring' ORDER BY id"
+            ).fetchall()]
+            self._db.execute("UPDATE studies SET state = 'complete' WHERE state = 'scoring'")
+        if ids:
+            event(log, "scoring_interrupted_requeued", logging.WARNING, studies=len(ids),
+                  study_ids=ids)
+        return len(ids)
 
     def run_once(self) -> int | None:
-        """Score the next complete study; return its id, or None when there is none."""
+        """Score the next complete study; return its id, or None when there is none.
+
+        The study leaves ``scoring`` in every case: ``scored`` with a result (an ``error``
+        result when the scorer failed), ``error`` with a reason when its stored images
+        cannot be read, or ``open`` when a late instance reopened it meanwhile.
+        """
         with transaction(self._db):
             row = self._db.execute(
                 "SELECT id, round FROM studies WHERE state = 'complete' "
@@ -95,7 +108,11 @@ class ScoringWorker:
                 return None
             study_id, round_ = int(row[0]), int(row[1])
             self._db.execute("UPDATE studies SET state = 'scoring' WHERE id = ?", [study_id])
-        images = load_study_images(self._db, study_id)
+        try:
+            images = load_study_images(self._db, study_id)
+        except Exception as exc:  # noqa: BLE001 - a corrupt stored image must not stick
+            self._unreadable(study_id, round_, exc)
+            return study_id
         try:
             result = self._scorer.score(StudyToScore(study_id, round_, images))
         except Exception as exc:  # noqa: BLE001 - one bad study must not stop the stream
@@ -104,14 +121,9 @@ class ScoringWorker:
             result = ScoreResult("error", None, {"error_type": type(exc).__name__})
         now = self._clock()
         with transaction(self._db):
-            cursor = self._db.execute(
-                "INSERT INTO study_results (study_id, round, status, model_version, detail, "
-                "created_at) VALUES (?, ?, ?, ?, ?, ?)",
-                [study_id, round_, result.status, result.model_version,
-                 json.dumps(result.detail), now],
-            )
+            result_id = self._store_result(study_id, round_, result, now)
             if result.decision_row is not None:
-                row = {"result_id": cursor.lastrowid, "study_id": study_id, "round": round_,
+                row = {"result_id": result_id, "study_id": study_id, "round": round_,
                        "created_at": now, **result.decision_row}
                 decision = self._db.execute(
                     f"INSERT INTO decisions ({', '.join(row)}) "
@@ -132,3 +144,33 @@ class ScoringWorker:
         event(log, "study_scored", study_id=study_id, round=round_, status=result.status,
               images=int(images.shape[0]))
         return study_id
+
+    def _store_result(self, study_id: int, round_: int, result: ScoreResult, now: float) -> int:
+        cursor = self._db.execute(
+            "INSERT INTO study_results (study_id, round, status, model_version, detail, "
+            "created_at) VALUES (?, ?, ?, ?, ?, ?)",
+            [study_id, round_, result.status, result.model_version,
+             json.dumps(result.detail), now],
+        )
+        return int(cursor.lastrowid)
+
+    def _unreadable(self, study_id: int, round_: int, exc: Exception) -> None:
+        """End a study whose stored images cannot be read in ``error``, with the reason.
+
+        The gate never sees it (no decision, nothing routed), so the window and budget
+        are untouched. The reason names the error type only: messages can quote stored
+        values. A late instance reopens the study and it is tried again.
+        """
+        reason = f"stored images could not be read ({type(exc).__name__})"
+        result = ScoreResult("error", None, {"error": "images_unreadable",
+                                             "error_type": type(exc).__name__})
+        with transaction(self._db):
+            self._store_result(study_id, round_, result, self._clock())
+            self._db.execute(
+                "UPDATE studies SET state = 'error', error_reason = ?, "
+                "error_count = error_count + 1 WHERE id = ? AND state = 'scoring'",
+                [reason, study_id],
+            )
+        self._metrics.scored.labels("error").inc()
+        event(log, "study_images_unreadable", logging.ERROR, study_id=study_id, round=round_,
+              error_type=type(exc).__name__)

@@ -54,6 +54,9 @@ class DicomInstance:
         study_uid: Study Instance UID; None only for unsupported files without one.
         image: Decoded pixels when the instance is scoreable, else None.
         unsupported_reason: Why it is not scored, in words, when ``image`` is None.
+        series_number, slice_position, instance_number: What orders the instances of a
+            study independently of their arrival (:func:`slice_position`); None when
+            absent or invalid.
     """
 
     sop_uid: str
@@ -66,6 +69,9 @@ class DicomInstance:
     cols: int | None
     image: DecodedImage | None
     unsupported_reason: str | None
+    series_number: int | None = None
+    slice_position: float | None = None
+    instance_number: int | None = None
 
     @property
     def scoreable(self) -> bool:
@@ -183,6 +189,9 @@ def _describe(ds: Dataset, settings: IngestSettings) -> DicomInstance:
         "photometric": _uid(ds, "PhotometricInterpretation"),
         "rows": _int(ds, "Rows"),
         "cols": _int(ds, "Columns"),
+        "series_number": _int(ds, "SeriesNumber"),
+        "slice_position": slice_position(ds),
+        "instance_number": _int(ds, "InstanceNumber"),
     }
     unsupported = _unsupported_reason(ds, modality, sop_class, settings)
     if unsupported is not None:
@@ -200,6 +209,53 @@ def _int(ds: Dataset, keyword: str) -> int | None:
         return int(value) if value not in (None, "") else None
     except (TypeError, ValueError):
         return None
+
+
+def slice_position(ds: Dataset) -> float | None:
+    """Where the (first) image plane lies along its normal, in mm, or None.
+
+    ImagePositionPatient projected on the normal of ImageOrientationPatient (row
+    direction x column direction): the order of slices in space, which neither arrival
+    order nor InstanceNumber reliably gives. Enhanced multi-frame instances carry both
+    in their functional groups; the first frame's plane stands for the instance.
+    """
+    position, orientation = _plane(ds)
+    try:
+        ipp = np.asarray([float(v) for v in position], dtype=np.float64)
+        iop = np.asarray([float(v) for v in orientation], dtype=np.float64)
+    except (TypeError, ValueError):
+        return None
+    if ipp.shape != (3,) or iop.shape != (6,) or not np.isfinite([*ipp, *iop]).all():
+        return None
+    normal = np.cross(iop[:3], iop[3:])
+    norm = float(np.linalg.norm(normal))
+    if norm < 1e-6:  # parallel or zero direction cosines: no plane
+        return None
+    return float(ipp @ normal) / norm
+
+
+def _plane(ds: Dataset) -> tuple[object, object]:
+    position, orientation = ds.get("ImagePositionPatient"), ds.get("ImageOrientationPatient")
+    groups = [_first_item(ds, "PerFrameFunctionalGroupsSequence"),
+              _first_item(ds, "SharedFunctionalGroupsSequence")]
+    for group in groups:
+        if group is None:
+            continue
+        if position is None:
+            position = _nested(group, "PlanePositionSequence", "ImagePositionPatient")
+        if orientation is None:
+            orientation = _nested(group, "PlaneOrientationSequence", "ImageOrientationPatient")
+    return position, orientation
+
+
+def _first_item(ds: Dataset, keyword: str) -> Dataset | None:
+    items = ds.get(keyword)
+    return items[0] if items else None
+
+
+def _nested(group: Dataset, sequence: str, keyword: str) -> object:
+    item = _first_item(group, sequence)
+    return item.get(keyword) if item is not None else None
 
 
 def _unsupported_reason(

@@ -291,8 +291,9 @@ class Ingestor:
         ).fetchone()
         cursor = self._db.execute(
             "INSERT INTO instances (sop_uid, sha256, study_id, series_uid, sop_class_uid, "
-            "modality, photometric, rows, cols, frames, scoreable, note, path, created_at) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "modality, photometric, rows, cols, frames, scoreable, note, path, created_at, "
+            "series_number, slice_position, instance_number) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             [
                 instance.sop_uid,
                 stored_path[1],
@@ -308,6 +309,9 @@ class Ingestor:
                 instance.unsupported_reason,
                 stored_path[0],
                 now,
+                instance.series_number,
+                instance.slice_position,
+                instance.instance_number,
             ],
         )
         instance_id = int(cursor.lastrowid)
