@@ -74,6 +74,7 @@ ABLATIONS = {
     "default+mixed_validation": ("uniform",),
     "default+delong_promotion": ("uniform", "drift"),
     "random+delong_promotion": ("uniform", "drift"),
+    "bald+laplace": ("uniform",),
 }
 # two-sided 95% t quantiles by degrees of freedom
 T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306,

@@ -98,8 +98,10 @@ def test_rescore_pending_reorders_only_pending_items(tmp_path):
     pending = [st.enqueue(st.add_study(_image("near" if i % 2 else "far", i)), priority=0.0)
                for i in range(6)]
     claimed = st.enqueue(st.add_study(_image("far", 7)), state="claimed", priority=0.123)
+    audit = st.enqueue(st.add_study(_image("near", 8)), reason="audit", priority=-1.0)
     assert rescore_pending(st.db, _checkpoint(), st.settings) == 6
     rows = dict(st.db.execute("SELECT id, priority FROM queue_items").fetchall())
     assert rows[claimed] == 0.123
+    assert rows[audit] == -1.0  # audits are claimed by interleaving, never by rank
     values = np.array([rows[i] for i in pending])
     assert ((values > 0) & (values <= 1)).all() and len(set(values.tolist())) > 1

@@ -166,6 +166,7 @@ class GateScorer:
         return score_study(
             checkpoint.network, checkpoint.loss_predictor, images, self._settings.model,
             seed=study_id * 1009 + round_, operating_point=checkpoint.operating_point,
+            epistemic=checkpoint.epistemic,
         )  # fmt: skip
 
     def _components(self, result: StudyResult, version: str, *, count: bool) -> dict[str, float]:
@@ -360,12 +361,21 @@ def _decision_row(
         "scores": _json(decision.scores),
         "quantiles": _json(decision.quantiles),
         "prediction": _json(prediction),
-        "uncertainty": _json(result.uncertainty if result else None),
+        "uncertainty": _json(_uncertainty(result)),
         "predicted_loss": result.predicted_loss if result else None,
         "images_scored": result.num_images if result else None,
         "images_total": result.num_images_total if result else None,
         "decision": json.dumps(decision.to_dict()),
     }
+
+
+def _uncertainty(result: StudyResult | None) -> dict[str, Any] | None:
+    """The stored uncertainty: every measure, the T samples' source, and the feature-
+    density `ood` score when the model has one."""
+    if result is None:
+        return None
+    extra = {"ood": result.ood} if result.ood is not None else {}
+    return {**result.uncertainty, **extra, "sampler": result.sampler}
 
 
 def _json(value: object) -> str | None:

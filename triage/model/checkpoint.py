@@ -11,6 +11,7 @@ import pydantic
 import torch
 
 from triage.model.calibration import OperatingPoint
+from triage.model.epistemic import EpistemicHead
 from triage.model.lossnet import LossPredictor, build_loss_predictor
 from triage.model.network import TriageNet, build_network
 from triage.model.settings import ModelSettings
@@ -28,12 +29,15 @@ class Checkpoint:
         network: The classifier.
         loss_predictor: The loss predictor, or None if none was saved.
         metadata: Free-form JSON-compatible metadata (e.g. version, metrics).
+        epistemic: The last-layer Laplace posterior and feature density fitted after
+            training (`triage.model.epistemic`), or None (older files, or not fitted).
     """
 
     settings: ModelSettings
     network: TriageNet
     loss_predictor: LossPredictor | None
     metadata: dict[str, Any] = field(default_factory=dict)
+    epistemic: EpistemicHead | None = None
 
     @property
     def operating_point(self) -> OperatingPoint:
@@ -47,6 +51,7 @@ def save_checkpoint(
     loss_predictor: LossPredictor | None,
     settings: ModelSettings,
     metadata: Mapping[str, Any] | None = None,
+    epistemic: EpistemicHead | None = None,
 ) -> Path:
     """Write network and loss predictor weights, settings and metadata to `path`.
 
@@ -59,6 +64,7 @@ def save_checkpoint(
         loss_predictor: Its loss predictor, or None.
         settings: The model settings.
         metadata: JSON-serialisable mapping, e.g. {"version": "2024-05-01", "metrics": {...}}.
+        epistemic: The network's fitted `EpistemicHead`, or None.
 
     Returns:
         The path written.
@@ -76,6 +82,7 @@ def save_checkpoint(
         "metadata": json.dumps(meta),
         "network": network.state_dict(),
         "loss_predictor": None if loss_predictor is None else loss_predictor.state_dict(),
+        "epistemic": None if epistemic is None else epistemic.state(),
     }
     target = Path(path)
     partial = target.with_name(target.name + ".partial")
@@ -130,15 +137,20 @@ def load_checkpoint(
                     f"configuration expects {getattr(expected, key)!r}"
                 )
     network = build_network(settings)
-    loss_predictor = None
+    loss_predictor = epistemic = None
     try:
         network.load_state_dict(payload["network"])
         if payload.get("loss_predictor") is not None:
             loss_predictor = build_loss_predictor(settings)
             loss_predictor.load_state_dict(payload["loss_predictor"])
-    except (KeyError, RuntimeError, TypeError) as exc:
+        if payload.get("epistemic") is not None:
+            epistemic = EpistemicHead.from_state(payload["epistemic"])
+            features, classes = network.fc.in_features, network.fc.out_features
+            if tuple(epistemic.weights.shape[1:]) != (features + 1, classes):
+                raise RuntimeError(f"epistemic head of shape {tuple(epistemic.weights.shape)}")
+    except (KeyError, RuntimeError, TypeError, AttributeError) as exc:
         raise ValueError(f"checkpoint {source} weights do not match its settings: {exc}") from exc
     network.eval()
     if loss_predictor is not None:
         loss_predictor.eval()
-    return Checkpoint(settings, network, loss_predictor, metadata)
+    return Checkpoint(settings, network, loss_predictor, metadata, epistemic)

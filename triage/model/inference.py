@@ -1,12 +1,13 @@
 """Study-level scoring: MC dropout, uncertainty and predicted loss of one study."""
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
 from triage.gate.measures import MEASURES, all_measures
 from triage.model.calibration import OperatingPoint
+from triage.model.epistemic import EpistemicHead
 from triage.model.lossnet import LossPredictor
 from triage.model.mc_dropout import mc_predict
 from triage.model.network import TriageNet
@@ -34,6 +35,10 @@ class StudyResult:
         predicted: Predicted class index at the model's operating point (threshold on
             the calibrated probability of class 1 for two classes, else argmax); None
             means argmax of `probs`.
+        ood: How unlike the training data the study looks: the feature-density score
+            of `triage.model.epistemic` (larger = less like it), max over images; None
+            for a model without a fitted density.
+        sampler: Where the T samples came from: `mc_dropout` or `laplace`.
     """
 
     probs: tuple[float, ...]
@@ -43,6 +48,8 @@ class StudyResult:
     num_images_total: int
     durations: dict[str, float] = field(default_factory=dict)
     predicted: int | None = None
+    ood: float | None = None
+    sampler: str = "mc_dropout"
 
     @property
     def predicted_index(self) -> int:
@@ -77,8 +84,14 @@ def score_study(
     *,
     seed: int | None = None,
     operating_point: OperatingPoint | None = None,
+    epistemic: EpistemicHead | None = None,
 ) -> StudyResult:
-    """Score one study with MC dropout and the loss predictor.
+    """Score one study: T predictive samples, their uncertainty, and the loss predictor.
+
+    The T samples are MC-dropout masks, or, with `settings.epistemic == "laplace"` and
+    a model that has an `epistemic` head, last-layer weight samples from its Laplace
+    posterior over the deterministic pass's features (one small product instead of T
+    stochastic passes). A model with a head also gets its `ood` score.
 
     Args:
         net: The classifier.
@@ -89,6 +102,8 @@ def score_study(
         seed: Optional seed of the dropout masks (the global RNG is left untouched).
         operating_point: The model's temperature and threshold (`Checkpoint.operating_point`);
             None: temperature 1 and argmax.
+        epistemic: The model's Laplace posterior and feature density
+            (`Checkpoint.epistemic`), or None.
 
     Returns:
         The study's `StudyResult`.
@@ -102,15 +117,27 @@ def score_study(
     picks = pick_images(total, settings.max_images_per_study)
     if len(picks) < total:
         images = images[picks]
+    temperature = operating_point.temperature if operating_point is not None else 1.0
+    laplace = settings.epistemic == "laplace" and epistemic is not None
     out = mc_predict(
         net,
         images,
-        samples=settings.mc_samples,
-        scope=settings.mc_scope,
+        samples=1 if laplace else settings.mc_samples,
+        scope="head" if laplace else settings.mc_scope,
         with_features=loss_predictor is not None,
         seed=seed,
-        temperature=operating_point.temperature if operating_point is not None else 1.0,
+        temperature=temperature,
+        with_pooled=epistemic is not None,
     )
+    ood = None
+    if epistemic is not None:
+        start = time.perf_counter()
+        with torch.inference_mode():
+            if laplace:
+                out = replace(out, probs=epistemic.probs(out.pooled, temperature))
+            ood = float(epistemic.ood(out.pooled).max())
+        extra = time.perf_counter() - start
+        out = replace(out, mc_seconds=out.mc_seconds + extra)
     start = time.perf_counter()
     predicted_loss = None
     if loss_predictor is not None:
@@ -146,4 +173,6 @@ def score_study(
             "lossnet": lossnet_seconds,
         },
         predicted=predicted,
+        ood=ood,
+        sampler="laplace" if laplace else "mc_dropout",
     )

@@ -69,12 +69,15 @@ class McOutput:
         trunk_seconds: Wall time of the deterministic part (including, outside the
             `head` scope, one deterministic pass of the later stages for the features).
         mc_seconds: Wall time of the T-times batched stochastic part.
+        pooled: Deterministic pooled features [N, F] (the last layer's input), when
+            `with_pooled` was True; else None.
     """
 
     probs: torch.Tensor
     stage_maps: list[torch.Tensor]
     trunk_seconds: float
     mc_seconds: float
+    pooled: torch.Tensor | None = None
 
 
 def mc_predict(
@@ -86,6 +89,7 @@ def mc_predict(
     with_features: bool = True,
     seed: int | None = None,
     temperature: float = 1.0,
+    with_pooled: bool = False,
 ) -> McOutput:
     """MC dropout predictions of `images` with the trunk run once.
 
@@ -100,6 +104,8 @@ def mc_predict(
             global torch RNG; otherwise from the global RNG.
         temperature: The logits are divided by it before the softmax (the model's
             calibration, `triage.model.calibration.OperatingPoint`).
+        with_pooled: Also return the deterministic pooled features (free at `head`
+            scope; one deterministic pass of the later stages otherwise).
 
     Returns:
         An `McOutput` with probabilities [T, N, C].
@@ -117,7 +123,11 @@ def mc_predict(
         start = time.perf_counter()
         with mc_dropout_mode(net, (), net.all_modules):
             z, maps = net.trunk(images, scope)
-            maps = maps + net.rest_features(z, scope) if with_features else []
+            rest = net.rest_features(z, scope) if with_features or with_pooled else []
+            maps = maps + rest if with_features else []
+            pooled = None
+            if with_pooled:
+                pooled = z if scope == "head" else net.pool(rest[-1])
             trunk_done = time.perf_counter()
             for layer in net.dropout_layers(scope):
                 _set_training(layer, True)
@@ -130,4 +140,5 @@ def mc_predict(
         stage_maps=maps,
         trunk_seconds=trunk_done - start,
         mc_seconds=mc_done - trunk_done,
+        pooled=pooled,
     )

@@ -78,6 +78,11 @@ class ModelSettings(BaseModel):
             the pooled features), `last_block` (last stage + head) or `full` (everything,
             the classic and T times more expensive MC dropout).
         mc_samples: Number of MC dropout samples T.
+        epistemic: Where the T predictive samples of the uncertainty measures come from:
+            `mc_dropout` (T dropout masks at `mc_scope`) or `laplace` (T weight samples
+            of the last layer from its Laplace posterior, `triage.model.epistemic`,
+            stored with every model trained by this version; a model without one is
+            scored by MC dropout).
         lossnet_width: Width of the per-stage linear layer of the loss predictor.
         max_images_per_study: At most this many images of a study are scored (evenly
             spaced picks).
@@ -96,6 +101,7 @@ class ModelSettings(BaseModel):
     block_dropout: float = Field(0.1, ge=0, lt=1)
     mc_scope: McScope = "head"
     mc_samples: int = Field(20, ge=1, le=1000)
+    epistemic: Literal["mc_dropout", "laplace"] = "mc_dropout"
     lossnet_width: int = Field(128, ge=1, le=4096)
     max_images_per_study: int = Field(8, ge=1, le=1024)
     image_reduction: ImageReduction = "max"

@@ -148,6 +148,8 @@ VARIANTS: dict[str, dict[str, dict[str, Any]]] = {
     "no_rebalance": {"retrain": {"rebalance": False}},
     "no_coverage_queries": {"retrain": {"coverage_queries": 0}},
     "delong_promotion": {"retrain": {"promotion_test": "delong"}},
+    # T predictive samples from the last-layer Laplace posterior instead of head dropout
+    "laplace": {"model": {"epistemic": "laplace"}},
 }
 """Ablations of the shipped configuration: strategy ``default+<name>``."""
 
@@ -172,7 +174,8 @@ def run_settings(base: Settings, spec: RunSpec) -> Settings:
     changes = VARIANTS.get(variant, {})
     training = base.model.training.model_copy(update={"seed": spec.seed,
                                                       **changes.get("training", {})})
-    model = base.model.model_copy(update={"input_size": 28, "training": training})
+    model = base.model.model_copy(update={"input_size": 28, "training": training,
+                                          **changes.get("model", {})})
     retrain = base.retrain.model_copy(update=changes.get("retrain", {}))
     return base.model_copy(update={
         "gate": base.gate.model_copy(update=gate), "model": model, "retrain": retrain,
@@ -247,7 +250,7 @@ class Lockstep:
         result = score_study(
             checkpoint.network, checkpoint.loss_predictor, self.images[position : position + 1],
             self.settings.model, seed=position * SEED_FACTOR,
-            operating_point=checkpoint.operating_point,
+            operating_point=checkpoint.operating_point, epistemic=checkpoint.epistemic,
         )
         return self.gate.strategy.components(result)
 
@@ -307,8 +310,7 @@ class Lockstep:
         if not judged.promote:
             return
         version = f"v{len(self.runs):04d}"
-        checkpoint = Checkpoint(self.settings.model, judged.network, judged.loss_predictor,
-                                {"operating_point": judged.operating_point.to_json()})
+        checkpoint = judged.checkpoint(self.settings.model)
         self.serving.insert(0, (version, checkpoint))
         labels_bought = len(self.routed)
         self.curve.append({"studies": i, "labels": labels_bought,

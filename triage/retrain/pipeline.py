@@ -32,9 +32,11 @@ import sqlite_utils
 import torch
 
 from triage.db import transaction
+from triage.gate import BUDGET_MANAGERS
 from triage.logs import event
 from triage.model.calibration import OperatingPoint, fit_operating_point
 from triage.model.checkpoint import Checkpoint, save_checkpoint
+from triage.model.epistemic import EpistemicHead, fit_epistemic
 from triage.model.lossnet import LossPredictor, build_loss_predictor
 from triage.model.network import TriageNet, build_network
 from triage.registry import ModelError, ModelRegistry, ModelVersion, promotion_decision
@@ -48,6 +50,7 @@ from triage.retrain.train import EpochCallback, TrainingFailed, TrainOutcome, tr
 
 if TYPE_CHECKING:
     from triage.config import Settings
+    from triage.model.settings import ModelSettings
 
 log = logging.getLogger("triage.retrain")
 
@@ -70,6 +73,8 @@ class Judgement:
         promote: Whether the candidate may replace the serving model.
         reason: One line saying why.
         coverage: What rebalancing did (radius, cells, class mix before/after).
+        epistemic: The candidate's last-layer Laplace posterior and feature density
+            (`triage.model.epistemic`), or None when they could not be fitted.
     """
 
     network: TriageNet
@@ -82,6 +87,12 @@ class Judgement:
     promote: bool
     reason: str
     coverage: dict[str, Any] = field(default_factory=dict)
+    epistemic: EpistemicHead | None = None
+
+    def checkpoint(self, settings: ModelSettings) -> Checkpoint:
+        """The candidate as an in-memory checkpoint (operating point and epistemic head)."""
+        return Checkpoint(settings, self.network, self.loss_predictor,
+                          {"operating_point": self.operating_point.to_json()}, self.epistemic)
 
 
 def check_labels(train: LabeledSet, validation: LabeledSet, settings: Settings) -> None:
@@ -140,6 +151,13 @@ def train_and_judge(
     outcome = train_candidate(net, loss_predictor, train, settings.model, retrain, plan,
                               on_epoch)
     point = fit_operating_point(image_logits(net, validation.images), validation.labels)
+    try:
+        epistemic = fit_epistemic(net, train.images, train.labels, validation.images,
+                                  validation.labels, samples=settings.model.mc_samples,
+                                  seed=settings.model.training.seed)  # fmt: skip
+    except (ValueError, RuntimeError) as exc:  # a degenerate fit: score by MC dropout
+        epistemic = None
+        event(log, "retrain_epistemic_failed", logging.WARNING, error=str(exc)[:200])
     args = (validation.images, validation.groups, validation.study_labels)
     candidate = validation_metrics(net, *args, point)
     candidate["ece_uncalibrated"] = validation_metrics(net, *args)["ece"]
@@ -158,7 +176,7 @@ def train_and_judge(
     if reference_version is not None:
         reason = f"{reason} (reference {reference_version})"
     return Judgement(net, loss_predictor, outcome, point, candidate, reference,
-                     reference_version, promote, reason, coverage)
+                     reference_version, promote, reason, coverage, epistemic)
 
 
 def run_retrain(settings: Settings, db: sqlite_utils.Database, run_id: int) -> str:
@@ -213,7 +231,7 @@ def run_retrain(settings: Settings, db: sqlite_utils.Database, run_id: int) -> s
     }
     net, loss_predictor = judged.network, judged.loss_predictor
     entry = _register(settings, registry, net, loss_predictor, run_id, parent,
-                      model_metrics, summary, judged.operating_point)
+                      model_metrics, summary, judged.operating_point, judged.epistemic)
     update_progress(db, run_id, 0.9, "deciding", candidate_version=entry.version)
     run_metrics = {**outcome.summary(), "candidate": candidate, "champion": champion_metrics,
                    "decision": reason, "coverage": judged.coverage, "version": entry.version,
@@ -230,8 +248,7 @@ def run_retrain(settings: Settings, db: sqlite_utils.Database, run_id: int) -> s
         registry.reject(entry.version, reason, also=lambda d: finish_run(
             d, run_id, "rejected", f"{entry.version} rejected: {reason}", run_metrics))
         return "rejected"
-    run_metrics["coverage_picks"] = _coverage_picks(settings, db, net, loss_predictor,
-                                                    judged.operating_point, run_id)
+    run_metrics["coverage_picks"] = _coverage_picks(settings, db, judged, run_id)
     registry.promote(entry.version, note=reason, also=lambda d: finish_run(
         d, run_id, "promoted", f"{entry.version} promoted: {reason}", run_metrics))
     try:
@@ -257,17 +274,16 @@ def _auroc_noise(net: TriageNet, reference: TriageNet, validation: LabeledSet) -
     return ONE_SIDED_95 * se if math.isfinite(se) else 0.0
 
 
-def _coverage_picks(settings: Settings, db: sqlite_utils.Database, net: TriageNet,
-                    loss_predictor: LossPredictor, point: OperatingPoint, run_id: int
-                    ) -> list[int]:
+def _coverage_picks(settings: Settings, db: sqlite_utils.Database, judged: Judgement,
+                    run_id: int) -> list[int]:  # fmt: skip
     """The coverage queries of a model about to be promoted, computed here in the worker
     process (embedding thousands of pool studies would stall the daemon's scoring thread);
     the scoring thread routes those still unlabelled within the gate's cap."""
-    if settings.gate.strategy == "random" or settings.retrain.coverage_queries < 1:
+    random_baseline = not BUDGET_MANAGERS[settings.gate.manager].uses_scores
+    if random_baseline or settings.retrain.coverage_queries < 1:
         return []
     try:
-        checkpoint = Checkpoint(settings.model, net, loss_predictor,
-                                {"operating_point": point.to_json()})
+        checkpoint = judged.checkpoint(settings.model)
         return coverage_queries(db, checkpoint, settings, settings.retrain.coverage_queries)
     except Exception as exc:  # noqa: BLE001 - the promotion stands without queries
         event(log, "retrain_coverage_failed", logging.ERROR, run_id=run_id,
@@ -311,14 +327,15 @@ def _references(registry: ModelRegistry, serving: ModelVersion | None, count: in
 def _register(
     settings: Settings, registry: ModelRegistry, net: TriageNet, loss_predictor: LossPredictor,
     run_id: int, parent: str | None, metrics: dict[str, Any], summary: dict[str, Any],
-    operating_point: OperatingPoint,
+    operating_point: OperatingPoint, epistemic: EpistemicHead | None,
 ) -> ModelVersion:
     folder = settings.path("models")
     folder.mkdir(parents=True, exist_ok=True)
     partial = folder / f".retrain-{run_id}.pt"
     save_checkpoint(partial, net, loss_predictor, settings.model,
                     metadata={"run_id": run_id, "parent": parent,
-                              "operating_point": operating_point.to_json()})
+                              "operating_point": operating_point.to_json()},
+                    epistemic=epistemic)
     try:
         return registry.add(partial, source=f"retrain:{run_id}", parent=parent,
                             metrics=metrics, data_summary=summary)

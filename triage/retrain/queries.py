@@ -122,7 +122,8 @@ def rescore_pending(db: sqlite_utils.Database, checkpoint: Checkpoint, settings:
     first. MC-dropout seeds follow the gate scorer (study id, round), and the studies are
     scored at the model's operating point (`Checkpoint.operating_point`: its temperature
     enters every MC sample, hence the uncertainty measures), as the gate scorer does.
-    With the `coin` budget manager (the random baseline) nothing changes.
+    Audit items keep their audit priority. With the `coin` budget manager (the random
+    baseline) nothing changes.
 
     Returns:
         Number of queue items whose priority was updated.
@@ -132,7 +133,7 @@ def rescore_pending(db: sqlite_utils.Database, checkpoint: Checkpoint, settings:
     strategy = make_strategy(settings.gate)
     rows = db.execute(
         "SELECT q.id, q.study_id, s.round FROM queue_items q JOIN studies s "
-        "ON s.id = q.study_id WHERE q.state = 'pending' ORDER BY q.id"
+        "ON s.id = q.study_id WHERE q.state = 'pending' AND q.reason != 'audit' ORDER BY q.id"
     ).fetchall()
     size = settings.model.input_size
     operating_point = checkpoint.operating_point
@@ -144,6 +145,7 @@ def rescore_pending(db: sqlite_utils.Database, checkpoint: Checkpoint, settings:
         results.append(score_study(
             checkpoint.network, checkpoint.loss_predictor, images, settings.model,
             seed=study_id * SEED_FACTOR + round_, operating_point=operating_point,
+            epistemic=checkpoint.epistemic,
         ))
         items.append(item_id)
     if not items:

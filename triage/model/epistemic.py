@@ -1,0 +1,209 @@
+"""Cheap epistemic uncertainty over the pooled features: last-layer Laplace and a density.
+
+MC dropout at the cheap `head` scope samples only the dropout before the last linear
+layer, and its BALD flags the classifier's errors poorly (bench/gate_cost.py). Two terms
+fitted once after training, on the pooled features of the deterministic trunk, cost one
+small matrix product per study instead:
+
+* **Last-layer Laplace** (MacKay 1992; Daxberger et al., "Laplace Redux", NeurIPS 2021):
+  a Gaussian posterior over the weights and bias of the final linear layer, centred on
+  the trained ones, with precision H + lambda I, where H is the generalised Gauss-Newton
+  Hessian of the training cross-entropy, sum_i a_i a_i^T (x) (diag p_i - p_i p_i^T)
+  (a_i = [features_i, 1], p_i the trained softmax). The prior precision lambda is the one
+  of a fixed grid with the lowest predictive NLL on the validation set (the audit labels
+  in the daemon). T weight matrices are drawn once, from a fixed seed, so a study always
+  gets the same samples; its T predictive distributions give BALD and the other measures.
+* **Feature density** (DDU: Mukhoti et al., "Deep Deterministic Uncertainty", CVPR 2023):
+  one Gaussian per class over the training features; a study's `ood` score is
+  -max_c log(pi_c N(phi | mu_c, Sigma_c)), larger = less like the training data.
+
+Both need only the features the deterministic pass computes anyway.
+"""
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from triage.model.network import TriageNet
+
+PRIOR_PRECISIONS: tuple[float, ...] = tuple(10.0**e for e in range(-6, 5))
+"""Grid of prior precisions lambda tried by `fit_epistemic`."""
+_NLL_DRAWS = 500
+
+
+@dataclass(frozen=True)
+class EpistemicHead:
+    """The fitted terms; tensors are float32 on the CPU.
+
+    Attributes:
+        weights: Sampled [W^T; b] matrices of the last layer, [T, F + 1, C].
+        prior_precision: The chosen lambda.
+        validation_nll: Predictive NLL of the Laplace posterior on the validation set.
+        means: Class means of the training features, [C, F].
+        whiten: Per class, a matrix [F, F] with (phi - mu_c) @ whiten[c] ~ N(0, I); [C, F, F].
+        log_norm: log pi_c - log det(Sigma_c) / 2 - F/2 log(2 pi), [C].
+    """
+
+    weights: torch.Tensor
+    prior_precision: float
+    validation_nll: float
+    means: torch.Tensor
+    whiten: torch.Tensor
+    log_norm: torch.Tensor
+
+    @property
+    def samples(self) -> int:
+        """Number of weight samples T."""
+        return int(self.weights.shape[0])
+
+    def probs(self, features: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+        """Predictive distributions of the T weight samples, [T, N, C], for features [N, F]."""
+        logits = torch.matmul(_augment(features), self.weights)
+        return torch.softmax(logits / temperature, dim=-1)
+
+    def ood(self, features: torch.Tensor) -> torch.Tensor:
+        """-max_c log(pi_c N(phi | mu_c, Sigma_c)) of features [N, F] -> [N]."""
+        z = torch.matmul(features[None] - self.means[:, None], self.whiten)  # [C, N, F]
+        return -(self.log_norm[:, None] - 0.5 * z.square().sum(-1)).max(0).values
+
+    def state(self) -> dict[str, Any]:
+        """Tensors and numbers only, for `torch.save(..., weights_only=True)` files."""
+        return {
+            "weights": self.weights, "prior_precision": self.prior_precision,
+            "validation_nll": self.validation_nll, "means": self.means,
+            "whiten": self.whiten, "log_norm": self.log_norm,
+        }  # fmt: skip
+
+    @classmethod
+    def from_state(cls, state: Mapping[str, Any]) -> "EpistemicHead":
+        """Inverse of `state` (KeyError/TypeError on a damaged mapping)."""
+        return cls(
+            weights=state["weights"].float(), prior_precision=float(state["prior_precision"]),
+            validation_nll=float(state["validation_nll"]), means=state["means"].float(),
+            whiten=state["whiten"].float(), log_norm=state["log_norm"].float(),
+        )  # fmt: skip
+
+
+def pooled_features(net: TriageNet, images: torch.Tensor, batch: int = 256) -> torch.Tensor:
+    """Pooled features [N, F] of the deterministic trunk, in eval mode."""
+    was_training = net.training
+    net.eval()
+    try:
+        with torch.inference_mode():
+            parts = [net.trunk(images[i : i + batch], "head")[0]
+                     for i in range(0, len(images), batch)]  # fmt: skip
+    finally:
+        net.train(was_training)
+    return torch.cat(parts) if parts else images.new_zeros(0, net.fc.in_features)
+
+
+def _augment(features: torch.Tensor) -> torch.Tensor:
+    return torch.cat([features, features.new_ones(features.shape[0], 1)], dim=1)
+
+
+def _ggn(mean: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """GGN Hessian [D*C, D*C] of the summed cross-entropy in theta[d*C + c] = mean[d, c]."""
+    p = torch.softmax(a @ mean, dim=1)
+    curvature = torch.diag_embed(p) - p[:, :, None] * p[:, None, :]  # [N, C, C]
+    d, c = mean.shape
+    hessian = a.new_empty(d, c, d, c)
+    for i in range(c):
+        for j in range(c):
+            hessian[:, i, :, j] = a.T @ (a * curvature[:, i, j, None])
+    hessian = hessian.reshape(d * c, d * c)
+    return 0.5 * (hessian + hessian.T)
+
+
+def _predictive_nll(mean: torch.Tensor, chol: torch.Tensor, a: torch.Tensor,
+                    labels: torch.Tensor) -> float:  # fmt: skip
+    """NLL of the Laplace predictive: the logits are Gaussian, integrated by fixed draws."""
+    d, c = mean.shape
+    sigma = torch.cholesky_inverse(chol).reshape(d, c, d, c)
+    cov = a.new_empty(a.shape[0], c, c)
+    for i in range(c):
+        for j in range(c):
+            cov[:, i, j] = ((a @ sigma[:, i, :, j]) * a).sum(1)
+    root = torch.linalg.cholesky(cov + 1e-9 * torch.eye(c, dtype=cov.dtype))
+    draws = torch.randn(_NLL_DRAWS, a.shape[0], c, dtype=cov.dtype,
+                        generator=torch.Generator().manual_seed(1))  # fmt: skip
+    logits = a @ mean + torch.einsum("nij,snj->sni", root, draws)
+    probs = torch.softmax(logits, dim=-1).mean(0)
+    return float(-probs[torch.arange(len(labels)), labels].clamp_min(1e-12).log().mean())
+
+
+def _class_gaussians(features: torch.Tensor, labels: torch.Tensor, num_classes: int
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """Means, whitening matrices and log normalisers of one Gaussian per class. The
+    covariance gets the smallest diagonal jitter that makes it positive definite (as in
+    DDU); a class without two studies borrows the pooled covariance."""
+    x_all = features.double()
+    eye = torch.eye(x_all.shape[1], dtype=x_all.dtype)
+    pooled = torch.cov(x_all.T) if len(x_all) > 1 else eye
+    means, whitens, norms = [], [], []
+    for c in range(num_classes):
+        x = x_all[labels == c]
+        if len(x) == 0:
+            raise ValueError(f"class {c} has no training studies: cannot fit its density")
+        mu = x.mean(0)
+        cov = torch.cov(x.T) if len(x) > 1 else pooled
+        for jitter in (0.0, 1e-10, 1e-8, 1e-6, 1e-4, 1e-2, 1.0):
+            root, info = torch.linalg.cholesky_ex(cov + jitter * eye)
+            if int(info) == 0:
+                break
+        else:
+            raise ValueError(f"class {c}: feature covariance is not positive definite")
+        whitens.append(torch.linalg.solve_triangular(root, eye, upper=False).T)
+        means.append(mu)
+        norms.append(math.log(len(x) / len(x_all)) - float(torch.log(torch.diagonal(root)).sum())
+                     - 0.5 * x.shape[1] * math.log(2 * math.pi))  # fmt: skip
+    return torch.stack(means), torch.stack(whitens), torch.tensor(norms, dtype=torch.float64)
+
+
+def fit_epistemic(
+    net: TriageNet,
+    train_images: torch.Tensor,
+    train_labels: torch.Tensor,
+    validation_images: torch.Tensor,
+    validation_labels: torch.Tensor,
+    *,
+    samples: int = 20,
+    seed: int = 0,
+) -> EpistemicHead:
+    """Fit the last-layer Laplace posterior and the feature density of a trained network.
+
+    Args:
+        net: The trained classifier (its `fc` is the posterior mean).
+        train_images, train_labels: The training images [N, 1, S, S] and labels [N].
+        validation_images, validation_labels: Where the prior precision is chosen.
+        samples: Weight samples T drawn from the posterior.
+        seed: Seed of the draws: the same fit gives the same samples.
+    """
+    if samples < 1:
+        raise ValueError(f"samples must be >= 1, got {samples}")
+    train_features = pooled_features(net, train_images).double()
+    a_val = _augment(pooled_features(net, validation_images).double())
+    with torch.no_grad():
+        mean = torch.cat([net.fc.weight.T, net.fc.bias[None]], dim=0).double()  # [F+1, C]
+        hessian = _ggn(mean, _augment(train_features))
+        eye = torch.eye(hessian.shape[0], dtype=hessian.dtype)
+        best: tuple[float, float, torch.Tensor] | None = None
+        for precision in PRIOR_PRECISIONS:
+            chol = torch.linalg.cholesky(hessian + precision * eye)
+            nll = _predictive_nll(mean, chol, a_val, validation_labels)
+            if best is None or nll < best[0]:
+                best = (nll, precision, chol)
+        assert best is not None
+        nll, precision, chol = best
+        d, c = mean.shape
+        z = torch.randn(d * c, samples, dtype=torch.float64,
+                        generator=torch.Generator().manual_seed(seed))  # fmt: skip
+        noise = torch.linalg.solve_triangular(chol.T, z, upper=True)  # covariance (H+lI)^-1
+        weights = mean[None] + noise.T.reshape(samples, d, c)
+        means, whiten, log_norm = _class_gaussians(train_features, train_labels, c)
+    return EpistemicHead(
+        weights=weights.float().contiguous(), prior_precision=precision, validation_nll=nll,
+        means=means.float(), whiten=whiten.float(), log_norm=log_norm.float(),
+    )  # fmt: skip
