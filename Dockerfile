@@ -1,6 +1,9 @@
 # CPU image of the triage daemon. State lives in the /data volume.
 FROM python:3.11-slim
 
+# 0.0.0.0 is beyond loopback: `serve` needs server.ssl_certfile/ssl_keyfile, or
+# TRIAGE__SERVER__ALLOW_PLAIN_HTTP=true where the port is published on loopback only
+# (as service/docker-compose.yml does).
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 \
     TRIAGE_HOME=/data TRIAGE__SERVER__HOST=0.0.0.0
 

@@ -170,7 +170,8 @@ def test_alert_rules_name_exported_metrics_and_cover_the_cases(exported) -> None
     alerts = {rule["alert"]: rule for rule in rules}
     for name in ("TriageDown", "TriageNoStudiesIngested", "TriageQuarantineSpike",
                  "TriageReviewQueueStale", "TriageRoutedFractionOffTarget",
-                 "TriageRetrainFailed", "TriageDiskLow", "TriageIngestPaused"):
+                 "TriageRetrainFailed", "TriageDiskLow", "TriageIngestPaused",
+                 "TriageServingModelNotOk"):
         assert name in alerts, name
         assert alerts[name]["labels"]["severity"] in ("info", "warning", "critical")
     for rule in rules:

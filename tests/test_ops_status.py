@@ -96,6 +96,9 @@ def test_summary_numbers_match_the_store_and_metrics(server) -> None:
     gate = summary["gate"]
     assert gate["label_rate_target"] == 1.0 and gate["routed_fraction_24h"] == 1.0
     assert gate["routed_fraction"] == _metric(metrics, "triage_gate_routed_fraction")
+    serving = summary["model"].pop("serving")  # cold start: nothing to load, nothing wrong
+    assert serving | {"since": 0} == {"registry_version": None, "served_version": None,
+                                      "ok": True, "reason": None, "detail": None, "since": 0}
     assert summary["model"] == {"serving_version": None, "promoted_at": None,
                                 "validation_auroc": None, "audit_accuracy": None,
                                 "audit_samples": 0, "operating_point": None}

@@ -9,9 +9,12 @@ import signal
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 from conftest import FAST_ENV, REPO, DaemonProcess, make_image
 from test_review_api import auth, make_token
+
+from triage.dicom_writer import image_dataset, write_dataset
 
 CHROMIUM = "/usr/bin/chromium"
 ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -76,5 +79,44 @@ def test_sign_in_read_and_label_with_the_keyboard(
         page.keyboard.press("s")  # skip the second study
         page.wait_for_selector("#empty:not([hidden])")
         assert outside == [], f"the page requested other hosts: {outside}"
+    finally:
+        proc.stop(signal.SIGKILL)
+
+
+STUDY_TEXT = "<script>window.__pwned = 'study'</script>"
+SERIES_TEXT = "\"><img src=x onerror=\"window.__pwned='series'\">"
+PATIENT_TEXT = "<script>window.__pwned</script>"  # PN: no '=' (its group separator)
+
+
+def test_header_text_is_shown_as_text_and_never_runs(tmp_path: Path, browser) -> None:
+    env = {**FAST_ENV, "TRIAGE__GATE__LABEL_RATE": "1.0", "TRIAGE__REVIEW__SHOW_PHI": "true"}
+    proc = DaemonProcess(tmp_path / "home", env, []).start()
+    try:
+        pixels = np.random.default_rng(0).normal(40, 200, (64, 64)).astype(np.int16)
+        ds = image_dataset(pixels, study_uid="2.25.666", patient_name=PATIENT_TEXT)
+        ds.StudyDescription = STUDY_TEXT
+        ds.SeriesDescription = SERIES_TEXT
+        write_dataset(ds, proc.inbox / "hostile.dcm")
+        proc.wait_for(lambda s: s["queue"]["pending"] == 1, 40, "the study queued")
+        token = make_token(proc, "radiologist", "Dr Careful")
+        page = browser.new_page()
+        dialogs, violations = [], []
+        page.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
+        page.on("console", lambda m: violations.append(m.text)
+                if "Content Security Policy" in m.text else None)
+        response = page.goto(proc.url + "/")
+        assert "frame-ancestors 'none'" in response.headers["content-security-policy"]
+        assert response.headers["x-content-type-options"] == "nosniff"
+        page.fill("#token", token)
+        page.click("button[type=submit]")
+        page.wait_for_selector("#reader:not([hidden])")
+        page.wait_for_function("() => document.getElementById('image').naturalWidth > 0")
+        assert STUDY_TEXT in page.inner_text("#ov-study")
+        assert SERIES_TEXT in page.inner_text("#ov-pos")
+        assert PATIENT_TEXT in page.inner_text("#patient")
+        page.wait_for_timeout(300)  # an injected <img src=x> would have failed by now
+        assert page.evaluate("() => window.__pwned") is None
+        assert page.locator("#reader script, #reader img:not(#image)").count() == 0
+        assert dialogs == [] and violations == [], (dialogs, violations)
     finally:
         proc.stop(signal.SIGKILL)

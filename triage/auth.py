@@ -23,7 +23,15 @@ _LAST_USED_RESOLUTION_SECONDS = 60.0
 
 
 class AuthError(TriageError):
-    """Token missing, unknown or revoked (HTTP 401), or a bad token command."""
+    """Token missing, unknown or revoked (HTTP 401), or a bad token command.
+
+    ``reason`` is a closed code (``missing``, ``unknown``, ``revoked``, ``invalid``) for
+    the failure counter and the throttle, which must never see the token itself.
+    """
+
+    def __init__(self, message: str, reason: str = "invalid") -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 @dataclass(frozen=True)
@@ -77,15 +85,16 @@ def list_tokens(db: sqlite_utils.Database) -> list[dict]:
 def authenticate(db: sqlite_utils.Database, token: str | None) -> Principal:
     """The principal of a bearer token, or AuthError with a message fit for a 401."""
     if not token:
-        raise AuthError("missing bearer token: send 'Authorization: Bearer <token>'")
+        raise AuthError("missing bearer token: send 'Authorization: Bearer <token>'",
+                        reason="missing")
     row = db.execute(
         "SELECT id, name, role, revoked_at, last_used_at FROM tokens WHERE token_hash = ?",
         [hash_token(token)],
     ).fetchone()
     if row is None:
-        raise AuthError("unknown token")
+        raise AuthError("unknown token", reason="unknown")
     if row[3] is not None:
-        raise AuthError("this token has been revoked")
+        raise AuthError("this token has been revoked", reason="revoked")
     now = time.time()
     if row[4] is None or now - row[4] > _LAST_USED_RESOLUTION_SECONDS:
         # every image fetch authenticates: a write per request would contend with ingest

@@ -255,24 +255,28 @@ def _serve(settings: Settings, host: str | None, port: int | None) -> int:
     import uvicorn
 
     from triage.api.app import create_app
+    from triage.api.transport import server_transport
     from triage.daemon import Daemon
     from triage.logs import setup_logging
 
+    host = host or settings.server.host
     setup_logging(
         settings.log.level,
         settings.path("logs"),
         settings.log.file_max_bytes,
         settings.log.file_backups,
     )
+    tls = server_transport(settings, host)  # refused before the daemon takes the lock
     daemon = Daemon(settings)
     daemon.start()
     try:
         config = uvicorn.Config(
             create_app(daemon),
-            host=host or settings.server.host,
+            host=host,
             port=settings.server.port if port is None else port,
             log_config=None,
             access_log=False,
+            **tls,
         )
         server = uvicorn.Server(config)
         try:

@@ -13,7 +13,14 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from triage.errors import ConfigError
 from triage.gate.settings import GateSettings
@@ -74,10 +81,27 @@ class StudySettings(_Section):
 
 
 class ServerSettings(_Section):
-    """The HTTP server (health, metrics; later the review queue)."""
+    """The HTTP server: health, metrics, the review API and web UI.
+
+    Tokens and PHI cross it, so beyond loopback it speaks TLS (``ssl_certfile`` and
+    ``ssl_keyfile``, PEM; relative to home) unless ``allow_plain_http`` says a TLS proxy
+    in front does it. Failed token attempts are throttled per client address.
+    """
 
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
+    ssl_certfile: Path | None = None
+    ssl_keyfile: Path | None = None
+    allow_plain_http: bool = False
+    auth_max_failures: int = Field(10, ge=1, le=10_000)
+    auth_failure_window_seconds: float = Field(300.0, gt=0, le=86400)
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> ServerSettings:
+        if (self.ssl_certfile is None) != (self.ssl_keyfile is None):
+            missing = "ssl_keyfile" if self.ssl_keyfile is None else "ssl_certfile"
+            raise ValueError(f"set server.{missing} too: TLS takes a certificate and its key")
+        return self
 
 
 class ReviewSettings(_Section):

@@ -94,6 +94,7 @@ class Daemon:
             self.settings.path(name).mkdir(parents=True, exist_ok=True)
         self._lock()
         store.connect(self.db_path).close()  # create and migrate before the threads
+        self._recover_retrain()
         self._stop.clear()
         loops = (("ingest", self._ingest_loop), ("scoring", self._scoring_loop),
                  ("retrain", self._retrain_loop))
@@ -136,6 +137,15 @@ class Daemon:
             for item in loops.values()
         )
         return {"ok": ok, "loops": loops}
+
+    def _recover_retrain(self) -> None:
+        """Start-up: runs left `running` by a dead worker are marked failed and their
+        candidates rejected (events `retrain_process_died`, `retrain_candidate_orphaned`),
+        before anything reads the registry. A worker still alive keeps its run."""
+        try:
+            RetrainScheduler(self.settings, self.db_path).check()
+        except Exception as exc:  # noqa: BLE001 - the retrain loop tries again
+            event(log, "retrain_recovery_error", logging.ERROR, error_type=type(exc).__name__)
 
     def _lock(self) -> None:
         path = self.settings.home / "triage.lock"

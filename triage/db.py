@@ -10,6 +10,7 @@ is rolled back whole and processes starting at once on a new file apply each ste
 from __future__ import annotations
 
 import sqlite3
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -22,8 +23,10 @@ BUSY_TIMEOUT_MS = 30_000
 # journal; the others are final and every file that entered the inbox ends in one.
 FINAL_FILE_STATES = ("archived", "unsupported", "quarantined", "duplicate", "vanished")
 # ``error``: the study's stored images could not be read; ``error_reason`` says why, and a
-# late instance reopens it like any other study.
-STUDY_STATES = ("open", "complete", "scoring", "scored", "unscoreable", "error")
+# late instance reopens it like any other study. ``waiting_model``: models exist but none
+# loads; neither scored nor routed, it goes back to ``complete`` once one loads again.
+STUDY_STATES = ("open", "complete", "scoring", "scored", "unscoreable", "error",
+                "waiting_model")
 
 MIGRATIONS: tuple[str, ...] = (
     # 1: ingestion journal, instances with their preprocessed pixels, studies, results.
@@ -221,6 +224,33 @@ MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE instances ADD COLUMN slice_position REAL;
     ALTER TABLE instances ADD COLUMN instance_number INTEGER;
     """,
+    # 7: which model the scorer actually serves and why (one row, written by the scoring
+    # thread when it changes); the gate's pending budget offset, kept by triggers in the
+    # same transaction as the rows that change it: +1 per coverage route (an inserted
+    # `coverage` queue item), -1 per `budget_offset` decision, so a restart resumes it.
+    """
+    CREATE TABLE serving_state (
+        id INTEGER PRIMARY KEY CHECK (id = 1),
+        registry_version TEXT,
+        served_version TEXT,
+        ok INTEGER NOT NULL,
+        reason TEXT,
+        detail TEXT,
+        since REAL NOT NULL,
+        updated_at REAL NOT NULL
+    );
+    CREATE TABLE gate_state (
+        name TEXT PRIMARY KEY,
+        value INTEGER NOT NULL
+    );
+    INSERT INTO gate_state (name, value) VALUES ('budget_offset', 0);
+    CREATE TRIGGER gate_offset_coverage AFTER INSERT ON queue_items
+        WHEN NEW.reason = 'coverage'
+        BEGIN UPDATE gate_state SET value = value + 1 WHERE name = 'budget_offset'; END;
+    CREATE TRIGGER gate_offset_paid AFTER INSERT ON decisions
+        WHEN NEW.reason = 'budget_offset'
+        BEGIN UPDATE gate_state SET value = MAX(0, value - 1) WHERE name = 'budget_offset'; END;
+    """,
 )
 
 
@@ -243,12 +273,30 @@ def connect(path: Path, *, readonly: bool = False) -> sqlite_utils.Database:
     conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
     conn.execute("PRAGMA foreign_keys = ON")
     if not readonly:
-        conn.execute("PRAGMA journal_mode = WAL")
+        _enable_wal(conn)
         conn.execute("PRAGMA synchronous = NORMAL")
     db = sqlite_utils.Database(conn)
     if not readonly:
         migrate(db)
     return db
+
+
+def _enable_wal(conn: sqlite3.Connection) -> None:
+    """Switch a new file to WAL, waiting out other processes doing the same.
+
+    Changing the journal mode needs an exclusive lock and SQLite answers "database is
+    locked" at once, without the busy handler, while another connection holds one (two
+    daemons or CLI commands opening a new store together): retry up to the busy timeout.
+    """
+    deadline = time.monotonic() + BUSY_TIMEOUT_MS / 1000
+    while True:
+        try:
+            conn.execute("PRAGMA journal_mode = WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)
 
 
 def schema_version(db: sqlite_utils.Database) -> int:

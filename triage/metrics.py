@@ -56,6 +56,9 @@ class Metrics:
     label_turnaround_seconds: Histogram
     gate_fallback: Counter
     gate_rescore_seconds: Histogram
+    auth_failures: Counter
+    serving_model_ok: Gauge
+    serving_model_load_failures: Counter
 
 
 def build_metrics(registry: CollectorRegistry) -> Metrics:
@@ -179,6 +182,26 @@ def build_metrics(registry: CollectorRegistry) -> Metrics:
             "triage_gate_rescore_seconds",
             "Time to rescore the gate's window with a new serving model.",
             buckets=(0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 60, 120, 300),
+            registry=registry,
+        ),
+        auth_failures=Counter(
+            "triage_auth_failures",
+            "API requests refused for their token, by reason (missing, unknown, revoked; "
+            "throttled: refused unchecked after too many failures from one client).",
+            ["reason"],
+            registry=registry,
+        ),
+        serving_model_ok=Gauge(
+            "triage_serving_model_ok",
+            "1 while the scorer serves the registry's serving version (or none exists yet: "
+            "cold start); 0 while it serves an older version or none loads.",
+            registry=registry,
+        ),
+        serving_model_load_failures=Counter(
+            "triage_serving_model_load_failures",
+            "Failed loads of a model checkpoint by the scorer, by reason "
+            "(missing, corrupt, incompatible, error).",
+            ["reason"],
             registry=registry,
         ),
     )

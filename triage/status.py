@@ -12,6 +12,7 @@ from triage import db as store
 from triage.config import Settings
 from triage.db import FINAL_FILE_STATES, STUDY_STATES, count_by
 from triage.retrain.runs import retrain_status
+from triage.serving import read_serving_status
 
 
 def collect_status(settings: Settings) -> dict[str, Any]:
@@ -23,6 +24,7 @@ def collect_status(settings: Settings) -> dict[str, Any]:
     studies: dict[str, int] = {}
     queue: dict[str, int] = {}
     retrain: dict[str, Any] | None = None
+    serving: dict[str, Any] | None = None
     schema = 0
     if db_path.exists():
         db = store.connect(db_path, readonly=True)
@@ -35,6 +37,8 @@ def collect_status(settings: Settings) -> dict[str, Any]:
                 queue = count_by(db, "queue_items", "state")
             if schema >= 4:
                 retrain = retrain_status(db, settings.model.labels)
+            served = read_serving_status(db)
+            serving = served.to_json() if served is not None else None
         finally:
             db.close()
     in_flight = files.get("reading", 0) + files.get("moving", 0)
@@ -49,6 +53,8 @@ def collect_status(settings: Settings) -> dict[str, Any]:
         "inbox_waiting": waiting,
         "queue": {state: queue.get(state, 0) for state in ("pending", "claimed", "labeled")},
         "retrain": retrain,
+        # what the scorer actually serves and why (None until it first looked)
+        "serving": serving,
     }
 
 
@@ -64,6 +70,10 @@ def format_status(status: dict[str, Any]) -> str:
     if retrain:
         run = retrain.get("run")
         lines.append(f"serving model: {retrain.get('serving_version') or 'none (cold start)'}")
+        serving = status.get("serving")
+        if serving and not serving["ok"]:
+            lines.append(f"DEGRADED: scorer serves {serving['served_version'] or 'nothing'} "
+                         f"({serving['reason']}): {serving['detail']}")
         lines.append(f"labels since last retrain: {retrain.get('labels_since_last_run')}")
         if run:
             lines.append(f"last retrain: run {run['id']} {run['state']} "

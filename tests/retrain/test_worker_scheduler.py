@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import subprocess
@@ -11,6 +12,7 @@ import time
 import pytest
 import torch
 
+from triage import db as store
 from triage.model.checkpoint import save_checkpoint
 from triage.model.lossnet import build_loss_predictor
 from triage.model.network import build_network
@@ -127,3 +129,52 @@ def test_due_by_label_count_and_by_hours(tmp_path):
     assert retrain_status(st.db)["labels_since_last_run"] == 1
     off = make_settings(tmp_path, min_new_labels=1, enabled=False)
     assert RetrainScheduler(off, off.path("database")).due(now) is None
+
+
+def test_daemon_start_up_recovers_a_dead_run_and_its_candidate(tmp_path, caplog):
+    """A worker killed between registering its candidate and deciding leaves a `running`
+    row and a `candidate` model: start-up marks the run failed and rejects the candidate,
+    with events; an admin's import and a candidate awaiting an admin stay candidates."""
+    from triage.daemon import Daemon
+    from triage.retrain.settings import RetrainSettings
+
+    caplog.set_level(logging.INFO, logger="triage")
+    settings = make_settings(tmp_path / "home").model_copy(
+        update={"retrain": RetrainSettings(enabled=False)})
+    st = Store(settings)
+    serving = _serve(st, tmp_path)
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    now = time.time()
+    st.db.execute("INSERT INTO retrain_runs (trigger, state, started_at, pid, message) "
+                  "VALUES ('labels', 'running', ?, ?, 'deciding')", [now - 600, gone.pid])
+    st.db.execute("INSERT INTO retrain_runs (trigger, state, started_at, finished_at, message) "
+                  "VALUES ('labels', 'succeeded', ?, ?, 'awaits an admin')", [now, now])
+    registry = ModelRegistry(st.db, settings.path("models"), TINY_MODEL)
+    checkpoint = save_checkpoint(tmp_path / "candidate.pt", build_network(TINY_MODEL),
+                                 build_loss_predictor(TINY_MODEL), TINY_MODEL)
+    orphan = registry.add(checkpoint, source="retrain:1", parent=serving).version
+    awaiting = registry.add(checkpoint, source="retrain:2", parent=serving).version
+    imported = registry.add(checkpoint, source="import").version
+    st.db.close()
+
+    daemon = Daemon(settings)
+    daemon.start()
+    try:
+        db = store.connect(settings.path("database"), readonly=True)
+        try:
+            runs = db.execute("SELECT state, message FROM retrain_runs ORDER BY id").fetchall()
+            models = dict(db.execute("SELECT version, status FROM models").fetchall())
+            note = db.execute("SELECT note FROM models WHERE version = ?", [orphan]).fetchone()
+        finally:
+            db.close()
+    finally:
+        daemon.stop()
+    assert runs == [("failed", "process died"), ("succeeded", "awaits an admin")]
+    assert models == {serving: "serving", orphan: "rejected", awaiting: "candidate",
+                      imported: "candidate"}
+    assert "retrain run 1" in note[0]
+    (died,) = [r for r in caplog.records if r.getMessage() == "retrain_process_died"]
+    assert died.run_id == 1
+    (rejected,) = [r for r in caplog.records if r.getMessage() == "retrain_candidate_orphaned"]
+    assert (rejected.version, rejected.run_id) == (orphan, 1)

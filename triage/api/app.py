@@ -10,6 +10,8 @@ from fastapi.staticfiles import StaticFiles
 
 from triage import __version__
 from triage.api import images, ops, ops_status, review
+from triage.api.security import SecurityHeadersMiddleware
+from triage.api.throttle import AuthThrottle
 from triage.daemon import Daemon
 from triage.errors import TriageError
 from triage.queue import QueueError
@@ -18,11 +20,21 @@ STATIC = Path(__file__).parent / "static"
 
 
 def create_app(daemon: Daemon) -> FastAPI:
-    """The app serves the daemon; starting and stopping the daemon is the caller's."""
+    """The app serves the daemon; starting and stopping the daemon is the caller's.
+
+    No /docs or /redoc: those pages load their script from a CDN and run inline script,
+    which the content security policy (and a hospital network) refuses; the schema is
+    at /openapi.json.
+    """
     app = FastAPI(title="triage", version=__version__,
-                  description="Needs-label gate and radiologist review queue for DICOM studies.")
+                  description="Needs-label gate and radiologist review queue for DICOM studies.",
+                  docs_url=None, redoc_url=None)
     app.state.daemon = daemon
     app.state.settings = daemon.settings
+    server = daemon.settings.server
+    app.state.auth_throttle = AuthThrottle(server.auth_max_failures,
+                                           server.auth_failure_window_seconds)
+    app.add_middleware(SecurityHeadersMiddleware)
     app.include_router(ops.router)
     app.include_router(review.router)
     app.include_router(images.router)

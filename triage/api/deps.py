@@ -36,9 +36,23 @@ def _bearer(request: Request) -> str | None:
 
 
 def current_principal(request: Request, db: DbDep) -> Principal:
+    """The caller's principal; 401 for a bad token, 429 while its client is throttled."""
+    throttle = request.app.state.auth_throttle
+    failures = request.app.state.daemon.metrics.auth_failures
+    client = client_address(request)
+    wait = throttle.retry_after(client)
+    if wait:
+        failures.labels("throttled").inc()
+        raise HTTPException(
+            429, f"too many failed token attempts from this address; retry in {wait} s",
+            headers={"Retry-After": str(wait)},
+        )
     try:
         return authenticate(db, _bearer(request))
     except AuthError as exc:
+        failures.labels(exc.reason).inc()
+        if exc.reason != "missing":  # no token is a forgotten header, not a guess
+            throttle.failed(client)
         raise HTTPException(401, str(exc), headers={"WWW-Authenticate": "Bearer"}) from None
 
 

@@ -27,6 +27,7 @@ from triage.db import FINAL_FILE_STATES, STUDY_STATES, count_by
 from triage.ops_metrics import audit_accuracy, quarantined_by_reason, serving_model
 from triage.registry import model_operating_point
 from triage.retrain.runs import retrain_status
+from triage.serving import read_serving_status
 
 STATIC = Path(__file__).parent / "static"
 HOURS = 24
@@ -88,6 +89,7 @@ def build_summary(db: sqlite_utils.Database, settings: Settings,
     retrain = retrain_status(db, settings.model.labels)
     auroc = _validation_auroc(db, serving.version) if serving else None
     point = model_operating_point(db, serving.version) if serving else None
+    served = read_serving_status(db)
     disk = shutil.disk_usage(settings.home)
     paused = live.get("ingest_paused")
     return {
@@ -122,6 +124,9 @@ def build_summary(db: sqlite_utils.Database, settings: Settings,
             # temperature and threshold the serving model predicts at (threshold None:
             # argmax); the audit accuracy counts the labels stored at these points
             "operating_point": point.to_json() if point is not None else None,
+            # what the scorer actually serves: another version, or none while no
+            # promoted version loads (studies wait), and why; None before it first looked
+            "serving": served.to_json() if served is not None else None,
         },
         "retrain": {
             "enabled": settings.retrain.enabled,

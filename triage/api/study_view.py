@@ -31,12 +31,15 @@ def study_view(db: sqlite_utils.Database, settings: Settings, study_id: int,
         "SELECT id, modality, photometric, rows, cols, frames, path FROM instances "
         "WHERE study_id = ? AND scoreable = 1 ORDER BY id", [study_id]))
     images = []
+    headers = []
     for row in instances:
         header = _header(settings.home / row["path"])
+        headers.append(header)
         images.append({
             "instance_id": row["id"], "modality": row["modality"],
             "photometric": row["photometric"], "rows": row["rows"], "cols": row["cols"],
             "frames": row["frames"], "window": _window(header),
+            "series_description": _text(header, "SeriesDescription"),
         })
     view: dict[str, Any] = {
         "study_id": study_id,
@@ -45,6 +48,7 @@ def study_view(db: sqlite_utils.Database, settings: Settings, study_id: int,
         "why": why,
         "images": images,
         "modalities": sorted({row["modality"] or "?" for row in instances}),
+        "description": _text(headers[0] if headers else None, "StudyDescription"),
     }
     if settings.review.show_prediction:
         # the label stored with the decision: calibrated and thresholded at the model's
@@ -82,6 +86,13 @@ def _header(path: Any) -> pydicom.Dataset | None:
             return pydicom.dcmread(path, stop_before_pixels=True)
     except Exception:  # noqa: BLE001 - the archive copy was checked at ingest
         return None
+
+
+def _text(header: pydicom.Dataset | None, keyword: str) -> str:
+    """A header's text as the sender wrote it: markup included, so the UI must (and does)
+    set it only as text, never as HTML."""
+    value = header.get(keyword, "") if header is not None else ""
+    return str(value or "")
 
 
 def _window(header: pydicom.Dataset | None) -> list[float] | None:

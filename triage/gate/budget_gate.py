@@ -166,6 +166,12 @@ class BudgetGate:
         return self._score_rate
 
     @property
+    def pending_offset(self) -> int:
+        """Coverage routes (`note_routed` against the budget) not yet offset: the next
+        this many studies the score rule would route get `budget_offset`."""
+        return self._offset
+
+    @property
     def sequence(self) -> int:
         """Number of committed decisions."""
         return self._sequence
@@ -406,7 +412,7 @@ class BudgetGate:
 
     def state_dict(self) -> dict[str, Any]:
         """JSON-serialisable state (window oldest first with its keys, day counters,
-        sequence)."""
+        sequence, pending budget offset)."""
         order = self._order()
         return {
             "version": STATE_VERSION,
@@ -418,6 +424,7 @@ class BudgetGate:
             "routed": [bool(self._routed[i]) for i in order],
             "eligible": [bool(self._eligible[i]) for i in order],
             "window_keys": [self._window_keys[i] for i in order],
+            "pending_offset": self._offset,
         }
 
     @classmethod
@@ -446,16 +453,26 @@ class BudgetGate:
             gate._filled = min(gate._filled + 1, settings.window)
         gate._sequence = int(state["sequence"])
         gate._day_counts = {str(k): int(v) for k, v in state["day_counts"].items()}
+        gate._offset = int(state.get("pending_offset", 0))  # absent before it was kept
         return gate
 
     @classmethod
-    def restore(cls, settings: GateSettings, decisions: Iterable[Decision]) -> Self:
+    def restore(
+        cls, settings: GateSettings, decisions: Iterable[Decision], *, pending_offset: int = 0
+    ) -> Self:
         """Rebuild a gate by replaying stored decisions, oldest first.
 
         Pass at least the last `window` scored decisions and every decision of the
         current day; decisions of another strategy only count toward the day cap.
+        Decisions cannot tell how many coverage routes are still to be offset, so
+        ``pending_offset`` (as `pending_offset` was after the last decision; the daemon
+        keeps it in the store) is set after the replay: without it a restart would route
+        studies the running gate would have skipped as `budget_offset`.
         """
+        if pending_offset < 0:
+            raise ValueError(f"pending_offset must be >= 0, got {pending_offset}")
         gate = cls(settings)
         for decision in decisions:
             gate._apply(decision)
+        gate._offset = int(pending_offset)
         return gate

@@ -20,7 +20,11 @@ uncertainty alone instead of failing every study. The first such study of a vers
 logs a WARNING event `gate_fallback_uncertainty`; the counter
 `triage_gate_fallback_total{reason="no_loss_predictor"}` counts the studies.
 
-Cold start: without a usable serving model, `triage.gate.coldstart.ColdStartSelector` chooses
+Degraded serving (`triage.serving.ServingLoader`): when the serving checkpoint cannot be
+loaded, the most recently promoted version that loads serves instead; when none loads,
+`score` raises `ModelUnavailable` and the study waits (`waiting_model`) until one does.
+
+Cold start: while no version was ever promoted, `triage.gate.coldstart.ColdStartSelector` chooses
 the studies to route, at `gate.label_rate` and for coverage of the stream (farthest
 first on a label-free thumbnail embedding); the gate routes them as `cold_start` within
 the daily cap and skips the others as `not_sampled`. The study's novelty is stored as
@@ -49,14 +53,15 @@ from triage.config import Settings
 from triage.db import transaction
 from triage.gate import NOVELTY, BudgetGate, Decision
 from triage.gate.coldstart import ColdStartSelector, coldstart_embedding
-from triage.gate.worker import ScoreResult, StudyToScore
+from triage.gate.worker import ModelUnavailable, ScoreResult, StudyToScore
 from triage.logs import event
 from triage.metrics import Metrics
 from triage.model.checkpoint import Checkpoint
 from triage.model.inference import StudyResult, score_study
 from triage.queue import enqueue
-from triage.registry import ModelError, ModelRegistry
+from triage.registry import ModelRegistry
 from triage.retrain.queries import coverage_queries
+from triage.serving import ServingLoader
 from triage.studies import load_study_images
 
 log = logging.getLogger("triage.gate")
@@ -86,18 +91,18 @@ class GateScorer:
         self._registry = ModelRegistry(db, settings.path("models"), settings.model)
         self._db = db
         recent = _recent_decisions(db, settings, clock())
-        self._gate = BudgetGate.restore(settings.gate, [decision for decision, _ in recent])
+        self._gate = BudgetGate.restore(settings.gate, [decision for decision, _ in recent],
+                                        pending_offset=_pending_offset(db))
         # the model that scored the window; None (unknown or mixed) rescores it
         self._window_version = _window_version(self._gate, recent, settings.gate.window)
         for (routed_at,) in db.execute(
             "SELECT routed_at FROM queue_items WHERE reason = 'coverage' AND routed_at >= ?",
             [clock() - 2 * 86400],
         ).fetchall():
-            # after a restart only the cap is known to be used; the budget offset is not
+            # the cap's share; the budget offset still pending is restored above
             day = self._gate.day_of(datetime.fromtimestamp(routed_at, UTC))
             self._gate.note_routed(day, 1, against_budget=False)
-        self._model: tuple[str, Checkpoint] | None = None
-        self._broken: str | None = None
+        self._serving = ServingLoader(db, self._registry, metrics, clock)
         self._selector: ColdStartSelector | None = None  # built when first needed
         self._fallback_logged: set[str] = set()
         metrics.gate_label_rate_target.set(settings.gate.label_rate)
@@ -107,12 +112,25 @@ class GateScorer:
         """The budget gate (read it; `score` and `commit` change it)."""
         return self._gate
 
+    def ready(self) -> bool:
+        """Whether a study can be decided now: a model loads, or none was ever promoted
+        (cold start). Asked by the worker before each study; refreshes the serving state
+        and `triage_serving_model_ok`."""
+        try:
+            self._serving.resolve()
+        except ModelUnavailable:
+            return False
+        return True
+
     def score(self, study: StudyToScore) -> ScoreResult:
         """Decide for one study (the gate moves on at `commit`).
 
         With a serving model the study is scored and the gate decides on its scores,
-        after the window is rescored if the model changed; without one the cold-start
-        selector chooses.
+        after the window is rescored if the model changed; while none was ever promoted
+        the cold-start selector chooses.
+
+        Raises:
+            ModelUnavailable: Models were promoted but none loads (the study waits).
         """
         checkpoint, version = self._serving_model()
         now = datetime.fromtimestamp(self._clock(), tz=UTC)
@@ -285,7 +303,10 @@ class GateScorer:
             return 0
         now = self._clock()
         day = self._gate.day_of(datetime.fromtimestamp(now, UTC))
-        checkpoint, version = self._serving_model()
+        try:
+            checkpoint, version = self._serving_model()
+        except ModelUnavailable:  # the worker's precomputed picks need no model
+            checkpoint, version = None, None
         budget = min(self._settings.retrain.coverage_queries, self._gate.remaining_on(day))
         if not self._gate.manager.uses_scores:  # the random baseline stays a coin
             budget = 0
@@ -324,23 +345,16 @@ class GateScorer:
         ).fetchone() is not None
 
     def _serving_model(self) -> tuple[Checkpoint | None, str | None]:
-        serving = self._registry.serving()
-        if serving is None:
+        """The checkpoint and version to score with; (None, None) in cold start only.
+
+        Raises:
+            ModelUnavailable: Models were promoted but none loads.
+        """
+        served = self._serving.resolve()
+        if served is None:
             return None, None
-        if self._model is not None and self._model[0] == serving.version:
-            return self._model[1], serving.version
-        if self._broken == serving.version:
-            return None, None
-        try:
-            checkpoint = self._registry.load(serving.version)
-        except ModelError as exc:
-            self._broken = serving.version
-            event(log, "model_unavailable", logging.ERROR, version=serving.version,
-                  error=str(exc))
-            return None, None
-        self._model = (serving.version, checkpoint)
-        event(log, "model_loaded", version=serving.version)
-        return checkpoint, serving.version
+        version, checkpoint = served
+        return checkpoint, version
 
 
 def _decision_row(
@@ -402,6 +416,13 @@ def _recent_decisions(
             decision = replace(decision, key=int(study_id))
         recent.append((decision, version))
     return recent
+
+
+def _pending_offset(db: sqlite_utils.Database) -> int:
+    """Coverage routes not yet offset against the label budget (kept in the store by
+    triggers, see triage/db.py migration 7), so a restart resumes the offset."""
+    row = db.execute("SELECT value FROM gate_state WHERE name = 'budget_offset'").fetchone()
+    return int(row[0]) if row is not None else 0
 
 
 def _window_version(

@@ -19,12 +19,18 @@ import sqlite_utils
 import torch
 
 from triage.db import transaction
+from triage.errors import TriageError
 from triage.logs import event
 from triage.metrics import Metrics
 from triage.queue import enqueue
 from triage.studies import load_study_images
 
 log = logging.getLogger("triage.scoring")
+
+
+class ModelUnavailable(TriageError):
+    """Models were promoted but none loads now: the study must wait, not be cold-started
+    (that would route random studies up to the daily cap)."""
 
 
 @dataclass(frozen=True)
@@ -56,6 +62,10 @@ class ScoreResult:
 
 
 class Scorer(Protocol):
+    """``score`` may raise :class:`ModelUnavailable`; a scorer may also have ``ready()``
+    (False: no model loads now), asked before each study so a waiting study is not
+    loaded for nothing."""
+
     def score(self, study: StudyToScore) -> ScoreResult: ...
 
     def commit(self, result: ScoreResult) -> None: ...
@@ -97,8 +107,13 @@ class ScoringWorker:
 
         The study leaves ``scoring`` in every case: ``scored`` with a result (an ``error``
         result when the scorer failed), ``error`` with a reason when its stored images
-        cannot be read, or ``open`` when a late instance reopened it meanwhile.
+        cannot be read, ``waiting_model`` when models exist but none loads (neither
+        scored nor routed; all waiting studies go back to ``complete``, oldest first,
+        once one loads), or ``open`` when a late instance reopened it meanwhile.
         """
+        ready = self._scorer_ready()
+        if ready:
+            self._release_waiting()
         with transaction(self._db):
             row = self._db.execute(
                 "SELECT id, round FROM studies WHERE state = 'complete' "
@@ -108,6 +123,9 @@ class ScoringWorker:
                 return None
             study_id, round_ = int(row[0]), int(row[1])
             self._db.execute("UPDATE studies SET state = 'scoring' WHERE id = ?", [study_id])
+        if not ready:
+            self._wait_for_model(study_id, round_)
+            return study_id
         try:
             images = load_study_images(self._db, study_id)
         except Exception as exc:  # noqa: BLE001 - a corrupt stored image must not stick
@@ -115,6 +133,9 @@ class ScoringWorker:
             return study_id
         try:
             result = self._scorer.score(StudyToScore(study_id, round_, images))
+        except ModelUnavailable:
+            self._wait_for_model(study_id, round_)
+            return study_id
         except Exception as exc:  # noqa: BLE001 - one bad study must not stop the stream
             event(log, "scoring_failed", logging.ERROR, study_id=study_id,
                   error_type=type(exc).__name__)
@@ -144,6 +165,35 @@ class ScoringWorker:
         event(log, "study_scored", study_id=study_id, round=round_, status=result.status,
               images=int(images.shape[0]))
         return study_id
+
+    def _scorer_ready(self) -> bool:
+        ready = getattr(self._scorer, "ready", None)
+        return True if ready is None else bool(ready())
+
+    def _wait_for_model(self, study_id: int, round_: int) -> None:
+        """Park a study while no model loads: no result, no decision, nothing routed."""
+        with transaction(self._db):
+            self._db.execute(
+                "UPDATE studies SET state = 'waiting_model' WHERE id = ? AND state = 'scoring'",
+                [study_id],
+            )
+        self._metrics.scored.labels("waiting_model").inc()
+        event(log, "study_waiting_for_model", logging.WARNING, study_id=study_id, round=round_)
+
+    def _release_waiting(self) -> int:
+        """A model loads again: waiting studies go back to ``complete`` (they keep their
+        completion time, so they are scored first)."""
+        if self._db.execute(
+            "SELECT 1 FROM studies WHERE state = 'waiting_model' LIMIT 1"
+        ).fetchone() is None:
+            return 0  # the usual case: no write lock taken
+        with transaction(self._db):
+            released = self._db.execute(
+                "UPDATE studies SET state = 'complete' WHERE state = 'waiting_model'"
+            ).rowcount
+        if released:
+            event(log, "studies_released_model_available", studies=released)
+        return released
 
     def _store_result(self, study_id: int, round_: int, result: ScoreResult, now: float) -> int:
         cursor = self._db.execute(

@@ -22,7 +22,7 @@ Both need only the features the deterministic pass computes anyway.
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -53,6 +53,13 @@ class EpistemicHead:
     means: torch.Tensor
     whiten: torch.Tensor
     log_norm: torch.Tensor
+    _flat: torch.Tensor = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        # [F + 1, T * C]: one plain matrix product per study instead of T batched ones
+        samples, rows, classes = self.weights.shape
+        flat = self.weights.permute(1, 0, 2).reshape(rows, samples * classes).contiguous()
+        object.__setattr__(self, "_flat", flat)
 
     @property
     def samples(self) -> int:
@@ -61,13 +68,17 @@ class EpistemicHead:
 
     def probs(self, features: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
         """Predictive distributions of the T weight samples, [T, N, C], for features [N, F]."""
-        logits = torch.matmul(_augment(features), self.weights)
+        logits = torch.addmm(self._flat[-1], features, self._flat[:-1])  # [N, T * C]
+        logits = logits.view(features.shape[0], self.samples, -1).transpose(0, 1)
         return torch.softmax(logits / temperature, dim=-1)
 
     def ood(self, features: torch.Tensor) -> torch.Tensor:
         """-max_c log(pi_c N(phi | mu_c, Sigma_c)) of features [N, F] -> [N]."""
-        z = torch.matmul(features[None] - self.means[:, None], self.whiten)  # [C, N, F]
-        return -(self.log_norm[:, None] - 0.5 * z.square().sum(-1)).max(0).values
+        log_density = [
+            self.log_norm[c] - 0.5 * ((features - self.means[c]) @ self.whiten[c]).square().sum(-1)
+            for c in range(self.means.shape[0])
+        ]
+        return -torch.stack(log_density).max(0).values
 
     def state(self) -> dict[str, Any]:
         """Tensors and numbers only, for `torch.save(..., weights_only=True)` files."""

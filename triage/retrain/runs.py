@@ -6,7 +6,9 @@ model; the reason is in the message and the model's note), `succeeded` (a candid
 registered and left for an admin, `retrain.auto_promote: false`) or `failed` (nothing
 changed: error, non-finite loss, too few labels, or the process died). At most one row
 is `running` at a time; a `running` row whose process is gone is marked `failed` with
-the message `process died` by the next :func:`reap_dead_runs`.
+the message `process died` by the next :func:`reap_dead_runs`, and a `candidate` model
+such a run registered but never decided on is `rejected` by
+:func:`reject_orphaned_candidates` (the daemon does both at start-up and on every check).
 """
 
 from __future__ import annotations
@@ -125,6 +127,33 @@ def reap_dead_runs(db: sqlite_utils.Database, now: float | None = None) -> list[
         with transaction(db):
             finish_run(db, run_id, "failed", "process died", now=now)
     return dead
+
+
+def reject_orphaned_candidates(db: sqlite_utils.Database) -> list[tuple[str, int]]:
+    """Reject `candidate` models whose retrain run ended `failed` (or has no row).
+
+    A worker killed between registering its candidate and deciding on it leaves a
+    candidate that no promotion rule decided on; left alone it stays a candidate forever
+    and looks like one awaiting an admin. Candidates of `running` runs are still being
+    decided; those of `succeeded` runs (``retrain.auto_promote: false``) do await an
+    admin; imported ones are an admin's. Returns (version, run id) of those rejected.
+    """
+    rows = db.execute(
+        "SELECT m.version, CAST(substr(m.source, 9) AS INTEGER) AS run_id FROM models m "
+        "WHERE m.status = 'candidate' AND m.source LIKE 'retrain:%' AND NOT EXISTS ("
+        "SELECT 1 FROM retrain_runs r WHERE r.id = CAST(substr(m.source, 9) AS INTEGER) "
+        "AND r.state IN ('running', 'succeeded')) ORDER BY m.version"
+    ).fetchall()
+    orphans = [(str(version), int(run_id)) for version, run_id in rows]
+    for version, run_id in orphans:
+        with transaction(db):
+            db.execute(
+                "UPDATE models SET status = 'rejected', note = ? "
+                "WHERE version = ? AND status = 'candidate'",
+                [f"retrain run {run_id} ended before deciding on it (failed or killed)",
+                 version],
+            )
+    return orphans
 
 
 def last_run(db: sqlite_utils.Database) -> dict[str, Any] | None:

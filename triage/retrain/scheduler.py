@@ -28,6 +28,7 @@ from triage.retrain.runs import (
     labels_since_last_run,
     last_run,
     reap_dead_runs,
+    reject_orphaned_candidates,
     set_pid,
 )
 
@@ -81,17 +82,23 @@ class RetrainScheduler:
         return dict(self._procs)
 
     def check(self) -> list[int]:
-        """Reap finished children and mark runs whose process died; return those run ids."""
+        """Reap finished children, mark runs whose process died and reject the candidates
+        they left; return those run ids. The daemon calls it at start-up too."""
         for run_id, proc in list(self._procs.items()):
             if proc.poll() is not None:  # reaped: no zombie keeps a dead pid "alive"
                 del self._procs[run_id]
         db = store.connect(self._db_path)
         try:
             dead = reap_dead_runs(db, self._clock())
+            orphans = reject_orphaned_candidates(db)
         finally:
             db.close()
         for run_id in dead:
-            event(log, "retrain_process_died", logging.ERROR, run_id=run_id)
+            event(log, "retrain_process_died", logging.ERROR, run_id=run_id,
+                  recovered="marked failed")
+        for version, run_id in orphans:
+            event(log, "retrain_candidate_orphaned", logging.WARNING, version=version,
+                  run_id=run_id, recovered="rejected")
         return dead
 
     def due(self, now: float | None = None) -> str | None:

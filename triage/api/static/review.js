@@ -178,7 +178,6 @@ function buildLabelButtons() {
     button.type = "button";
     button.className = `label ${cls}`;
     button.dataset.label = value;
-    button.innerHTML = "";
     button.append(document.createTextNode(value.replace("-", " ")));
     const kbd = document.createElement("kbd");
     kbd.textContent = key;
@@ -241,7 +240,10 @@ function renderStudy() {
       dl.append(dt, dd);
     }
   }
-  $("ov-study").textContent = `study ${study.study_id} · ${study.modalities.join(", ")}`;
+  // descriptions (like the patient's name above) are the sender's text: only ever
+  // textContent, never innerHTML, so markup in a header is shown, not run
+  $("ov-study").textContent = [`study ${study.study_id}`, study.modalities.join(", "),
+    study.description].filter(Boolean).join(" · ");
   const presets = $("presets");
   presets.textContent = "";
   const modality = study.modalities[0];
@@ -261,8 +263,9 @@ function currentImage() {
 function renderPosition() {
   const image = currentImage();
   const total = state.study.images.length;
-  $("ov-pos").textContent =
-    `image ${state.instance + 1}/${total} · frame ${state.frame + 1}/${image.frames}`;
+  $("ov-pos").textContent = [image.series_description,
+    `image ${state.instance + 1}/${total} · frame ${state.frame + 1}/${image.frames}`]
+    .filter(Boolean).join(" · ");
   $("nav-label").textContent = `${state.instance + 1}/${total} · ${state.frame + 1}/${image.frames}`;
   const window = state.window || image.window;
   $("ov-wl").textContent = window

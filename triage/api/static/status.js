@@ -246,6 +246,11 @@ function render(s) {
     flag(`The oldest pending study has waited ${duration(oldest)}.`, "warn");
   }
   if (run && run.state === "failed") flag(`The last retrain failed: ${run.message || ""}`, "bad");
+  const sv = m.serving;
+  if (sv && !sv.ok) {
+    flag(`Model degraded: serving ${sv.served_version || "nothing (studies wait)"} instead ` +
+         `of ${sv.registry_version}: ${sv.detail || sv.reason || ""}`, "bad");
+  }
   if (off(s.gate.routed_fraction)) {
     flag(`The gate routes ${percent(s.gate.routed_fraction)} against a target of ` +
          `${percent(target)}.`, "warn");

@@ -1,0 +1,184 @@
+"""Degraded serving, loud and safe: a serving checkpoint that cannot be loaded (a file
+corrupted on disk) never sends the daemon back to cold start. The last promoted version
+that loads serves, and the store, status, status page data, metrics and log say which
+and why; when none loads, studies wait unscored and unrouted until one loads again. A
+restart keeps the gate's pending budget offset."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sqlite3
+from pathlib import Path
+
+import pytest
+import torch
+from test_scorer import Home
+
+from triage.api.ops_status import build_summary
+from triage.gate.worker import ScoringWorker
+from triage.model.checkpoint import save_checkpoint
+from triage.model.lossnet import build_loss_predictor
+from triage.model.network import build_network
+from triage.model.settings import ModelSettings
+from triage.registry import ModelError
+from triage.serving import LOAD_FAILURE_REASONS, RETRY_SECONDS, failure_reason, read_serving_status
+from triage.status import collect_status, format_status
+
+
+def _checkpoint(home: Home, version: str) -> Path:
+    return home.settings.path("models") / version / "checkpoint.pt"
+
+
+def _corrupt(path: Path) -> bytes:
+    """Damage a checkpoint file on disk as a failed write or disk error would: its second
+    half (with the zip directory) becomes garbage. Returns the good bytes."""
+    good = path.read_bytes()
+    half = len(good) // 2
+    path.write_bytes(good[:half] + b"\x00garbage" * ((len(good) - half) // 8))
+    return good
+
+
+def _events(caplog: pytest.LogCaptureFixture, name: str) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if r.getMessage() == name]
+
+
+def _rows(home: Home, sql: str, params: list | None = None) -> list[sqlite3.Row]:
+    home.db.conn.row_factory = sqlite3.Row
+    try:
+        return home.db.execute(sql, params or []).fetchall()
+    finally:
+        home.db.conn.row_factory = None
+
+
+def test_a_corrupt_serving_checkpoint_falls_back_to_the_last_promoted_version(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="triage")
+    home = Home(tmp_path, exploration_rate=0.0)
+    older = home.promote(seed=1)
+    newer = home.promote(seed=2)
+    good = _corrupt(_checkpoint(home, newer))
+
+    rows = home.score(home.scorer(), 6)  # a restart: the scorer loads the model afresh
+    assert [r["model_version"] for r in rows] == [older] * 6
+    assert "cold_start" not in {r["reason"] for r in rows}
+    assert all(r["status"] != "error" for r in rows)
+
+    (failed,) = _events(caplog, "model_load_failed")  # retries (each minute) log at DEBUG
+    assert (failed.version, failed.reason, failed.levelno) == (newer, "corrupt", logging.ERROR)
+    (degraded,) = _events(caplog, "serving_degraded")
+    assert (degraded.registry_version, degraded.served_version) == (newer, older)
+    for record in (failed, degraded):  # ids and codes only: no path in the log
+        assert str(tmp_path) not in json.dumps(record.__dict__, default=str)
+    assert home.prometheus.get_sample_value("triage_serving_model_ok") == 0
+    # one attempt at the restart, then one per RETRY_SECONDS (the test clock: 60 s a study)
+    assert home.prometheus.get_sample_value(
+        "triage_serving_model_load_failures_total", {"reason": "corrupt"}) == 6
+
+    stored = read_serving_status(home.db)
+    assert (stored.registry_version, stored.served_version, stored.ok, stored.reason) == (
+        newer, older, False, "corrupt")
+    assert f"{newer} cannot be loaded (corrupt" in stored.detail and str(tmp_path) not in (
+        stored.detail)
+    status = collect_status(home.settings)
+    assert status["serving"]["served_version"] == older and not status["serving"]["ok"]
+    assert "DEGRADED" in format_status(status) and "corrupt" in format_status(status)
+    summary = build_summary(home.db, home.settings, {}, home.now)
+    assert summary["model"]["serving"]["reason"] == "corrupt"
+    assert summary["model"]["serving"]["served_version"] == older
+
+    # the file is restored: after the retry delay the registry's version serves again
+    _checkpoint(home, newer).write_bytes(good)
+    home.now += RETRY_SECONDS
+    again = home.score(home.scorer(), 2)
+    assert [r["model_version"] for r in again] == [newer] * 2
+    assert home.prometheus.get_sample_value("triage_serving_model_ok") == 1
+    assert _events(caplog, "serving_restored")
+    assert read_serving_status(home.db).ok
+
+
+def test_when_no_promoted_version_loads_studies_wait_then_are_scored(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="triage")
+    home = Home(tmp_path, exploration_rate=0.0)
+    version = home.promote(seed=1)
+    good = _corrupt(_checkpoint(home, version))
+    scorer = home.scorer()
+    worker = ScoringWorker(home.db, scorer, home.metrics, clock=lambda: home.now)
+    ids = [home.add_study() for _ in range(4)]
+    for study_id in ids:
+        assert worker.run_once() == study_id
+        home.now += 1
+    assert worker.run_once() is None
+
+    states = _rows(home, "SELECT state FROM studies ORDER BY id")
+    assert [r["state"] for r in states] == ["waiting_model"] * 4
+    for table in ("decisions", "queue_items", "study_results"):  # neither scored nor routed
+        assert home.db.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0] == 0, table
+    assert home.prometheus.get_sample_value("triage_serving_model_ok") == 0
+    assert home.prometheus.get_sample_value(
+        "triage_scoring_studies_total", {"status": "waiting_model"}) == 4
+    (unavailable,) = _events(caplog, "serving_unavailable")
+    assert unavailable.served_version is None and unavailable.reason == "corrupt"
+    stored = read_serving_status(home.db)
+    assert (stored.served_version, stored.ok) == (None, False)
+    assert "studies wait" in stored.detail
+    assert collect_status(home.settings)["studies"]["waiting_model"] == 4
+
+    _checkpoint(home, version).write_bytes(good)  # the operator restores the file
+    home.now += RETRY_SECONDS
+    assert [worker.run_once() for _ in ids] == ids  # oldest first
+    rows = _rows(home, "SELECT model_version, reason FROM decisions ORDER BY id")
+    assert [r["model_version"] for r in rows] == [version] * 4
+    assert "cold_start" not in {r["reason"] for r in rows}
+    states = _rows(home, "SELECT state FROM studies ORDER BY id")
+    assert [r["state"] for r in states] == ["scored"] * 4
+    assert _events(caplog, "studies_released_model_available")[0].studies == 4
+    assert home.prometheus.get_sample_value("triage_serving_model_ok") == 1
+
+
+def _offset_run(home: Home, *, restart: bool) -> tuple[list[tuple[str, int]], int]:
+    """Score, route three coverage queries, (restart,) score on; decisions after."""
+    home.promote(seed=1)
+    scorer = home.scorer()
+    first = home.score(scorer, 12)
+    picks = [r["study_id"] for r in first if not r["needs_label"]][:3]
+    home.db.execute(
+        "INSERT INTO retrain_runs (trigger, state, started_at, metrics) "
+        "VALUES ('manual', 'promoted', ?, ?)",
+        [home.now, json.dumps({"coverage_picks": picks})])
+    assert scorer.route_coverage() == 3
+    assert scorer.gate.pending_offset == 3
+    if restart:
+        scorer = home.scorer()
+    pending = scorer.gate.pending_offset
+    rows = home.score(scorer, 30)
+    return [(r["reason"], r["needs_label"]) for r in rows], pending
+
+
+def test_a_restart_keeps_the_pending_budget_offset(tmp_path: Path) -> None:
+    gate = {"exploration_rate": 0.0, "label_rate": 0.3, "warmup": 5, "window": 20}
+    straight, _ = _offset_run(Home(tmp_path / "one", **gate), restart=False)
+    restarted, pending = _offset_run(Home(tmp_path / "two", **gate), restart=True)
+    assert pending == 3
+    assert [reason for reason, _ in straight].count("budget_offset") == 3
+    assert restarted == straight  # same studies, same decisions across the restart
+
+
+def test_load_failures_are_named_by_a_closed_set_of_reasons(tmp_path: Path) -> None:
+    home = Home(tmp_path)
+    missing, corrupt, incompatible = (home.promote(seed=s) for s in (1, 2, 3))
+    _checkpoint(home, missing).unlink()
+    _corrupt(_checkpoint(home, corrupt))
+    other = ModelSettings(input_size=32, channels=(4, 8, 8), subunits=1, lossnet_width=8)
+    torch.manual_seed(0)
+    save_checkpoint(_checkpoint(home, incompatible), build_network(other),
+                    build_loss_predictor(other), other)
+    for version, expected in ((missing, "missing"), (corrupt, "corrupt"),
+                              (incompatible, "incompatible")):
+        with pytest.raises(ModelError) as caught:
+            home.models.load(version)
+        assert failure_reason(caught.value) == expected, version
+        assert expected in LOAD_FAILURE_REASONS
