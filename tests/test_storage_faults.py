@@ -1,9 +1,12 @@
 """Storage under faults, on real SQLite files: a COMMIT that fails is rolled back,
-processes migrating a new store at once all start, and a queue item keeps the reason
-(hence the split of its label) it was first routed for."""
+processes migrating a new store at once all start, a queue item keeps the reason
+(hence the split of its label) it was first routed for, and claims whose lease ran out
+while the daemon was down are released when it starts."""
 
 from __future__ import annotations
 
+import json
+import logging
 import sqlite3
 import subprocess
 import sys
@@ -15,6 +18,8 @@ import pytest
 from triage import db as store
 from triage.auth import Principal
 from triage.config import load_settings
+from triage.daemon import Daemon
+from triage.gate.budget_gate import Decision
 from triage.queue import ReviewQueue, enqueue
 from triage.retrain.splits import assign_split
 
@@ -163,3 +168,40 @@ def test_a_queue_item_keeps_the_reason_it_was_first_routed_for(tmp_path: Path) -
                     split_for=split_for)
     splits = dict(home.db.execute("SELECT study_id, split FROM labels").fetchall())
     assert splits == {audit: "validation", gated: "train"}
+
+
+def test_claims_whose_lease_ran_out_while_down_are_released_at_start_up(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="triage")
+    home = Routed(tmp_path)
+    dead, live = home.study("2.25.31"), home.study("2.25.32")
+    home.decide(dead, "uncertainty", 0.7)
+    home.decide(live, "uncertainty", 0.6)
+    for sequence, study_id in enumerate((dead, live)):  # what the restarted gate reads back
+        decision = Decision(sequence=sequence, timestamp="2024-03-01T08:00:00+00:00",
+                            day="2024-03-01", strategy="combined", needs_label=True,
+                            reason="uncertainty", key=study_id)
+        home.db.execute("UPDATE decisions SET decision = ? WHERE study_id = ?",
+                        [json.dumps(decision.to_dict()), study_id])
+    now = time.time()
+    # the daemon died with two claims out: one lease ran out while it was down
+    for study_id, expires in ((dead, now - 120), (live, now + 600)):
+        home.db.execute("UPDATE queue_items SET state = 'claimed', claimed_by = ?, "
+                        "claimed_at = ?, lease_expires_at = ? WHERE study_id = ?",
+                        [home.reader.token_id, now - 900, expires, study_id])
+    home.db.close()
+
+    daemon = Daemon(home.settings)
+    daemon.start()
+    try:
+        (logged,) = [r for r in caplog.records if r.getMessage() == "queue_leases_recovered"]
+        assert (logged.items, logged.study_ids, logged.levelno) == (1, [dead], logging.WARNING)
+    finally:
+        daemon.stop()
+    db = store.connect(home.settings.path("database"), readonly=True)
+    items = dict(db.execute("SELECT study_id, state FROM queue_items").fetchall())
+    assert items == {dead: "pending", live: "claimed"}  # a live lease is kept
+    trail = db.execute("SELECT actor, action, study_id FROM audit").fetchall()
+    assert trail == [("reader", "lease_expired", dead)]
+    db.close()

@@ -36,6 +36,7 @@ from triage.ingest.watcher import InboxWatcher
 from triage.logs import event
 from triage.metrics import Metrics, StoreCollector, build_metrics
 from triage.ops_metrics import OpsCollector
+from triage.queue import recover_leases
 from triage.retrain.metrics import RetrainCollector
 from triage.retrain.scheduler import RetrainScheduler
 from triage.studies import StudyAssembler
@@ -95,6 +96,7 @@ class Daemon:
         self._lock()
         store.connect(self.db_path).close()  # create and migrate before the threads
         self._recover_retrain()
+        self._recover_queue()
         self._stop.clear()
         loops = (("ingest", self._ingest_loop), ("scoring", self._scoring_loop),
                  ("retrain", self._retrain_loop))
@@ -146,6 +148,15 @@ class Daemon:
             RetrainScheduler(self.settings, self.db_path).check()
         except Exception as exc:  # noqa: BLE001 - the retrain loop tries again
             event(log, "retrain_recovery_error", logging.ERROR, error_type=type(exc).__name__)
+
+    def _recover_queue(self) -> None:
+        """Start-up: queue items left claimed under an expired lease are released
+        (event `queue_leases_recovered`), so no study stays held by a dead session."""
+        db = store.connect(self.db_path)
+        try:
+            recover_leases(db, time.time())
+        finally:
+            db.close()
 
     def _lock(self) -> None:
         path = self.settings.home / "triage.lock"
@@ -225,7 +236,8 @@ class Daemon:
     def _scoring_loop(self) -> None:
         db = store.connect(self.db_path)
         scorer = GateScorer(self.settings, db, self.metrics)
-        worker = ScoringWorker(db, scorer, self.metrics)
+        worker = ScoringWorker(db, scorer, self.metrics,
+                               error_retry_seconds=self.settings.studies.error_retry_seconds)
         worker.requeue_interrupted()
         next_coverage = 0.0
         while not self._stop.is_set():

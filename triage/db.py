@@ -251,6 +251,20 @@ MIGRATIONS: tuple[str, ...] = (
         WHEN NEW.reason = 'budget_offset'
         BEGIN UPDATE gate_state SET value = MAX(0, value - 1) WHERE name = 'budget_offset'; END;
     """,
+    # 8: what the review view shows of each instance's header (the window chosen among the
+    # header's presets, which one and how many there were, the descriptions), kept at
+    # ingest so a view reads no file. `view_cached` = 0: stored before this step; the
+    # first view reads that header once and fills the columns.
+    """
+    ALTER TABLE instances ADD COLUMN view_cached INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE instances ADD COLUMN window_center REAL;
+    ALTER TABLE instances ADD COLUMN window_width REAL;
+    ALTER TABLE instances ADD COLUMN window_index INTEGER;
+    ALTER TABLE instances ADD COLUMN window_count INTEGER;
+    ALTER TABLE instances ADD COLUMN window_explanation TEXT;
+    ALTER TABLE instances ADD COLUMN series_description TEXT;
+    ALTER TABLE instances ADD COLUMN study_description TEXT;
+    """,
 )
 
 

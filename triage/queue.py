@@ -14,6 +14,7 @@ unbiased accuracy estimate is not starved by high-priority work.
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,6 +26,9 @@ from triage import audit
 from triage.auth import Principal
 from triage.db import transaction
 from triage.errors import TriageError
+from triage.logs import event
+
+log = logging.getLogger("triage.queue")
 
 NON_CLASS_LABELS = ("skip", "not-diagnostic")
 _AUDIT_PRIORITY = -1.0
@@ -72,6 +76,43 @@ def enqueue(db: sqlite_utils.Database, *, study_id: int, decision_id: int,
     )
 
 
+def release_expired_leases(db: sqlite_utils.Database, now: float) -> list[int]:
+    """Return items whose lease ran out by ``now`` to the queue, each audited
+    (``lease_expired``); the ids of their studies."""
+    due = db.execute(
+        "SELECT 1 FROM queue_items WHERE state = 'claimed' AND lease_expires_at <= ? LIMIT 1",
+        [now],
+    ).fetchone()
+    if due is None:
+        return []  # the common case: no write lock taken just to look
+    with transaction(db):
+        rows = db.execute(
+            "SELECT queue_items.id, study_id, tokens.name, tokens.role FROM queue_items "
+            "LEFT JOIN tokens ON tokens.id = claimed_by "
+            "WHERE state = 'claimed' AND lease_expires_at <= ?", [now],
+        ).fetchall()
+        for item_id, study_id, name, role in rows:
+            db.execute(
+                "UPDATE queue_items SET state = 'pending', claimed_by = NULL, "
+                "claimed_at = NULL, lease_expires_at = NULL WHERE id = ?", [item_id],
+            )
+            audit.record(db, actor=name or "?", role=role, action="lease_expired",
+                         study_id=study_id)
+    return [int(row[1]) for row in rows]
+
+
+def recover_leases(db: sqlite_utils.Database, now: float) -> int:
+    """Start-up: claims whose lease ran out while the daemon was down (a reader who
+    closed the browser mid-study, a crash between claim and label) go back to the queue
+    at once, with an event, instead of waiting for the next queue request to notice.
+    Live leases are kept: their reader may still label."""
+    study_ids = release_expired_leases(db, now)
+    if study_ids:
+        event(log, "queue_leases_recovered", logging.WARNING, items=len(study_ids),
+              study_ids=study_ids)
+    return len(study_ids)
+
+
 class ReviewQueue:
     """Queue actions for one request (one connection)."""
 
@@ -85,27 +126,7 @@ class ReviewQueue:
 
     def expire_leases(self) -> int:
         """Return items whose lease ran out to the queue; audit each."""
-        now = self._clock()
-        due = self._db.execute(
-            "SELECT 1 FROM queue_items WHERE state = 'claimed' AND lease_expires_at <= ? LIMIT 1",
-            [now],
-        ).fetchone()
-        if due is None:
-            return 0  # the common case: no write lock taken just to look
-        with transaction(self._db):
-            rows = self._db.execute(
-                "SELECT queue_items.id, study_id, tokens.name, tokens.role FROM queue_items "
-                "LEFT JOIN tokens ON tokens.id = claimed_by "
-                "WHERE state = 'claimed' AND lease_expires_at <= ?", [now],
-            ).fetchall()
-            for item_id, study_id, name, role in rows:
-                self._db.execute(
-                    "UPDATE queue_items SET state = 'pending', claimed_by = NULL, "
-                    "claimed_at = NULL, lease_expires_at = NULL WHERE id = ?", [item_id],
-                )
-                audit.record(self._db, actor=name or "?", role=role, action="lease_expired",
-                             study_id=study_id)
-        return len(rows)
+        return len(release_expired_leases(self._db, self._clock()))
 
     def list(self, *, state: str | None = None, reason: str | None = None,
              limit: int = 200) -> list[dict[str, Any]]:

@@ -15,6 +15,7 @@ import sqlite_utils
 import torch
 
 from triage.db import transaction
+from triage.ingest.dicom import ViewHeader
 from triage.logs import event
 from triage.metrics import Metrics
 from triage.preprocess import from_storage
@@ -93,3 +94,24 @@ def load_study_images(db: sqlite_utils.Database, study_id: int) -> torch.Tensor:
     if not frames:
         return torch.empty(0, 1, 0, 0)
     return torch.cat(frames).unsqueeze(1)
+
+
+def store_view_header(db: sqlite_utils.Database, instance_id: int, view: ViewHeader) -> None:
+    """Keep what the review view shows of an instance's header in its row (migration 8),
+    so that viewing a study reads the store only, whatever its number of slices."""
+    window = view.window
+    db.execute(
+        "UPDATE instances SET view_cached = 1, window_center = ?, window_width = ?, "
+        "window_index = ?, window_count = ?, window_explanation = ?, "
+        "series_description = ?, study_description = ? WHERE id = ?",
+        [
+            window.centre if window else None,
+            window.width if window else None,
+            window.index if window else None,
+            window.count if window else None,
+            window.explanation if window else None,
+            view.series_description,
+            view.study_description,
+            instance_id,
+        ],
+    )

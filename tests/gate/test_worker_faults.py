@@ -127,3 +127,77 @@ def test_studies_left_scoring_by_a_crash_are_scored_after_a_restart(
     assert [worker.run_once(), worker.run_once(), worker.run_once()] == [first, second, None]
     assert {home.study(s)[0] for s in (first, second)} == {"scored"}
     _no_phi(caplog.records, "2.25.8001", "2.25.8002")
+
+
+def _events(records: list[logging.LogRecord], name: str) -> list[logging.LogRecord]:
+    return [r for r in records if r.getMessage() == name]
+
+
+def test_an_unreadable_study_is_retried_with_growing_backoff_then_left_for_an_operator(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="triage")
+    home = Pipeline(tmp_path / "home")
+    bad = home.receive("2.25.7101", images=1)
+    home.corrupt_one_image(bad)
+    worker = home.worker()
+    assert worker.run_once() == bad and home.study(bad)[0::2] == ("error", 1)
+    # waits of 60 s, 300 s and 1800 s before the 2nd, 3rd and 4th try, counted from the
+    # failed try; not a second earlier
+    for count, wait in ((1, 60), (2, 300), (3, 1800)):
+        home.now += wait - 1
+        assert worker.run_once() is None and home.study(bad)[0::2] == ("error", count)
+        home.now += 1
+        assert worker.run_once() == bad
+        assert home.study(bad)[0::2] == ("error", count + 1)
+    retries = _events(caplog.records, "study_error_retry")
+    assert [(r.study_id, r.attempt, r.of) for r in retries] == [(bad, 2, 4), (bad, 3, 4),
+                                                               (bad, 4, 4)]
+    # the tries are spent: it stays `error` for an operator, said once, loudly
+    home.now += 7 * 86400
+    assert worker.run_once() is None
+    assert home.study(bad) == ("error", "stored images could not be read (ValueError)", 4)
+    (left,) = _events(caplog.records, "study_error_left_for_operator")
+    assert (left.study_id, left.attempts, left.levelno) == (bad, 4, logging.ERROR)
+    assert [r.retry_in_seconds for r in _events(caplog.records, "study_images_unreadable")
+            ] == [60, 300, 1800, None]
+    assert home.db.execute("SELECT COUNT(*) FROM study_results WHERE study_id = ?",
+                           [bad]).fetchone()[0] == 4  # one error result per try
+    assert home.db.execute("SELECT COUNT(*) FROM decisions").fetchone()[0] == 0
+    # a restarted worker keeps the schedule (it is read from the store)
+    assert home.worker().run_once() is None
+    _no_phi(caplog.records, "2.25.7101")
+
+
+def test_a_study_whose_images_read_again_is_scored_at_its_retry(tmp_path: Path) -> None:
+    home = Pipeline(tmp_path / "home")
+    bad = home.receive("2.25.7201", images=2)
+    instance = home.db.execute("SELECT MIN(id) FROM instances WHERE study_id = ?",
+                               [bad]).fetchone()[0]
+    stored = home.db.execute("SELECT data FROM images WHERE instance_id = ?",
+                             [instance]).fetchone()[0]
+    home.corrupt_one_image(bad)
+    worker = home.worker()
+    assert worker.run_once() == bad and home.study(bad)[0] == "error"
+    # the fault passes (a remounted disk, a restored backup): the same bytes are back
+    home.db.execute("UPDATE images SET data = ? WHERE instance_id = ?", [stored, instance])
+    home.now += 60
+    assert worker.run_once() == bad
+    assert home.study(bad)[0::2] == ("scored", 1)
+    assert home.db.execute("SELECT COUNT(*) FROM decisions WHERE study_id = ?",
+                           [bad]).fetchone()[0] == 1
+    statuses = [row[0] for row in home.db.execute(
+        "SELECT status FROM study_results WHERE study_id = ? ORDER BY id", [bad])]
+    assert statuses[0] == "error" and statuses[1] != "error"
+
+
+def test_no_retry_when_the_waits_are_configured_off(tmp_path: Path) -> None:
+    home = Pipeline(tmp_path / "home")
+    bad = home.receive("2.25.7301", images=1)
+    home.corrupt_one_image(bad)
+    scorer = GateScorer(home.settings, home.db, home.metrics, clock=lambda: home.now)
+    worker = ScoringWorker(home.db, scorer, home.metrics, clock=lambda: home.now,
+                           error_retry_seconds=[])
+    assert worker.run_once() == bad
+    home.now += 30 * 86400
+    assert worker.run_once() is None and home.study(bad)[0::2] == ("error", 1)

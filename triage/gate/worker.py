@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -26,6 +26,10 @@ from triage.queue import enqueue
 from triage.studies import load_study_images
 
 log = logging.getLogger("triage.scoring")
+
+# Waits before the 2nd, 3rd and 4th try of a study whose images could not be read (the
+# `studies.error_retry_seconds` default); after the 4th it is left for an operator.
+DEFAULT_ERROR_RETRY_SECONDS = (60.0, 300.0, 1800.0)
 
 
 class ModelUnavailable(TriageError):
@@ -80,11 +84,13 @@ class ScoringWorker:
         scorer: Scorer,
         metrics: Metrics,
         clock: Callable[[], float] = time.time,
+        error_retry_seconds: Sequence[float] = DEFAULT_ERROR_RETRY_SECONDS,
     ) -> None:
         self._db = db
         self._scorer = scorer
         self._metrics = metrics
         self._clock = clock
+        self._retry_waits = tuple(error_retry_seconds)
 
     def requeue_interrupted(self) -> int:
         """Studies left ``scoring`` by a crash go back to ``complete``, to be scored again.
@@ -107,13 +113,15 @@ class ScoringWorker:
 
         The study leaves ``scoring`` in every case: ``scored`` with a result (an ``error``
         result when the scorer failed), ``error`` with a reason when its stored images
-        cannot be read, ``waiting_model`` when models exist but none loads (neither
+        cannot be read (tried again after a backoff, :meth:`_retry_errors`),
+        ``waiting_model`` when models exist but none loads (neither
         scored nor routed; all waiting studies go back to ``complete``, oldest first,
         once one loads), or ``open`` when a late instance reopened it meanwhile.
         """
         ready = self._scorer_ready()
         if ready:
             self._release_waiting()
+        self._retry_errors()
         with transaction(self._db):
             row = self._db.execute(
                 "SELECT id, round FROM studies WHERE state = 'complete' "
@@ -209,7 +217,9 @@ class ScoringWorker:
 
         The gate never sees it (no decision, nothing routed), so the window and budget
         are untouched. The reason names the error type only: messages can quote stored
-        values. A late instance reopens the study and it is tried again.
+        values. It is tried again after a backoff that grows with ``error_count``
+        (``studies.error_retry_seconds``); once those are spent it stays ``error`` for an
+        operator (``study_error_left_for_operator``). A late instance reopens it anyway.
         """
         reason = f"stored images could not be read ({type(exc).__name__})"
         result = ScoreResult("error", None, {"error": "images_unreadable",
@@ -221,6 +231,51 @@ class ScoringWorker:
                 "error_count = error_count + 1 WHERE id = ? AND state = 'scoring'",
                 [reason, study_id],
             )
+            count = int(self._db.execute(
+                "SELECT error_count FROM studies WHERE id = ?", [study_id]).fetchone()[0])
         self._metrics.scored.labels("error").inc()
+        retry_in = self._retry_wait(count)
         event(log, "study_images_unreadable", logging.ERROR, study_id=study_id, round=round_,
-              error_type=type(exc).__name__)
+              error_type=type(exc).__name__, error_count=count, retry_in_seconds=retry_in)
+        if retry_in is None:
+            event(log, "study_error_left_for_operator", logging.ERROR, study_id=study_id,
+                  attempts=count, error_type=type(exc).__name__)
+
+    def _retry_wait(self, error_count: int) -> float | None:
+        """How long a study that failed ``error_count`` times waits before its next try;
+        None when the tries are spent (it is left for an operator)."""
+        if not 1 <= error_count <= len(self._retry_waits):
+            return None
+        return self._retry_waits[error_count - 1]
+
+    def _retry_errors(self) -> int:
+        """``error`` studies whose backoff has passed go back to ``complete``.
+
+        The wait is counted from the study's last result (the failed try, stored with it),
+        so no column is needed and a restart keeps the schedule. A study keeps its
+        completion time, so it is tried before newer ones; its ``round`` is unchanged
+        (the same instances are tried again).
+        """
+        rows = self._db.execute(
+            "SELECT id, error_count, (SELECT MAX(created_at) FROM study_results "
+            "WHERE study_results.study_id = studies.id) FROM studies "
+            "WHERE state = 'error' AND error_count BETWEEN 1 AND ?",
+            [len(self._retry_waits)],
+        ).fetchall()  # the usual case: none, and no write lock taken
+        now = self._clock()
+        due = [(int(study_id), int(count)) for study_id, count, failed_at in rows
+               if failed_at is None or now >= failed_at + self._retry_waits[count - 1]]
+        if not due:
+            return 0
+        retried = []
+        with transaction(self._db):
+            for study_id, count in due:
+                if self._db.execute(
+                    "UPDATE studies SET state = 'complete' WHERE id = ? AND state = 'error' "
+                    "AND error_count = ?", [study_id, count],
+                ).rowcount:
+                    retried.append((study_id, count))
+        for study_id, count in retried:
+            event(log, "study_error_retry", logging.WARNING, study_id=study_id,
+                  attempt=count + 1, of=len(self._retry_waits) + 1)
+        return len(retried)

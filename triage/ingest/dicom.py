@@ -47,7 +47,8 @@ class DecodedImage:
 
 @dataclass(frozen=True)
 class DicomInstance:
-    """What ingestion keeps of a DICOM file (no PHI).
+    """What ingestion keeps of a DICOM file (no patient identifiers; the descriptions the
+    review view shows are kept as the sender wrote them).
 
     Attributes:
         sop_uid: SOP Instance UID (from the dataset, else the file meta).
@@ -57,6 +58,7 @@ class DicomInstance:
         series_number, slice_position, instance_number: What orders the instances of a
             study independently of their arrival (:func:`slice_position`); None when
             absent or invalid.
+        view: What the review view shows of the header (:class:`ViewHeader`).
     """
 
     sop_uid: str
@@ -72,6 +74,7 @@ class DicomInstance:
     series_number: int | None = None
     slice_position: float | None = None
     instance_number: int | None = None
+    view: ViewHeader | None = None
 
     @property
     def scoreable(self) -> bool:
@@ -192,6 +195,7 @@ def _describe(ds: Dataset, settings: IngestSettings) -> DicomInstance:
         "series_number": _int(ds, "SeriesNumber"),
         "slice_position": slice_position(ds),
         "instance_number": _int(ds, "InstanceNumber"),
+        "view": view_header(ds),
     }
     unsupported = _unsupported_reason(ds, modality, sop_class, settings)
     if unsupported is not None:
@@ -329,23 +333,90 @@ def _to_grey_frames(
     return frames
 
 
-def _first(value: object) -> object:
-    # Multi-valued elements (MultiValue) give one window per preset; the first is the default.
+# Which pair of a multi-valued WindowCenter/WindowWidth is the default: the first, as
+# DICOM (PS3.3 C.11.2.1.2) ranks the presets; the choice is stored and shown, not silent.
+DEFAULT_WINDOW_PRESET = 0
+
+
+@dataclass(frozen=True)
+class WindowChoice:
+    """The VOI window read from a header, and which of its presets it is.
+
+    Attributes:
+        centre, width: The window, in modality units.
+        index: Which (centre, width) pair of the header it is (0-based).
+        count: How many pairs the header gives (WindowCenter and WindowWidth are
+            multi-valued, one value per preset).
+        explanation: That pair's WindowCenterWidthExplanation (e.g. ``LUNG``), if any.
+    """
+
+    centre: float
+    width: float
+    index: int
+    count: int
+    explanation: str | None
+
+
+@dataclass(frozen=True)
+class ViewHeader:
+    """What the review view shows of an instance's header, read once at ingest and kept
+    in the store, so that viewing a study reads no file however many slices it has.
+
+    Descriptions are the sender's text, kept as written (the UI sets them as text only).
+    """
+
+    window: WindowChoice | None
+    series_description: str
+    study_description: str
+
+
+def _values(value: object) -> list[object]:
     if isinstance(value, Sequence) and not isinstance(value, str | bytes):
-        return value[0]
-    return value
+        return list(value)
+    return [value]
+
+
+def window_choice(ds: Dataset, preset: int = DEFAULT_WINDOW_PRESET) -> WindowChoice | None:
+    """Pair ``preset`` of the header's VOI windows, or None if absent or invalid.
+
+    A header may give several (centre, width) pairs, one per preset (lung, mediastinum,
+    bone...); which one is used, and how many there were, is part of the answer so that
+    it can be shown instead of silently taking one.
+    """
+    centre, width = ds.get("WindowCenter"), ds.get("WindowWidth")
+    if centre is None or width is None:
+        return None
+    centres, widths = _values(centre), _values(width)
+    count = min(len(centres), len(widths))
+    if not 0 <= preset < count:
+        return None
+    try:
+        centre_value, width_value = float(centres[preset]), float(widths[preset])
+    except (TypeError, ValueError):
+        return None
+    if not np.isfinite(centre_value) or not np.isfinite(width_value) or width_value <= 1:
+        return None
+    explanations = _values(ds.get("WindowCenterWidthExplanation"))
+    explanation = explanations[preset] if preset < len(explanations) else None
+    text = str(explanation).strip() if explanation is not None else ""
+    return WindowChoice(centre_value, width_value, preset, count, text or None)
 
 
 def dicom_window(ds: Dataset) -> tuple[float, float] | None:
     """The default VOI window (centre, width) of a dataset, or None if absent or invalid."""
-    centre, width = ds.get("WindowCenter"), ds.get("WindowWidth")
-    if centre is None or width is None:
-        return None
-    try:
-        centre_value = float(_first(centre))
-        width_value = float(_first(width))
-    except (TypeError, ValueError, IndexError):
-        return None
-    if not np.isfinite(centre_value) or not np.isfinite(width_value) or width_value <= 1:
-        return None
-    return centre_value, width_value
+    choice = window_choice(ds)
+    return (choice.centre, choice.width) if choice is not None else None
+
+
+def view_header(ds: Dataset) -> ViewHeader:
+    """The header fields the review view shows (see :class:`ViewHeader`)."""
+    return ViewHeader(
+        window=window_choice(ds),
+        series_description=_description(ds, "SeriesDescription"),
+        study_description=_description(ds, "StudyDescription"),
+    )
+
+
+def _description(ds: Dataset, keyword: str) -> str:
+    value = ds.get(keyword, "")
+    return str(value or "")

@@ -39,6 +39,7 @@ from triage.ingest.watcher import ReadyFile
 from triage.logs import event
 from triage.metrics import Metrics
 from triage.preprocess import preprocess, to_storage
+from triage.studies import store_view_header
 
 log = logging.getLogger("triage.ingest")
 
@@ -315,6 +316,8 @@ class Ingestor:
             ],
         )
         instance_id = int(cursor.lastrowid)
+        if instance.view is not None:
+            store_view_header(self._db, instance_id, instance.view)
         if outcome.tensor is not None:
             self._db.execute(
                 "INSERT INTO images (instance_id, size, frames, data) VALUES (?, ?, ?, ?)",
