@@ -63,9 +63,9 @@ BUDGETS = (0.05, 0.10, 0.20)
 # which strategies run at which budget: every named strategy at 10%, the default and the
 # two random arms (the null) at every budget
 PLAN = {
-    0.05: ("random", "random_b", "default"),
-    0.10: ("random", "random_b", "default", "entropy", "bald", "predicted_loss"),
-    0.20: ("random", "random_b", "default"),
+    0.05: ("random", "random_b", "default", "bald+laplace"),
+    0.10: ("random", "random_b", "default", "entropy", "bald", "predicted_loss", "bald+laplace"),
+    0.20: ("random", "random_b", "default", "bald+laplace"),
 }
 # ablations of the shipped configuration at a 10% budget, and the streams they run on
 ABLATIONS = {
@@ -74,7 +74,6 @@ ABLATIONS = {
     "default+mixed_validation": ("uniform",),
     "default+delong_promotion": ("uniform", "drift"),
     "random+delong_promotion": ("uniform", "drift"),
-    "bald+laplace": ("uniform",),
 }
 # two-sided 95% t quantiles by degrees of freedom
 T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306,
@@ -159,6 +158,11 @@ def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
+def _planned(row: dict[str, Any]) -> bool:
+    """Whether a summary row is an arm of the plan (main table) rather than an ablation."""
+    return row["strategy"] in PLAN.get(row["budget"], ())
+
+
 def markdown(summary: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     lines = [
         f"Measured {meta['date']} on {meta['machine']} with `{meta['command']}`: "
@@ -178,7 +182,7 @@ def markdown(summary: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         return f"{d['mean']:+.4f} ± {d['ci95']:.4f}" if d else "—"
 
     order = {"random": 0, "random_b": 1, "default": 2}
-    for row in sorted((r for r in summary if "+" not in r["strategy"]),
+    for row in sorted((r for r in summary if _planned(r)),
                       key=lambda r: (r["stream"], r["budget"], order.get(r["strategy"], 3),
                                      r["strategy"])):
         lines.append(
@@ -190,7 +194,7 @@ def markdown(summary: list[dict[str, Any]], meta: dict[str, Any]) -> str:
             f"{row.get('fresh_holdout_auroc', math.nan):.4f} | "
             f"{cell(row, 'fresh_holdout_auroc_vs_random')} |"
         )
-    ablations = [r for r in summary if "+" in r["strategy"]]
+    ablations = [r for r in summary if not _planned(r)]
     if ablations:
         lines += [
             "",
@@ -236,7 +240,7 @@ def plot(runs: list[dict[str, Any]], summary: list[dict[str, Any]], path: Path) 
         ax.legend(loc="lower right")
         ax = axes[1][col]
         rows = [r for r in summary if r["stream"] == stream and r["strategy"] != "random"
-                and "+" not in r["strategy"] and "holdout_auroc_vs_random" in r]
+                and _planned(r) and "holdout_auroc_vs_random" in r]
         rows.sort(key=lambda r: (r["budget"], r["strategy"]))
         labels = [f"{r['strategy']} @{r['budget']:.0%}" for r in rows]
         for offset, key, colour, name in ((-0.2, "holdout_auroc_vs_random", "tab:red",
