@@ -8,6 +8,7 @@ not decode the file each time.
 from __future__ import annotations
 
 import io
+import logging
 import threading
 from collections import OrderedDict
 from pathlib import Path
@@ -18,9 +19,12 @@ from fastapi import APIRouter, HTTPException, Query, Request, Response
 from PIL import Image
 
 from triage.api.deps import DbDep, Reader, SettingsDep
+from triage.errors import DicomRejected
 from triage.ingest.dicom import DecodedImage, read_instance
+from triage.logs import event
 
 router = APIRouter(prefix="/api", tags=["images"])
+log = logging.getLogger("triage.api")
 
 
 class _DecodedCache:
@@ -33,7 +37,18 @@ class _DecodedCache:
             if path in self._items:
                 self._items.move_to_end(path)
                 return self._items[path]
-        image = read_instance(path.read_bytes(), settings.ingest).image
+        try:
+            image = read_instance(path.read_bytes(), settings.ingest).image
+        except (OSError, DicomRejected) as exc:
+            # The archive was damaged after ingest (deleted, truncated, overwritten): say
+            # so by name, not as a bare 500 (missing file) or a 400 blaming the client.
+            code = exc.code if isinstance(exc, DicomRejected) else (
+                "missing" if isinstance(exc, FileNotFoundError) else "unreadable")
+            event(log, "archive_file_unreadable", logging.ERROR, file=path.name,
+                  reason_code=code)
+            raise HTTPException(
+                500, f"the archived file of this instance cannot be read ({code})"
+            ) from None
         if image is None:
             raise HTTPException(404, "this instance holds no image")
         with self._lock:
