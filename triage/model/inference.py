@@ -7,7 +7,7 @@ import torch
 
 from triage.gate.measures import MEASURES, all_measures
 from triage.model.calibration import OperatingPoint
-from triage.model.epistemic import EpistemicHead
+from triage.model.epistemic import EpistemicHead, laplace_predict
 from triage.model.lossnet import LossPredictor
 from triage.model.mc_dropout import mc_predict
 from triage.model.network import TriageNet
@@ -119,25 +119,26 @@ def score_study(
         images = images[picks]
     temperature = operating_point.temperature if operating_point is not None else 1.0
     laplace = settings.epistemic == "laplace" and epistemic is not None
-    out = mc_predict(
-        net,
-        images,
-        samples=1 if laplace else settings.mc_samples,
-        scope="head" if laplace else settings.mc_scope,
-        with_features=loss_predictor is not None,
-        seed=seed,
-        temperature=temperature,
-        with_pooled=epistemic is not None,
-    )
+    if laplace:
+        out = laplace_predict(net, epistemic, images, with_features=loss_predictor is not None,
+                              temperature=temperature)  # fmt: skip
+    else:
+        out = mc_predict(
+            net,
+            images,
+            samples=settings.mc_samples,
+            scope=settings.mc_scope,
+            with_features=loss_predictor is not None,
+            seed=seed,
+            temperature=temperature,
+            with_pooled=epistemic is not None,
+        )
     ood = None
     if epistemic is not None:
         start = time.perf_counter()
         with torch.inference_mode():
-            if laplace:
-                out = replace(out, probs=epistemic.probs(out.pooled, temperature))
             ood = float(epistemic.ood(out.pooled).max())
-        extra = time.perf_counter() - start
-        out = replace(out, mc_seconds=out.mc_seconds + extra)
+        out = replace(out, mc_seconds=out.mc_seconds + time.perf_counter() - start)
     start = time.perf_counter()
     predicted_loss = None
     if loss_predictor is not None:
