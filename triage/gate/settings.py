@@ -81,6 +81,12 @@ class GateSettings(BaseModel):
         """The budget manager in use: `budget_manager`, or the strategy's own."""
         return self.budget_manager or STRATEGIES[self.strategy].default_budget_manager
 
+    @property
+    def uses_scores(self) -> bool:
+        """Whether the budget manager looks at scores; False is the random baseline (no
+        cold-start selection, no coverage queries, no queue rescoring)."""
+        return BUDGET_MANAGERS[self.manager].uses_scores
+
     @field_validator("timezone")
     @classmethod
     def _known_zone(cls, value: str) -> str:
@@ -101,7 +107,7 @@ class GateSettings(BaseModel):
             )
         if self.uncertainty_weight + self.loss_weight <= 0:
             raise ValueError("uncertainty_weight and loss_weight must not both be 0")
-        if BUDGET_MANAGERS[self.manager].uses_scores and not STRATEGIES[self.strategy].has_scores:
+        if self.uses_scores and not STRATEGIES[self.strategy].has_scores:
             raise ValueError(
                 f"budget_manager {self.manager!r} ranks scores and strategy "
                 f"{self.strategy!r} gives none: use budget_manager coin"

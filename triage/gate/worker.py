@@ -18,6 +18,7 @@ from typing import Any, Protocol
 import sqlite_utils
 import torch
 
+from triage.config import StudySettings
 from triage.db import transaction
 from triage.errors import TriageError
 from triage.logs import event
@@ -26,10 +27,6 @@ from triage.queue import enqueue
 from triage.studies import load_study_images
 
 log = logging.getLogger("triage.scoring")
-
-# Waits before the 2nd, 3rd and 4th try of a study whose images could not be read (the
-# `studies.error_retry_seconds` default); after the 4th it is left for an operator.
-DEFAULT_ERROR_RETRY_SECONDS = (60.0, 300.0, 1800.0)
 
 
 class ModelUnavailable(TriageError):
@@ -84,12 +81,16 @@ class ScoringWorker:
         scorer: Scorer,
         metrics: Metrics,
         clock: Callable[[], float] = time.time,
-        error_retry_seconds: Sequence[float] = DEFAULT_ERROR_RETRY_SECONDS,
+        error_retry_seconds: Sequence[float] | None = None,
     ) -> None:
         self._db = db
         self._scorer = scorer
         self._metrics = metrics
         self._clock = clock
+        # waits before each new try of a study whose images could not be read; None: the
+        # `studies.error_retry_seconds` default
+        if error_retry_seconds is None:
+            error_retry_seconds = StudySettings().error_retry_seconds
         self._retry_waits = tuple(error_retry_seconds)
 
     def requeue_interrupted(self) -> int:

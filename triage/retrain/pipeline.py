@@ -32,7 +32,6 @@ import sqlite_utils
 import torch
 
 from triage.db import transaction
-from triage.gate import BUDGET_MANAGERS
 from triage.logs import event
 from triage.model.calibration import OperatingPoint, fit_operating_point
 from triage.model.checkpoint import Checkpoint, save_checkpoint
@@ -279,8 +278,7 @@ def _coverage_picks(settings: Settings, db: sqlite_utils.Database, judged: Judge
     """The coverage queries of a model about to be promoted, computed here in the worker
     process (embedding thousands of pool studies would stall the daemon's scoring thread);
     the scoring thread routes those still unlabelled within the gate's cap."""
-    random_baseline = not BUDGET_MANAGERS[settings.gate.manager].uses_scores
-    if random_baseline or settings.retrain.coverage_queries < 1:
+    if not settings.gate.uses_scores or settings.retrain.coverage_queries < 1:
         return []
     try:
         checkpoint = judged.checkpoint(settings.model)

@@ -16,7 +16,7 @@ import sqlite_utils
 import torch
 
 from triage.db import transaction
-from triage.gate import BUDGET_MANAGERS, make_strategy
+from triage.gate import make_strategy
 from triage.model.checkpoint import Checkpoint
 from triage.model.inference import pick_images, score_study
 from triage.retrain.evaluate import embed
@@ -128,7 +128,7 @@ def rescore_pending(db: sqlite_utils.Database, checkpoint: Checkpoint, settings:
     Returns:
         Number of queue items whose priority was updated.
     """
-    if not BUDGET_MANAGERS[settings.gate.manager].uses_scores:  # the random baseline
+    if not settings.gate.uses_scores:  # the random baseline
         return 0
     strategy = make_strategy(settings.gate)
     rows = db.execute(
