@@ -7,6 +7,7 @@ configuration on its own. Relative paths are resolved against the state director
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -44,6 +45,7 @@ class PathSettings(_Section):
     database: Path = Path("triage.db")
     models: Path = Path("models")
     logs: Path = Path("logs")
+    received: Path = Path("received")  # network arrivals, durable before they are read
 
 
 class IngestSettings(_Section):
@@ -89,6 +91,72 @@ class StudySettings(_Section):
         if any(not 0 < wait <= 7 * 86400 for wait in value):
             raise ValueError("each wait must be more than 0 and at most a week (604800 s)")
         return value
+
+
+def _ae_title(value: str) -> str:
+    """An AE title: 1 to 16 printable ASCII characters, not all spaces, no backslash."""
+    title = value.strip()
+    if not 0 < len(title) <= 16 or "\\" in title or not all(" " <= c <= "~" for c in title):
+        raise ValueError(
+            f"{value!r} is not an AE title (1 to 16 printable ASCII characters, no backslash)"
+        )
+    return title
+
+
+class DicomSettings(_Section):
+    """The DICOM node: a C-ECHO / C-STORE receiver, started by ``serve`` when ``port`` is set.
+
+    An association is accepted only when it calls ``ae_title`` and, where the lists are
+    not empty, comes from an allowed calling AE title and host (IP address or network in
+    CIDR form). DICOM upper layer has no authentication of its own: restrict both lists
+    beyond a trusted network segment.
+    """
+
+    port: int | None = Field(None, ge=1, le=65535)
+    host: str = "127.0.0.1"
+    ae_title: str = "TRIAGE"
+    allowed_calling_ae_titles: list[str] = Field(default_factory=list)
+    allowed_hosts: list[str] = Field(default_factory=list)
+    max_associations: int = Field(16, ge=1, le=1000)
+    max_pdu_bytes: int = Field(262_144, ge=0, le=2**32 - 1)
+    acse_timeout_seconds: float = Field(30.0, gt=0, le=3600)
+    dimse_timeout_seconds: float = Field(60.0, gt=0, le=3600)
+    network_timeout_seconds: float = Field(60.0, gt=0, le=3600)
+    # How long a C-STORE may wait for the database before it answers "out of resources"
+    # (the sender retries later) instead of holding the association.
+    store_timeout_seconds: float = Field(30.0, gt=0, le=600)
+
+    @field_validator("ae_title")
+    @classmethod
+    def _title_valid(cls, value: str) -> str:
+        return _ae_title(value)
+
+    @field_validator("allowed_calling_ae_titles")
+    @classmethod
+    def _titles_valid(cls, value: list[str]) -> list[str]:
+        return [_ae_title(title) for title in value]
+
+    @field_validator("allowed_hosts")
+    @classmethod
+    def _hosts_valid(cls, value: list[str]) -> list[str]:
+        for host in value:
+            try:
+                ipaddress.ip_network(host, strict=False)
+            except ValueError:
+                raise ValueError(f"{host!r} is not an IP address or CIDR network") from None
+        return value
+
+
+class ScopeSettings(_Section):
+    """What the model is for. Instances outside it are archived ``out_of_scope`` with the
+    reason, never scored or routed. An empty list admits any value."""
+
+    modalities: list[str] = Field(default_factory=lambda: ["CR", "DX"])
+    body_parts: list[str] = Field(default_factory=lambda: ["CHEST", "THORAX", "LUNG"])
+    accept_missing_body_part: bool = True
+    photometric: list[str] = Field(default_factory=lambda: ["MONOCHROME1", "MONOCHROME2"])
+    min_rows: int = Field(16, ge=1)
+    min_cols: int = Field(16, ge=1)
 
 
 class ServerSettings(_Section):
@@ -142,6 +210,8 @@ class Settings(_Section):
     ingest: IngestSettings = IngestSettings()
     studies: StudySettings = StudySettings()
     server: ServerSettings = ServerSettings()
+    dicom: DicomSettings = DicomSettings()
+    scope: ScopeSettings = ScopeSettings()
     review: ReviewSettings = ReviewSettings()
     log: LogSettings = LogSettings()
     model: ModelSettings = ModelSettings()

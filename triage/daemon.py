@@ -1,7 +1,10 @@
 """The running daemon: the ingest loop and the scoring loop, each on its own thread.
 
 * ingest thread: finishes what a crash left in flight, then watches the inbox, ingests
-  each complete file and completes quiet studies;
+  each complete file and each instance received over the network, and completes quiet
+  studies, and at once those whose DICOM association ended;
+* DICOM receiver (when ``dicom.port`` is set): pynetdicom's threads, one per
+  association, make each instance durable (:class:`ReceivedStore`) before Success;
 * scoring thread: hands completed studies to the scorer one at a time, and after each
   promoted retrain routes the core-set coverage queries;
 * retrain thread: starts a training subprocess when enough labels arrived or enough
@@ -16,6 +19,7 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
+import queue
 import shutil
 import threading
 import time
@@ -32,6 +36,7 @@ from triage.errors import TriageError
 from triage.gate.scorer import GateScorer
 from triage.gate.worker import ScoringWorker
 from triage.ingest.ingestor import Ingestor
+from triage.ingest.received import ReceivedStore
 from triage.ingest.watcher import InboxWatcher
 from triage.logs import event
 from triage.metrics import Metrics, StoreCollector, build_metrics
@@ -76,6 +81,11 @@ class Daemon:
         self._heartbeats: dict[str, float] = {}
         self._lock_fd: int | None = None
         self._watcher: InboxWatcher | None = None
+        self._scoring_wake = threading.Event()
+        self._sent: queue.SimpleQueue[list[int]] = queue.SimpleQueue()
+        self.received = ReceivedStore(settings, notify=self._wake_ingest,
+                                      disk_free=self._disk_free)
+        self._receiver = None  # DicomReceiver, when dicom.port is set
 
     @property
     def db_path(self) -> Path:
@@ -91,12 +101,13 @@ class Daemon:
         # core. Per-image tensors are small, and two OpenMP threads contending with the
         # other loop made preprocessing 10x slower on a 2-core machine.
         torch.set_num_threads(1)
-        for name in ("inbox", "archive", "quarantine", "models", "logs"):
+        for name in ("inbox", "archive", "quarantine", "models", "logs", "received"):
             self.settings.path(name).mkdir(parents=True, exist_ok=True)
         self._lock()
         store.connect(self.db_path).close()  # create and migrate before the threads
         self._recover_retrain()
         self._recover_queue()
+        self.received.adopt_orphans()
         self._stop.clear()
         loops = (("ingest", self._ingest_loop), ("scoring", self._scoring_loop),
                  ("retrain", self._retrain_loop))
@@ -105,19 +116,54 @@ class Daemon:
             thread = threading.Thread(target=target, name=f"triage-{name}", daemon=True)
             thread.start()
             self._threads.append(thread)
+        if self.settings.dicom.port is not None:
+            self._start_receiver()
         event(log, "daemon_started", home=str(self.settings.home))
+
+    def _start_receiver(self) -> None:
+        from triage.dicomnet.receiver import DicomReceiver  # pynetdicom only when used
+
+        receiver = DicomReceiver(self.settings.dicom, self.received, self.association_ended,
+                                 self.metrics)
+        try:
+            receiver.start()
+        except Exception:
+            self.stop()
+            raise
+        self._receiver = receiver
+
+    @property
+    def dicom_port(self) -> int | None:
+        """The port the DICOM receiver listens on, None when it is off."""
+        return self._receiver.port if self._receiver is not None else None
+
+    def association_ended(self, file_ids: list[int]) -> None:
+        """A sender released or aborted its association: the studies of the instances it
+        stored are complete once those are read (:meth:`StudyAssembler.complete_sent`)."""
+        if file_ids:
+            self._sent.put(list(file_ids))
+            self._wake_ingest()
+
+    def _wake_ingest(self) -> None:
+        if self._watcher is not None:
+            self._watcher.wake()
 
     def stop(self) -> None:
         """Ask the loops to stop after the file or study in hand, and wait for them.
 
         A training subprocess that is running keeps going; the next start sees it.
         """
+        if self._receiver is not None:
+            self._receiver.stop()  # no new instance is acknowledged from here on
+            self._receiver = None
         self._stop.set()
+        self._scoring_wake.set()
         if self._watcher is not None:
             self._watcher.stop()
         for thread in self._threads:
             thread.join(timeout=30)
         self._threads.clear()
+        self.received.close()
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
@@ -186,9 +232,20 @@ class Daemon:
         ingestor.recover()
         watcher.start()
         next_assembly = 0.0
+        sent: list[list[int]] = []  # ended associations whose studies are not yet complete
         while not self._stop.is_set():
             self._beat("ingest")
             try:
+                while ingestor.ingest_received() and not self._stop.is_set():
+                    self._beat("ingest")  # network arrivals first: their senders wait
+                while not self._sent.empty():
+                    sent.append(self._sent.get())
+                completed = False
+                for file_ids in list(sent):
+                    done = assembler.complete_sent(file_ids)
+                    if done is not None:
+                        sent.remove(file_ids)
+                        completed = completed or bool(done)
                 if self._disk_low():
                     self._stop.wait(_IDLE_SECONDS * 5)
                     continue
@@ -200,8 +257,10 @@ class Daemon:
                     self._beat("ingest")
                 self.metrics.inbox_pending.set(watcher.pending)
                 if time.monotonic() >= next_assembly:
-                    assembler.complete_due()
+                    completed = bool(assembler.complete_due()) or completed
                     next_assembly = time.monotonic() + self.settings.studies.check_seconds
+                if completed:
+                    self._scoring_wake.set()
             except Exception as exc:  # noqa: BLE001 - keep ingesting; the journal recovers
                 event(log, "ingest_loop_error", logging.ERROR, error_type=type(exc).__name__,
                       error=getattr(exc, "strerror", None) or "")
@@ -252,7 +311,8 @@ class Daemon:
                 event(log, "scoring_loop_error", logging.ERROR, error_type=type(exc).__name__)
                 self._stop.wait(_ERROR_BACKOFF_SECONDS)
                 continue
-            self._stop.wait(_IDLE_SECONDS * 2.5)
+            self._scoring_wake.wait(_IDLE_SECONDS * 2.5)  # set when studies complete
+            self._scoring_wake.clear()
         db.close()
 
     def _retrain_loop(self) -> None:

@@ -265,6 +265,15 @@ MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE instances ADD COLUMN series_description TEXT;
     ALTER TABLE instances ADD COLUMN study_description TEXT;
     """,
+    # 9: instances that arrive over the network (DICOM C-STORE, DICOMweb STOW-RS) are
+    # journaled `received` once their bytes are durable under paths.received, before they
+    # are read: `origin` says how a file came (inbox | dicom | stow; `inbox_path` is then
+    # its name under paths.received) and `sender` who sent it (calling AE title or token
+    # name, never patient data).
+    """
+    ALTER TABLE files ADD COLUMN origin TEXT NOT NULL DEFAULT 'inbox';
+    ALTER TABLE files ADD COLUMN sender TEXT;
+    """,
 )
 
 

@@ -1,7 +1,8 @@
 """Study assembly: instances grouped by StudyInstanceUID become complete studies.
 
-A study is complete once ``studies.stable_age_seconds`` pass without a new instance. A
-late instance reopens it (the ingestor sets it back to ``open``) and it is completed and
+A study is complete once ``studies.stable_age_seconds`` pass without a new instance, or
+at once when the DICOM association that sent it ends (:meth:`StudyAssembler.complete_sent`).
+A late instance reopens it (the ingestor sets it back to ``open``) and it is completed and
 scored again, with ``round`` counting the completions. Studies without a scoreable image
 end ``unscoreable`` and never reach the scorer.
 """
@@ -9,7 +10,7 @@ end ``unscoreable`` and never reach the scorer.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 
 import sqlite_utils
 import torch
@@ -40,14 +41,42 @@ class StudyAssembler:
 
     def complete_due(self) -> list[int]:
         """Complete every open study quiet for the stable age; return their ids."""
+        cutoff = self._clock() - self._stable_age
+        return self._complete(
+            "state = 'open' AND last_instance_at <= ? ORDER BY last_instance_at, id", [cutoff],
+            trigger="stable_age",
+        )
+
+    def complete_sent(self, file_ids: Collection[int]) -> list[int] | None:
+        """Complete the open studies of files a sender finished sending (the end of a
+        DICOM association), without waiting for the stable age.
+
+        Returns the completed ids, or None while any of the files is still being read
+        (call again later). Files quarantined or without a study complete nothing.
+        """
+        if not file_ids:
+            return []
+        marks = ", ".join("?" * len(file_ids))
+        ids = list(file_ids)
+        pending = self._db.execute(
+            f"SELECT COUNT(*) FROM files WHERE id IN ({marks}) "
+            "AND state IN ('received', 'reading', 'moving')", ids
+        ).fetchone()[0]
+        if pending:
+            return None
+        return self._complete(
+            "state = 'open' AND id IN (SELECT instances.study_id FROM files "
+            f"JOIN instances ON instances.id = files.instance_id WHERE files.id IN ({marks})) "
+            "ORDER BY last_instance_at, id", ids,
+            trigger="association_end",
+        )
+
+    def _complete(self, where: str, params: list, *, trigger: str) -> list[int]:
         now = self._clock()
-        cutoff = now - self._stable_age
         done = []
         with transaction(self._db):
             rows = self._db.execute(
-                "SELECT id, first_seen_at, n_images, round FROM studies "
-                "WHERE state = 'open' AND last_instance_at <= ? ORDER BY last_instance_at, id",
-                [cutoff],
+                f"SELECT id, first_seen_at, n_images, round FROM studies WHERE {where}", params
             ).fetchall()
             for study_id, first_seen, n_images, round_ in rows:
                 state = "complete" if n_images > 0 else "unscoreable"
@@ -61,7 +90,7 @@ class StudyAssembler:
             self._metrics.studies_completed.inc()
             self._metrics.study_assembly_seconds.observe(waited)
             event(log, "study_complete", study_id=study_id, state=state, round=round_,
-                  images=n_images)
+                  images=n_images, trigger=trigger)
         return [item[0] for item in done]
 
 

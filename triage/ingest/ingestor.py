@@ -77,6 +77,7 @@ class Ingestor:
         self._clock = clock
         self._home = settings.home
         self._inbox = settings.path("inbox")
+        self._received = settings.path("received")
 
     # -- entry points -------------------------------------------------------------------
 
@@ -113,6 +114,34 @@ class Ingestor:
             sha = hashlib.sha256(data).hexdigest()
         file_id = self._journal(rel, sha, len(data), "reading")
         return self._process(file_id, path, data, sha, started)
+
+    def ingest_received(self, limit: int = 64) -> int:
+        """Ingest up to ``limit`` network arrivals journaled ``received``, oldest first;
+        return how many. Each is marked ``reading`` first, so one that kills the reader is
+        counted like an inbox file (``ingest.max_read_attempts``)."""
+        rows = self._db.execute(
+            "SELECT id, inbox_path, sha256 FROM files WHERE state = 'received' "
+            "ORDER BY id LIMIT ?", [limit]
+        ).fetchall()
+        for file_id, name, sha in rows:
+            started = time.perf_counter()
+            self._db.execute("UPDATE files SET state = 'reading' WHERE id = ?", [file_id])
+            location = self._received / name
+            try:
+                data = location.read_bytes()
+            except FileNotFoundError:
+                self._vanished(file_id)
+                continue
+            if hashlib.sha256(data).hexdigest() != sha:
+                outcome = _quarantine(
+                    "corrupt_received",
+                    "the stored copy of a received instance no longer matches what was "
+                    "received (disk or file-system fault)",
+                )
+                self._finish(file_id, location, outcome, sha, started)
+                continue
+            self._process(file_id, location, data, sha, started)
+        return len(rows)
 
     def recover(self) -> int:
         """Finish every file left in flight by an earlier run; return how many."""
@@ -364,7 +393,8 @@ class Ingestor:
 
     def _recover_row(self, row: dict) -> None:
         file_id = int(row["id"])
-        source = self._inbox / row["inbox_path"]
+        base = self._inbox if row.get("origin", "inbox") == "inbox" else self._received
+        source = base / row["inbox_path"]
         dest = self._home / row["stored_path"] if row["stored_path"] else None
         started = time.perf_counter()
         if row["state"] == "moving" and row["target_state"] == "duplicate":

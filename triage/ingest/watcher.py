@@ -118,6 +118,10 @@ class InboxWatcher:
         self._wake.wait(timeout)
         self._wake.clear()
 
+    def wake(self) -> None:
+        """End a :meth:`wait` now (other work arrived, e.g. over the network)."""
+        self._wake.set()
+
     def forget(self, path: Path) -> None:
         """Drop a candidate (it was handed on and dealt with)."""
         self._candidates.pop(path, None)
