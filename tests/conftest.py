@@ -56,7 +56,10 @@ class DaemonProcess:
         self.home = home
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.env = {**os.environ, "TRIAGE_HOME": str(home), **env}
+        # The shipped config turns the DICOM receiver on at a fixed port; daemons under
+        # test run without it unless a test sets TRIAGE__DICOM__PORT itself.
+        self.env = {**os.environ, "TRIAGE_HOME": str(home), "TRIAGE__DICOM__PORT": "null",
+                    **env}
         self.prefix = prefix
         self.proc: subprocess.Popen[bytes] | None = None
         self.log = home / "stderr.log"

@@ -58,6 +58,13 @@ class Metrics:
     gate_rescore_seconds: Histogram
     auth_failures: Counter
     serving_model_ok: Gauge
+    dicom_associations: Counter
+    dicom_active_associations: Gauge
+    dicom_instances: Counter
+    dicom_store_seconds: Histogram
+    dicomweb_stored: Counter
+    out_of_scope: Counter
+    ood_flagged: Counter
     serving_model_load_failures: Counter
 
 
@@ -202,6 +209,51 @@ def build_metrics(registry: CollectorRegistry) -> Metrics:
             "Failed loads of a model checkpoint by the scorer, by reason "
             "(missing, corrupt, incompatible, error).",
             ["reason"],
+            registry=registry,
+        ),
+        dicom_associations=Counter(
+            "triage_dicom_associations",
+            "DICOM associations requested of the receiver, by result (accepted; rejected_"
+            "called_ae, rejected_calling_ae, rejected_host, rejected_busy: refused at "
+            "association; released, aborted: how accepted ones ended).",
+            ["result"],
+            registry=registry,
+        ),
+        dicom_active_associations=Gauge(
+            "triage_dicom_active_associations",
+            "DICOM associations open now.",
+            registry=registry,
+        ),
+        dicom_instances=Counter(
+            "triage_dicom_instances",
+            "C-STORE requests answered, by status (success; out_of_resources: disk or "
+            "database, the sender retries; failed: not storable; echo: C-ECHO).",
+            ["status"],
+            registry=registry,
+        ),
+        dicom_store_seconds=Histogram(
+            "triage_dicom_store_seconds",
+            "Time from a C-STORE request to its answer (the instance durable).",
+            buckets=_FAST,
+            registry=registry,
+        ),
+        dicomweb_stored=Counter(
+            "triage_dicomweb_stored_instances",
+            "Instances in STOW-RS requests, by result (success, failed).",
+            ["result"],
+            registry=registry,
+        ),
+        out_of_scope=Counter(
+            "triage_out_of_scope_instances",
+            "Instances archived out of the model's scope (never scored), by the first "
+            "check they failed (modality, body_part, photometric, size).",
+            ["reason"],
+            registry=registry,
+        ),
+        ood_flagged=Counter(
+            "triage_studies_ood_flagged",
+            "Scored studies whose images look unlike the training data (the model's "
+            "feature density below its threshold).",
             registry=registry,
         ),
     )
