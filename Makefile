@@ -10,7 +10,8 @@ STAMP  := $(VENV)/.installed
 TORCH  := torch==2.13.0
 
 # Debian packages the tests drive for real: chromium (web UI test, with Python
-# Playwright; no browser download) and prometheus (promtool). Installed when missing
+# Playwright; no browser download), prometheus (promtool), dcmtk (storescu, echoscu:
+# DICOM senders against the receiver) and orthanc (a PACS peer). Installed when missing
 # and apt-get is usable (root); otherwise those tests skip and say why.
 
 .PHONY: run test test-full bench clean system-deps
@@ -30,6 +31,8 @@ system-deps:
 	@missing=""; \
 	command -v chromium >/dev/null || missing="$$missing chromium"; \
 	command -v promtool >/dev/null || missing="$$missing prometheus"; \
+	command -v storescu >/dev/null || missing="$$missing dcmtk"; \
+	command -v Orthanc >/dev/null || test -x /usr/sbin/Orthanc || missing="$$missing orthanc"; \
 	if [ -n "$$missing" ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 		echo "installing Debian packages:$$missing"; \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \

@@ -25,7 +25,11 @@ def _triage(*args: str, env: dict[str, str] | None = None) -> subprocess.Complet
 def test_shipped_config_is_valid_and_matches_defaults() -> None:
     shipped = load_settings(REPO / "config.yaml", environ={})
     defaults = load_settings(None, environ={}, home=shipped.home)
-    assert shipped == defaults
+    # The one deliberate difference: the shipped config turns the DICOM node on, for
+    # modalities and PACS on the network; the embedded defaults leave it off.
+    assert (shipped.dicom.port, shipped.dicom.host) == (11112, "0.0.0.0")
+    assert defaults.dicom.port is None
+    assert shipped.model_copy(update={"dicom": defaults.dicom}) == defaults
     assert shipped.home == (REPO / "var").resolve()
 
 
@@ -39,6 +43,10 @@ def test_shipped_config_is_valid_and_matches_defaults() -> None:
         ("", {"TRIAGE__NOSUCH__KEY": "1"}, "nosuch: unknown key"),
         ("log:\n  level: LOUD\n", {}, "log.level"),
         ("ingest:\n  percentile_window: [99, 1]\n", {}, "ingest.percentile_window"),
+        ("dicom:\n  ae_title: A_TITLE_LONGER_THAN_16\n", {}, "dicom.ae_title"),
+        ("", {"TRIAGE__DICOM__ALLOWED_HOSTS": "[10.0.0.0/8, pacs]"}, "dicom.allowed_hosts"),
+        ("dicom:\n  port: 0\n", {}, "dicom.port"),
+        ("scope:\n  modalities: CR\n", {}, "scope.modalities"),
     ],
 )
 def test_bad_value_names_the_key_and_exits_2(

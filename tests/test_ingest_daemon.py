@@ -13,7 +13,11 @@ from pathlib import Path
 import httpx
 from conftest import FAST_ENV, PHI_STRINGS, DaemonProcess, drop_without_root_read, make_image
 
-FINAL = ("archived", "unsupported", "quarantined", "duplicate", "vanished")
+FINAL = ("archived", "unsupported", "out_of_scope", "quarantined", "duplicate", "vanished")
+# The corpus (CT, MR, NM, US, colour...) exercises every decoder: a scope admitting any image.
+ANY_IMAGE = {"TRIAGE__SCOPE__MODALITIES": "[]", "TRIAGE__SCOPE__BODY_PARTS": "[]",
+             "TRIAGE__SCOPE__PHOTOMETRIC": "[]", "TRIAGE__SCOPE__MIN_ROWS": "1",
+             "TRIAGE__SCOPE__MIN_COLS": "1"}
 
 
 def _settled(total: int):
@@ -52,7 +56,8 @@ def _bad_inputs(folder: Path) -> dict[str, Path]:
 def test_every_file_of_the_pydicom_corpus_and_bad_input_is_accounted_for(
     tmp_path: Path, pydicom_files: Path
 ) -> None:
-    proc = DaemonProcess(tmp_path / "home", FAST_ENV, drop_without_root_read()).start()
+    proc = DaemonProcess(tmp_path / "home", {**FAST_ENV, **ANY_IMAGE},
+                         drop_without_root_read()).start()
     try:
         corpus = _corpus(pydicom_files)
         for i, path in enumerate(corpus):
@@ -76,6 +81,7 @@ def test_every_file_of_the_pydicom_corpus_and_bad_input_is_accounted_for(
         assert files["total"] == expected, status
         assert sum(files[state] for state in FINAL) == expected
         assert files["archived"] > 50 and files["unsupported"] > 30 and files["quarantined"] > 10
+        assert files["out_of_scope"] == 0  # every image decoded
         assert list(proc.inbox.rglob("*.*")) == [], "nothing may stay in the inbox"
 
         sidecars = {json.loads(p.read_text())["inbox_path"]: json.loads(p.read_text())
@@ -172,3 +178,15 @@ def test_a_second_daemon_on_the_same_home_refuses_to_start(daemon: DaemonProcess
         assert "Traceback" not in second.log.read_text().split("already running")[-1]
     else:
         raise AssertionError("second daemon started on the same state directory")
+
+
+def test_sigterm_runs_the_orderly_stop(tmp_path: Path) -> None:
+    """`kill <pid>` (SIGTERM) ends `serve` with status 0 after the daemon's own stop ran:
+    uvicorn re-raises the signal after its shutdown, which must not kill the process
+    before the receiver and the loops are stopped."""
+    proc = DaemonProcess(tmp_path / "home", FAST_ENV, []).start()
+    assert proc.stop(signal.SIGTERM) == 0
+    events = [json.loads(line)["event"] for line in
+              (proc.home / "logs" / "triage.log").read_text().splitlines()]
+    assert "stop_signal" in events
+    assert events[-1] == "daemon_stopped"

@@ -29,7 +29,9 @@ def _serve(tmp_path: Path, host: str, env: dict[str, str], timeout: float = 20):
     return subprocess.run(
         [sys.executable, "-m", "triage", "serve", "--config", str(REPO / "config.yaml"),
          "--host", host, "--port", str(free_port())],
-        env={**os.environ, "TRIAGE_HOME": str(tmp_path / "home"), **env},
+        # the shipped config turns the DICOM receiver on at 11112: tests never bind it
+        env={**os.environ, "TRIAGE_HOME": str(tmp_path / "home"), "TRIAGE__DICOM__PORT": "null",
+             **env},
         capture_output=True, text=True, timeout=timeout,
     )
 

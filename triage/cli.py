@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
 import sys
 from pathlib import Path
 
@@ -21,6 +22,8 @@ EXIT_CONFIG = 2
 
 
 def _parser() -> argparse.ArgumentParser:
+    from triage.auth import ROLES
+
     parser = argparse.ArgumentParser(
         prog="triage", description="Decide which incoming DICOM studies a radiologist labels."
     )
@@ -67,7 +70,7 @@ def _parser() -> argparse.ArgumentParser:
     token = sub.add_parser("token", help="API tokens (admins)")
     token_sub = token.add_subparsers(dest="token_command", required=True)
     create = token_sub.add_parser("create", parents=[common], help="create a token")
-    create.add_argument("--role", required=True, choices=["radiologist", "ops", "admin"])
+    create.add_argument("--role", required=True, choices=ROLES)
     create.add_argument("--name", required=True, help="who will use it, e.g. 'Dr Smith'")
     revoke = token_sub.add_parser("revoke", parents=[common], help="revoke a token by id")
     revoke.add_argument("token_id", type=int)
@@ -128,7 +131,15 @@ def _status(settings: Settings, as_json: bool) -> int:
     from triage.status import collect_status, format_status
 
     status = collect_status(settings)
-    print(json.dumps(status, indent=2) if as_json else format_status(status))
+    dicom = settings.dicom
+    # the configured node (the running daemon's live figures are on /status and /metrics)
+    status["dicom"] = {"port": dicom.port, "host": dicom.host, "ae_title": dicom.ae_title}
+    if as_json:
+        print(json.dumps(status, indent=2))
+        return 0
+    print(format_status(status))
+    print(f"dicom node: {dicom.ae_title} at {dicom.host}:{dicom.port}" if dicom.port is not None
+          else "dicom node: off (dicom.port not set)")
     return 0
 
 
@@ -251,6 +262,12 @@ def _parse_since(text: str) -> float:
     return (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).timestamp()
 
 
+def _note_stop_signal(signum: int, _frame: object) -> None:
+    from triage.logs import event
+
+    event(logging.getLogger("triage.cli"), "stop_signal", signal=signal.Signals(signum).name)
+
+
 def _serve(settings: Settings, host: str | None, port: int | None) -> int:
     import uvicorn
 
@@ -279,6 +296,12 @@ def _serve(settings: Settings, host: str | None, port: int | None) -> int:
             **tls,
         )
         server = uvicorn.Server(config)
+        # uvicorn shuts down on SIGTERM/SIGINT, restores the handlers it found and raises
+        # the signal again. With the default handlers that kills the process before the
+        # `finally` below, so the daemon's orderly stop (receiver first, then the loops
+        # after the file or study in hand) would never run: record the signal instead.
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, _note_stop_signal)
         try:
             server.run()
         except SystemExit:

@@ -192,6 +192,10 @@ class ReviewSettings(_Section):
     audit_every: int = Field(5, ge=1, le=1000)
     metrics_require_token: bool = False
     image_cache_instances: int = Field(16, ge=0, le=1024)
+    # "Open in viewer" link of the review page: a URL template with {study_uid} and
+    # {dicomweb} (this server's DICOMweb root), e.g. an OHIF viewer configured with
+    # triage as its DICOMweb data source. None: the link opens nothing but the DICOMweb URL.
+    viewer_url: str | None = None
 
 
 class LogSettings(_Section):

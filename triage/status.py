@@ -41,7 +41,7 @@ def collect_status(settings: Settings) -> dict[str, Any]:
             serving = served.to_json() if served is not None else None
         finally:
             db.close()
-    in_flight = files.get("reading", 0) + files.get("moving", 0)
+    in_flight = sum(files.get(state, 0) for state in ("received", "reading", "moving"))
     return {
         "home": str(settings.home),
         "database": str(db_path) if db_path.exists() else None,

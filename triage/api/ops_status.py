@@ -32,7 +32,7 @@ from triage.serving import read_serving_status
 STATIC = Path(__file__).parent / "static"
 HOURS = 24
 QUEUE_STATES = ("pending", "claimed", "labeled")
-INGESTED_STATES = ("archived", "unsupported")
+INGESTED_STATES = ("archived", "unsupported", "out_of_scope")
 
 router = APIRouter(tags=["ops"])
 Ops = Annotated[Principal, Depends(require("ops", "admin"))]
@@ -54,6 +54,7 @@ def summary(request: Request, who: Ops, db: DbDep, settings: SettingsDep) -> dic
         "inbox_pending": _gauge(daemon.metrics.inbox_pending),
         "routed_fraction": _gauge(daemon.metrics.gate_routed_fraction),
         "threshold": _gauge(daemon.metrics.gate_threshold),
+        "dicom": dicom_live(daemon),
     }
     return build_summary(db, settings, live, time.time())
 
@@ -66,7 +67,8 @@ def build_summary(db: sqlite_utils.Database, settings: Settings,
         db: An open store connection (read-only is enough).
         settings: The daemon's settings (targets, class names, home).
         live: ``ingest_paused``, ``inbox_pending``, ``routed_fraction`` (the gate's
-            rolling window) and ``threshold``; None where unknown.
+            rolling window) and ``threshold``; None where unknown. ``dicom``: the
+            receiver's live figures (:func:`dicom_live`), absent outside a daemon.
         now: Unix seconds; the series cover the ``HOURS`` whole hours up to now.
     """
     files = count_by(db, "files", "state")
@@ -95,7 +97,7 @@ def build_summary(db: sqlite_utils.Database, settings: Settings,
     return {
         "generated_at": now,
         "files": {state: files.get(state, 0) for state in FINAL_FILE_STATES}
-        | {"in_flight": files.get("reading", 0) + files.get("moving", 0),
+        | {"in_flight": files.get("received", 0) + files.get("reading", 0) + files.get("moving", 0),
            "total": sum(files.values())},
         "quarantine": quarantined_by_reason(db),
         "inbox_pending": live.get("inbox_pending"),
@@ -139,7 +141,57 @@ def build_summary(db: sqlite_utils.Database, settings: Settings,
             "min_free_bytes": settings.ingest.min_free_bytes,
             "ingest_paused": bool(paused) if paused is not None else None,
         },
+        "dicom": dicom_summary(db, settings, live.get("dicom"), day_ago),
         "series": hourly_series(db, now),
+    }
+
+
+def dicom_live(daemon: Any) -> dict[str, Any]:
+    """What only the running daemon knows of its DICOM node: the bound port (None while
+    the receiver is off) and its counters since the daemon started."""
+    metrics = daemon.metrics
+    return {
+        "port": daemon.dicom_port,
+        "active_associations": _gauge(metrics.dicom_active_associations),
+        "associations": _counts(metrics.dicom_associations, "result"),
+        "instances": _counts(metrics.dicom_instances, "status"),
+    }
+
+
+def dicom_summary(db: sqlite_utils.Database, settings: Settings,
+                  live: dict[str, Any] | None, since: float) -> dict[str, Any]:
+    """The DICOM node panel: configuration, live counters and the last day's arrivals.
+
+    AE titles and addresses are shown (the page needs role ops or admin); nothing from
+    the instances themselves.
+    """
+    dicom = settings.dicom
+    # Both answered from the index on (origin, received_at), whatever the table's size.
+    received = db.execute(
+        "SELECT COUNT(*) FROM files WHERE origin = 'dicom' AND received_at >= ?", [since]
+    ).fetchone()[0]
+    last = db.execute(
+        "SELECT MAX(received_at) FROM files WHERE origin = 'dicom'").fetchone()[0]
+    senders = db.execute(
+        "SELECT COALESCE(sender, ''), COUNT(*) AS n FROM files WHERE origin = 'dicom' "
+        "AND received_at >= ? GROUP BY 1 ORDER BY n DESC, 1 LIMIT 10", [since]).fetchall()
+    live = live or {}
+    return {
+        "enabled": dicom.port is not None,
+        "listening": live.get("port") is not None,
+        "port": live.get("port") or dicom.port,
+        "host": dicom.host,
+        "ae_title": dicom.ae_title,
+        "allowed_calling_ae_titles": list(dicom.allowed_calling_ae_titles),
+        "allowed_hosts": list(dicom.allowed_hosts),
+        "max_associations": dicom.max_associations,
+        "active_associations": live.get("active_associations"),
+        # counters since the daemon started (None outside a daemon)
+        "associations": live.get("associations"),
+        "instances": live.get("instances"),
+        "received_24h": int(received or 0),
+        "last_received_at": last,
+        "senders_24h": {str(name): int(n) for name, n in senders},
     }
 
 
@@ -186,6 +238,16 @@ def _validation_auroc(db: sqlite_utils.Database, version: str) -> float | None:
     except (ValueError, AttributeError):
         return None
     return float(value) if isinstance(value, int | float) else None
+
+
+def _counts(metric: MetricWrapperBase, label: str) -> dict[str, float]:
+    """A labelled counter's values by ``label``, through its public ``collect``."""
+    counts: dict[str, float] = {}
+    for family in metric.collect():
+        for sample in family.samples:
+            if sample.name.endswith("_total") and label in sample.labels:
+                counts[sample.labels[label]] = float(sample.value)
+    return dict(sorted(counts.items()))
 
 
 def _gauge(metric: MetricWrapperBase) -> float | None:

@@ -76,6 +76,7 @@ class ReceivedStore:
         self._disk_free = disk_free or (lambda: shutil.disk_usage(settings.home).free)
         self._lock = threading.Lock()
         self._db = None
+        self._dir_ready = False
 
     @property
     def directory(self) -> Path:
@@ -117,11 +118,13 @@ class ReceivedStore:
         try:
             self._write(path, data)
         except OSError as exc:
+            # A local fault, whatever it is (full disk, quota, a folder removed, an I/O
+            # error): the instance is fine, so the sender is told to try again later.
             full = exc.errno in (errno.ENOSPC, errno.EDQUOT)
             raise StoreFailed(
                 "no space left to store the instance" if full
                 else f"the instance could not be written ({exc.strerror or type(exc).__name__})",
-                out_of_resources=full,
+                out_of_resources=True,
             ) from None
         try:
             with self._lock:
@@ -145,6 +148,9 @@ class ReceivedStore:
         return file_id
 
     def _write(self, path: Path, data: bytes) -> None:
+        if not self._dir_ready:
+            self._dir.mkdir(parents=True, exist_ok=True)
+            self._dir_ready = True
         temp = path.with_name(path.name + _TEMP_SUFFIX)
         fsync = self._settings.ingest.fsync
         try:

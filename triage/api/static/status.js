@@ -169,6 +169,31 @@ function barChart(figureId, hours, total, part, partName) {
   figure.append(chart);
 }
 
+// The DICOM node card: configuration, live counters (since the daemon started) and the
+// last day's arrivals. AE titles come from senders: written as text only.
+function renderDicom(d, now) {
+  if (!d) return;
+  const where = `${d.host}:${d.port}`;
+  set("dicom_listening", !d.enabled ? "off (dicom.port not set)"
+    : d.listening ? where : `not listening (${where})`,
+      !d.enabled ? "" : d.listening ? "good" : "bad");
+  set("dicom_ae_title", d.ae_title);
+  set("dicom_allowed_ae", d.allowed_calling_ae_titles.length
+    ? d.allowed_calling_ae_titles.join(", ") : "any");
+  // Any host may send to a node bound beyond loopback: worth a glance (amber), not an alarm.
+  const open = d.enabled && !d.allowed_hosts.length && !/^(127\.|::1$|localhost$)/.test(d.host);
+  set("dicom_allowed_hosts", d.allowed_hosts.length ? d.allowed_hosts.join(", ") : "any",
+      open ? "warn" : "");
+  set("dicom_active", d.active_associations === null || d.active_associations === undefined
+    ? "–" : `${count(d.active_associations)} of ${count(d.max_associations)}`);
+  set("dicom_received_24h", count(d.received_24h));
+  set("dicom_last_received", d.last_received_at ? ago(d.last_received_at, now) : "–");
+  tags("dicom-associations", Object.entries(d.associations || {}), "none");
+  tags("dicom-instances", Object.entries(d.instances || {}), "none");
+  tags("dicom-senders", Object.entries(d.senders_24h).map(([k, v]) => [k || "(none)", v]),
+       "none");
+}
+
 function flag(text, level) {
   const item = document.createElement("p");
   item.className = `flag ${level}`;
@@ -184,12 +209,13 @@ function render(s) {
   const paused = s.disk.ingest_paused;
   set("ingest_state", paused ? "paused (disk low)" : paused === false ? "running" : "–",
       paused ? "bad" : "good");
-  for (const state of ["archived", "unsupported", "quarantined", "duplicate", "vanished",
-                       "in_flight"]) {
+  for (const state of ["archived", "unsupported", "out_of_scope", "quarantined", "duplicate",
+                       "vanished", "in_flight"]) {
     set(`files.${state}`, count(s.files[state]));
   }
   tags("quarantine", Object.entries(s.quarantine), "none");
   definitions("studies", Object.entries(s.studies));
+  renderDicom(s.dicom, now);
 
   // Like the TriageRoutedFractionOffTarget alert: only with a serving model (cold start
   // routes everything up to the cap) and enough decisions; the gate's window and
@@ -242,6 +268,11 @@ function render(s) {
   $("disk-bar").style.width = `${Math.min(100, (100 * d.free_bytes) / d.total_bytes)}%`;
 
   if (paused) flag("Ingestion is paused: free disk space is below the floor.", "bad");
+  const refused = s.dicom && s.dicom.instances ? s.dicom.instances.out_of_resources || 0 : 0;
+  if (refused) {
+    flag(`The DICOM node refused ${count(refused)} instance(s) for lack of resources ` +
+         "(disk or database) since the daemon started; senders retry them.", "warn");
+  }
   if (s.queue.pending && oldest > 86400) {
     flag(`The oldest pending study has waited ${duration(oldest)}.`, "warn");
   }

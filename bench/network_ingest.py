@@ -1,0 +1,322 @@
+"""Network ingest: DCMTK's storescu sends 512x512 CT to (a) triage's built-in receiver,
+(b) DCMTK's storescp writing into triage's inbox folder, (c) Orthanc when installed.
+
+Each target gets the same files, ``--runs`` times, in one association per run, on
+127.0.0.1. Reported per run: instances/s as storescu sees it (start to exit), and for
+the two triage targets the time from storescu's exit to the study's decision row (the
+built-in receiver completes a study when its association ends; the folder path waits
+``studies.stable_age_seconds`` of quiet, 30 s by default). Orthanc makes no decision.
+
+Then ``--latency-studies`` single-image DX studies (in the model's default scope) are sent
+one storescu call each to the built-in receiver, at the default settings: the p50/p95
+time from storescu's exit to the decision row is the issue's "≤ 1 s" figure.
+
+Nagle's algorithm: DCMTK turns it off when the environment has ``TCP_NODELAY=1``; the
+built-in receiver always turns it off on its own sockets. Both storescu and the
+DCMTK-based receivers (storescp, Orthanc) run with ``TCP_NODELAY`` set to
+``--tcp-nodelay`` (default 1), and the output says so.
+
+The CT studies are outside the default model scope (CR/DX chest), so for (a) and (b)
+the daemon runs with ``scope.modalities: []`` and ``scope.body_parts: []``: the CT study
+is scored, as a site that has a CT model would. Everything else is the shipped
+config.yaml. Prints one JSON object (and writes it with ``--out``).
+
+    .venv/bin/python bench/network_ingest.py --n 500 --runs 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import signal
+import socket
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from triage.dicom_writer import image_dataset, write_dataset  # noqa: E402
+
+CONFIG = REPO / "config.yaml"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def write_ct(folder: Path, n: int, size: int, seed: int) -> str:
+    """``n`` single-frame CT slices of one study in 5 series; return the study UID."""
+    rng = np.random.default_rng(seed)
+    study = f"2.25.{rng.integers(1, 2**62)}"
+    series = [f"2.25.{rng.integers(1, 2**62)}" for _ in range(5)]
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        pixels = rng.normal(40, 300, (size, size)).astype(np.int16)
+        ds = image_dataset(pixels, modality="CT", study_uid=study, series_uid=series[i % 5],
+                           instance_number=i // 5 + 1, window=(40.0, 400.0),
+                           rescale=(1.0, -1024.0))
+        write_dataset(ds, folder / f"{i:06d}.dcm")
+    return study
+
+
+def write_dx(folder: Path, seed: int) -> str:
+    rng = np.random.default_rng(seed)
+    study = f"2.25.{rng.integers(1, 2**62)}"
+    pixels = rng.integers(0, 255, (256, 256)).astype(np.uint8)
+    folder.mkdir(parents=True, exist_ok=True)
+    write_dataset(image_dataset(pixels, modality="DX", study_uid=study), folder / "dx.dcm")
+    return study
+
+
+def storescu(port: int, folder: Path, called: str, nodelay: str) -> tuple[float, int]:
+    """Send every file under ``folder`` in one association; (seconds, files sent)."""
+    env = {**os.environ, "TCP_NODELAY": nodelay}
+    started = time.perf_counter()
+    result = subprocess.run(
+        ["storescu", "-aet", "BENCH", "-aec", called, "+sd", "+r", "-v",
+         "127.0.0.1", str(port), str(folder)],
+        env=env, capture_output=True, text=True, timeout=600,
+    )
+    seconds = time.perf_counter() - started
+    if result.returncode != 0:
+        raise RuntimeError(f"storescu failed: {result.stderr[-1500:]}")
+    sent = result.stderr.count("Received Store Response (Success)")
+    return seconds, sent
+
+
+class Triage:
+    """``triage serve`` on a fresh state directory, with or without the receiver."""
+
+    def __init__(self, home: Path, receiver: bool, env: dict[str, str]) -> None:
+        self.home = home
+        self.http = free_port()
+        self.dicom = free_port() if receiver else None
+        self.env = {**os.environ, "TRIAGE_HOME": str(home),
+                    "TRIAGE__DICOM__PORT": str(self.dicom) if receiver else "null",
+                    "TRIAGE__DICOM__HOST": "127.0.0.1", **env}
+        home.mkdir(parents=True, exist_ok=True)
+        self.log = open(home / "stderr.log", "ab")  # noqa: SIM115
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "triage", "serve", "--config", str(CONFIG),
+             "--port", str(self.http)], env=self.env, stdout=self.log, stderr=self.log)
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError((home / "stderr.log").read_text()[-2000:])
+            try:
+                if httpx.get(f"http://127.0.0.1:{self.http}/healthz", timeout=1).is_success:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        raise RuntimeError("triage did not become healthy")
+
+    def decided_at(self, study_uid: str, timeout: float) -> float | None:
+        """Wall time (time.time) the study's first decision row appeared, polling 10 ms."""
+        deadline = time.monotonic() + timeout
+        db = None
+        while time.monotonic() < deadline:
+            try:
+                if db is None:
+                    db = sqlite3.connect(f"file:{self.home / 'triage.db'}?mode=ro", uri=True)
+                row = db.execute(
+                    "SELECT MIN(decisions.created_at) FROM decisions JOIN studies "
+                    "ON studies.id = decisions.study_id WHERE studies.study_uid = ?",
+                    [study_uid]).fetchone()
+                if row and row[0] is not None:
+                    return time.time()
+            except sqlite3.Error:
+                pass
+            time.sleep(0.01)
+        return None
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        self.log.close()
+
+
+def run_receiver(files: Path, study: str, scratch: Path, nodelay: str, env: dict) -> dict:
+    daemon = Triage(scratch / "home", receiver=True, env=env)
+    try:
+        seconds, sent = storescu(daemon.dicom, files, "TRIAGE", nodelay)
+        exited = time.time()
+        decided = daemon.decided_at(study, timeout=300)
+    finally:
+        daemon.stop()
+    return {"sent": sent, "seconds": round(seconds, 3),
+            "instances_per_s": round(sent / seconds, 1),
+            "decision_after_exit_s": round(decided - exited, 3) if decided else None}
+
+
+def run_storescp(files: Path, study: str, scratch: Path, nodelay: str, env: dict) -> dict:
+    daemon = Triage(scratch / "home", receiver=False, env=env)
+    port = free_port()
+    # storescp writes each instance straight into the watched inbox.
+    target = daemon.home / "inbox" / "storescp"
+    target.mkdir(parents=True, exist_ok=True)
+    scp = subprocess.Popen(["storescp", "-aet", "STORESCP", "-od", str(target), str(port)],
+                           env={**os.environ, "TCP_NODELAY": nodelay},
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        _wait_port(port)
+        seconds, sent = storescu(port, files, "STORESCP", nodelay)
+        exited = time.time()
+        decided = daemon.decided_at(study, timeout=300)
+    finally:
+        scp.terminate()
+        scp.wait(timeout=30)
+        daemon.stop()
+    return {"sent": sent, "seconds": round(seconds, 3),
+            "instances_per_s": round(sent / seconds, 1),
+            "decision_after_exit_s": round(decided - exited, 3) if decided else None}
+
+
+def run_orthanc(files: Path, scratch: Path, nodelay: str) -> dict:
+    port, http = free_port(), free_port()
+    store = scratch / "orthanc"
+    store.mkdir(parents=True, exist_ok=True)
+    config = scratch / "orthanc.json"
+    config.write_text(json.dumps({
+        "Name": "bench", "StorageDirectory": str(store), "IndexDirectory": str(store),
+        "DicomAet": "ORTHANC", "DicomPort": port, "HttpPort": http,
+        "RemoteAccessAllowed": False, "AuthenticationEnabled": False,
+        "DicomCheckCalledAet": False, "Plugins": [], "StorageCompression": False,
+    }))
+    proc = subprocess.Popen(["Orthanc", str(config)], env={**os.environ, "TCP_NODELAY": nodelay},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        _wait_port(port, timeout=60)
+        seconds, sent = storescu(port, files, "ORTHANC", nodelay)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+    return {"sent": sent, "seconds": round(seconds, 3),
+            "instances_per_s": round(sent / seconds, 1)}
+
+
+def latency(scratch: Path, studies: int, nodelay: str) -> dict:
+    """Single-image DX studies at the shipped settings: storescu exit to decision row."""
+    daemon = Triage(scratch / "home", receiver=True, env={})
+    waits = []
+    try:
+        for i in range(studies):
+            folder = scratch / f"dx{i}"
+            study = write_dx(folder, seed=10_000 + i)
+            storescu(daemon.dicom, folder, "TRIAGE", nodelay)
+            exited = time.time()
+            decided = daemon.decided_at(study, timeout=60)
+            waits.append(decided - exited if decided else float("inf"))
+    finally:
+        daemon.stop()
+    waits.sort()
+    return {"studies": studies, "p50_s": round(statistics.median(waits), 3),
+            "p95_s": round(float(np.percentile(waits, 95)), 3),
+            "max_s": round(waits[-1], 3)}
+
+
+def _wait_port(port: int, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.1)
+    raise RuntimeError(f"nothing listens on {port}")
+
+
+def _summary(runs: list[dict]) -> dict:
+    rates = [run["instances_per_s"] for run in runs]
+    out = {"runs": runs, "instances_per_s_min": min(rates), "instances_per_s_max": max(rates),
+           "instances_per_s_median": statistics.median(rates)}
+    waits = [run["decision_after_exit_s"] for run in runs if run.get("decision_after_exit_s")]
+    if "decision_after_exit_s" in runs[0]:
+        out["decision_after_exit_s_max"] = max(waits) if len(waits) == len(runs) else None
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n", type=int, default=500, help="CT instances per run")
+    parser.add_argument("--size", type=int, default=512)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--latency-studies", type=int, default=20)
+    parser.add_argument("--tcp-nodelay", default="1", choices=["0", "1"])
+    parser.add_argument("--targets", default="receiver,storescp,orthanc")
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    if shutil.which("storescu") is None:
+        sys.exit("storescu not found: install Debian's dcmtk (make system-deps)")
+    targets = args.targets.split(",")
+    scoped = {"TRIAGE__SCOPE__MODALITIES": "[]", "TRIAGE__SCOPE__BODY_PARTS": "[]"}
+    results: dict[str, object] = {}
+    with tempfile.TemporaryDirectory(prefix="triage-netbench-") as tmp:
+        tmp_path = Path(tmp)
+        runs: dict[str, list[dict]] = {name: [] for name in targets}
+        for run in range(args.runs):
+            files = tmp_path / f"ct{run}"
+            study = write_ct(files, args.n, args.size, seed=run)
+            for name in targets:
+                scratch = tmp_path / f"{name}{run}"
+                if name == "receiver":
+                    runs[name].append(run_receiver(files, study, scratch, args.tcp_nodelay,
+                                                   scoped))
+                elif name == "storescp" and shutil.which("storescp"):
+                    runs[name].append(run_storescp(files, study, scratch, args.tcp_nodelay,
+                                                   scoped))
+                elif name == "orthanc" and shutil.which("Orthanc"):
+                    runs[name].append(run_orthanc(files, scratch, args.tcp_nodelay))
+                shutil.rmtree(scratch, ignore_errors=True)
+            shutil.rmtree(files, ignore_errors=True)
+        for name, items in runs.items():
+            results[name] = _summary(items) if items else "not installed"
+        if args.latency_studies:
+            results["single_image_latency"] = latency(tmp_path / "latency",
+                                                      args.latency_studies, args.tcp_nodelay)
+    out = {
+        "benchmark": "network_ingest",
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+        "command": "bench/network_ingest.py " + " ".join(sys.argv[1:]),
+        "instances": args.n, "size": args.size,
+        "tcp_nodelay_env": args.tcp_nodelay,
+        "receiver_tcp_nodelay": True,
+        "scope_for_ct": "modalities [] and body_parts [] (CT scored); latency part: shipped scope",
+        "orthanc_version": _version(["Orthanc", "--version"]),
+        "dcmtk_version": _version(["storescu", "--version"]),
+        **results,
+    }
+    text = json.dumps(out, indent=2)
+    print(text)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text + "\n")
+
+
+def _version(command: list[str]) -> str | None:
+    if shutil.which(command[0]) is None:
+        return None
+    result = subprocess.run(command, capture_output=True, text=True)
+    lines = (result.stdout or result.stderr).strip().splitlines()
+    return lines[0] if lines else None
+
+
+if __name__ == "__main__":
+    main()

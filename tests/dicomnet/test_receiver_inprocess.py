@@ -1,0 +1,149 @@
+"""DicomReceiver in this process with a real ReceivedStore and SQLite file: how it stops
+and how it fails to start. (The daemon under SIGTERM does not get that far: see
+`triage serve`; these drive stop() directly.)"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import sqlite3
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import free_port
+from dicomnet_helpers import wait_until
+from prometheus_client import CollectorRegistry
+from pydicom.uid import ExplicitVRLittleEndian
+from pynetdicom import AE
+from pynetdicom.sop_class import CTImageStorage
+
+from triage import db as store
+from triage.config import load_settings
+from triage.dicom_writer import image_dataset
+from triage.dicomnet.receiver import DicomReceiver
+from triage.errors import ConfigError, TriageError
+from triage.ingest.received import ReceivedStore
+from triage.metrics import build_metrics
+
+
+@pytest.fixture
+def parts(tmp_path: Path):
+    def make(**env: str):
+        environ = {"TRIAGE__DICOM__PORT": str(free_port()), "TRIAGE__DICOM__HOST": "127.0.0.1",
+                   "TRIAGE__INGEST__MIN_FREE_BYTES": "0", **env}
+        settings = load_settings(None, home=tmp_path, environ=environ)
+        store.connect(settings.path("database")).close()
+        settings.path("received").mkdir(parents=True, exist_ok=True)
+        registry = CollectorRegistry()
+        ended: list[list[int]] = []
+        received = ReceivedStore(settings)
+        receiver = DicomReceiver(settings.dicom, received, ended.append, build_metrics(registry))
+        made.append((receiver, received))
+        return settings, receiver, ended, registry
+
+    made: list = []
+    yield make
+    for receiver, received in made:
+        receiver.stop(timeout=5)
+        received.close()
+
+
+def _sample(registry: CollectorRegistry, name: str, **labels: str) -> float:
+    return registry.get_sample_value(name, labels) or 0.0
+
+
+def test_stop_lets_a_store_in_flight_answer_then_aborts(parts) -> None:
+    settings, receiver, ended, registry = parts()
+    receiver.start()
+    port = receiver.port
+    assert port == settings.dicom.port
+    ae = AE(ae_title="MODALITY")
+    ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+    assoc = ae.associate("127.0.0.1", port, ae_title="TRIAGE")
+    assert assoc.is_established
+    # Hold the database's write lock: the C-STORE writes its file, then waits for the row.
+    blocker = sqlite3.connect(settings.path("database"), isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")
+    answers: list[int] = []
+    ds = image_dataset(np.zeros((16, 16), np.int16), study_uid="2.25.77")
+    client = threading.Thread(target=lambda: answers.append(assoc.send_c_store(ds).Status))
+    client.start()
+    wait_until(lambda: list(settings.path("received").glob("*.dcm")), 10,
+               "the instance written, its row waiting")
+    stopper = threading.Thread(target=receiver.stop)
+    stopper.start()
+    time.sleep(0.5)
+    assert stopper.is_alive(), "stop() returned with a C-STORE in flight"
+    with pytest.raises(ConnectionRefusedError):  # no new connections meanwhile
+        socket.create_connection(("127.0.0.1", port), timeout=2).close()
+    blocker.execute("COMMIT")
+    blocker.close()
+    stopper.join(timeout=20)
+    client.join(timeout=20)
+    assert not stopper.is_alive() and not client.is_alive()
+    assert answers == [0x0000]  # answered before the association was aborted
+    wait_until(lambda: assoc.is_aborted, 10, "the client to see the abort")
+    db = sqlite3.connect(settings.path("database"))
+    rows = db.execute("SELECT id, state, origin, sender FROM files").fetchall()
+    db.close()
+    assert rows == [(rows[0][0], "received", "dicom", "MODALITY")]
+    assert ended == [[rows[0][0]]]  # handed over once, at the abort
+    assert _sample(registry, "triage_dicom_associations_total", result="aborted") == 1
+    assert _sample(registry, "triage_dicom_instances_total", status="success") == 1
+    assert _sample(registry, "triage_dicom_active_associations") == 0
+    assert receiver.port is None
+
+
+def test_start_failures_are_one_line_errors(parts) -> None:
+    settings, first, _, _ = parts()
+    first.start()
+    _, second, _, _ = parts(TRIAGE__DICOM__PORT=str(first.port))
+    with pytest.raises(TriageError, match=r"^dicom.host '127.0.0.1', dicom.port \d+: "
+                                          r"address already in use$") as raised:
+        second.start()
+    assert not isinstance(raised.value, ConfigError)
+    _, elsewhere, _, _ = parts(TRIAGE__DICOM__HOST="192.0.2.1")  # TEST-NET-1: not ours
+    with pytest.raises(ConfigError, match="not an address of this machine"):
+        elsewhere.start()
+    assert second.port is None and elsewhere.port is None
+
+
+class _Collect(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+def test_pynetdicom_logs_only_through_triage(parts) -> None:
+    """pynetdicom's own lines reach the logs (root's handlers) only as triage events:
+    WARNING and up, UIDs masked, no exception text (it can quote dataset values)."""
+    parts()
+    assert not logging.getLogger("pynetdicom").propagate
+    inner = logging.getLogger("pynetdicom.association")
+    root, triage_log = logging.getLogger(), logging.getLogger("triage")
+    collect, level = _Collect(), triage_log.level
+    root.addHandler(collect)
+    triage_log.setLevel(logging.DEBUG)
+    try:
+        inner.info("Received Store Request: PatientName DOE^JANE")
+        inner.warning("No supported service class for '1.2.840.10008.5.1.4.1.1.2'")
+        try:
+            raise ValueError("PatientName DOE^JANE")
+        except ValueError as exc:
+            inner.exception(exc)
+    finally:
+        root.removeHandler(collect)
+        triage_log.setLevel(level)
+    assert [(r.name, r.levelno, r.getMessage(), r.detail, r.source) for r in collect.records] == [
+        ("triage.dicomnet", logging.WARNING, "pynetdicom_log",
+         "No supported service class for '<uid>'", "pynetdicom.association"),
+        ("triage.dicomnet", logging.ERROR, "pynetdicom_log", "exception",
+         "pynetdicom.association"),
+    ]
+    assert collect.records[1].error_type == "ValueError" and not collect.records[1].exc_info

@@ -1,0 +1,256 @@
+"""The DICOM node against pynetdicom senders: refusals, an abort, a burst of concurrent
+associations, a store that cannot be made durable, shutdown and a port in use.
+
+Real daemons (`triage serve`) on loopback; the study stable age is 60 s, so a study
+decided within seconds was completed by the end of its association.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import PHI, PHI_STRINGS, REPO
+from dicomnet_helpers import (
+    DicomDaemon,
+    assert_final,
+    events,
+    files_settled,
+    metric,
+    wait_until,
+)
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom import AE
+from pynetdicom.sop_class import (
+    CTImageStorage,
+    StudyRootQueryRetrieveInformationModelFind,
+    Verification,
+)
+
+from triage.dicom_writer import image_dataset
+
+STABLE_AGE = "60"
+BURST = 50
+MAX_ASSOCIATIONS = 8
+
+
+def ct(study_uid: str, number: int = 1, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    pixels = rng.normal(40, 200, (32, 32)).astype(np.int16)
+    return image_dataset(pixels, modality="CT", study_uid=study_uid, instance_number=number,
+                         patient_name=PHI["name"], patient_id=PHI["id"],
+                         accession=PHI["accession"])
+
+
+def sender(title: str, *contexts: str) -> AE:
+    ae = AE(ae_title=title)
+    for context in contexts or (CTImageStorage,):
+        ae.add_requested_context(context, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
+    return ae
+
+
+def rejection(assoc) -> tuple[int, int, int]:
+    """(result, source, diagnostic) of the A-ASSOCIATE-RJ the peer sent."""
+    assert assoc.is_rejected and not assoc.is_established
+    rsp = assoc.acceptor.primitive
+    return rsp.result, rsp.result_source, rsp.diagnostic
+
+
+@pytest.fixture(scope="module")
+def node(tmp_path_factory: pytest.TempPathFactory):
+    home = tmp_path_factory.mktemp("dicom_pynetdicom") / "home"
+    proc = DicomDaemon(home, {
+        "TRIAGE__STUDIES__STABLE_AGE_SECONDS": STABLE_AGE,
+        "TRIAGE__DICOM__ALLOWED_CALLING_AE_TITLES": '["GOODSCU", "BURST", "ECHOSCU"]',
+        "TRIAGE__DICOM__MAX_ASSOCIATIONS": str(MAX_ASSOCIATIONS),
+    }).start()
+    yield proc
+    proc.stop(signal.SIGKILL)
+
+
+def test_unknown_called_and_disallowed_calling_ae_titles_are_rejected(node) -> None:
+    before = node.metrics()
+    wrong_called = sender("GOODSCU").associate("127.0.0.1", node.dicom_port, ae_title="PACS")
+    assert rejection(wrong_called) == (1, 1, 7)  # permanent, user, called AE title
+    stranger = sender("STRANGER").associate("127.0.0.1", node.dicom_port, ae_title="TRIAGE")
+    assert rejection(stranger) == (1, 1, 3)  # permanent, user, calling AE title
+    echo = sender("ECHOSCU", Verification).associate("127.0.0.1", node.dicom_port,
+                                                     ae_title="TRIAGE")
+    assert echo.is_established and echo.send_c_echo().Status == 0x0000
+    echo.release()
+    after = node.metrics()
+    for result in ("rejected_called_ae", "rejected_calling_ae"):
+        assert (metric(after, "triage_dicom_associations_total", result=result)
+                - metric(before, "triage_dicom_associations_total", result=result)) == 1
+    refused = {e["calling_ae"]: e for e in events(node, "dicom_association_rejected")}
+    assert refused["STRANGER"]["result"] == "rejected_calling_ae"
+    assert refused["STRANGER"]["peer"] == "127.0.0.1"
+    assert refused["GOODSCU"]["called_ae"] == "PACS"
+
+
+def test_a_non_storage_context_is_rejected_and_cannot_be_used(node) -> None:
+    ae = sender("GOODSCU", CTImageStorage, StudyRootQueryRetrieveInformationModelFind)
+    assoc = ae.associate("127.0.0.1", node.dicom_port, ae_title="TRIAGE")
+    assert assoc.is_established
+    assert [cx.abstract_syntax for cx in assoc.accepted_contexts] == [CTImageStorage]
+    assert [cx.abstract_syntax for cx in assoc.rejected_contexts] == [
+        StudyRootQueryRetrieveInformationModelFind]
+    query = image_dataset(np.zeros((4, 4), np.uint8))
+    with pytest.raises(ValueError, match="No presentation context"):
+        next(assoc.send_c_find(query, StudyRootQueryRetrieveInformationModelFind))
+    assert assoc.is_established  # the refusal is local: the association carries on
+    assoc.release()
+
+
+def test_an_aborted_association_completes_what_it_stored(node) -> None:
+    study = "2.25.271828182845904523536028747135266249775"
+    before = node.metrics()
+    assoc = sender("GOODSCU").associate("127.0.0.1", node.dicom_port, ae_title="TRIAGE")
+    assert assoc.is_established
+    for number in (1, 2, 3):
+        assert assoc.send_c_store(ct(study, number, seed=number)).Status == 0x0000
+    aborted = time.time()
+    assoc.abort()
+
+    def decided():
+        rows = node.query("SELECT studies.state, studies.n_images, decisions.created_at "
+                          "FROM studies JOIN decisions ON decisions.study_id = studies.id "
+                          "WHERE study_uid = ?", [study])
+        return rows[0] if rows else None
+
+    state, n_images, decided_at = wait_until(decided, 20, "the aborted study's decision")
+    assert state == "scored" and n_images == 3
+    assert decided_at - aborted < 10  # not the 60 s stable age
+    after = node.metrics()
+    assert (metric(after, "triage_dicom_associations_total", result="aborted")
+            - metric(before, "triage_dicom_associations_total", result="aborted")) == 1
+    assert metric(after, "triage_dicom_active_associations") == 0
+    ended = [e for e in events(node, "dicom_association_aborted") if e["calling_ae"] == "GOODSCU"]
+    assert [e["stored"] for e in ended] == [3]
+
+
+def test_a_burst_of_concurrent_associations(node) -> None:
+    """50 senders at once against 8 associations at most: the others are refused as
+    busy (transient) and retry, as modalities do; every instance is stored once."""
+    before = node.metrics()
+    statuses: dict[int, int] = {}
+    busy: list[int] = []
+    errors: list[BaseException] = []
+    start = threading.Barrier(BURST)
+
+    def send(i: int) -> None:
+        try:
+            ds = ct(f"2.25.{9_000_000 + i}", seed=100 + i)
+            ae = sender("BURST")
+            start.wait(timeout=30)
+            for attempt in range(200):
+                assoc = ae.associate("127.0.0.1", node.dicom_port, ae_title="TRIAGE")
+                if assoc.is_established:
+                    statuses[i] = assoc.send_c_store(ds).Status
+                    assoc.release()
+                    return
+                assert rejection(assoc) == (2, 3, 2), "only busy refusals expected"
+                busy.append(i)
+                time.sleep(0.05 + 0.002 * (attempt % 10))
+            raise AssertionError(f"sender {i} never got an association")
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=send, args=(i,)) for i in range(BURST)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert not errors, errors[:3]
+    assert statuses == dict.fromkeys(range(BURST), 0x0000)
+    wait_until(lambda: files_settled(node, "BURST", BURST), 60, "the burst's files read")
+    assert assert_final(node, "BURST") == {"archived": BURST}
+    wait_until(lambda: metric(node.metrics(), "triage_dicom_active_associations") == 0, 10,
+               "no association left open")
+    after = node.metrics()
+
+    def delta(name: str, **labels: str) -> float:
+        return metric(after, name, **labels) - metric(before, name, **labels)
+
+    assert delta("triage_dicom_associations_total", result="accepted") == BURST
+    assert delta("triage_dicom_associations_total", result="released") == BURST
+    assert delta("triage_dicom_associations_total", result="rejected_busy") == len(busy)
+    assert delta("triage_dicom_instances_total", status="success") == BURST
+    assert delta("triage_dicom_store_seconds_count") == BURST
+    assert 0 < delta("triage_dicom_store_seconds_sum") < BURST * 5
+    # the studies complete at association end, well before the stable age
+    decided = node.query("SELECT COUNT(*) FROM studies WHERE study_uid LIKE '2.25.9%' "
+                         "AND state = 'scored'")[0][0]
+    assert decided == BURST or wait_until(lambda: node.query(
+        "SELECT COUNT(*) FROM studies WHERE study_uid LIKE '2.25.9%' AND state = 'scored'"
+    )[0][0] == BURST, 30, "the burst's studies decided")
+    logs = node.logs()
+    for secret in PHI_STRINGS:
+        assert secret not in logs, secret
+
+
+def test_a_disallowed_host_is_rejected(tmp_path: Path) -> None:
+    proc = DicomDaemon(tmp_path / "home",
+                       {"TRIAGE__DICOM__ALLOWED_HOSTS": '["10.9.9.9", "192.168.0.0/16"]'}).start()
+    try:
+        assoc = sender("GOODSCU").associate("127.0.0.1", proc.dicom_port, ae_title="TRIAGE")
+        assert rejection(assoc) == (1, 1, 1)  # permanent, user, no reason given
+        text = proc.metrics()
+        assert metric(text, "triage_dicom_associations_total", result="rejected_host") == 1
+        assert metric(text, "triage_dicom_associations_total", result="accepted") == 0
+        [refused] = events(proc, "dicom_association_rejected")
+        assert refused["result"] == "rejected_host" and refused["peer"] == "127.0.0.1"
+    finally:
+        proc.stop(signal.SIGKILL)
+
+
+def test_a_store_that_cannot_be_made_durable_is_refused(tmp_path: Path) -> None:
+    """Free space below ingest.min_free_bytes: 0xA700 (out of resources, the sender
+    retries later) with the reason, never Success, and nothing journaled."""
+    proc = DicomDaemon(tmp_path / "home", {
+        "TRIAGE__INGEST__MIN_FREE_BYTES": str(2**62),
+        "TRIAGE__DICOM__ALLOWED_HOSTS": '["10.0.0.0/8", "127.0.0.0/8"]',
+    }).start()
+    try:
+        assoc = sender("GOODSCU").associate("127.0.0.1", proc.dicom_port, ae_title="TRIAGE")
+        assert assoc.is_established  # 127.0.0.1 is inside 127.0.0.0/8
+        status = assoc.send_c_store(ct("2.25.424242"))
+        assert status.Status == 0xA700
+        assert "min_free_bytes" in status.ErrorComment
+        assoc.release()
+        assert proc.query("SELECT COUNT(*) FROM files")[0][0] == 0
+        assert list((proc.home / "received").iterdir()) == []
+        text = proc.metrics()
+        assert metric(text, "triage_dicom_instances_total", status="out_of_resources") == 1
+        assert metric(text, "triage_dicom_instances_total", status="success") == 0
+        [refused] = events(proc, "dicom_store_refused")
+        assert refused["status"] == "0xA700" and refused["calling_ae"] == "GOODSCU"
+    finally:
+        proc.stop(signal.SIGKILL)
+
+
+def test_a_dicom_port_in_use_stops_serve_with_one_line(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = subprocess.run(
+            [sys.executable, "-m", "triage", "serve", "--config", str(REPO / "config.yaml"),
+             "--port", "0"],
+            env={**os.environ, "TRIAGE_HOME": str(tmp_path / "home"),
+                 "TRIAGE__DICOM__PORT": str(port), "TRIAGE__DICOM__HOST": "127.0.0.1"},
+            capture_output=True, text=True, timeout=60,
+        )
+    assert result.returncode == 1, result.stderr[-2000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last == f"triage: dicom.host '127.0.0.1', dicom.port {port}: address already in use"
+    assert "Traceback" not in result.stderr
