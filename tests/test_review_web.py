@@ -19,6 +19,7 @@ from triage.dicom_writer import image_dataset, write_dataset
 CHROMIUM = "/usr/bin/chromium"
 ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
         "--disable-component-update", "--disable-sync", "--no-first-run"]
+CT_IN_SCOPE = {"TRIAGE__SCOPE__MODALITIES": "[CR, DX, CT]"}
 
 
 @pytest.fixture
@@ -36,7 +37,8 @@ def test_sign_in_read_and_label_with_the_keyboard(
     tmp_path: Path, browser, pydicom_files: Path
 ) -> None:
     # label_rate 1: both cold-start studies are routed to the reader
-    env = {**FAST_ENV, "TRIAGE__GATE__LABEL_RATE": "1.0"}
+    # a real CT (anatomy, window presets) is read here: the scope admits CT
+    env = {**FAST_ENV, "TRIAGE__GATE__LABEL_RATE": "1.0", **CT_IN_SCOPE}
     proc = DaemonProcess(tmp_path / "home", env, []).start()
     try:
         shutil.copyfile(pydicom_files / "CT_small.dcm", proc.inbox / "ct.dcm")  # real anatomy
@@ -61,6 +63,9 @@ def test_sign_in_read_and_label_with_the_keyboard(
         assert page.is_hidden("#prediction-card"), "the prediction is hidden by default"
         assert "no model yet" in page.inner_text("#why-text")
         assert "Dr Reader" in page.inner_text("#who")
+        # no review.viewer_url: the study's DICOMweb URL is shown for a viewer
+        page.wait_for_selector("#dicomweb-url:not([hidden])")
+        assert f"{proc.url}/dicomweb/studies/" in page.inner_text("#dicomweb-url")
         first = json.loads(page.evaluate("() => JSON.stringify(state.study.study_id)"))
         # window/level: a CT preset re-renders the image on the server
         before = page.get_attribute("#image", "src")
@@ -89,7 +94,8 @@ PATIENT_TEXT = "<script>window.__pwned</script>"  # PN: no '=' (its group separa
 
 
 def test_header_text_is_shown_as_text_and_never_runs(tmp_path: Path, browser) -> None:
-    env = {**FAST_ENV, "TRIAGE__GATE__LABEL_RATE": "1.0", "TRIAGE__REVIEW__SHOW_PHI": "true"}
+    env = {**FAST_ENV, "TRIAGE__GATE__LABEL_RATE": "1.0", "TRIAGE__REVIEW__SHOW_PHI": "true",
+           **CT_IN_SCOPE}
     proc = DaemonProcess(tmp_path / "home", env, []).start()
     try:
         pixels = np.random.default_rng(0).normal(40, 200, (64, 64)).astype(np.int16)

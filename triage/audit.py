@@ -16,6 +16,7 @@ import sqlite_utils
 ACTIONS = (
     "view", "claim", "release", "lease_expired", "label", "correct",
     "token_create", "token_revoke", "model_import", "model_promote",
+    "dicomweb_search", "dicomweb_retrieve", "dicomweb_store",
 )  # fmt: skip
 
 

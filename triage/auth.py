@@ -17,7 +17,8 @@ import sqlite_utils
 from triage.db import transaction
 from triage.errors import TriageError
 
-ROLES = ("radiologist", "ops", "admin")
+# sender: a modality or PACS storing instances over DICOMweb STOW-RS, and nothing else.
+ROLES = ("radiologist", "ops", "admin", "sender")
 TOKEN_PREFIX = "trg_"
 _LAST_USED_RESOLUTION_SECONDS = 60.0
 

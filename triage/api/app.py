@@ -9,7 +9,7 @@ from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 
 from triage import __version__
-from triage.api import images, ops, ops_status, review
+from triage.api import dicomweb, images, ops, ops_status, review, viewer
 from triage.api.security import SecurityHeadersMiddleware
 from triage.api.throttle import AuthThrottle
 from triage.daemon import Daemon
@@ -39,6 +39,8 @@ def create_app(daemon: Daemon) -> FastAPI:
     app.include_router(review.router)
     app.include_router(images.router)
     app.include_router(ops_status.router)
+    app.include_router(viewer.router)
+    app.include_router(dicomweb.router)
 
     @app.exception_handler(QueueError)
     async def queue_error(request: Request, exc: QueueError) -> JSONResponse:

@@ -70,9 +70,14 @@ def require(*roles: str) -> Callable[..., Principal]:
 
 
 READERS = ("radiologist", "admin")
+# People: every role but `sender`, a machine (modality, PACS) that may only store over
+# DICOMweb STOW-RS and has no business reading the queue.
+STAFF = ("radiologist", "ops", "admin")
+SENDERS = ("sender", "admin")
 Reader = Annotated[Principal, Depends(require(*READERS))]
 Admin = Annotated[Principal, Depends(require("admin"))]
-Anyone = Annotated[Principal, Depends(current_principal)]
+Anyone = Annotated[Principal, Depends(require(*STAFF))]
+Sender = Annotated[Principal, Depends(require(*SENDERS))]
 
 
 def client_address(request: Request) -> str | None:

@@ -129,6 +129,7 @@ async function nextStudy() {
     $("label-error").textContent = "";
     show("reader");
     renderStudy();
+    loadViewerLink(claim.study_id);
     await loadImage();
   } catch (error) {
     handleError(error);
@@ -253,6 +254,29 @@ function renderStudy() {
     button.textContent = name;
     button.addEventListener("click", () => setWindow([centre, width]));
     presets.append(button);
+  }
+}
+
+// "Open in viewer": the study in the viewer that review.viewer_url names; without one,
+// the study's DICOMweb URL (as text) for whoever opens it in a DICOMweb viewer.
+async function loadViewerLink(studyId) {
+  const link = $("viewer-link");
+  const plain = $("dicomweb-url");
+  link.hidden = true;
+  plain.hidden = true;
+  let target;
+  try {
+    target = await api(`/api/studies/${studyId}/viewer`);
+  } catch (_) {
+    return;  // the reading goes on without it
+  }
+  if (!state.study || state.study.study_id !== studyId) return;  // moved on meanwhile
+  if (target.viewer_url) {
+    link.href = target.viewer_url;
+    link.hidden = false;
+  } else {
+    plain.textContent = `DICOMweb: ${target.dicomweb_url}`;
+    plain.hidden = false;
   }
 }
 
