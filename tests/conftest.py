@@ -31,15 +31,23 @@ def pydicom_files() -> Path:
 
 
 def make_image(
-    path: Path, *, study_uid: str | None = None, seed: int = 0, size: int = 64, **kwargs: object
+    path: Path, *, study_uid: str | None = None, seed: int = 0, size: int = 64,
+    modality: str = "DX", body_part: str | None = "CHEST", **kwargs: object,
 ) -> Path:
-    """Write a small CT-like instance carrying the test PHI."""
+    """Write a small radiograph-like instance carrying the test PHI.
+
+    A chest DX (Digital X-Ray Image Storage, MONOCHROME2) by default, inside the default
+    ``scope``; ``modality="CT"`` (or ``body_part="HAND"``...) writes one outside it.
+    ``body_part=None`` leaves BodyPartExamined out.
+    """
     rng = np.random.default_rng(seed)
     pixels = rng.normal(40, 200, (size, size)).astype(np.int16)
     ds = image_dataset(
         pixels, study_uid=study_uid, patient_name=PHI["name"], patient_id=PHI["id"],
-        accession=PHI["accession"], **kwargs,
+        accession=PHI["accession"], modality=modality, **kwargs,
     )
+    if body_part is not None:
+        ds.BodyPartExamined = body_part
     return write_dataset(ds, path)
 
 

@@ -118,3 +118,16 @@ def test_redact_replaces_every_identifying_value() -> None:
                        patient_id="PID-99731", accession="ACC-55120")
     text = "bad value 'DOE^JANE' for PID-99731 (ACC-55120), JANE DOE"
     assert not any(secret in redact(text, phi_values(ds)) for secret in PHI_STRINGS)
+
+
+def test_deflated_instance_is_read_and_a_cut_one_rejected(pydicom_files: Path) -> None:
+    """Deflated Explicit VR Little Endian: element offsets are in the inflated stream, so
+    the declared-length check must not compare them with the file size (it once
+    quarantined every deflated file as `truncated`); a cut deflate stream is rejected."""
+    data = (pydicom_files / "image_dfl.dcm").read_bytes()
+    instance = read_instance(data, IngestSettings())
+    assert instance.image is not None and instance.image.frames.shape[-2:] == (
+        instance.rows, instance.cols)
+    with pytest.raises(DicomRejected) as rejected:
+        read_instance(data[: len(data) // 2], IngestSettings())
+    assert rejected.value.code == "invalid_header"

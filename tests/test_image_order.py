@@ -12,7 +12,7 @@ from prometheus_client import CollectorRegistry
 from pydicom.dataset import Dataset
 
 from triage import db as store
-from triage.config import Settings
+from triage.config import ScopeSettings, Settings
 from triage.dicom_writer import image_dataset, write_dataset
 from triage.ingest.dicom import slice_position
 from triage.ingest.ingestor import Ingestor
@@ -26,6 +26,7 @@ from triage.studies import INSTANCE_ORDER, load_study_images
 
 TINY = ModelSettings(input_size=32, channels=(4, 8), subunits=1, lossnet_width=8, mc_samples=3,
                      max_images_per_study=3)
+CT_SCOPE = ScopeSettings(modalities=["CT"])  # multi-series CT studies
 STUDY = "2.25.5150"
 AXIAL = [1, 0, 0, 0, 1, 0]  # normal +z
 SAGITTAL = [0, 1, 0, 0, 0, -1]  # normal -x: larger x comes first
@@ -61,7 +62,7 @@ def _write(folder: Path) -> dict[str, Path]:
 def _ingest(home: Path, source: dict[str, Path], order: list[str]
             ) -> tuple[list[str], torch.Tensor]:
     """Ingest the files in ``order``; the study's instances as ordered, and its images."""
-    settings = Settings(home=home, model=TINY)
+    settings = Settings(home=home, model=TINY, scope=CT_SCOPE)
     settings.path("inbox").mkdir(parents=True)
     db = store.connect(settings.path("database"))
     ingestor = Ingestor(settings, db, build_metrics(CollectorRegistry()))

@@ -20,7 +20,7 @@ from pydicom.valuerep import DSfloat
 from triage import db as store
 from triage.api.app import create_app
 from triage.auth import create_token
-from triage.config import Settings
+from triage.config import ScopeSettings, Settings
 from triage.daemon import Daemon
 from triage.dicom_writer import image_dataset, write_dataset
 from triage.ingest.ingestor import Ingestor
@@ -30,6 +30,7 @@ from triage.model.settings import ModelSettings
 from triage.queue import enqueue
 
 TINY = ModelSettings(input_size=32, channels=(4, 8), subunits=1, lossnet_width=8, mc_samples=3)
+CT_SCOPE = ScopeSettings(modalities=["CT"])  # CT series with window presets
 STUDY = "2.25.6160"
 AXIAL = [1, 0, 0, 0, 1, 0]
 # (slice z, instance number) in arrival order; the view lists them by position
@@ -58,7 +59,7 @@ class Viewed:
     """A study ingested by the real ingestor, routed to the queue, and the app to view it."""
 
     def __init__(self, home: Path) -> None:
-        self.settings = Settings(home=home, model=TINY)
+        self.settings = Settings(home=home, model=TINY, scope=CT_SCOPE)
         self.settings.path("inbox").mkdir(parents=True)
         self.db = store.connect(self.settings.path("database"))
         ingestor = Ingestor(self.settings, self.db, build_metrics(CollectorRegistry()))
@@ -126,12 +127,14 @@ def test_instances_stored_before_the_cache_are_read_once_then_served_from_it(
     home = Viewed(tmp_path / "home")
     # take the store back to schema 7 (instances without a copy of their header), then
     # let it migrate again, as a store written by the previous version is upgraded
-    for column in CACHE_COLUMNS:
-        home.db.execute(f"ALTER TABLE instances DROP COLUMN {column}")
+    # (the columns of the later steps go too: 9 the files' origin, 10 the scope reason)
+    for table, column in [*(("instances", c) for c in CACHE_COLUMNS), ("files", "origin"),
+                          ("files", "sender"), ("instances", "scope_reason")]:
+        home.db.execute(f"ALTER TABLE {table} DROP COLUMN {column}")
     home.db.execute("PRAGMA user_version = 7")
     home.db.close()
     home.db = store.connect(home.settings.path("database"))
-    assert store.schema_version(home.db) == len(store.MIGRATIONS) == 8
+    assert store.schema_version(home.db) == len(store.MIGRATIONS) == 10
     assert home.db.execute("SELECT SUM(view_cached) FROM instances").fetchone()[0] == 0
     first = home.view()  # reads the three headers and keeps what it needs
     (logged,) = [r for r in caplog.records if r.getMessage() == "study_view_headers_cached"]

@@ -21,12 +21,16 @@ BUSY_TIMEOUT_MS = 30_000
 
 # File states. ``reading`` and ``moving`` are the two in-flight states of the ingestion
 # journal; the others are final and every file that entered the inbox ends in one.
-FINAL_FILE_STATES = ("archived", "unsupported", "quarantined", "duplicate", "vanished")
-# ``error``: the study's stored images could not be read; ``error_reason`` says why, and a
-# late instance reopens it like any other study. ``waiting_model``: models exist but none
+# ``out_of_scope``: an image outside ``scope`` (triage/ingest/scope.py), archived unscored.
+FINAL_FILE_STATES = ("archived", "unsupported", "out_of_scope", "quarantined", "duplicate",
+                     "vanished")
+# ``unscoreable``: no scoreable image; ``out_of_scope``: no scoreable image and at least
+# one image outside ``scope``; neither reaches the scorer. ``error``: the study's stored
+# images could not be read; ``error_reason`` says why, and a late instance reopens it
+# like any other study. ``waiting_model``: models exist but none
 # loads; neither scored nor routed, it goes back to ``complete`` once one loads again.
-STUDY_STATES = ("open", "complete", "scoring", "scored", "unscoreable", "error",
-                "waiting_model")
+STUDY_STATES = ("open", "complete", "scoring", "scored", "unscoreable", "out_of_scope",
+                "error", "waiting_model")
 
 MIGRATIONS: tuple[str, ...] = (
     # 1: ingestion journal, instances with their preprocessed pixels, studies, results.
@@ -273,6 +277,14 @@ MIGRATIONS: tuple[str, ...] = (
     """
     ALTER TABLE files ADD COLUMN origin TEXT NOT NULL DEFAULT 'inbox';
     ALTER TABLE files ADD COLUMN sender TEXT;
+    CREATE INDEX files_origin ON files(origin, received_at);
+    """,
+    # 10: instances outside the model's `scope` (files state `out_of_scope`): the first
+    # check they failed (modality | body_part | photometric | size; the reason in words
+    # is the instance's `note`), NULL for every other instance. A study with no
+    # scoreable image and at least one such instance completes `out_of_scope`.
+    """
+    ALTER TABLE instances ADD COLUMN scope_reason TEXT;
     """,
 )
 

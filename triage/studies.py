@@ -4,7 +4,10 @@ A study is complete once ``studies.stable_age_seconds`` pass without a new insta
 at once when the DICOM association that sent it ends (:meth:`StudyAssembler.complete_sent`).
 A late instance reopens it (the ingestor sets it back to ``open``) and it is completed and
 scored again, with ``round`` counting the completions. Studies without a scoreable image
-end ``unscoreable`` and never reach the scorer.
+end ``out_of_scope`` when at least one of their instances is an image outside ``scope``
+(:mod:`triage.ingest.scope`), else ``unscoreable``; neither reaches the scorer. A study
+with images both in and out of scope is scored on those in scope only (the others carry
+no stored image).
 """
 
 from __future__ import annotations
@@ -76,10 +79,15 @@ class StudyAssembler:
         done = []
         with transaction(self._db):
             rows = self._db.execute(
-                f"SELECT id, first_seen_at, n_images, round FROM studies WHERE {where}", params
+                "SELECT id, first_seen_at, n_images, round, n_images = 0 AND EXISTS ("
+                "SELECT 1 FROM instances WHERE instances.study_id = studies.id "
+                f"AND instances.scope_reason IS NOT NULL) FROM studies WHERE {where}", params
             ).fetchall()
-            for study_id, first_seen, n_images, round_ in rows:
-                state = "complete" if n_images > 0 else "unscoreable"
+            for study_id, first_seen, n_images, round_, out_of_scope in rows:
+                if n_images > 0:
+                    state = "complete"
+                else:
+                    state = "out_of_scope" if out_of_scope else "unscoreable"
                 self._db.execute(
                     "UPDATE studies SET state = ?, completed_at = ?, round = round + 1 "
                     "WHERE id = ?",

@@ -1,7 +1,14 @@
-"""The review queue API: list, claim, release, label, correct, explain."""
+"""The review queue API: list, claim, release, label, correct, explain.
+
+Queue items and the study view carry ``unlike_training_data``: whether the model that
+made the study's decision found its images unlike its training data (the feature-density
+flag, `triage.gate.scorer`): true or false, or null when unknown (cold start, or a model
+without a density threshold). It is for the reader; routing never depends on it.
+"""
 
 from __future__ import annotations
 
+import json
 import time
 from datetime import datetime
 from typing import Annotated, Any, Literal
@@ -59,7 +66,10 @@ def list_queue(
     reason: Annotated[str | None, Query(max_length=32)] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 200,
 ) -> dict[str, Any]:
-    return {"items": _queue(db, settings).list(state=state, reason=reason, limit=limit)}
+    items = _queue(db, settings).list(state=state, reason=reason, limit=limit)
+    flags = _ood_flags(db, [item["study_id"] for item in items])
+    return {"items": [{**item, "unlike_training_data": flags.get(item["study_id"])}
+                      for item in items]}
 
 
 @router.post("/queue/next", summary="Claim the next study (204 when the queue is empty)",
@@ -110,7 +120,9 @@ def correct(study_id: int, body: LabelIn, who: Admin, db: DbDep, settings: Setti
 @router.get("/studies/{study_id}", summary="A study for reading: images, why routed, labels")
 def get_study(study_id: int, who: Reader, db: DbDep, settings: SettingsDep,
               request: Request) -> dict[str, Any]:
-    return study_view(db, settings, study_id, who, client_address(request))
+    view = study_view(db, settings, study_id, who, client_address(request))
+    view["unlike_training_data"] = _ood_flags(db, [study_id]).get(study_id)
+    return view
 
 
 @router.get("/studies/{study_id}/why", summary="Why this study was routed, and the model's "
@@ -122,3 +134,19 @@ def why(study_id: int, who: Anyone, db: DbDep) -> dict[str, Any]:
 @router.get("/studies/{study_id}/labels", summary="Label history of a study")
 def label_history(study_id: int, who: Anyone, db: DbDep, settings: SettingsDep) -> dict:
     return {"labels": _queue(db, settings).history(study_id), "at": time.time()}
+
+
+def _ood_flags(db: Any, study_ids: list[int]) -> dict[int, bool | None]:
+    """The ``ood_flag`` stored with each queued study's decision (None: unknown)."""
+    flags: dict[int, bool | None] = {}
+    for start in range(0, len(study_ids), 500):  # within SQLite's bound-parameter limit
+        chunk = study_ids[start:start + 500]
+        marks = ", ".join("?" * len(chunk))
+        for study_id, stored in db.execute(
+            "SELECT queue_items.study_id, decisions.uncertainty FROM queue_items "
+            "JOIN decisions ON decisions.id = queue_items.decision_id "
+            f"WHERE queue_items.study_id IN ({marks})", chunk,
+        ).fetchall():
+            flag = json.loads(stored).get("ood_flag") if stored else None
+            flags[int(study_id)] = flag if isinstance(flag, bool) else None
+    return flags

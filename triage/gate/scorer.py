@@ -24,6 +24,14 @@ Degraded serving (`triage.serving.ServingLoader`): when the serving checkpoint c
 loaded, the most recently promoted version that loads serves instead; when none loads,
 `score` raises `ModelUnavailable` and the study waits (`waiting_model`) until one does.
 
+Out-of-distribution flag: a model whose feature density has a flag threshold
+(`triage.model.epistemic`) flags a study whose `ood` score is above it as unlike the
+training data. The flag is stored beside `ood` in the decision's `uncertainty` JSON
+(`ood_flag`: true, false, or null when the model has no threshold), and in the study
+result's detail, counted by `triage_studies_ood_flagged_total` and logged with the
+study's `study_scored` event. It is for the reader (the review API shows it as
+`unlike_training_data`); it never changes routing.
+
 Cold start: while no version was ever promoted, `triage.gate.coldstart.ColdStartSelector` chooses
 the studies to route, at `gate.label_rate` and for coverage of the stream (farthest
 first on a label-free thumbnail embedding); the gate routes them as `cold_start` within
@@ -73,6 +81,7 @@ class _Pending:
 
     decision: Decision
     embedding: np.ndarray | None = None
+    ood_flag: bool | None = None
 
 
 class GateScorer:
@@ -143,11 +152,15 @@ class GateScorer:
             self._metrics.inference_seconds.labels(stage).observe(seconds)
         scores = self._components(result, version, count=True)
         decision = self._gate.decide(scores, now, key=study.study_id)
-        row = _decision_row(decision, result, version, self._settings.model.labels)
+        ood_flag = (checkpoint.epistemic.unlike_training(result.ood)
+                    if checkpoint.epistemic is not None else None)
+        row = _decision_row(decision, result, version, self._settings.model.labels, ood_flag)
         status = "routed" if decision.needs_label else "not_routed"
         detail = {"reason": decision.reason,
-                  "predicted": self._settings.model.labels[result.predicted_index]}
-        return ScoreResult(status, version, detail, decision_row=row, pending=_Pending(decision))
+                  "predicted": self._settings.model.labels[result.predicted_index],
+                  "ood_flag": ood_flag}
+        return ScoreResult(status, version, detail, decision_row=row,
+                           pending=_Pending(decision, ood_flag=ood_flag))
 
     def commit(self, result: ScoreResult) -> None:
         """Called after the decision is stored: the gate's state moves on."""
@@ -158,6 +171,8 @@ class GateScorer:
             novelty = decision.scores[NOVELTY] if decision.scores else None
             self._selector.record(pending.embedding, decision.reason, novelty=novelty)
         self._metrics.gate_decisions.labels(decision.reason).inc()
+        if pending.ood_flag:
+            self._metrics.ood_flagged.inc()
         if decision.threshold is not None:
             self._metrics.gate_threshold.set(decision.threshold)
         realised = self._gate.realised_rate()
@@ -358,7 +373,8 @@ class GateScorer:
 
 
 def _decision_row(
-    decision: Decision, result: StudyResult | None, version: str | None, labels: list[str]
+    decision: Decision, result: StudyResult | None, version: str | None, labels: list[str],
+    ood_flag: bool | None = None,
 ) -> dict[str, Any]:
     prediction = None
     if result is not None:
@@ -375,7 +391,7 @@ def _decision_row(
         "scores": _json(decision.scores),
         "quantiles": _json(decision.quantiles),
         "prediction": _json(prediction),
-        "uncertainty": _json(_uncertainty(result)),
+        "uncertainty": _json(_uncertainty(result, ood_flag)),
         "predicted_loss": result.predicted_loss if result else None,
         "images_scored": result.num_images if result else None,
         "images_total": result.num_images_total if result else None,
@@ -383,12 +399,14 @@ def _decision_row(
     }
 
 
-def _uncertainty(result: StudyResult | None) -> dict[str, Any] | None:
-    """The stored uncertainty: every measure, the T samples' source, and the feature-
-    density `ood` score when the model has one."""
+def _uncertainty(result: StudyResult | None, ood_flag: bool | None = None
+                 ) -> dict[str, Any] | None:  # fmt: skip
+    """The stored uncertainty: every measure, the T samples' source, and, when the model
+    has a feature density, its `ood` score and `ood_flag` (above the model's threshold:
+    unlike the training data; null when the model has no threshold)."""
     if result is None:
         return None
-    extra = {"ood": result.ood} if result.ood is not None else {}
+    extra = {"ood": result.ood, "ood_flag": ood_flag} if result.ood is not None else {}
     return {**result.uncertainty, **extra, "sampler": result.sampler}
 
 

@@ -171,8 +171,9 @@ class ScoringWorker:
         if result.decision_row is not None:
             self._scorer.commit(result)
         self._metrics.scored.labels(result.status).inc()
+        flagged = {"ood_flag": result.detail["ood_flag"]} if "ood_flag" in result.detail else {}
         event(log, "study_scored", study_id=study_id, round=round_, status=result.status,
-              images=int(images.shape[0]))
+              images=int(images.shape[0]), **flagged)
         return study_id
 
     def _scorer_ready(self) -> bool:

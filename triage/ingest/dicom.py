@@ -2,7 +2,9 @@
 
 A file becomes exactly one of: a scoreable image (decoded now, so that truncated pixel data
 is caught at ingest and not at training time), a valid instance that holds no scoreable
-image (``unsupported``), or a :class:`~triage.errors.DicomRejected` with a reason in words.
+image (``unsupported``), an image outside the model's ``scope`` (``out_of_scope``, decided
+from the header before any pixel is decoded: :mod:`triage.ingest.scope`), or a
+:class:`~triage.errors.DicomRejected` with a reason in words.
 Decoding goes through pydicom's pixel backends; the pylibjpeg plugins (libjpeg, openjpeg)
 add JPEG, JPEG-LS and JPEG 2000; RLE is built in.
 """
@@ -12,7 +14,7 @@ from __future__ import annotations
 import io
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import pydicom
@@ -21,8 +23,9 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.pixels import apply_color_lut, apply_modality_lut
 
-from triage.config import IngestSettings
+from triage.config import IngestSettings, ScopeSettings
 from triage.errors import DicomRejected
+from triage.ingest.scope import OutOfScope, check_scope
 from triage.phi import phi_values, redact
 
 _PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
@@ -54,7 +57,11 @@ class DicomInstance:
         sop_uid: SOP Instance UID (from the dataset, else the file meta).
         study_uid: Study Instance UID; None only for unsupported files without one.
         image: Decoded pixels when the instance is scoreable, else None.
-        unsupported_reason: Why it is not scored, in words, when ``image`` is None.
+        unsupported_reason: Why it is not scored, in words, when it holds no scoreable
+            image (``unsupported``); None otherwise.
+        out_of_scope: Why it is outside ``scope`` when it is an image the model is not
+            for (never decoded, ``image`` is None); None otherwise.
+        body_part: BodyPartExamined as written, stripped; None when absent or empty.
         series_number, slice_position, instance_number: What orders the instances of a
             study independently of their arrival (:func:`slice_position`); None when
             absent or invalid.
@@ -75,18 +82,37 @@ class DicomInstance:
     slice_position: float | None = None
     instance_number: int | None = None
     view: ViewHeader | None = None
+    out_of_scope: OutOfScope | None = None
+    body_part: str | None = None
 
     @property
     def scoreable(self) -> bool:
         return self.image is not None
 
+    @property
+    def note(self) -> str | None:
+        """Why it is not scored, in words (None for a scoreable image)."""
+        if self.out_of_scope is not None:
+            return self.out_of_scope.reason
+        return self.unsupported_reason
 
-def read_instance(data: bytes, settings: IngestSettings) -> DicomInstance:
-    """Parse, check and (for images) decode a DICOM file held in memory.
+
+def read_instance(
+    data: bytes, settings: IngestSettings, scope: ScopeSettings | None = None
+) -> DicomInstance:
+    """Parse, check and (for images in scope) decode a DICOM file held in memory.
+
+    Precedence: a file that is not a usable DICOM instance is rejected; an instance that
+    holds no scoreable image (no pixel data, float pixels, ``ingest.unscored_modalities``)
+    is ``unsupported``; an image outside ``scope`` is ``out_of_scope`` without decoding
+    its pixels (so neither ``ingest.max_pixels`` nor a decoder sees it); only the rest is
+    decoded.
 
     Args:
         data: The whole file.
         settings: The ``ingest`` section (size limits, unscored modalities).
+        scope: The ``scope`` section; None checks no scope (the review view re-reading
+            an archived image it already scored).
 
     Raises:
         DicomRejected: when the file is not a usable DICOM instance.
@@ -99,10 +125,16 @@ def read_instance(data: bytes, settings: IngestSettings) -> DicomInstance:
         ds = _parse(data)
         phi = phi_values(ds)
         try:
-            return _describe(ds, settings)
+            instance = _describe(ds, settings, scope)
         except DicomRejected as exc:
             exc.detail = redact(exc.detail, phi)
             raise
+    if instance.out_of_scope is not None:
+        # the reason quotes header text (the body part): never an identifier
+        verdict = instance.out_of_scope
+        instance = replace(instance, out_of_scope=replace(verdict,
+                                                          reason=redact(verdict.reason, phi)))
+    return instance
 
 
 def _parse(data: bytes) -> Dataset:
@@ -124,7 +156,11 @@ def _parse(data: bytes) -> Dataset:
         raise DicomRejected(
             "invalid_header", "the DICOM header could not be parsed", type(exc).__name__
         ) from None
-    _check_declared_lengths(ds, len(data))
+    # A deflated data set's offsets are in the inflated stream, not the file: a truncated
+    # deflate stream fails to inflate instead (an unreadable element, below).
+    syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    if syntax != pydicom.uid.DeflatedExplicitVRLittleEndian:
+        _check_declared_lengths(ds, len(data))
     for elem in _walk(ds):
         try:
             _ = elem.value
@@ -170,7 +206,7 @@ def _uid(ds: Dataset, keyword: str) -> str | None:
     return text or None
 
 
-def _describe(ds: Dataset, settings: IngestSettings) -> DicomInstance:
+def _describe(ds: Dataset, settings: IngestSettings, scope: ScopeSettings | None) -> DicomInstance:
     meta = getattr(ds, "file_meta", None)
     sop_uid = _uid(ds, "SOPInstanceUID") or (
         _uid(meta, "MediaStorageSOPInstanceUID") if meta is not None else None
@@ -196,10 +232,19 @@ def _describe(ds: Dataset, settings: IngestSettings) -> DicomInstance:
         "slice_position": slice_position(ds),
         "instance_number": _int(ds, "InstanceNumber"),
         "view": view_header(ds),
+        "body_part": _uid(ds, "BodyPartExamined"),
     }
     unsupported = _unsupported_reason(ds, modality, sop_class, settings)
     if unsupported is not None:
         return DicomInstance(image=None, unsupported_reason=unsupported, **fields)
+    if scope is not None:
+        # from the header only: an out-of-scope series costs no pixel decode
+        verdict = check_scope(scope, modality=modality, body_part=fields["body_part"],
+                              photometric=fields["photometric"], rows=fields["rows"],
+                              cols=fields["cols"])
+        if verdict is not None:
+            return DicomInstance(image=None, unsupported_reason=None, out_of_scope=verdict,
+                                 **fields)
     if fields["study_uid"] is None:
         raise DicomRejected(
             "missing_uid", "image without a Study Instance UID: it cannot be assigned to a study"

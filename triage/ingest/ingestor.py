@@ -10,6 +10,12 @@ Each file gets a row in the ``files`` journal, and the row and the file move in 
 4. One transaction stores the study, the instance, its preprocessed pixels and the final
    state.
 
+Final states of a file that was read: ``archived`` (a scoreable image), ``unsupported``
+(valid DICOM holding no scoreable image), ``out_of_scope`` (an image outside ``scope``,
+:mod:`triage.ingest.scope`: archived like the others, its instance stored with
+``scoreable`` 0 and the reason as ``note``, never decoded, preprocessed or scored),
+``quarantined`` or ``duplicate``.
+
 :meth:`Ingestor.recover` runs at start-up and finishes every row left in ``reading`` or
 ``moving`` from wherever its file now is, so a crash at any point loses no file and
 counts none twice.
@@ -43,12 +49,15 @@ from triage.studies import store_view_header
 
 log = logging.getLogger("triage.ingest")
 
+# Final states whose file is kept in the archive with an ``instances`` row.
+STORED_STATES = ("archived", "unsupported", "out_of_scope")
+
 
 @dataclass(frozen=True)
 class Outcome:
     """Where a file is going and why."""
 
-    state: str  # archived | unsupported | quarantined | duplicate
+    state: str  # archived | unsupported | out_of_scope | quarantined | duplicate
     reason_code: str | None = None
     reason: str | None = None
     detail: str = ""
@@ -191,7 +200,7 @@ class Ingestor:
     def _classify(self, data: bytes, sha: str) -> Outcome:
         try:
             with self._metrics.ingest_stage_seconds.labels("decode").time():
-                instance = read_instance(data, self._settings.ingest)
+                instance = read_instance(data, self._settings.ingest, self._settings.scope)
         except DicomRejected as exc:
             return _quarantine(exc.code, exc.reason, exc.detail)
         except Exception as exc:  # noqa: BLE001 - never let one file stop the daemon
@@ -211,6 +220,9 @@ class Ingestor:
                 "an instance with the same SOP Instance UID and different content is already "
                 f"stored (instance {known[0]}); both copies are kept",
             )
+        if instance.out_of_scope is not None:
+            return Outcome("out_of_scope", reason_code=instance.out_of_scope.code,
+                           reason=instance.out_of_scope.reason, instance=instance)
         if instance.image is None:
             return Outcome("unsupported", reason=instance.unsupported_reason, instance=instance)
         try:
@@ -231,7 +243,7 @@ class Ingestor:
             return None
         if outcome.state == "quarantined":
             return str(self._settings.paths.quarantine / f"{file_id}-{outcome.reason_code}.dcm")
-        assert sha is not None  # archived and unsupported files were read
+        assert sha is not None  # archived, unsupported and out-of-scope files were read
         return str(self._settings.paths.archive / sha[:2] / sha[2:4] / f"{sha}.dcm")
 
     def _finish(
@@ -283,7 +295,7 @@ class Ingestor:
         instance_id = outcome.original_id
         study_id = None
         with transaction(self._db):
-            if outcome.state in ("archived", "unsupported"):
+            if outcome.state in STORED_STATES:
                 instance_id, study_id = self._store_instance(file_id, outcome, now)
             self._db.execute(
                 "UPDATE files SET state = ?, instance_id = ?, finished_at = ? WHERE id = ?",
@@ -299,6 +311,24 @@ class Ingestor:
                 file_id=file_id,
                 reason_code=outcome.reason_code,
                 reason=outcome.reason,
+            )
+        elif outcome.state == "out_of_scope":
+            instance = outcome.instance
+            assert instance is not None
+            self._metrics.out_of_scope.labels(outcome.reason_code).inc()
+            # modality and body part are coded header values, not identifiers
+            event(
+                log,
+                "file_out_of_scope",
+                file_id=file_id,
+                instance_id=instance_id,
+                study_id=study_id,
+                reason_code=outcome.reason_code,
+                modality=instance.modality,
+                body_part=instance.body_part[:16] if instance.body_part else None,
+                photometric=instance.photometric,
+                rows=instance.rows,
+                cols=instance.cols,
             )
         else:
             event(
@@ -322,8 +352,8 @@ class Ingestor:
         cursor = self._db.execute(
             "INSERT INTO instances (sop_uid, sha256, study_id, series_uid, sop_class_uid, "
             "modality, photometric, rows, cols, frames, scoreable, note, path, created_at, "
-            "series_number, slice_position, instance_number) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "series_number, slice_position, instance_number, scope_reason) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             [
                 instance.sop_uid,
                 stored_path[1],
@@ -336,12 +366,13 @@ class Ingestor:
                 instance.cols,
                 frames,
                 int(instance.scoreable),
-                instance.unsupported_reason,
+                instance.note,
                 stored_path[0],
                 now,
                 instance.series_number,
                 instance.slice_position,
                 instance.instance_number,
+                instance.out_of_scope.code if instance.out_of_scope is not None else None,
             ],
         )
         instance_id = int(cursor.lastrowid)

@@ -16,6 +16,14 @@ small matrix product per study instead:
 * **Feature density** (DDU: Mukhoti et al., "Deep Deterministic Uncertainty", CVPR 2023):
   one Gaussian per class over the training features; a study's `ood` score is
   -max_c log(pi_c N(phi | mu_c, Sigma_c)), larger = less like the training data.
+* **OOD flag**: the threshold above which a score is flagged "unlike the training data"
+  is the `OOD_QUANTILE` (99 %) quantile of the held-out validation images' scores, i.e.
+  their 1st percentile of log-density, so about 1 % of in-distribution images are
+  flagged; with no validation image, of the training images' (whose scores are lower,
+  the density being fitted on them: more false flags). It is stored with the density;
+  `EpistemicHead.unlike_training` compares a study's score (max over its scored images)
+  with it. Heads fitted before the threshold existed have none: the flag is unknown
+  (None). The flag is shown to readers; it does not change routing.
 
 Both need only the features the deterministic pass computes anyway.
 """
@@ -23,7 +31,7 @@ Both need only the features the deterministic pass computes anyway.
 import math
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -34,6 +42,9 @@ from triage.model.network import TriageNet
 PRIOR_PRECISIONS: tuple[float, ...] = tuple(10.0**e for e in range(-6, 5))
 """Grid of prior precisions lambda tried by `fit_epistemic`."""
 _NLL_DRAWS = 500
+OOD_QUANTILE = 0.99
+"""Quantile of the held-out images' `ood` scores that is the flag threshold: about 1 % of
+in-distribution images score above it (their 1st percentile of log-density)."""
 
 
 @dataclass(frozen=True)
@@ -47,6 +58,10 @@ class EpistemicHead:
         means: Class means of the training features, [C, F].
         whiten: Per class, a matrix [F, F] with (phi - mu_c) @ whiten[c] ~ N(0, I); [C, F, F].
         log_norm: log pi_c - log det(Sigma_c) / 2 - F/2 log(2 pi), [C].
+        ood_threshold: `ood` scores above it are flagged unlike the training data (the
+            `OOD_QUANTILE` quantile of the held-out scores); None: not fitted (older
+            files), the flag is unknown.
+        ood_threshold_source: Whose scores gave it: `validation` or `training`.
     """
 
     weights: torch.Tensor
@@ -55,6 +70,8 @@ class EpistemicHead:
     means: torch.Tensor
     whiten: torch.Tensor
     log_norm: torch.Tensor
+    ood_threshold: float | None = None
+    ood_threshold_source: str | None = None
     _flat: torch.Tensor = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -82,21 +99,41 @@ class EpistemicHead:
         ]
         return -torch.stack(log_density).max(0).values
 
+    def unlike_training(self, score: float | None) -> bool | None:
+        """Whether an `ood` score (a study's: the max over its scored images) is above the
+        flag threshold; None when the score or the threshold is unknown.
+
+        Informative only: the flag is stored with the decision and shown to readers, and
+        routing never depends on it.
+        """
+        if score is None or self.ood_threshold is None or not math.isfinite(score):
+            return None
+        return bool(score > self.ood_threshold)
+
     def state(self) -> dict[str, Any]:
         """Tensors and numbers only, for `torch.save(..., weights_only=True)` files."""
-        return {
+        state = {
             "weights": self.weights, "prior_precision": self.prior_precision,
             "validation_nll": self.validation_nll, "means": self.means,
             "whiten": self.whiten, "log_norm": self.log_norm,
         }  # fmt: skip
+        if self.ood_threshold is not None:
+            state["ood_threshold"] = self.ood_threshold
+            state["ood_threshold_source"] = self.ood_threshold_source or ""
+        return state
 
     @classmethod
     def from_state(cls, state: Mapping[str, Any]) -> "EpistemicHead":
-        """Inverse of `state` (KeyError/TypeError on a damaged mapping)."""
+        """Inverse of `state` (KeyError/TypeError on a damaged mapping); a state saved
+        before the flag threshold existed loads without one."""
+        threshold = state.get("ood_threshold")
         return cls(
             weights=state["weights"].float(), prior_precision=float(state["prior_precision"]),
             validation_nll=float(state["validation_nll"]), means=state["means"].float(),
             whiten=state["whiten"].float(), log_norm=state["log_norm"].float(),
+            ood_threshold=float(threshold) if threshold is not None else None,
+            ood_threshold_source=(str(state.get("ood_threshold_source") or "") or None
+                                  if threshold is not None else None),
         )  # fmt: skip
 
 
@@ -210,19 +247,22 @@ def fit_epistemic(
     samples: int = 20,
     seed: int = 0,
 ) -> EpistemicHead:
-    """Fit the last-layer Laplace posterior and the feature density of a trained network.
+    """Fit the last-layer Laplace posterior, the feature density and its flag threshold.
 
     Args:
         net: The trained classifier (its `fc` is the posterior mean).
         train_images, train_labels: The training images [N, 1, S, S] and labels [N].
-        validation_images, validation_labels: Where the prior precision is chosen.
+        validation_images, validation_labels: Where the prior precision is chosen, and
+            whose `ood` scores give the flag threshold (`OOD_QUANTILE`; the training
+            images' when there is no validation image).
         samples: Weight samples T drawn from the posterior.
         seed: Seed of the draws: the same fit gives the same samples.
     """
     if samples < 1:
         raise ValueError(f"samples must be >= 1, got {samples}")
     train_features = pooled_features(net, train_images).double()
-    a_val = _augment(pooled_features(net, validation_images).double())
+    val_features = pooled_features(net, validation_images).double()
+    a_val = _augment(val_features)
     with torch.no_grad():
         mean = torch.cat([net.fc.weight.T, net.fc.bias[None]], dim=0).double()  # [F+1, C]
         hessian = _ggn(mean, _augment(train_features))
@@ -241,7 +281,23 @@ def fit_epistemic(
         noise = torch.linalg.solve_triangular(chol.T, z, upper=True)  # covariance (H+lI)^-1
         weights = mean[None] + noise.T.reshape(samples, d, c)
         means, whiten, log_norm = _class_gaussians(train_features, train_labels, c)
-    return EpistemicHead(
+    head = EpistemicHead(
         weights=weights.float().contiguous(), prior_precision=precision, validation_nll=nll,
         means=means.float(), whiten=whiten.float(), log_norm=log_norm.float(),
     )  # fmt: skip
+    source, held = ("validation", val_features) if len(val_features) else (
+        "training", train_features)
+    threshold = ood_threshold(head, held.float())
+    return replace(head, ood_threshold=threshold, ood_threshold_source=source)
+
+
+def ood_threshold(head: EpistemicHead, features: torch.Tensor,
+                  quantile: float = OOD_QUANTILE) -> float | None:  # fmt: skip
+    """The `quantile` quantile of the `ood` scores of features [N, F] (held-out images
+    of the training distribution); None without a finite score."""
+    with torch.inference_mode():
+        scores = head.ood(features).double()
+    scores = scores[torch.isfinite(scores)]
+    if len(scores) == 0:
+        return None
+    return float(torch.quantile(scores, quantile))
