@@ -2,10 +2,13 @@
 (b) DCMTK's storescp writing into triage's inbox folder, (c) Orthanc when installed.
 
 Each target gets the same files, ``--runs`` times, in one association per run, on
-127.0.0.1. Reported per run: instances/s as storescu sees it (start to exit), and for
-the two triage targets the time from storescu's exit to the study's decision row (the
-built-in receiver completes a study when its association ends; the folder path waits
-``studies.stable_age_seconds`` of quiet, 30 s by default). Orthanc makes no decision.
+127.0.0.1. Also measured: the receiver with ``ingest.fsync: false`` (acknowledged before
+the bytes reach the disk, as a server without fsync does), and pynetdicom answering
+Success without storing anything (the library's ceiling). Reported per run:
+instances/s as storescu sees it (start to exit), and for the triage targets the time
+from storescu's exit to the study's decision row (the built-in receiver completes a
+study when its association ends; the folder path waits ``studies.stable_age_seconds``
+of quiet, 30 s by default). Orthanc makes no decision.
 
 Then ``--latency-studies`` single-image DX studies (in the model's default scope) are sent
 one storescu call each to the built-in receiver, at the default settings: the p50/p95
@@ -189,6 +192,25 @@ def run_storescp(files: Path, study: str, scratch: Path, nodelay: str, env: dict
             "decision_after_exit_s": round(decided - exited, 3) if decided else None}
 
 
+def run_pynetdicom_null(files: Path, nodelay: str) -> dict:
+    """The library's ceiling: pynetdicom answering Success without storing anything."""
+    from pynetdicom import AE, AllStoragePresentationContexts, evt
+
+    ae = AE(ae_title="NULL")
+    ae.maximum_pdu_size = 262_144
+    for context in AllStoragePresentationContexts:
+        ae.add_supported_context(context.abstract_syntax)
+    port = free_port()
+    server = ae.start_server(("127.0.0.1", port), block=False,
+                             evt_handlers=[(evt.EVT_C_STORE, lambda event: 0x0000)])
+    try:
+        seconds, sent = storescu(port, files, "NULL", nodelay)
+    finally:
+        server.shutdown()
+    return {"sent": sent, "seconds": round(seconds, 3),
+            "instances_per_s": round(sent / seconds, 1)}
+
+
 def run_orthanc(files: Path, scratch: Path, nodelay: str) -> dict:
     port, http = free_port(), free_port()
     store = scratch / "orthanc"
@@ -259,7 +281,8 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--latency-studies", type=int, default=20)
     parser.add_argument("--tcp-nodelay", default="1", choices=["0", "1"])
-    parser.add_argument("--targets", default="receiver,storescp,orthanc")
+    parser.add_argument("--targets",
+                        default="receiver,receiver_nofsync,storescp,orthanc,pynetdicom_null")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     if shutil.which("storescu") is None:
@@ -278,6 +301,12 @@ def main() -> None:
                 if name == "receiver":
                     runs[name].append(run_receiver(files, study, scratch, args.tcp_nodelay,
                                                    scoped))
+                elif name == "receiver_nofsync":
+                    runs[name].append(run_receiver(
+                        files, study, scratch, args.tcp_nodelay,
+                        {**scoped, "TRIAGE__INGEST__FSYNC": "false"}))
+                elif name == "pynetdicom_null":
+                    runs[name].append(run_pynetdicom_null(files, args.tcp_nodelay))
                 elif name == "storescp" and shutil.which("storescp"):
                     runs[name].append(run_storescp(files, study, scratch, args.tcp_nodelay,
                                                    scoped))

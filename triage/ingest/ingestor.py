@@ -269,7 +269,10 @@ class Ingestor:
         dest = self._home / stored
         if outcome.state == "quarantined":
             self._write_sidecar(file_id, dest.with_suffix(".json"), outcome)
-        _move(location, dest, fsync=self._settings.ingest.fsync)
+        # A network arrival's bytes were synced before it was acknowledged: only the
+        # rename into the archive still needs making durable.
+        _move(location, dest, fsync=self._settings.ingest.fsync,
+              synced=location.parent == self._received)
 
     def _write_sidecar(self, file_id: int, path: Path, outcome: Outcome) -> None:
         row = self._db.execute(
@@ -469,12 +472,15 @@ class Ingestor:
         self._process(file_id, location, data, sha, started)
 
 
-def _move(source: Path, dest: Path, *, fsync: bool) -> None:
-    """Move ``source`` to ``dest`` atomically; across file systems, copy then rename."""
+def _move(source: Path, dest: Path, *, fsync: bool, synced: bool = False) -> None:
+    """Move ``source`` to ``dest`` atomically; across file systems, copy then rename.
+
+    ``synced``: the source's bytes are already on disk (fsync'ed by whoever wrote it).
+    """
     if source == dest:
         return
     dest.parent.mkdir(parents=True, exist_ok=True)
-    if fsync:
+    if fsync and not synced:
         _fsync_file(source)
     try:
         os.replace(source, dest)
