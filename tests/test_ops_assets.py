@@ -44,6 +44,9 @@ REQUIRED = {
                    "triage_retrain_last_run_timestamp_seconds", "triage_retrain_running",
                    "triage_retrain_progress", "triage_labels_since_retrain"],
     "storage": ["triage_state_dir_free_bytes"],
+    "dicom node": ["triage_dicom_associations_total", "triage_dicom_instances_total",
+                   "triage_dicom_store_seconds_bucket", "triage_dicom_active_associations",
+                   "triage_out_of_scope_instances_total", "triage_studies_ood_flagged_total"],
 }
 
 
@@ -171,7 +174,7 @@ def test_alert_rules_name_exported_metrics_and_cover_the_cases(exported) -> None
     for name in ("TriageDown", "TriageNoStudiesIngested", "TriageQuarantineSpike",
                  "TriageReviewQueueStale", "TriageRoutedFractionOffTarget",
                  "TriageRetrainFailed", "TriageDiskLow", "TriageIngestPaused",
-                 "TriageServingModelNotOk"):
+                 "TriageServingModelNotOk", "TriageDicomStoresRefused"):
         assert name in alerts, name
         assert alerts[name]["labels"]["severity"] in ("info", "warning", "critical")
     for rule in rules:

@@ -75,7 +75,7 @@ def build_metrics(registry: CollectorRegistry) -> Metrics:
     Info("triage_build", "Version of the running triage daemon.", registry=registry).info(
         {"version": __version__}
     )
-    return Metrics(
+    metrics = Metrics(
         files=Counter(
             "triage_ingest_files",
             "Files taken from the inbox, by final outcome.",
@@ -257,6 +257,18 @@ def build_metrics(registry: CollectorRegistry) -> Metrics:
             registry=registry,
         ),
     )
+    # The DICOM node's label values are a closed set: export each at 0 from the start,
+    # so rates and alerts see the first refusal as an increase, not a new series.
+    for result in ("accepted", "rejected_called_ae", "rejected_calling_ae", "rejected_host",
+                   "rejected_busy", "released", "aborted"):
+        metrics.dicom_associations.labels(result)
+    for status in ("success", "out_of_resources", "failed", "echo"):
+        metrics.dicom_instances.labels(status)
+    for result in ("success", "failed"):
+        metrics.dicomweb_stored.labels(result)
+    for reason in ("modality", "body_part", "photometric", "size"):
+        metrics.out_of_scope.labels(reason)
+    return metrics
 
 
 class StoreCollector(Collector):
