@@ -174,7 +174,8 @@ def test_alert_rules_name_exported_metrics_and_cover_the_cases(exported) -> None
     for name in ("TriageDown", "TriageNoStudiesIngested", "TriageQuarantineSpike",
                  "TriageReviewQueueStale", "TriageRoutedFractionOffTarget",
                  "TriageRetrainFailed", "TriageDiskLow", "TriageIngestPaused",
-                 "TriageServingModelNotOk", "TriageDicomStoresRefused"):
+                 "TriageServingModelNotOk", "TriageDicomStoresRefused",
+                 "TriageStudiesLeftInError"):
         assert name in alerts, name
         assert alerts[name]["labels"]["severity"] in ("info", "warning", "critical")
     for rule in rules:

@@ -104,10 +104,13 @@ def test_an_unreadable_stored_image_ends_its_study_in_error_and_the_stream_goes_
                            ).fetchone()[0] == 0
     assert home.metrics.scored.labels("error")._value.get() == 1.0
 
-    # a late instance reopens the study; it is tried again and fails again, counted
+    # a late instance reopens the study; it is tried again and fails again: the first
+    # failure of the new round (error_count is per round), both kept in the results
     home.receive("2.25.7001", images=1)
     assert worker.run_once() == bad
-    assert home.study(bad)[0::2] == ("error", 2)
+    assert home.study(bad)[0::2] == ("error", 1)
+    assert home.db.execute("SELECT COUNT(*) FROM study_results WHERE study_id = ? AND "
+                           "status = 'error'", [bad]).fetchone()[0] == 2
     _no_phi(caplog.records, "2.25.7001", "2.25.7002")
 
 
@@ -201,3 +204,28 @@ def test_no_retry_when_the_waits_are_configured_off(tmp_path: Path) -> None:
     assert worker.run_once() == bad
     home.now += 30 * 86400
     assert worker.run_once() is None and home.study(bad)[0::2] == ("error", 1)
+
+
+def test_a_late_instance_gives_a_study_left_for_an_operator_a_new_retry_schedule(
+    tmp_path: Path,
+) -> None:
+    """`error_count` counts the failures of the current round: a late instance reopens a
+    study whose tries were spent, and if it fails again it is retried again, instead of
+    staying `error` for good."""
+    home = Pipeline(tmp_path / "home")
+    bad = home.receive("2.25.7301", images=1)
+    home.corrupt_one_image(bad)
+    worker = home.worker()
+    assert worker.run_once() == bad
+    for wait in (60, 300, 1800):
+        home.now += wait
+        assert worker.run_once() == bad
+    home.now += 7 * 86400
+    assert worker.run_once() is None and home.study(bad)[0::2] == ("error", 4)
+    assert home.receive("2.25.7301", images=1) == bad  # late instance: reopened, complete
+    assert home.study(bad)[0::2] == ("complete", 0)
+    assert worker.run_once() == bad  # the old image is still unreadable
+    assert home.study(bad)[0::2] == ("error", 1)
+    home.now += 60
+    assert worker.run_once() == bad  # ...and retried on the schedule again
+    assert home.study(bad)[0::2] == ("error", 2)

@@ -402,9 +402,12 @@ class Ingestor:
             event(log, "study_opened", study_id=study_id)
             return study_id
         study_id, state = int(row[0]), row[1]
+        # A late instance starts a new round, and a new round a new retry schedule: a
+        # study left `error` for an operator is tried again (error_count from 0).
         self._db.execute(
             "UPDATE studies SET state = 'open', last_instance_at = ?, "
-            "n_instances = n_instances + 1, n_images = n_images + ? WHERE id = ?",
+            "n_instances = n_instances + 1, n_images = n_images + ?, "
+            "error_count = CASE WHEN state = 'open' THEN error_count ELSE 0 END WHERE id = ?",
             [now, frames, study_id],
         )
         if state != "open":
