@@ -2,9 +2,11 @@
 (b) DCMTK's storescp writing into triage's inbox folder, (c) Orthanc when installed.
 
 Each target gets the same files, ``--runs`` times, in one association per run, on
-127.0.0.1. Also measured: the receiver with ``ingest.fsync: false`` (acknowledged before
-the bytes reach the disk, as a server without fsync does), and pynetdicom answering
-Success without storing anything (the library's ceiling). Reported per run:
+127.0.0.1. Also measured: the receiver reading each instance as it arrives
+(``dicom.defer_reading_seconds: 0``; by default reading waits while the sender sends),
+the receiver with ``ingest.fsync: false`` (acknowledged before the bytes reach the disk,
+as a server without fsync does), and pynetdicom answering Success without storing
+anything (the library's ceiling). Reported per run:
 instances/s as storescu sees it (start to exit), and for the triage targets the time
 from storescu's exit to the study's decision row (the built-in receiver completes a
 study when its association ends; the folder path waits ``studies.stable_age_seconds``
@@ -282,7 +284,8 @@ def main() -> None:
     parser.add_argument("--latency-studies", type=int, default=20)
     parser.add_argument("--tcp-nodelay", default="1", choices=["0", "1"])
     parser.add_argument("--targets",
-                        default="receiver,receiver_nofsync,storescp,orthanc,pynetdicom_null")
+                        default="receiver,receiver_read_at_once,receiver_nofsync,storescp,"
+                                "orthanc,pynetdicom_null")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     if shutil.which("storescu") is None:
@@ -301,6 +304,10 @@ def main() -> None:
                 if name == "receiver":
                     runs[name].append(run_receiver(files, study, scratch, args.tcp_nodelay,
                                                    scoped))
+                elif name == "receiver_read_at_once":
+                    runs[name].append(run_receiver(
+                        files, study, scratch, args.tcp_nodelay,
+                        {**scoped, "TRIAGE__DICOM__DEFER_READING_SECONDS": "0"}))
                 elif name == "receiver_nofsync":
                     runs[name].append(run_receiver(
                         files, study, scratch, args.tcp_nodelay,

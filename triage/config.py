@@ -125,6 +125,9 @@ class DicomSettings(_Section):
     # How long a C-STORE may wait for the database before it answers "out of resources"
     # (the sender retries later) instead of holding the association.
     store_timeout_seconds: float = Field(30.0, gt=0, le=600)
+    # While a sender is mid-association, what it sent waits (at most this long) before it
+    # is read, so that reading does not slow the sender down; 0 reads at once.
+    defer_reading_seconds: float = Field(5.0, ge=0, le=300)
 
     @field_validator("ae_title")
     @classmethod

@@ -53,6 +53,7 @@ _ERROR_BACKOFF_SECONDS = 5.0
 _STALE_AFTER_SECONDS = 60.0
 _COVERAGE_CHECK_SECONDS = 5.0
 _RETRAIN_CHECK_SECONDS = 5.0
+_SENDING_GAP_SECONDS = 0.25
 
 
 class AlreadyRunning(TriageError):
@@ -236,8 +237,9 @@ class Daemon:
         while not self._stop.is_set():
             self._beat("ingest")
             try:
-                while ingestor.ingest_received() and not self._stop.is_set():
-                    self._beat("ingest")  # network arrivals first: their senders wait
+                while (not self._sender_waiting(db) and ingestor.ingest_received()
+                       and not self._stop.is_set()):
+                    self._beat("ingest")
                 while not self._sent.empty():
                     sent.append(self._sent.get())
                 completed = False
@@ -273,6 +275,22 @@ class Daemon:
                 continue
             watcher.wait(_IDLE_SECONDS)
         db.close()
+
+    def _sender_waiting(self, db) -> bool:  # type: ignore[no-untyped-def]
+        """True while a DICOM sender is sending (a C-STORE answered within the last
+        _SENDING_GAP_SECONDS of an open association) and the oldest unread arrival is
+        younger than ``dicom.defer_reading_seconds``: reading now would take CPU and the
+        GIL from the association thread the sender waits on. Measured on 2 cores: 500 CT
+        instances are received ~35 % faster, and decided ~2.5 s later (bench/network_ingest.py).
+        """
+        defer = self.settings.dicom.defer_reading_seconds
+        receiver = self._receiver
+        if (not defer or receiver is None
+                or time.monotonic() - receiver.last_store_at > _SENDING_GAP_SECONDS):
+            return False
+        oldest = db.execute("SELECT MIN(received_at) FROM files WHERE state = 'received'"
+                            ).fetchone()[0]
+        return oldest is not None and time.time() - oldest < defer
 
     def _disk_low(self) -> bool:
         """Back-pressure: below ``ingest.min_free_bytes`` new files wait in the inbox.

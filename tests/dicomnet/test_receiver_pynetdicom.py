@@ -254,3 +254,40 @@ def test_a_dicom_port_in_use_stops_serve_with_one_line(tmp_path: Path) -> None:
     last = result.stderr.strip().splitlines()[-1]
     assert last == f"triage: dicom.host '127.0.0.1', dicom.port {port}: address already in use"
     assert "Traceback" not in result.stderr
+
+
+def test_reading_waits_while_a_sender_sends_but_never_longer_than_the_bound(
+    tmp_path: Path,
+) -> None:
+    """dicom.defer_reading_seconds: instances of an association still sending stay
+    `received` (the sender is not slowed by reading), but a sender that keeps sending
+    does not hold them back for longer than the bound; the end of the association has
+    them read and the study decided at once."""
+    proc = DicomDaemon(tmp_path / "home", {"TRIAGE__STUDIES__STABLE_AGE_SECONDS": STABLE_AGE,
+                                           "TRIAGE__DICOM__DEFER_READING_SECONDS": "2"}).start()
+    try:
+        study = "2.25.1618033988749894848204586834365638117"
+        assoc = sender("GOODSCU").associate("127.0.0.1", proc.dicom_port, ae_title="TRIAGE")
+        assert assoc.is_established
+        started, number, states_early = time.monotonic(), 0, None
+        while time.monotonic() - started < 5:
+            number += 1
+            assert assoc.send_c_store(ct(study, number, seed=number)).Status == 0x0000
+            if states_early is None and time.monotonic() - started > 1:
+                states_early = {row[0] for row in proc.query("SELECT state FROM files")}
+            time.sleep(0.05)
+        read_while_sending = proc.query(
+            "SELECT COUNT(*) FROM files WHERE state = 'archived'")[0][0]
+        assoc.release()
+        released = time.time()
+        assert states_early == {"received"}  # nothing read in the first second of sending
+        assert read_while_sending > 0  # ...but not held back for the whole association
+        decided_at = wait_until(lambda: proc.query(
+            "SELECT MIN(decisions.created_at) FROM decisions JOIN studies "
+            "ON studies.id = decisions.study_id WHERE study_uid = ?", [study])[0][0],
+            20, "the study's decision")
+        assert decided_at - released < 10
+        assert proc.query("SELECT COUNT(*) FROM files WHERE state = 'archived'"
+                          )[0][0] == number
+    finally:
+        proc.stop(signal.SIGKILL)

@@ -217,6 +217,10 @@ class DicomReceiver:
         ae.network_timeout = s.network_timeout_seconds
         return ae
 
+    last_store_at: float = 0.0
+    """time.monotonic() of the last C-STORE answered while an association is open; 0 when
+    none is (the ingest loop defers reading while a sender is sending, see daemon.py)."""
+
     @property
     def port(self) -> int | None:
         """The port bound by :meth:`start` (None before it and after :meth:`stop`)."""
@@ -366,6 +370,8 @@ class DicomReceiver:
         """Exactly once per accepted association: count it and hand its files over."""
         with self._lock:
             record = self._open.pop(assoc, None)
+            if not self._open:
+                self.last_store_at = 0.0  # no sender waits: what arrived is read at once
         if record is None:
             return
         self._metrics.dicom_associations.labels(result=result).inc()
@@ -417,6 +423,7 @@ class DicomReceiver:
                     self._in_flight -= 1
                     self._idle.notify_all()
         seconds = time.perf_counter() - started
+        self.last_store_at = time.monotonic()
         self._metrics.dicom_store_seconds.observe(seconds)
         self._metrics.dicom_instances.labels(status=label).inc()
         answer = Dataset()
