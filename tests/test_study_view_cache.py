@@ -128,6 +128,7 @@ def test_instances_stored_before_the_cache_are_read_once_then_served_from_it(
     # take the store back to schema 7 (instances without a copy of their header), then
     # let it migrate again, as a store written by the previous version is upgraded
     # (the columns of the later steps go too: 9 the files' origin, 10 the scope reason)
+    home.db.execute("DROP INDEX files_origin")
     for table, column in [*(("instances", c) for c in CACHE_COLUMNS), ("files", "origin"),
                           ("files", "sender"), ("instances", "scope_reason")]:
         home.db.execute(f"ALTER TABLE {table} DROP COLUMN {column}")
