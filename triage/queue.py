@@ -76,16 +76,27 @@ def enqueue(db: sqlite_utils.Database, *, study_id: int, decision_id: int,
     )
 
 
-def release_expired_leases(db: sqlite_utils.Database, now: float) -> list[int]:
+def release_expired_leases(db: sqlite_utils.Database, now: float,
+                           lease_seconds: float | None = None) -> list[int]:
     """Return items whose lease ran out by ``now`` to the queue, each audited
-    (``lease_expired``); the ids of their studies."""
+    (``lease_expired``); the ids of their studies.
+
+    With ``lease_seconds`` (the configured lease), a lease that ends later than a full
+    lease from ``now`` is first cut to end then (event ``queue_leases_shortened``): it was
+    granted before the wall clock stepped back, and would otherwise hold a reader's
+    study, perhaps a dead session's, for the whole step on top of the lease.
+    """
+    horizon = now + lease_seconds if lease_seconds is not None else float("inf")
     due = db.execute(
-        "SELECT 1 FROM queue_items WHERE state = 'claimed' AND lease_expires_at <= ? LIMIT 1",
-        [now],
+        "SELECT 1 FROM queue_items WHERE state = 'claimed' AND (lease_expires_at <= ? "
+        "OR lease_expires_at > ?) LIMIT 1",
+        [now, horizon],
     ).fetchone()
     if due is None:
         return []  # the common case: no write lock taken just to look
     with transaction(db):
+        if lease_seconds is not None:
+            _shorten_leases(db, now, horizon)
         rows = db.execute(
             "SELECT queue_items.id, study_id, tokens.name, tokens.role FROM queue_items "
             "LEFT JOIN tokens ON tokens.id = claimed_by "
@@ -99,6 +110,26 @@ def release_expired_leases(db: sqlite_utils.Database, now: float) -> list[int]:
             audit.record(db, actor=name or "?", role=role, action="lease_expired",
                          study_id=study_id)
     return [int(row[1]) for row in rows]
+
+
+def _shorten_leases(db: sqlite_utils.Database, now: float, horizon: float) -> None:
+    """Cut leases ending after ``horizon`` to end there (inside the caller's transaction;
+    logged, as the reader keeps the claim); a claim time in the future becomes ``now``,
+    so time spent is never negative."""
+    rows = db.execute(
+        "SELECT id, study_id, lease_expires_at FROM queue_items "
+        "WHERE state = 'claimed' AND lease_expires_at > ?", [horizon],
+    ).fetchall()
+    for item_id, _, _ in rows:
+        db.execute(
+            "UPDATE queue_items SET lease_expires_at = ?, claimed_at = MIN(claimed_at, ?) "
+            "WHERE id = ?", [horizon, now, item_id],
+        )
+    if rows:
+        event(log, "queue_leases_shortened", logging.WARNING, items=len(rows),
+              study_ids=[int(row[1]) for row in rows],
+              by_seconds=round(max(row[2] for row in rows) - horizon, 1),
+              why="wall clock went back")
 
 
 def recover_leases(db: sqlite_utils.Database, now: float) -> int:
@@ -125,8 +156,9 @@ class ReviewQueue:
         self._clock = clock
 
     def expire_leases(self) -> int:
-        """Return items whose lease ran out to the queue; audit each."""
-        return len(release_expired_leases(self._db, self._clock()))
+        """Return items whose lease ran out to the queue; audit each. A lease longer than
+        a full one from now (the clock went back) is cut first."""
+        return len(release_expired_leases(self._db, self._clock(), self._lease))
 
     def list(self, *, state: str | None = None, reason: str | None = None,
              limit: int = 200) -> list[dict[str, Any]]:

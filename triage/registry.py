@@ -17,6 +17,7 @@ forth), and the most recently promoted ``retired`` version serves again.
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import math
 import shutil
@@ -36,6 +37,9 @@ from triage.model.checkpoint import FORMAT, Checkpoint, load_checkpoint
 from triage.model.settings import ModelSettings
 
 CHECKPOINT_NAME = "checkpoint.pt"
+DIGEST_SUFFIX = ".sha256"
+"""``<checkpoint>.sha256``: the file's SHA-256 when it was added, checked at every load
+(torch reads a checkpoint with a flipped byte in its weights without complaint)."""
 
 
 class ModelError(TriageError):
@@ -114,6 +118,38 @@ def promotion_decision(
     return False, f"validation AUROC {auroc:.4f} < serving {float(best):.4f} {slack}"
 
 
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _verify_digest(version: str, path: Path) -> None:
+    """Refuse a checkpoint whose bytes changed since it was added (versions added before
+    digests were kept have none and are not checked; a missing file is left to the
+    loader, which names it)."""
+    try:
+        expected = path.with_name(path.name + DIGEST_SUFFIX).read_text().strip()
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise ModelError(f"model {version} cannot be used: its checksum file cannot be "
+                         f"read ({exc.strerror or type(exc).__name__})") from None
+    try:
+        actual = _sha256(path)
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise ModelError(f"model {version} cannot be used: checkpoint cannot be read "
+                         f"({exc.strerror or type(exc).__name__})") from None
+    if actual != expected:
+        raise ModelError(f"model {version} cannot be used: checkpoint is corrupt or "
+                         "unreadable (its SHA-256 differs from the one recorded when it "
+                         "was added)")
+
+
 def _finite(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
@@ -168,13 +204,15 @@ class ModelRegistry:
         return self._row(rows[0]) if rows else None
 
     def load(self, version: str) -> Checkpoint:
-        """Load a version's checkpoint, checked against the configured model settings."""
+        """Load a version's checkpoint, checked against the configured model settings and
+        against the SHA-256 recorded when it was added (:data:`DIGEST_SUFFIX`)."""
         entry = self.get(version)
         try:
             checkpoint = load_checkpoint(entry.path, expected=self._settings)
             checkpoint.operating_point  # noqa: B018 - a bad one would fail every study
         except (ValueError, FileNotFoundError) as exc:
             raise ModelError(f"model {version} cannot be used: {exc}") from None
+        _verify_digest(version, entry.path)  # what loads may still have damaged weights
         return checkpoint
 
     def add(
@@ -200,6 +238,9 @@ class ModelRegistry:
         folder.mkdir(parents=True, exist_ok=False)
         partial = folder / (CHECKPOINT_NAME + ".partial")
         shutil.copyfile(checkpoint_file, partial)
+        digest = folder / (CHECKPOINT_NAME + DIGEST_SUFFIX + ".partial")
+        digest.write_text(_sha256(partial) + "\n")
+        digest.replace(folder / (CHECKPOINT_NAME + DIGEST_SUFFIX))
         partial.replace(folder / CHECKPOINT_NAME)
         with transaction(self._db):
             self._db.execute(

@@ -91,6 +91,8 @@ class RetrainScheduler:
         try:
             dead = reap_dead_runs(db, self._clock())
             orphans = reject_orphaned_candidates(db)
+            ended = {int(run_id) for (run_id,) in db.execute(
+                "SELECT id FROM retrain_runs WHERE state != 'running'").fetchall()}
         finally:
             db.close()
         for run_id in dead:
@@ -99,7 +101,36 @@ class RetrainScheduler:
         for version, run_id in orphans:
             event(log, "retrain_candidate_orphaned", logging.WARNING, version=version,
                   run_id=run_id, recovered="rejected")
+        removed = self._remove_leftovers(ended)
+        if removed:
+            event(log, "retrain_leftovers_removed", logging.WARNING, runs=removed)
         return dead
+
+    def _remove_leftovers(self, ended: set[int]) -> list[int]:
+        """Delete what workers killed by SIGKILL left behind, for runs that ended: the
+        candidate checkpoint written before registration (`models/.retrain-N.pt`, and
+        the `.partial` it is written through) and the settings file
+        (`retrain/run-N.json`). A worker that ends by itself removes them, one killed
+        cannot (during the re-scoring after a promotion, the run has already ended).
+        Returns the runs whose files were removed."""
+        models = self._settings.path("models")
+        found = [*models.glob(".retrain-*.pt"), *models.glob(".retrain-*.pt.partial"),
+                 *(self._settings.home / "retrain").glob("run-*.json")]
+        removed: set[int] = set()
+        for path in found:
+            digits = path.name.removeprefix(".retrain-").removeprefix("run-").split(".")[0]
+            if not digits.isdigit() or int(digits) not in ended:
+                continue  # a running run's (or not ours)
+            try:
+                path.unlink()
+                removed.add(int(digits))
+            except FileNotFoundError:
+                pass  # its worker removed it meanwhile
+            except OSError as exc:
+                event(log, "retrain_leftover_not_removed", logging.WARNING,
+                      run_id=int(digits), file=path.name,
+                      error=exc.strerror or type(exc).__name__)
+        return sorted(removed)
 
     def due(self, now: float | None = None) -> str | None:
         """The trigger that is due now (`labels` or `schedule`), or None.
