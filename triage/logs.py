@@ -40,6 +40,10 @@ class JsonFormatter(logging.Formatter):
 
 def setup_logging(level: str, log_dir: Path | None, max_bytes: int, backups: int) -> None:
     """Send the ``triage`` loggers (and uvicorn's) to stderr and ``log_dir/triage.log``."""
+    # A record that cannot be written (disk full under the log file or the redirected
+    # stderr) is dropped: by default logging prints a traceback for each one instead,
+    # quoting the record, to the very stream that failed.
+    logging.raiseExceptions = False
     formatter = JsonFormatter()
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
     if log_dir is not None:
