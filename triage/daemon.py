@@ -201,7 +201,7 @@ class Daemon:
         (event `queue_leases_recovered`), so no study stays held by a dead session."""
         db = store.connect(self.db_path)
         try:
-            recover_leases(db, time.time())
+            recover_leases(db, time.time(), self.settings.review.lease_minutes * 60)
         finally:
             db.close()
 

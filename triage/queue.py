@@ -132,12 +132,14 @@ def _shorten_leases(db: sqlite_utils.Database, now: float, horizon: float) -> No
               why="wall clock went back")
 
 
-def recover_leases(db: sqlite_utils.Database, now: float) -> int:
+def recover_leases(db: sqlite_utils.Database, now: float, lease_seconds: float) -> int:
     """Start-up: claims whose lease ran out while the daemon was down (a reader who
     closed the browser mid-study, a crash between claim and label) go back to the queue
     at once, with an event, instead of waiting for the next queue request to notice.
-    Live leases are kept: their reader may still label."""
-    study_ids = release_expired_leases(db, now)
+    Live leases are kept: their reader may still label. A lease ending later than
+    ``lease_seconds`` from now (granted before the wall clock stepped back) is cut to
+    that first, as :func:`release_expired_leases` does."""
+    study_ids = release_expired_leases(db, now, lease_seconds)
     if study_ids:
         event(log, "queue_leases_recovered", logging.WARNING, items=len(study_ids),
               study_ids=study_ids)

@@ -167,7 +167,8 @@ class ServingLoader:
             return self._model[1]
         failed = self._failed.get(version)
         now = self._clock()
-        if failed is not None and now < failed[0]:
+        # wait out RETRY_SECONDS, but not a backward step of the wall clock on top
+        if failed is not None and now < failed[0] <= now + RETRY_SECONDS:
             return None
         try:
             checkpoint = self._registry.load(version)

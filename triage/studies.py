@@ -26,6 +26,10 @@ from triage.preprocess import from_storage
 
 log = logging.getLogger("triage.studies")
 
+CLOCK_TOLERANCE_SECONDS = 1.0
+"""How far in the future an open study's last instance time may lie before
+:meth:`StudyAssembler.complete_due` takes it for a backward step of the wall clock."""
+
 
 class StudyAssembler:
     """Marks quiet open studies complete, in the order they became quiet."""
@@ -43,8 +47,27 @@ class StudyAssembler:
         self._clock = clock
 
     def complete_due(self) -> list[int]:
-        """Complete every open study quiet for the stable age; return their ids."""
-        cutoff = self._clock() - self._stable_age
+        """Complete every open study quiet for the stable age; return their ids.
+
+        An open study whose last instance is stamped later than now (the wall clock
+        stepped back since, as an NTP step does) is re-stamped now first, so it waits
+        one stable age from here instead of the whole size of the step.
+        """
+        now = self._clock()
+        if self._db.execute(
+            "SELECT 1 FROM studies WHERE state = 'open' AND last_instance_at > ? LIMIT 1",
+            [now + CLOCK_TOLERANCE_SECONDS],
+        ).fetchone():
+            with transaction(self._db):
+                ahead = self._db.execute(
+                    "SELECT COUNT(*), MAX(last_instance_at) FROM studies "
+                    "WHERE state = 'open' AND last_instance_at > ?", [now]).fetchone()
+                self._db.execute(
+                    "UPDATE studies SET last_instance_at = ? "
+                    "WHERE state = 'open' AND last_instance_at > ?", [now, now])
+            event(log, "studies_restamped_clock_behind", logging.WARNING,
+                  studies=ahead[0], seconds_behind=round((ahead[1] or now) - now, 1))
+        cutoff = now - self._stable_age
         return self._complete(
             "state = 'open' AND last_instance_at <= ? ORDER BY last_instance_at, id", [cutoff],
             trigger="stable_age",

@@ -139,6 +139,22 @@ def test_when_no_promoted_version_loads_studies_wait_then_are_scored(
     assert home.prometheus.get_sample_value("triage_serving_model_ok") == 1
 
 
+def test_a_model_load_is_retried_after_the_wall_clock_stepped_back(tmp_path: Path) -> None:
+    """A failed load is retried RETRY_SECONDS later; a backward step of the wall clock
+    must not add its size to that wait while studies wait for a model."""
+    home = Home(tmp_path, exploration_rate=0.0)
+    version = home.promote(seed=1)
+    good = _corrupt(_checkpoint(home, version))
+    worker = ScoringWorker(home.db, home.scorer(), home.metrics, clock=lambda: home.now)
+    study = home.add_study()
+    assert worker.run_once() == study
+    assert home.db.execute("SELECT state FROM studies").fetchone() == ("waiting_model",)
+    _checkpoint(home, version).write_bytes(good)  # the operator restores the file...
+    home.now -= 3600  # ...and NTP steps the clock back an hour
+    assert worker.run_once() == study
+    assert home.db.execute("SELECT state FROM studies").fetchone() == ("scored",)
+
+
 def _offset_run(home: Home, *, restart: bool) -> tuple[list[tuple[str, int]], int]:
     """Score, route three coverage queries, (restart,) score on; decisions after."""
     home.promote(seed=1)

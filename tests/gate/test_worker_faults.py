@@ -229,3 +229,20 @@ def test_a_late_instance_gives_a_study_left_for_an_operator_a_new_retry_schedule
     home.now += 60
     assert worker.run_once() == bad  # ...and retried on the schedule again
     assert home.study(bad)[0::2] == ("error", 2)
+
+
+def test_a_failed_study_is_retried_after_the_wall_clock_stepped_back(tmp_path: Path) -> None:
+    """The backoff counts from the failed try's wall-clock time: after NTP steps the clock
+    back an hour, the study must not wait the hour on top of its 60 s."""
+    home = Pipeline(tmp_path / "home")
+    bad = home.receive("2.25.7401", images=1)
+    home.corrupt_one_image(bad)
+    worker = home.worker()
+    assert worker.run_once() == bad and home.study(bad)[0::2] == ("error", 1)
+    home.now -= 3600
+    assert worker.run_once() == bad
+    assert home.study(bad)[0::2] == ("error", 2)
+    home.now += 299  # the next wait (300 s) counts from this try, on the stepped clock
+    assert worker.run_once() is None
+    home.now += 1
+    assert worker.run_once() == bad

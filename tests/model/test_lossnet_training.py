@@ -119,3 +119,18 @@ def test_fit_rejects_bad_data(images, labels, match):
 def test_odd_batch_size_rejected():
     with pytest.raises(ValueError, match="batch_size"):
         TrainSettings(batch_size=33)
+
+
+@pytest.mark.parametrize("num_images", [2, 4, 6, 8, 16, 18])
+def test_fit_runs_any_short_one_cycle_schedule(num_images):
+    """A retrain on a handful of labels plans only a few optimiser steps; the one-cycle
+    schedule must not divide by a zero-length warm-up (4 steps crashed a real run)."""
+    torch.manual_seed(0)
+    net = build_network(TINY)
+    lossnet = build_loss_predictor(TINY)
+    images = torch.rand(num_images, 1, 16, 16)
+    labels = torch.arange(num_images) % 2
+    settings = TrainSettings(epochs=1, min_steps=0, batch_size=2)
+    history = fit(net, lossnet, images, labels, settings)
+    assert len(history.epochs) == 1
+    assert np.isfinite(history.last["loss"])

@@ -24,7 +24,7 @@ from triage.errors import TriageError
 from triage.logs import event
 from triage.metrics import Metrics
 from triage.queue import enqueue
-from triage.studies import load_study_images
+from triage.studies import CLOCK_TOLERANCE_SECONDS, load_study_images
 
 log = logging.getLogger("triage.scoring")
 
@@ -253,20 +253,24 @@ class ScoringWorker:
     def _retry_errors(self) -> int:
         """``error`` studies whose backoff has passed go back to ``complete``.
 
-        The wait is counted from the study's last result (the failed try, stored with it),
+        The wait is counted from the study's last result (the failed try, stored with it;
+        the last written, not the latest stamped, as the wall clock may step back),
         so no column is needed and a restart keeps the schedule. A study keeps its
         completion time, so it is tried before newer ones; its ``round`` is unchanged
         (the same instances are tried again).
         """
         rows = self._db.execute(
-            "SELECT id, error_count, (SELECT MAX(created_at) FROM study_results "
-            "WHERE study_results.study_id = studies.id) FROM studies "
+            "SELECT id, error_count, (SELECT created_at FROM study_results "
+            "WHERE study_results.study_id = studies.id ORDER BY id DESC LIMIT 1) FROM studies "
             "WHERE state = 'error' AND error_count BETWEEN 1 AND ?",
             [len(self._retry_waits)],
         ).fetchall()  # the usual case: none, and no write lock taken
         now = self._clock()
+        # a failure stamped in the future: the wall clock stepped back since; try now
+        # rather than wait out the step on top of the backoff
         due = [(int(study_id), int(count)) for study_id, count, failed_at in rows
-               if failed_at is None or now >= failed_at + self._retry_waits[count - 1]]
+               if failed_at is None or now >= failed_at + self._retry_waits[count - 1]
+               or failed_at > now + CLOCK_TOLERANCE_SECONDS]
         if not due:
             return 0
         retried = []

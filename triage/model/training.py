@@ -139,8 +139,12 @@ def _scheduler(optimiser: torch.optim.Optimizer, settings: TrainSettings, total_
                ) -> torch.optim.lr_scheduler.LRScheduler | None:
     if settings.schedule == "constant":
         return None
+    # OneCycleLR divides by the length of its warm-up phase, pct_start * total_steps - 1
+    # steps: zero at 4 steps (a retrain on a handful of labels crashed on it), negative
+    # below. At least 8 planned steps keep both phases at least one step long; a shorter
+    # run just stops before the end of its schedule.
     return torch.optim.lr_scheduler.OneCycleLR(
-        optimiser, max_lr=settings.learning_rate, total_steps=max(total_steps, 2),
+        optimiser, max_lr=settings.learning_rate, total_steps=max(total_steps, 8),
         pct_start=0.25, anneal_strategy="cos", div_factor=10.0, final_div_factor=100.0,
     )
 
