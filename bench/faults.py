@@ -1359,43 +1359,60 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown scenario(s): {', '.join(unknown)}")
     started = time.time()
-    results = []
-    for name in names:
-        result = run_scenario(name, args.trials, args.seed)
-        results.append(result)
-        print(json.dumps({k: result[k] for k in ("name", "trials", "lost", "duplicated",
-                                                  "stuck", "flooded", "other", "seconds")}),
-              file=sys.stderr, flush=True)
-    report = {
-        "scenarios": results,
-        "command": "bench/faults.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
-        "seconds": round(time.time() - started, 1),
-        "seed": args.seed,
-        "machine": _machine(),
-        "definitions": {
-            "lost": "a dropped file with no row or no final state; a stored file gone or "
-                    "changed (not the one damaged on purpose); a routed study without its "
-                    "queue item; an acknowledged label not stored; no serving version "
-                    "after a promotion",
-            "duplicated": "two rows for one inbox file; a final file still in the inbox; "
-                          "two instances of one SOP UID; both copies of a resend archived; "
-                          "a study round decided twice; two serving models; two current "
-                          "labels of a study; a second label accepted",
-            "stuck": "after settling: a file in the inbox or in flight; a study open, "
-                     "complete or scoring; waiting_model while a version loads; an error "
-                     "study without reason or with an overdue retry; a running retrain "
-                     "without its process; a candidate of an ended run; a lease longer "
-                     "than the daemon grants",
-            "flooded": "per trial, queue items routed beyond label_rate x decisions + "
-                       "3 sigma + 2, or routed cold_start after a promotion",
-            "other": "any other broken invariant, listed in details",
-        },
-    }
+    results: list[dict] = []
+    command = "bench/faults.py " + " ".join(argv if argv is not None else sys.argv[1:])
+
+    def report(complete: bool) -> dict:
+        return {
+            "scenarios": results,
+            "complete": complete,  # False: written after each scenario of a run under way
+            "command": command,
+            "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
+            "seconds": round(time.time() - started, 1),
+            "seed": args.seed,
+            "machine": _machine(),
+            "definitions": DEFINITIONS,
+        }
+
+    def on_sigterm(signum: int, frame: object) -> None:
+        raise SystemExit(128 + signum)  # unwinds: daemons killed, tmpfs unmounted
+
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
-    print(json.dumps(report, indent=2))
+    try:
+        for name in names:
+            result = run_scenario(name, args.trials, args.seed)
+            results.append(result)
+            print(json.dumps({k: result[k] for k in ("name", "trials", "lost", "duplicated",
+                                                      "stuck", "flooded", "other", "seconds")}),
+                  file=sys.stderr, flush=True)
+            if len(results) < len(names):  # a run killed midway keeps what it measured
+                args.out.write_text(json.dumps(report(False), indent=2) + "\n")
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    final = report(True)
+    args.out.write_text(json.dumps(final, indent=2) + "\n")
+    print(json.dumps(final, indent=2))
     return 0 if all(sum(r[k] for k in (*KINDS, "flooded")) == 0 for r in results) else 1
+
+
+DEFINITIONS = {
+    "lost": "a dropped file with no row or no final state; a stored file gone or changed "
+            "(not the one damaged on purpose); a routed study without its queue item; an "
+            "acknowledged label not stored; no serving version after a promotion",
+    "duplicated": "two rows for one inbox file; a final file still in the inbox; two "
+                  "instances of one SOP UID; both copies of a resend archived; a study round "
+                  "decided twice; two serving models; two current labels of a study; a "
+                  "second label accepted",
+    "stuck": "after settling: a file in the inbox or in flight; a study open, complete or "
+             "scoring; waiting_model while a version loads; an error study without reason "
+             "or with an overdue retry; a running retrain without its process; a candidate "
+             "of an ended run; a lease longer than the daemon grants",
+    "flooded": "per trial, queue items routed beyond label_rate x decisions + 3 sigma + 2, "
+               "or routed cold_start after a promotion",
+    "other": "any other broken invariant (a retrain run crashed, temporary files left, "
+             "tracebacks...), listed in details",
+}
 
 
 if __name__ == "__main__":
