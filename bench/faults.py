@@ -1346,6 +1346,25 @@ def _machine() -> dict:
             "root": os.geteuid() == 0}
 
 
+DEFINITIONS = {
+    "lost": "a dropped file with no row or no final state; a stored file gone or changed "
+            "(not the one damaged on purpose); a routed study without its queue item; an "
+            "acknowledged label not stored; no serving version after a promotion",
+    "duplicated": "two rows for one inbox file; a final file still in the inbox; two "
+                  "instances of one SOP UID; both copies of a resend archived; a study round "
+                  "decided twice; two serving models; two current labels of a study; a "
+                  "second label accepted",
+    "stuck": "after settling: a file in the inbox or in flight; a study open, complete or "
+             "scoring; waiting_model while a version loads; an error study without reason "
+             "or with an overdue retry; a running retrain without its process; a candidate "
+             "of an ended run; a lease longer than the daemon grants",
+    "flooded": "per trial, queue items routed beyond label_rate x decisions + 3 sigma + 2, "
+               "or routed cold_start after a promotion",
+    "other": "any other broken invariant (a retrain run crashed, temporary files left, "
+             "tracebacks...), listed in details",
+}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--trials", type=int, default=20, help="trials per scenario")
@@ -1394,25 +1413,6 @@ def main(argv: list[str] | None = None) -> int:
     args.out.write_text(json.dumps(final, indent=2) + "\n")
     print(json.dumps(final, indent=2))
     return 0 if all(sum(r[k] for k in (*KINDS, "flooded")) == 0 for r in results) else 1
-
-
-DEFINITIONS = {
-    "lost": "a dropped file with no row or no final state; a stored file gone or changed "
-            "(not the one damaged on purpose); a routed study without its queue item; an "
-            "acknowledged label not stored; no serving version after a promotion",
-    "duplicated": "two rows for one inbox file; a final file still in the inbox; two "
-                  "instances of one SOP UID; both copies of a resend archived; a study round "
-                  "decided twice; two serving models; two current labels of a study; a "
-                  "second label accepted",
-    "stuck": "after settling: a file in the inbox or in flight; a study open, complete or "
-             "scoring; waiting_model while a version loads; an error study without reason "
-             "or with an overdue retry; a running retrain without its process; a candidate "
-             "of an ended run; a lease longer than the daemon grants",
-    "flooded": "per trial, queue items routed beyond label_rate x decisions + 3 sigma + 2, "
-               "or routed cold_start after a promotion",
-    "other": "any other broken invariant (a retrain run crashed, temporary files left, "
-             "tracebacks...), listed in details",
-}
 
 
 if __name__ == "__main__":

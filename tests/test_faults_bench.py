@@ -162,6 +162,20 @@ def test_a_cold_start_flood_after_a_promotion_is_counted(tmp_path: Path) -> None
     assert fine.flooded == 0
 
 
+def _claimed_study(db, clock) -> tuple[ReviewQueue, int]:
+    """A routed study claimed by a reader at ``clock()`` with a 900 s lease; the queue
+    (on that clock) and the study's id."""
+    study = _study(db, "2.25.9", "scored", clock())
+    enqueue(db, study_id=study, decision_id=_decide(db, study, "uncertainty", True, clock()),
+            reason="uncertainty", combined=0.5, now=clock())
+    token = db.execute("INSERT INTO tokens (name, role, token_hash, created_at) VALUES "
+                       "('a', 'radiologist', 'h', 0)").lastrowid
+    queue = ReviewQueue(db, lease_seconds=900, audit_every=5, labels=["normal", "pneumonia"],
+                        clock=clock)
+    assert queue.claim_next(Principal(int(token), "a", "radiologist"), None).study_id == study
+    return queue, study
+
+
 # -- product fixes the bench led to (each test fails without its fix) ----------------------
 
 
@@ -171,15 +185,7 @@ def test_a_lease_granted_before_the_clock_stepped_back_is_cut_to_one_lease(
     held the study for the hour plus the lease (a dead session's study, unreachable)."""
     _, db = _home(tmp_path)
     clock = [1_000_000.0]
-    study = _study(db, "2.25.9", "scored", clock[0])
-    enqueue(db, study_id=study, decision_id=_decide(db, study, "uncertainty", True, clock[0]),
-            reason="uncertainty", combined=0.5, now=clock[0])
-    token = db.execute("INSERT INTO tokens (name, role, token_hash, created_at) VALUES "
-                       "('a', 'radiologist', 'h', 0)").lastrowid
-    queue = ReviewQueue(db, lease_seconds=900, audit_every=5, labels=["normal", "pneumonia"],
-                        clock=lambda: clock[0])
-    reader = Principal(int(token), "a", "radiologist")
-    assert queue.claim_next(reader, None).study_id == study
+    queue, study = _claimed_study(db, lambda: clock[0])
     clock[0] -= 3600  # NTP steps the clock back an hour
     queue.list()
     expires, claimed = db.execute("SELECT lease_expires_at, claimed_at FROM queue_items"
@@ -197,14 +203,7 @@ def test_a_lease_granted_before_the_clock_stepped_back_is_cut_at_start_up(
     claim for the hour plus the lease: start-up recovery did not cut long leases."""
     home, db = _home(tmp_path)
     now = time.time()
-    study = _study(db, "2.25.9", "scored", now)
-    enqueue(db, study_id=study, decision_id=_decide(db, study, "uncertainty", True, now),
-            reason="uncertainty", combined=0.5, now=now)
-    token = db.execute("INSERT INTO tokens (name, role, token_hash, created_at) VALUES "
-                       "('a', 'radiologist', 'h', 0)").lastrowid
-    queue = ReviewQueue(db, lease_seconds=900, audit_every=5, labels=["normal", "pneumonia"],
-                        clock=lambda: now + 3600)  # claimed before NTP stepped back an hour
-    assert queue.claim_next(Principal(int(token), "a", "radiologist"), None).study_id == study
+    _claimed_study(db, lambda: now + 3600)  # claimed before NTP stepped back an hour
     settings = Settings(home=home, review={"lease_minutes": 15})
     Daemon(settings)._recover_queue()
     (expires,) = db.execute("SELECT lease_expires_at FROM queue_items").fetchone()

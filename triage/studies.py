@@ -54,19 +54,17 @@ class StudyAssembler:
         one stable age from here instead of the whole size of the step.
         """
         now = self._clock()
-        if self._db.execute(
-            "SELECT 1 FROM studies WHERE state = 'open' AND last_instance_at > ? LIMIT 1",
-            [now + CLOCK_TOLERANCE_SECONDS],
-        ).fetchone():
+        ahead, latest = self._db.execute(
+            "SELECT COUNT(*), MAX(last_instance_at) FROM studies "
+            "WHERE state = 'open' AND last_instance_at > ?", [now + CLOCK_TOLERANCE_SECONDS],
+        ).fetchone()  # the usual case: none, and no write lock taken
+        if ahead:
             with transaction(self._db):
-                ahead = self._db.execute(
-                    "SELECT COUNT(*), MAX(last_instance_at) FROM studies "
-                    "WHERE state = 'open' AND last_instance_at > ?", [now]).fetchone()
                 self._db.execute(
                     "UPDATE studies SET last_instance_at = ? "
                     "WHERE state = 'open' AND last_instance_at > ?", [now, now])
             event(log, "studies_restamped_clock_behind", logging.WARNING,
-                  studies=ahead[0], seconds_behind=round((ahead[1] or now) - now, 1))
+                  studies=ahead, seconds_behind=round(latest - now, 1))
         cutoff = now - self._stable_age
         return self._complete(
             "state = 'open' AND last_instance_at <= ? ORDER BY last_instance_at, id", [cutoff],

@@ -24,7 +24,7 @@ from triage.errors import TriageError
 from triage.logs import event
 from triage.metrics import Metrics
 from triage.queue import enqueue
-from triage.studies import CLOCK_TOLERANCE_SECONDS, load_study_images
+from triage.studies import load_study_images
 
 log = logging.getLogger("triage.scoring")
 
@@ -266,11 +266,11 @@ class ScoringWorker:
             [len(self._retry_waits)],
         ).fetchall()  # the usual case: none, and no write lock taken
         now = self._clock()
-        # a failure stamped in the future: the wall clock stepped back since; try now
-        # rather than wait out the step on top of the backoff
+        # a study waits while now lies in [failed try, failed try + wait); a failed try
+        # stamped in the future (the wall clock stepped back since) is not waited out
         due = [(int(study_id), int(count)) for study_id, count, failed_at in rows
-               if failed_at is None or now >= failed_at + self._retry_waits[count - 1]
-               or failed_at > now + CLOCK_TOLERANCE_SECONDS]
+               if failed_at is None
+               or not failed_at <= now < failed_at + self._retry_waits[count - 1]]
         if not due:
             return 0
         retried = []
