@@ -38,11 +38,18 @@ system-deps:
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
 	elif [ -n "$$missing" ]; then echo "not installed:$$missing (tests that need them will skip)"; fi
 
+# Two pytest workers (one test file each at a time, so module fixtures are built once),
+# then the tests marked `serial`, which measure the daemon under a load of their own, alone.
+PYTEST_PARALLEL := $(BIN)/pytest -q -p no:cacheprovider -n 2 --dist loadfile -m "not serial"
+PYTEST_SERIAL   := $(BIN)/pytest -q -p no:cacheprovider -m serial
+
 test: $(STAMP) system-deps
-	$(BIN)/pytest -q
+	$(PYTEST_PARALLEL)
+	$(PYTEST_SERIAL)
 
 test-full: $(STAMP) system-deps
-	TRIAGE_FULL_SCALE=1 $(BIN)/pytest -q
+	TRIAGE_FULL_SCALE=1 $(PYTEST_PARALLEL)
+	TRIAGE_FULL_SCALE=1 $(PYTEST_SERIAL)
 
 bench: $(STAMP)
 	$(BIN)/python bench/ingest.py

@@ -138,6 +138,7 @@ def test_an_aborted_association_completes_what_it_stored(node) -> None:
     assert [e["stored"] for e in ended] == [3]
 
 
+@pytest.mark.serial
 def test_a_burst_of_concurrent_associations(node) -> None:
     """50 senders at once against 8 associations at most: the others are refused as
     busy (transient) and retry, as modalities do; every instance is stored once."""

@@ -85,7 +85,10 @@ def test_fit_learns_and_is_seeded(class_weighted):
     assert torch.equal(weights[0], weights[1])
     first, last = histories[0].epochs[0], histories[0].last
     assert last["ce"] < first["ce"]
-    assert last["val_auroc"] >= 0.95  # (accuracy lags: BatchNorm running stats after 32 steps)
+    # The data are built so that learning is certain: the blob class is separable by mean
+    # brightness alone (0.9998-1.0 over 10 training seeds, 1 and 2 threads). Accuracy is
+    # not asserted: it lags, BatchNorm running stats after 32 steps.
+    assert last["val_auroc"] >= 0.95
     assert [e["detached"] for e in histories[0].epochs] == [0.0, 0.0, 0.0, 1.0]
     assert not net.training and not lossnet.training
 

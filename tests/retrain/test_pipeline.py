@@ -12,6 +12,7 @@ from triage.model.checkpoint import save_checkpoint
 from triage.model.lossnet import build_loss_predictor
 from triage.model.network import build_network
 from triage.model.settings import TrainSettings
+from triage.model.training import classifier_auroc
 from triage.registry import ModelRegistry
 from triage.retrain.dataset import load_split
 from triage.retrain.evaluate import image_logits
@@ -63,7 +64,11 @@ def test_first_model_is_promoted_and_validation_never_trains(tmp_path, pneumonia
     assert summary["validation"]["classes"]["normal"] > 0
     assert all(math.isfinite(metrics[k]) for k in ("auroc", "accuracy", "sensitivity",
                                                    "specificity", "ece"))
-    assert metrics["auroc"] > 0.7 and entry.parent is None
+    assert entry.parent is None
+    # the stored figure is the served network's AUROC on exactly the validation labels
+    val = load_split(st.db, "validation", st.settings.model)
+    probs = torch.softmax(image_logits(_registry(st).load(entry.version).network, val.images), 1)
+    assert metrics["auroc"] == pytest.approx(classifier_auroc(probs, val.labels), abs=1e-9)
     run = last_run(st.db)
     assert run["state"] == "promoted" and run["candidate_version"] == entry.version
     assert run["labels_used"] == 340 and run["progress"] == 1.0

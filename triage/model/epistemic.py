@@ -258,13 +258,39 @@ def fit_epistemic(
         samples: Weight samples T drawn from the posterior.
         seed: Seed of the draws: the same fit gives the same samples.
     """
+    return fit_epistemic_features(
+        net.fc, pooled_features(net, train_images), train_labels,
+        pooled_features(net, validation_images), validation_labels,
+        samples=samples, seed=seed,
+    )  # fmt: skip
+
+
+def fit_epistemic_features(
+    fc: torch.nn.Linear,
+    train_features: torch.Tensor,
+    train_labels: torch.Tensor,
+    validation_features: torch.Tensor,
+    validation_labels: torch.Tensor,
+    *,
+    samples: int = 20,
+    seed: int = 0,
+) -> EpistemicHead:
+    """`fit_epistemic` on pooled features already computed.
+
+    Args:
+        fc: The trained last layer, features [N, F] -> logits [N, C]: the posterior mean.
+        train_features, train_labels: Training features [N, F] and labels [N].
+        validation_features, validation_labels: Held-out features [M, F] and labels [M].
+        samples: Weight samples T drawn from the posterior.
+        seed: Seed of the draws.
+    """
     if samples < 1:
         raise ValueError(f"samples must be >= 1, got {samples}")
-    train_features = pooled_features(net, train_images).double()
-    val_features = pooled_features(net, validation_images).double()
+    train_features = train_features.double()
+    val_features = validation_features.double()
     a_val = _augment(val_features)
     with torch.no_grad():
-        mean = torch.cat([net.fc.weight.T, net.fc.bias[None]], dim=0).double()  # [F+1, C]
+        mean = torch.cat([fc.weight.T, fc.bias[None]], dim=0).double()  # [F+1, C]
         hessian = _ggn(mean, _augment(train_features))
         eye = torch.eye(hessian.shape[0], dtype=hessian.dtype)
         best: tuple[float, float, torch.Tensor] | None = None
