@@ -43,7 +43,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from triage.config import load_settings  # noqa: E402
+from triage.config import load_settings, override_environ  # noqa: E402
 from triage.datasets import (  # noqa: E402
     find_data_dir,
     images_to_tensor,
@@ -56,7 +56,6 @@ from triage.replay.lockstep import Data, RunSpec, run_one  # noqa: E402
 RESULTS = REPO / "bench" / "results"
 OUT = RESULTS / "label_efficiency.json"
 CACHE = RESULTS / "label_efficiency.runs.jsonl"
-PLOT = RESULTS / "label_efficiency.png"
 README = REPO / "README.md"
 MARK_START, MARK_END = "<!-- label-efficiency:start -->", "<!-- label-efficiency:end -->"
 BUDGETS = (0.05, 0.10, 0.20)
@@ -99,14 +98,24 @@ def load_data() -> Data:
     return _DATA
 
 
+def base_settings(spec: RunSpec):
+    """config.yaml with the run's `--set` overrides (validated like the daemon's)."""
+    return load_settings(REPO / "config.yaml", environ=override_environ(spec.overrides))
+
+
 def _run(spec: RunSpec) -> dict[str, Any]:
-    base = load_settings(REPO / "config.yaml", environ={})
-    return run_one(base, load_data(), spec)
+    return run_one(base_settings(spec), load_data(), spec)
+
+
+def arm(run: dict[str, Any]) -> str:
+    """The arm a run belongs to: its strategy, and its `--set` overrides if any."""
+    overrides = run.get("overrides") or []
+    return run["strategy"] + (f" [{', '.join(overrides)}]" if overrides else "")
 
 
 def _key(run: dict[str, Any]) -> tuple:
     return (run["stream"], float(run["budget"]), run["strategy"], int(run["seed"]),
-            float(run.get("noise", 0.0)), run.get("length"))
+            float(run.get("noise", 0.0)), run.get("length"), tuple(run.get("overrides") or ()))
 
 
 def _t95(df: int) -> float:
@@ -129,11 +138,12 @@ def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Per (stream, budget, strategy): means and the paired difference against random."""
     groups: dict[tuple, dict[int, dict[str, Any]]] = {}
     for run in runs:
-        key = (run["stream"], float(run["budget"]), run["strategy"], float(run.get("noise", 0)))
+        key = (run["stream"], float(run["budget"]), arm(run), float(run.get("noise", 0)))
         groups.setdefault(key, {})[int(run["seed"])] = run
     rows = []
     for (stream, budget, strategy, noise), by_seed in sorted(groups.items()):
-        random_runs = groups.get((stream, budget, "random", noise), {})
+        suffix = strategy[len(strategy.split(" [")[0]):]  # the arm's overrides, if any
+        random_runs = groups.get((stream, budget, "random" + suffix, noise), {})
         row: dict[str, Any] = {"stream": stream, "budget": budget, "strategy": strategy,
                                "noise": noise, "seeds": sorted(by_seed)}
         for metric in ("holdout_auroc", "holdout_accuracy", "fresh_holdout_auroc", "labels",
@@ -143,12 +153,19 @@ def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 row[metric] = round(statistics.fmean(values), 4)
                 row[metric + "_sd"] = round(statistics.stdev(values), 4) if len(values) > 1 \
                     else None
-        bases = {"random": random_runs} if strategy != "random" else {}
-        if "+" in strategy:  # an ablation: also against the configuration it changes
-            base = strategy.split("+")[0]
-            bases["base"] = groups.get((stream, budget, base, noise), {})
+        bases = {"random": random_runs} if not strategy.startswith("random ") and \
+            strategy != "random" else {}
+        name = strategy.split(" [")[0]
+        if "+" in name or suffix:  # an ablation: also against the configuration it changes
+            bases["base"] = groups.get((stream, budget, name.split("+")[0], noise), {})
+        if "+" in name and not name.startswith("random"):  # and random with the same change
+            variant = name.split("+", 1)[1]
+            same = groups.get((stream, budget, f"random+{variant}{suffix}", noise))
+            if same:
+                bases["random_same"] = same
         for name, others in bases.items():
-            for metric in ("holdout_auroc", "fresh_holdout_auroc", "holdout_accuracy"):
+            for metric in ("holdout_auroc", "fresh_holdout_auroc", "holdout_accuracy",
+                           "served_minus_fresh"):
                 diffs = [by_seed[s][metric] - others[s][metric] for s in by_seed
                          if s in others and by_seed[s].get(metric) is not None
                          and others[s].get(metric) is not None]
@@ -261,10 +278,17 @@ def plot(runs: list[dict[str, Any]], summary: list[dict[str, Any]], path: Path) 
     fig.savefig(path, dpi=110)
 
 
-def _load_cache() -> dict[tuple, dict[str, Any]]:
+def _cache_path(tag: str | None) -> Path:
+    """Where a grid stores its runs: its own file per `--tag`, so a tagged grid measures
+    its arms on this machine instead of reusing runs stored elsewhere."""
+    return CACHE if not tag else RESULTS / f"label_efficiency.{tag}.runs.jsonl"
+
+
+def _load_cache(tag: str | None = None) -> dict[tuple, dict[str, Any]]:
     out = {}
-    if CACHE.is_file():
-        for line in CACHE.read_text().splitlines():
+    path = _cache_path(tag)
+    if path.is_file():
+        for line in path.read_text().splitlines():
             if line.strip():
                 run = json.loads(line)
                 out[_key(run)] = run
@@ -287,15 +311,20 @@ def _meta(runs: list[dict[str, Any]], command: str) -> dict[str, Any]:
     }
 
 
-def write_outputs(runs: list[dict[str, Any]], command: str, readme: bool) -> dict[str, Any]:
+def write_outputs(runs: list[dict[str, Any]], command: str, readme: bool,
+                  tag: str | None = None) -> dict[str, Any]:
+    """JSON, plot and table of `runs`: `label_efficiency.*`, or `label_efficiency.<tag>.*`
+    for a grid of other arms (never the README table)."""
     summary = summarize(runs)
     meta = _meta(runs, command)
     result = {"meta": meta, "summary": summary, "runs": runs}
+    stem = "label_efficiency" + (f".{tag}" if tag else "")
     OUT.parent.mkdir(parents=True, exist_ok=True)
-    OUT.write_text(json.dumps(result, indent=1))
-    plot(runs, summary, PLOT)
+    (RESULTS / f"{stem}.json").write_text(json.dumps(result, indent=1))
+    plot(runs, summary, RESULTS / f"{stem}.png")
     table = markdown(summary, meta)
-    (RESULTS / "label_efficiency.md").write_text(table + "\n")
+    (RESULTS / f"{stem}.md").write_text(table + "\n")
+    readme = readme and not tag
     if readme:
         text = README.read_text()
         if MARK_START in text and MARK_END in text:
@@ -324,9 +353,11 @@ def grid_specs(args: argparse.Namespace) -> list[RunSpec]:
             for budget in args.budgets:
                 extra = [a for a, streams in ABLATIONS.items()
                          if budget == 0.10 and stream in streams]
-                for strategy in (*PLAN[budget], *extra):
+                arms = args.arms if args.arms else (*PLAN[budget], *extra)
+                for strategy in arms:
                     specs.append(RunSpec(stream, budget, strategy, seed, noise=args.noise,
-                                         label_delay=args.delay, length=args.length))
+                                         label_delay=args.delay, length=args.length,
+                                         overrides=tuple(args.overrides)))
     return sorted(specs, key=lambda s: (_tier(s.budget, s.strategy), s.seed, s.stream))
 
 
@@ -342,6 +373,16 @@ def main(argv: list[str] | None = None) -> int:
     grid.add_argument("--delay", type=int, default=50)
     grid.add_argument("--length", type=int, default=None)
     grid.add_argument("--readme", action="store_true", help="rewrite the README table")
+    grid.add_argument("--arms", nargs="+", default=None, metavar="STRATEGY",
+                      help="run these strategies (or default+<variant>) at every budget "
+                           "instead of the plan (needs --tag)")
+    grid.add_argument("--tag", default=None,
+                      help="write label_efficiency.<tag>.{json,md,png} instead of the main "
+                           "outputs (needed with --arms or --set)")
+    grid.add_argument("--set", dest="overrides", action="append", default=[],
+                      metavar="SECTION.KEY=VALUE",
+                      help="config override for every run of the grid, repeatable; runs "
+                           "are stored and summarised as their own arms")
     one = sub.add_parser("run", help="one run, printed as JSON")
     one.add_argument("--stream", default="uniform")
     one.add_argument("--budget", type=float, default=0.1)
@@ -350,30 +391,39 @@ def main(argv: list[str] | None = None) -> int:
     one.add_argument("--noise", type=float, default=0.0)
     one.add_argument("--delay", type=int, default=50)
     one.add_argument("--length", type=int, default=None)
+    one.add_argument("--set", dest="overrides", action="append", default=[],
+                     metavar="SECTION.KEY=VALUE", help="config override, repeatable")
     summ = sub.add_parser("summarize", help="outputs again from the stored runs")
     summ.add_argument("--readme", action="store_true")
+    summ.add_argument("--tag", default=None, help="a tagged grid's stored runs")
     args = parser.parse_args(argv)
 
     if args.command == "run":
         spec = RunSpec(args.stream, args.budget, args.strategy, args.seed, noise=args.noise,
-                       label_delay=args.delay, length=args.length)
+                       label_delay=args.delay, length=args.length,
+                       overrides=tuple(args.overrides))
         print(json.dumps(_run(spec), indent=1))
         return 0
     if args.command == "summarize":
-        runs = list(_load_cache().values())
-        result = write_outputs(runs, "bench/label_efficiency.py grid --jobs 2 --readme",
-                               args.readme)
+        runs = list(_load_cache(args.tag).values())
+        result = write_outputs(runs, "bench/label_efficiency.py summarize "
+                               + " ".join(argv if argv is not None else sys.argv[1:]),
+                               args.readme, args.tag)
         print(json.dumps(result["summary"], indent=1))
         return 0
-    args.budgets = [b for b in args.budgets if b in PLAN]
-    cache = _load_cache()
+    if (args.arms or args.overrides) and not args.tag:
+        parser.error("--arms and --set need --tag (the main outputs hold the plan)")
+    if not args.arms:
+        args.budgets = [b for b in args.budgets if b in PLAN]
+    cache = _load_cache(args.tag)
     specs = grid_specs(args)
     todo = [s for s in specs if _key({**s.__dict__}) not in cache]
     print(f"{len(specs)} runs, {len(specs) - len(todo)} stored, {len(todo)} to run",
           file=sys.stderr, flush=True)
     started = time.time()
     CACHE.parent.mkdir(parents=True, exist_ok=True)
-    with multiprocessing.get_context("fork").Pool(args.jobs) as pool, CACHE.open("a") as out:
+    with multiprocessing.get_context("fork").Pool(args.jobs) as pool, \
+            _cache_path(args.tag).open("a") as out:
         for done, run in enumerate(pool.imap_unordered(_run, todo), 1):
             out.write(json.dumps(run) + "\n")
             out.flush()
@@ -385,8 +435,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"({time.time() - started:.0f} s elapsed)", file=sys.stderr, flush=True)
     wanted = {_key(s.__dict__) for s in specs}
     runs = [r for k, r in cache.items() if k in wanted]
-    result = write_outputs(runs, "bench/label_efficiency.py grid --jobs 2 --readme",
-                           args.readme)
+    command = "bench/label_efficiency.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    result = write_outputs(runs, command, args.readme, args.tag)
     print(json.dumps(result["summary"], indent=1))
     return 0
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -286,6 +286,23 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a mapping of sections")
     return data
+
+
+def override_environ(pairs: Iterable[str]) -> dict[str, str]:
+    """``section.key=value`` overrides (the CLI's and the benches' ``--set``) as the
+    ``TRIAGE__SECTION__KEY`` variables `load_settings` reads; values are YAML.
+
+    Raises:
+        ConfigError: an override without ``=`` or without a section.
+    """
+    env: dict[str, str] = {}
+    for text in pairs:
+        key, sep, value = text.partition("=")
+        parts = [p for p in key.strip().split(".") if p]
+        if not sep or len(parts) < 2:
+            raise ConfigError(f"--set expects section.key=value (got {text!r})")
+        env[ENV_PREFIX + "__".join(p.upper() for p in parts)] = value
+    return env
 
 
 def _parse_env_value(value: str) -> Any:

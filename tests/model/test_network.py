@@ -100,3 +100,34 @@ def test_mc_mode_restores_on_error():
 def test_mc_predict_rejects_bad_parameters(kwargs, match):
     with pytest.raises(ValueError, match=match):
         mc_predict(build_network(TINY), torch.rand(1, 1, 16, 16), **kwargs)
+
+
+@pytest.mark.parametrize(
+    ("strides", "sizes"),
+    [(None, [8, 4, 2]), ((1, 2, 2), [16, 8, 4]), ((1, 1, 2), [16, 16, 8])],
+)
+def test_strides_set_where_the_network_downsamples(strides, sizes):
+    settings = TINY.model_copy(update={"strides": strides})
+    _, maps = build_network(settings).eval().forward_with_features(torch.rand(2, 1, 16, 16))
+    assert [m.shape[-1] for m in maps] == sizes
+    assert settings.stage_strides == (strides or (2, 2, 2))
+
+
+@pytest.mark.parametrize(
+    ("update", "match"),
+    [({"strides": (1, 2)}, "one stride per stage"), ({"strides": (1, 3, 2)}, "1 or 2")],
+)
+def test_bad_strides_are_refused_with_the_key(update, match):
+    with pytest.raises(ValueError, match=match):
+        ModelSettings.model_validate({**TINY.model_dump(), **update})
+
+
+def test_a_checkpoint_of_another_stride_is_refused(tmp_path):
+    from triage.model.checkpoint import load_checkpoint, save_checkpoint
+    from triage.model.lossnet import build_loss_predictor
+
+    old = TINY  # saved before strides existed: every stage 2
+    path = save_checkpoint(tmp_path / "m.pt", build_network(old), build_loss_predictor(old), old)
+    assert load_checkpoint(path, old).settings.stage_strides == (2, 2, 2)
+    with pytest.raises(ValueError, match="stage_strides"):
+        load_checkpoint(path, old.model_copy(update={"strides": (1, 2, 2)}))

@@ -31,6 +31,9 @@ class Checkpoint:
         metadata: Free-form JSON-compatible metadata (e.g. version, metrics).
         epistemic: The last-layer Laplace posterior and feature density fitted after
             training (`triage.model.epistemic`), or None (older files, or not fitted).
+        judge: The network that was judged on the validation labels, trained without
+            them, when `network` is its refit on every label
+            (`retrain.refit_on_all_labels`); None when `network` itself was judged.
     """
 
     settings: ModelSettings
@@ -38,6 +41,12 @@ class Checkpoint:
     loss_predictor: LossPredictor | None
     metadata: dict[str, Any] = field(default_factory=dict)
     epistemic: EpistemicHead | None = None
+    judge: TriageNet | None = None
+
+    @property
+    def held_out_network(self) -> TriageNet:
+        """The network to score on the validation labels: it never trained on them."""
+        return self.judge if self.judge is not None else self.network
 
     @property
     def operating_point(self) -> OperatingPoint:
@@ -52,6 +61,7 @@ def save_checkpoint(
     settings: ModelSettings,
     metadata: Mapping[str, Any] | None = None,
     epistemic: EpistemicHead | None = None,
+    judge: TriageNet | None = None,
 ) -> Path:
     """Write network and loss predictor weights, settings and metadata to `path`.
 
@@ -65,6 +75,7 @@ def save_checkpoint(
         settings: The model settings.
         metadata: JSON-serialisable mapping, e.g. {"version": "2024-05-01", "metrics": {...}}.
         epistemic: The network's fitted `EpistemicHead`, or None.
+        judge: The judged network when `network` is its refit on every label, or None.
 
     Returns:
         The path written.
@@ -83,6 +94,7 @@ def save_checkpoint(
         "network": network.state_dict(),
         "loss_predictor": None if loss_predictor is None else loss_predictor.state_dict(),
         "epistemic": None if epistemic is None else epistemic.state(),
+        "judge_network": None if judge is None else judge.state_dict(),
     }
     target = Path(path)
     partial = target.with_name(target.name + ".partial")
@@ -99,7 +111,7 @@ def load_checkpoint(
     Args:
         path: The checkpoint file.
         expected: If given, the saved settings must describe the same network
-            (`labels`, `input_size`, `channels`, `subunits`, `lossnet_width`).
+            (`labels`, `input_size`, `channels`, strides, `subunits`, `lossnet_width`).
 
     Returns:
         The `Checkpoint`.
@@ -129,7 +141,8 @@ def load_checkpoint(
     except (KeyError, TypeError, ValueError, pydantic.ValidationError) as exc:
         raise ValueError(f"checkpoint {source} has invalid settings or metadata: {exc}") from exc
     if expected is not None:
-        keys = ("labels", "input_size", "channels", "subunits", "lossnet_width")
+        keys = ("labels", "input_size", "channels", "stage_strides", "subunits",
+                "lossnet_width")
         for key in keys:
             if getattr(settings, key) != getattr(expected, key):
                 raise ValueError(
@@ -137,9 +150,13 @@ def load_checkpoint(
                     f"configuration expects {getattr(expected, key)!r}"
                 )
     network = build_network(settings)
-    loss_predictor = epistemic = None
+    loss_predictor = epistemic = judge = None
     try:
         network.load_state_dict(payload["network"])
+        if payload.get("judge_network") is not None:
+            judge = build_network(settings)
+            judge.load_state_dict(payload["judge_network"])
+            judge.eval()
         if payload.get("loss_predictor") is not None:
             loss_predictor = build_loss_predictor(settings)
             loss_predictor.load_state_dict(payload["loss_predictor"])
@@ -153,4 +170,4 @@ def load_checkpoint(
     network.eval()
     if loss_predictor is not None:
         loss_predictor.eval()
-    return Checkpoint(settings, network, loss_predictor, metadata, epistemic)
+    return Checkpoint(settings, network, loss_predictor, metadata, epistemic, judge)

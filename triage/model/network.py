@@ -1,6 +1,7 @@
 """The classifier: a small 2D residual CNN built from MONAI blocks.
 
-The network is a stack of stride-2 MONAI `ResidualUnit` stages, global average
+The network is a stack of MONAI `ResidualUnit` stages (stride 2 each, or 1 where
+`ModelSettings.strides` says so), global average
 pooling, dropout and a linear layer. It exposes what MC dropout and the loss
 predictor need:
 
@@ -26,10 +27,11 @@ class TriageNet(nn.Module):
     Args:
         in_channels: Input channels (1 for grey-scale radiographs).
         num_classes: Number of output classes (>= 2).
-        channels: Output channels of each stride-2 stage.
+        channels: Output channels of each stage.
         subunits: Convolutions per residual stage.
         dropout: Dropout probability before the linear layer.
         block_dropout: Dropout probability inside every stage.
+        strides: Stride of each stage (default 2 each).
     """
 
     def __init__(
@@ -40,21 +42,25 @@ class TriageNet(nn.Module):
         subunits: int = 2,
         dropout: float = 0.5,
         block_dropout: float = 0.1,
+        strides: Sequence[int] | None = None,
     ) -> None:
         super().__init__()
         if num_classes < 2:
             raise ValueError(f"num_classes must be >= 2, got {num_classes}")
         if len(channels) < 2:
             raise ValueError(f"channels must list two or more stages, got {list(channels)}")
+        strides = tuple(strides) if strides is not None else (2,) * len(channels)
+        if len(strides) != len(channels):
+            raise ValueError(f"strides must match channels, got {list(strides)}")
         stages = []
         previous = in_channels
-        for out in channels:
+        for out, stride in zip(channels, strides, strict=True):
             stages.append(
                 ResidualUnit(
                     spatial_dims=2,
                     in_channels=previous,
                     out_channels=out,
-                    strides=2,
+                    strides=stride,
                     subunits=subunits,
                     act="RELU",
                     norm="BATCH",
@@ -164,4 +170,5 @@ def build_network(settings: ModelSettings) -> TriageNet:
         subunits=settings.subunits,
         dropout=settings.dropout,
         block_dropout=settings.block_dropout,
+        strides=settings.stage_strides,
     )

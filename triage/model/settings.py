@@ -2,7 +2,7 @@
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 McScope = Literal["head", "last_block", "full"]
 """Which part of the network is sampled T times in MC dropout (see `triage.model.mc_dropout`)."""
@@ -67,9 +67,12 @@ class ModelSettings(BaseModel):
         input_size: Side in pixels of the square tensor every image is resampled to
             at ingest; the network's input size.
         labels: Class names, in output order (two or more).
-        channels: Output channels of each backbone stage; every stage is a MONAI
-            `ResidualUnit` with stride 2, so a 64 px input leaves 4 px after 4 stages.
-            Two or more stages (the loss predictor reads every stage).
+        channels: Output channels of each backbone stage, a MONAI `ResidualUnit`. Two or
+            more stages (the loss predictor reads every stage).
+        strides: Stride of each stage (1 or 2), as many as `channels`; a stride-1 first
+            stage computes its features at the input's full resolution. None: 2 for every
+            stage (so a 64 px input leaves 4 px after 4 stages), the layout of every model
+            trained before this setting existed.
         subunits: Convolutions per residual stage.
         dropout: Dropout probability before the final linear layer (the `head`).
         block_dropout: Dropout probability inside each residual stage. It is active in
@@ -96,6 +99,7 @@ class ModelSettings(BaseModel):
     input_size: int = Field(64, ge=16, le=1024)
     labels: list[str] = Field(default_factory=lambda: ["normal", "pneumonia"], min_length=2)
     channels: tuple[int, ...] = Field((16, 32, 64, 128), min_length=2, max_length=8)
+    strides: tuple[int, ...] | None = None
     subunits: int = Field(2, ge=1, le=4)
     dropout: float = Field(0.5, ge=0, lt=1)
     block_dropout: float = Field(0.1, ge=0, lt=1)
@@ -113,6 +117,25 @@ class ModelSettings(BaseModel):
         if any(c < 1 for c in value):
             raise ValueError(f"channels must all be positive, got {value}")
         return value
+
+    @field_validator("strides")
+    @classmethod
+    def _valid_strides(cls, value: tuple[int, ...] | None) -> tuple[int, ...] | None:
+        if value is not None and any(s not in (1, 2) for s in value):
+            raise ValueError(f"strides must each be 1 or 2, got {list(value)}")
+        return value
+
+    @model_validator(mode="after")
+    def _strides_match_channels(self) -> "ModelSettings":
+        if self.strides is not None and len(self.strides) != len(self.channels):
+            raise ValueError(f"strides must list one stride per stage of channels "
+                             f"({len(self.channels)}), got {list(self.strides)}")
+        return self
+
+    @property
+    def stage_strides(self) -> tuple[int, ...]:
+        """The stride of every stage (`strides`, or 2 each when unset)."""
+        return self.strides if self.strides is not None else (2,) * len(self.channels)
 
     @field_validator("labels")
     @classmethod

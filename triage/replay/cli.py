@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from triage.config import Settings, load_settings
+from triage.config import Settings, load_settings, override_environ
 from triage.errors import ConfigError, TriageError
 
 if TYPE_CHECKING:  # the rest loads numpy, torch, pydicom: only when a replay runs
@@ -99,12 +99,7 @@ def override_env(options: ReplayOptions) -> dict[str, str]:
         env["TRIAGE__RETRAIN__COVERAGE_QUERIES"] = "0"
     elif options.coverage not in (None, "on"):
         raise ConfigError("--coverage must be on or off")
-    for text in options.overrides:
-        key, sep, value = text.partition("=")
-        parts = [p for p in key.strip().split(".") if p]
-        if not sep or len(parts) < 2:
-            raise ConfigError(f"--set expects section.key=value (got {text!r})")
-        env["TRIAGE__" + "__".join(p.upper() for p in parts)] = value
+    env.update(override_environ(options.overrides))
     return env
 
 

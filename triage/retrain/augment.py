@@ -46,6 +46,9 @@ def make_augment(settings: RetrainSettings, input_size: int) -> Augment | None:
                            align_corners=False)
     angle = math.radians(settings.rotate_degrees)
     shift = 2.0 * settings.shift_fraction  # normalised coordinates span [-1, 1]
+    # with neither rotation nor zoom the warp is a pure shift: whole pixels then, so the
+    # bilinear sampler copies pixels and blurs nothing (test images are sharp)
+    whole_pixels = settings.rotate_degrees == 0 and settings.zoom == 0
 
     def augment(batch: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         n = batch.shape[0]
@@ -54,6 +57,9 @@ def make_augment(settings: RetrainSettings, input_size: int) -> Augment | None:
         scale = torch.where(apply, 1.0 + _uniform(n, settings.zoom, generator), 1.0)
         tx = torch.where(apply, _uniform(n, shift, generator), 0.0)
         ty = torch.where(apply, _uniform(n, shift, generator), 0.0)
+        if whole_pixels:  # one pixel is 2 / S in normalised coordinates
+            pixel = 2.0 / batch.shape[-1]
+            tx, ty = torch.round(tx / pixel) * pixel, torch.round(ty / pixel) * pixel
         cos, sin = torch.cos(theta_r) / scale, torch.sin(theta_r) / scale
         theta = torch.stack([torch.stack([cos, -sin, tx], 1), torch.stack([sin, cos, ty], 1)], 1)
         with torch.no_grad():

@@ -1,0 +1,188 @@
+"""The training recipe on its own: one model trained from scratch on random labels.
+
+The served model's quality rests first on its network and training recipe. This bench
+takes the chain (gate, splits, retrain trigger, promotion) out: for each seed it draws
+`--labels` random studies of the dev `train` split (the same draws for every arm), trains
+one model from scratch with each arm's settings (config.yaml plus the arm's overrides,
+at the data's native 28 px, as `bench/label_efficiency.py` does) and scores it on dev
+`val`. Arms are chosen on dev val; the holdout scores only the arms named with
+`--holdout` (the shipped recipe and the one it replaced), never to choose.
+
+Every arm is paired against `base` on the same seeds (same labels, same initialisation
+seed); `base@seed+1000` is `base` trained with other training seeds on the same labels:
+the null, the spread a recipe change must beat.
+
+    .venv/bin/python bench/recipe.py --seeds 0 1 2 3 4 --jobs 2
+    .venv/bin/python bench/recipe.py --arms base stem1 --holdout base stem1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import platform
+import statistics
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+
+from label_efficiency import load_data, paired  # noqa: E402
+
+from triage.config import load_settings, override_environ  # noqa: E402
+from triage.model.lossnet import build_loss_predictor  # noqa: E402
+from triage.model.network import build_network  # noqa: E402
+from triage.model.training import classifier_auroc, fit  # noqa: E402
+from triage.replay.lockstep import RunSpec, run_settings  # noqa: E402
+from triage.retrain.augment import make_augment  # noqa: E402
+from triage.retrain.evaluate import study_probabilities  # noqa: E402
+
+OUT = REPO / "bench" / "results" / "recipe.json"
+NULL_OFFSET = 1000
+ARMS: dict[str, tuple[str, ...]] = {
+    "base": (),
+    # the first stage keeps the full 28 px (no downsampling before features exist)
+    "stem1": ("model.strides=[1, 2, 2, 2]",),
+    # dropout only before the head, none inside the stages
+    "stem1_noblockdrop": ("model.strides=[1, 2, 2, 2]", "model.block_dropout=0.0"),
+    # the loss predictor never sends its gradient into the trunk
+    "stem1_detached": ("model.strides=[1, 2, 2, 2]", "model.training.detach_after_fraction=0"),
+    # no augmentation (nothing blurred; also nothing varied)
+    "stem1_noaugment": ("model.strides=[1, 2, 2, 2]", "retrain.augment=false"),
+    # augmentation without resampling blur: integer shifts and intensity only
+    "stem1_shiftonly": ("model.strides=[1, 2, 2, 2]", "retrain.rotate_degrees=0",
+                        "retrain.zoom=0"),
+    "stem1_60epochs": ("model.strides=[1, 2, 2, 2]", "model.training.epochs=60"),
+    # the loss predictor's gradient kept out of the trunk, at the old stride-2 stem
+    "detached": ("model.training.detach_after_fraction=0",),
+    # the three changes that measured best alone, together
+    "stem1_detached_shiftonly": ("model.strides=[1, 2, 2, 2]",
+                                 "model.training.detach_after_fraction=0",
+                                 "retrain.rotate_degrees=0", "retrain.zoom=0"),
+    "detached_shiftonly": ("model.training.detach_after_fraction=0", "retrain.rotate_degrees=0",
+                           "retrain.zoom=0"),
+    # three stages (about 100k parameters, the size of a plain 3-layer CNN)
+    "stem1_small": ("model.channels=[16, 32, 64]", "model.strides=[1, 2, 2]"),
+}
+
+
+def _settings(overrides: tuple[str, ...], seed: int):
+    base = load_settings(REPO / "config.yaml", environ=override_environ(overrides))
+    return run_settings(base, RunSpec("uniform", 0.1, "default", seed))
+
+
+def train_one(task: tuple[str, tuple[str, ...], int, int, int, bool]) -> dict[str, Any]:
+    """Train arm `name` on the seed's labels; scores on dev val (and the holdout)."""
+    name, overrides, seed, train_seed, n_labels, holdout = task
+    torch.set_num_threads(1)
+    data = load_data()
+    settings = _settings(overrides, train_seed)
+    model = settings.model
+    picks = np.random.default_rng(seed).permutation(len(data.stream_labels))[:n_labels]
+    picks = torch.from_numpy(np.sort(picks))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(train_seed)
+        net, loss_predictor = build_network(model), build_loss_predictor(model)
+    started = time.perf_counter()
+    fit(net, loss_predictor, data.stream_images[picks], data.stream_labels[picks],
+        model.training, augment=make_augment(settings.retrain, model.input_size))
+    seconds = time.perf_counter() - started
+
+    def score(images: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
+        probs = study_probabilities(net, images, torch.arange(images.shape[0]), images.shape[0])
+        return classifier_auroc(probs, labels), float((probs.argmax(1) == labels).float().mean())
+
+    val_auroc, val_accuracy = score(data.val_images, data.val_labels)
+    out = {"arm": name, "overrides": list(overrides), "seed": seed, "train_seed": train_seed,
+           "labels": n_labels, "val_auroc": val_auroc, "val_accuracy": val_accuracy,
+           "train_seconds": round(seconds, 2),
+           "parameters": sum(p.numel() for p in net.parameters())}
+    if holdout:
+        out["holdout_auroc"], out["holdout_accuracy"] = score(data.holdout_images,
+                                                              data.holdout_labels)
+    return out
+
+
+def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per arm: mean and sd over seeds, and the paired difference against `base`."""
+    by_arm: dict[str, dict[int, dict[str, Any]]] = {}
+    for run in runs:
+        by_arm.setdefault(run["arm"], {})[run["seed"]] = run
+    base = by_arm.get("base", {})
+    rows = []
+    for name, by_seed in by_arm.items():
+        row: dict[str, Any] = {"arm": name, "overrides": next(iter(by_seed.values()))["overrides"],
+                               "seeds": sorted(by_seed)}
+        for metric in ("val_auroc", "val_accuracy", "holdout_auroc", "holdout_accuracy",
+                       "train_seconds"):
+            values = [r[metric] for r in by_seed.values() if metric in r]
+            if values:
+                row[metric] = round(statistics.fmean(values), 4)
+                row[metric + "_sd"] = round(statistics.stdev(values), 4) if len(values) > 1 \
+                    else None
+        if name != "base":
+            for metric in ("val_auroc", "holdout_auroc"):
+                diffs = [by_seed[s][metric] - base[s][metric] for s in by_seed
+                         if s in base and metric in by_seed[s] and metric in base[s]]
+                if len(diffs) > 1:
+                    row[f"{metric}_vs_base"] = paired(diffs)
+        row["parameters"] = next(iter(by_seed.values()))["parameters"]
+        rows.append(row)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    parser.add_argument("--labels", type=int, default=469, help="random labels per seed "
+                        "(469: a 10%% budget of the 4,690-study stream)")
+    parser.add_argument("--holdout", nargs="*", default=[], choices=list(ARMS),
+                        help="arms also scored on the holdout (final figures only)")
+    parser.add_argument("--no-null", action="store_true",
+                        help="skip base@seed+1000 (base with other training seeds)")
+    parser.add_argument("--jobs", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=OUT)
+    args = parser.parse_args(argv)
+    if "base" not in args.arms:
+        args.arms.insert(0, "base")
+    tasks = [(name, ARMS[name], seed, seed, args.labels, name in args.holdout)
+             for seed in args.seeds for name in args.arms]
+    if not args.no_null:
+        tasks += [(f"base@seed+{NULL_OFFSET}", (), seed, seed + NULL_OFFSET, args.labels,
+                   "base" in args.holdout) for seed in args.seeds]
+    started = time.time()
+    runs = []
+    with multiprocessing.get_context("fork").Pool(args.jobs) as pool:
+        for done, run in enumerate(pool.imap_unordered(train_one, tasks), 1):
+            runs.append(run)
+            print(f"[{done}/{len(tasks)}] {run['arm']} seed {run['seed']}: val AUROC "
+                  f"{run['val_auroc']:.4f}, {run['train_seconds']} s "
+                  f"({time.time() - started:.0f} s elapsed)", file=sys.stderr, flush=True)
+    result = {
+        "meta": {"date": datetime.now(UTC).strftime("%Y-%m-%d"),
+                 "machine": f"{platform.machine()}, {multiprocessing.cpu_count()} cores, "
+                            f"torch {torch.__version__} (CPU, 1 thread per run)",
+                 "command": "bench/recipe.py " + " ".join(argv if argv is not None
+                                                          else sys.argv[1:]),
+                 "labels": args.labels, "seeds": args.seeds},
+        "summary": summarize(runs),
+        "runs": sorted(runs, key=lambda r: (r["arm"], r["seed"])),
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1))
+    print(json.dumps(result["summary"], indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
