@@ -86,3 +86,45 @@ def test_oracle_noise_flips_the_same_studies_for_every_strategy():
     again = RunSpec("uniform", 0.1, "entropy", 4, noise=0.2)
     assert flipped == [oracle(1, p, again, 2) != 1 for p in range(2000)]
     assert all(oracle(0, p, RunSpec("uniform", 0.1, "random", 4), 2) == 0 for p in range(50))
+
+
+def test_a_quiet_stream_ends_with_an_idle_run_that_trains_on_every_label(data):
+    """The labels still waiting when the stream ends start a final run (`idle`, or
+    `labels` when min_new_labels of them came back at once); with the refit, the model
+    served at the end trained on every label that came back."""
+    loop = _run(data, 3, "default+refit")
+    result = loop.result
+    final = result["retrains"][-1]
+    assert final["at"] == 600 and final["state"] == "promoted", final  # after the stream
+    assert final["trigger"] in ("idle", "labels")
+    assert result["served_train_labels"] == result["labels_returned"]
+    assert result["labels_returned_by_tail"] < result["labels_returned"]
+    assert all(r["refit"]["studies"] == r["train"] + r["validation"]
+               for r in result["retrains"] if r["state"] == "promoted")
+    plain = _run(data, 3).result
+    assert plain["served_train_labels"] < plain["labels_returned"]  # audits never train
+
+
+def test_the_benchmark_applies_its_overrides_to_the_run_and_its_fresh_model():
+    import importlib.util
+
+    from conftest import REPO
+
+    module = importlib.util.spec_from_file_location("bench_label_efficiency",
+                                                    REPO / "bench" / "label_efficiency.py")
+    bench = importlib.util.module_from_spec(module)
+    module.loader.exec_module(bench)
+    from triage.config import ConfigError
+    from triage.replay.lockstep import run_settings
+
+    spec = RunSpec("uniform", 0.1, "default", 4, overrides=(
+        "model.strides=[1, 2, 2, 2]", "model.training.epochs=7", "retrain.augment=false"))
+    settings = run_settings(bench.base_settings(spec), spec)
+    assert settings.model.strides == (1, 2, 2, 2) and settings.model.input_size == 28
+    assert settings.model.training.epochs == 7 and settings.model.training.seed == 4
+    assert not settings.retrain.augment
+    assert bench.arm({"strategy": "default", "overrides": list(spec.overrides)}).startswith(
+        "default [model.strides")
+    with pytest.raises(ConfigError, match="model.training.epochs"):
+        bench.base_settings(RunSpec("uniform", 0.1, "default", 0,
+                                    overrides=("model.training.epochs=0",)))

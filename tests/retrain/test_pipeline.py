@@ -182,3 +182,41 @@ def test_delong_promotion_test_records_the_noise_it_allowed(tmp_path, pneumonia)
     metrics = last_run(st.db)["metrics"]
     assert 0 < metrics["candidate"]["auroc_noise"] < 0.2
     assert "noise" in metrics["decision"]
+
+
+def test_refit_serves_a_model_trained_on_every_label_and_judges_with_the_candidate(
+        tmp_path, pneumonia):
+    """With refit_on_all_labels the served network has trained on the audit labels too;
+    the decision, operating point and metrics stay the held-out candidate's, which the
+    checkpoint keeps as its judge for later comparisons."""
+    st = _store(tmp_path, pneumonia, refit_on_all_labels=True)
+    assert _run(st) == "promoted"
+    registry = _registry(st)
+    entry = registry.serving()
+    summary = entry.data_summary
+    stored = dict(st.db.execute("SELECT id, split FROM labels").fetchall())
+    assert set(summary["served_train"]["label_ids"]) == set(stored)  # train and validation
+    assert set(summary["train"]["label_ids"]) == {i for i, s in stored.items() if s == "train"}
+    assert entry.metrics["refit"]["studies"] == len(stored)
+    checkpoint = registry.load(entry.version)
+    assert checkpoint.judge is not None and checkpoint.held_out_network is checkpoint.judge
+    val = load_split(st.db, "validation", st.settings.model)
+    judge_probs = torch.softmax(image_logits(checkpoint.judge, val.images), 1)
+    # the stored validation AUROC is the judge's: held out, not the refit's in-sample one
+    assert entry.metrics["validation"]["auroc"] == pytest.approx(
+        classifier_auroc(judge_probs, val.labels), abs=1e-9)
+    served = image_logits(checkpoint.network, val.images)
+    assert not torch.allclose(served, image_logits(checkpoint.judge, val.images))
+    # the next run compares its candidate with the judge, never with the refit
+    assert _run(st) in ("promoted", "rejected")
+    run = last_run(st.db)
+    assert run["metrics"]["champion"]["auroc"] == pytest.approx(
+        entry.metrics["validation"]["auroc"], abs=1e-9)
+
+
+def test_without_refit_the_served_model_is_the_judged_one(tmp_path, pneumonia):
+    st = _store(tmp_path, pneumonia)
+    assert _run(st) == "promoted"
+    entry = _registry(st).serving()
+    assert "served_train" not in entry.data_summary and "refit" not in entry.metrics
+    assert _registry(st).load(entry.version).judge is None

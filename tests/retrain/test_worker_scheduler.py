@@ -110,7 +110,7 @@ def test_dead_pid_is_detected_by_any_process(tmp_path):
 
 def test_due_by_label_count_and_by_hours(tmp_path):
     now = 1_000_000.0
-    st = Store(make_settings(tmp_path, min_new_labels=3, every_hours=2))
+    st = Store(make_settings(tmp_path, min_new_labels=3, every_hours=2, idle_minutes=600))
     scheduler = RetrainScheduler(st.settings, st.settings.path("database"), clock=lambda: now)
     studies = [st.add_study(torch.zeros(1, 1, 28, 28)) for _ in range(6)]
     st.label(studies[0], "normal", "train", created_at=now - 10)
@@ -129,6 +129,26 @@ def test_due_by_label_count_and_by_hours(tmp_path):
     assert retrain_status(st.db)["labels_since_last_run"] == 1
     off = make_settings(tmp_path, min_new_labels=1, enabled=False)
     assert RetrainScheduler(off, off.path("database")).due(now) is None
+
+
+def test_labels_of_a_quiet_stream_trigger_an_idle_run(tmp_path):
+    """Fewer than min_new_labels waiting: a run starts once no label came for
+    idle_minutes, and only then; labels older than the last run never count."""
+    now = 1_000_000.0
+    st = Store(make_settings(tmp_path, min_new_labels=50, every_hours=24, idle_minutes=30))
+    scheduler = RetrainScheduler(st.settings, st.settings.path("database"), clock=lambda: now)
+    studies = [st.add_study(torch.zeros(1, 1, 28, 28)) for _ in range(3)]
+    st.db.execute("INSERT INTO retrain_runs (trigger, state, started_at, finished_at) "
+                  "VALUES ('labels', 'promoted', ?, ?)", [now - 3600, now - 3500])
+    st.label(studies[0], "normal", "train", created_at=now - 40 * 60)
+    st.label(studies[1], "pneumonia", "train", created_at=now - 20 * 60)
+    assert scheduler.due(now) is None  # the newest label came 20 minutes ago
+    assert scheduler.due(now + 10 * 60) == "idle"
+    st.label(studies[2], "skip", None, created_at=now)  # no class label: the stream is quiet
+    assert scheduler.due(now + 10 * 60) == "idle"
+    st.db.execute("INSERT INTO retrain_runs (trigger, state, started_at, finished_at) "
+                  "VALUES ('idle', 'promoted', ?, ?)", [now + 11 * 60, now + 12 * 60])
+    assert scheduler.due(now + 5 * 3600) is None  # nothing new since the idle run
 
 
 def test_daemon_start_up_recovers_a_dead_run_and_its_candidate(tmp_path, caplog):

@@ -37,7 +37,6 @@ from triage.model.checkpoint import Checkpoint
 from triage.model.inference import score_study
 from triage.model.lossnet import build_loss_predictor
 from triage.model.network import build_network
-from triage.model.settings import TrainSettings
 from triage.model.training import classifier_auroc, fit
 from triage.replay.stream import order_indices
 from triage.retrain.augment import make_augment
@@ -59,6 +58,8 @@ if TYPE_CHECKING:
 Stream = Literal["uniform", "drift"]
 STREAMS: tuple[str, ...] = ("uniform", "drift")
 START = datetime(2026, 1, 5, tzinfo=UTC).timestamp()
+TAIL_STUDIES = 200
+"""`labels_returned_by_tail` counts the labels back before the last this many studies."""
 
 
 @dataclass(frozen=True)
@@ -93,6 +94,8 @@ class RunSpec:
         noise: Probability that the oracle returns the wrong class.
         label_delay: Studies between routing and the label's return.
         length: Studies in the stream (None: all).
+        overrides: ``section.key=value`` settings applied to the configuration before
+            the run (`triage.config.override_environ`), recorded in the run's JSON.
     """
 
     stream: str
@@ -102,6 +105,7 @@ class RunSpec:
     noise: float = 0.0
     label_delay: int = 50
     length: int | None = None
+    overrides: tuple[str, ...] = ()
 
 
 @dataclass
@@ -150,6 +154,15 @@ VARIANTS: dict[str, dict[str, dict[str, Any]]] = {
     "delong_promotion": {"retrain": {"promotion_test": "delong"}},
     # T predictive samples from the last-layer Laplace posterior instead of head dropout
     "laplace": {"model": {"epistemic": "laplace"}},
+    # the promoted candidate refit on the training and audit labels together
+    "refit": {"retrain": {"refit_on_all_labels": True}},
+    # the recipe bench/recipe.py measured best: the loss predictor's gradient kept out of
+    # the trunk from the start, augmentation by whole-pixel shifts (nothing blurred)
+    "recipe": {"training": {"detach_after_fraction": 0.0},
+               "retrain": {"rotate_degrees": 0.0, "zoom": 0.0}},
+    "recipe_refit": {"training": {"detach_after_fraction": 0.0},
+                     "retrain": {"rotate_degrees": 0.0, "zoom": 0.0,
+                                 "refit_on_all_labels": True}},
 }
 """Ablations of the shipped configuration: strategy ``default+<name>``."""
 
@@ -230,17 +243,28 @@ class Lockstep:
         self.runs: list[dict[str, Any]] = []
         self.new_labels = 0
         self.last_start: float | None = None
+        self.returned_by_tail = 0
+        self.served_train_labels = 0
 
     # -- the stream ------------------------------------------------------------------
 
     def run(self) -> dict[str, Any]:
         started = time.perf_counter()
         seconds = 60.0
-        for i in range(len(self.order)):
+        n = len(self.order)
+        for i in range(n):
             now = START + i * seconds
             self._return_labels(i)
+            if i == n - TAIL_STUDIES:
+                self.returned_by_tail = self.labelled.total
             self._maybe_retrain(i, now)
             self._decide(i, now)
+        # the stream goes quiet: the last labels come back, and with nothing new for
+        # `retrain.idle_minutes` the waiting ones start a final run (the `idle` trigger)
+        self._return_labels(n + self.spec.label_delay)
+        quiet = START + (n + self.spec.label_delay) * seconds
+        self._maybe_retrain(n, quiet + self.settings.retrain.idle_minutes * 60,
+                            since_last_label=self.settings.retrain.idle_minutes * 60)
         return self._report(started)
 
     def _checkpoint(self) -> Checkpoint | None:
@@ -289,15 +313,16 @@ class Lockstep:
 
     # -- retraining ------------------------------------------------------------------
 
-    def _maybe_retrain(self, i: int, now: float) -> None:
+    def _maybe_retrain(self, i: int, now: float, since_last_label: float | None = None) -> None:
         since = None if self.last_start is None else now - self.last_start
-        if due_trigger(self.new_labels, since, self.settings) is None:
+        trigger = due_trigger(self.new_labels, since, self.settings, since_last_label)
+        if trigger is None:
             return
         self.last_start, self.new_labels = now, 0
         train = self.labelled.as_set("train", self.images)
         validation = self.labelled.as_set("validation", self.images)
         references = self.serving[: self.settings.retrain.reference_models]
-        record: dict[str, Any] = {"at": i, "train": train.num_studies,
+        record: dict[str, Any] = {"at": i, "trigger": trigger, "train": train.num_studies,
                                   "validation": validation.num_studies}
         try:
             judged = train_and_judge(train, validation, self.settings, references)
@@ -305,10 +330,13 @@ class Lockstep:
             self.runs.append({**record, "state": "failed", "why": str(exc)})
             return
         record.update(state="promoted" if judged.promote else "rejected",
-                      val_auroc=judged.candidate["auroc"], reason=judged.reason)
+                      val_auroc=judged.candidate["auroc"], reason=judged.reason,
+                      refit=judged.refit or None)
         self.runs.append(record)
         if not judged.promote:
             return
+        self.served_train_labels = (judged.refit["studies"] if judged.refit
+                                    else train.num_studies)
         version = f"v{len(self.runs):04d}"
         checkpoint = judged.checkpoint(self.settings.model)
         self.serving.insert(0, (version, checkpoint))
@@ -316,7 +344,8 @@ class Lockstep:
         self.curve.append({"studies": i, "labels": labels_bought,
                            "val_auroc": self._auroc(checkpoint, self.data.val_images,
                                                     self.data.val_labels)})
-        self._coverage_queries(i, now, checkpoint)
+        if i < len(self.order):  # the final idle run has no stream left to query
+            self._coverage_queries(i, now, checkpoint)
 
     def _coverage_queries(self, i: int, now: float, checkpoint: Checkpoint) -> None:
         budget = self.settings.retrain.coverage_queries
@@ -349,6 +378,7 @@ class Lockstep:
             "stream": spec.stream, "budget": spec.budget, "strategy": spec.strategy,
             "seed": spec.seed, "noise": spec.noise, "label_delay": spec.label_delay,
             "studies": len(self.order), "labels": len(self.routed),
+            "overrides": list(spec.overrides),
         }
         reasons: dict[str, int] = {}
         for reason in self.routed.values():
@@ -361,6 +391,10 @@ class Lockstep:
         out.update(self._final_scores())
         out["fresh_holdout_auroc"] = self._fresh_auroc()
         out["promotions"] = sum(r["state"] == "promoted" for r in self.runs)
+        out["rejections"] = sum(r["state"] == "rejected" for r in self.runs)
+        out["served_train_labels"] = self.served_train_labels
+        out["labels_returned_by_tail"] = self.returned_by_tail
+        out["served_minus_fresh"] = out["holdout_auroc"] - out["fresh_holdout_auroc"]
         out["retrains"] = self.runs
         out["curve"] = self.curve
         out["seconds"] = round(time.perf_counter() - started, 2)
@@ -389,14 +423,15 @@ class Lockstep:
         }
 
     def _fresh_auroc(self) -> float:
-        """AUROC on the holdout of a model trained by one fixed recipe on every label
-        this run bought (both splits): the quality of the labelled set alone."""
+        """AUROC on the holdout of a model trained from scratch, with the run's own
+        network and training settings, on every label this run bought (both splits):
+        the quality of the labelled set apart from the chain of retrains."""
         positions = self.labelled.positions["train"] + self.labelled.positions["validation"]
         labels = self.labelled.classes["train"] + self.labelled.classes["validation"]
         if len(set(labels)) < 2:
             return float("nan")
-        recipe = TrainSettings(seed=self.spec.seed)
         model = self.settings.model
+        recipe = model.training
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.spec.seed)
             net, loss_predictor = build_network(model), build_loss_predictor(model)

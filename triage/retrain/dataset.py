@@ -49,6 +49,15 @@ class LabeledSet:
             counts[class_names[index]] += 1
         return counts
 
+    def plus(self, other: "LabeledSet") -> "LabeledSet":
+        """Both sets as one (this one's studies first; `other`'s groups shifted)."""
+        return LabeledSet(
+            torch.cat([self.images, other.images]), torch.cat([self.labels, other.labels]),
+            torch.cat([self.groups, other.groups + self.num_studies]),
+            [*self.study_ids, *other.study_ids], [*self.label_ids, *other.label_ids],
+            [*self.study_labels, *other.study_labels],
+        )
+
     def summary(self, class_names: list[str]) -> dict[str, object]:
         """JSON-ready counts and the label ids used (stored with the candidate)."""
         return {

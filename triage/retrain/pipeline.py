@@ -24,7 +24,7 @@ import copy
 import logging
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -74,6 +74,9 @@ class Judgement:
         coverage: What rebalancing did (radius, cells, class mix before/after).
         epistemic: The candidate's last-layer Laplace posterior and feature density
             (`triage.model.epistemic`), or None when they could not be fitted.
+        judge: With `retrain.refit_on_all_labels` and a promotion: the candidate that was
+            judged, while `network` is its refit on the training and validation labels.
+        refit: What the refit did (`studies`, `seconds`), empty without one.
     """
 
     network: TriageNet
@@ -87,11 +90,15 @@ class Judgement:
     reason: str
     coverage: dict[str, Any] = field(default_factory=dict)
     epistemic: EpistemicHead | None = None
+    judge: TriageNet | None = None
+    refit: dict[str, Any] = field(default_factory=dict)
 
     def checkpoint(self, settings: ModelSettings) -> Checkpoint:
-        """The candidate as an in-memory checkpoint (operating point and epistemic head)."""
+        """The model to serve as an in-memory checkpoint (operating point, epistemic
+        head and, after a refit, the judged candidate)."""
         return Checkpoint(settings, self.network, self.loss_predictor,
-                          {"operating_point": self.operating_point.to_json()}, self.epistemic)
+                          {"operating_point": self.operating_point.to_json()}, self.epistemic,
+                          self.judge)
 
 
 def check_labels(train: LabeledSet, validation: LabeledSet, settings: Settings) -> None:
@@ -133,12 +140,45 @@ def train_and_judge(
     """
     check_labels(train, validation, settings)
     retrain = settings.retrain
-    names = list(settings.model.labels)
     champion = references[0][1] if references else None
+    net, loss_predictor, outcome, coverage = _train(train, settings, champion, on_epoch)
+    point = fit_operating_point(image_logits(net, validation.images), validation.labels)
+    epistemic = _epistemic(net, train, validation, settings)
+    args = (validation.images, validation.groups, validation.study_labels)
+    candidate = validation_metrics(net, *args, point)
+    candidate["ece_uncalibrated"] = validation_metrics(net, *args)["ece"]
+    reference, reference_version, reference_net = None, None, None
+    for version, checkpoint in references:  # judged by networks that never saw validation
+        held_out = checkpoint.held_out_network
+        metrics = validation_metrics(held_out, *args, checkpoint.operating_point)
+        if reference is None or metrics["auroc"] > reference["auroc"]:
+            reference, reference_version = metrics, version
+            reference_net = held_out
+    noise = 0.0
+    if retrain.promotion_test == "delong" and reference_net is not None:
+        noise = _auroc_noise(net, reference_net, validation)
+        candidate["auroc_noise"] = noise
+    promote, reason = promotion_decision(candidate, reference, retrain.promotion_tolerance,
+                                         noise)
+    if reference_version is not None:
+        reason = f"{reason} (reference {reference_version})"
+    judged = Judgement(net, loss_predictor, outcome, point, candidate, reference,
+                       reference_version, promote, reason, coverage, epistemic)
+    if promote and retrain.refit_on_all_labels:
+        judged = _refit(judged, train, validation, settings, champion)
+    return judged
+
+
+def _train(train: LabeledSet, settings: Settings, champion: Checkpoint | None,
+           on_epoch: EpochCallback | None = None
+           ) -> tuple[TriageNet, LossPredictor, TrainOutcome, dict[str, Any]]:  # fmt: skip
+    """One training run on `train` (rebalanced with the champion's embeddings when
+    `retrain.rebalance`): network, loss predictor, records, what rebalancing did."""
+    retrain = settings.retrain
     plan, coverage = None, {"rebalanced": False}
     if retrain.rebalance and champion is not None:
         plan = coverage_plan(
-            embed(champion.network, train.images), train.labels, names,
+            embed(champion.network, train.images), train.labels, list(settings.model.labels),
             n_cells=retrain.coverage_cells, power=retrain.coverage_power,
             outlier_fraction=retrain.coverage_outlier_fraction,
             seed=settings.model.training.seed,
@@ -149,33 +189,36 @@ def train_and_judge(
     net, loss_predictor = _initial_model(settings, champion)
     outcome = train_candidate(net, loss_predictor, train, settings.model, retrain, plan,
                               on_epoch)
-    point = fit_operating_point(image_logits(net, validation.images), validation.labels)
+    return net, loss_predictor, outcome, coverage
+
+
+def _epistemic(net: TriageNet, train: LabeledSet, validation: LabeledSet,
+               settings: Settings) -> EpistemicHead | None:
     try:
-        epistemic = fit_epistemic(net, train.images, train.labels, validation.images,
-                                  validation.labels, samples=settings.model.mc_samples,
-                                  seed=settings.model.training.seed)  # fmt: skip
+        return fit_epistemic(net, train.images, train.labels, validation.images,
+                             validation.labels, samples=settings.model.mc_samples,
+                             seed=settings.model.training.seed)  # fmt: skip
     except (ValueError, RuntimeError) as exc:  # a degenerate fit: score by MC dropout
-        epistemic = None
         event(log, "retrain_epistemic_failed", logging.WARNING, error=str(exc)[:200])
-    args = (validation.images, validation.groups, validation.study_labels)
-    candidate = validation_metrics(net, *args, point)
-    candidate["ece_uncalibrated"] = validation_metrics(net, *args)["ece"]
-    reference, reference_version, reference_net = None, None, None
-    for version, checkpoint in references:
-        metrics = validation_metrics(checkpoint.network, *args, checkpoint.operating_point)
-        if reference is None or metrics["auroc"] > reference["auroc"]:
-            reference, reference_version = metrics, version
-            reference_net = checkpoint.network
-    noise = 0.0
-    if retrain.promotion_test == "delong" and reference_net is not None:
-        noise = _auroc_noise(net, reference_net, validation)
-        candidate["auroc_noise"] = noise
-    promote, reason = promotion_decision(candidate, reference, retrain.promotion_tolerance,
-                                         noise)
-    if reference_version is not None:
-        reason = f"{reason} (reference {reference_version})"
-    return Judgement(net, loss_predictor, outcome, point, candidate, reference,
-                     reference_version, promote, reason, coverage, epistemic)
+        return None
+
+
+def _refit(judged: Judgement, train: LabeledSet, validation: LabeledSet, settings: Settings,
+           champion: Checkpoint | None) -> Judgement:
+    """The promoted candidate trained again, same recipe and seed, on every label.
+
+    The operating point stays the candidate's (fitted on held-out labels). The refit's
+    epistemic head is fitted with the validation labels among its training data, so its
+    prior precision and OOD threshold are chosen in-sample (the threshold is then a
+    little lower: slightly more studies are flagged unlike the training data).
+    """
+    started = time.monotonic()
+    both = train.plus(validation)
+    net, loss_predictor, _, _ = _train(both, settings, champion)
+    refit = {"studies": both.num_studies, "seconds": round(time.monotonic() - started, 2)}
+    event(log, "retrain_refit", **refit)
+    return replace(judged, network=net, loss_predictor=loss_predictor, judge=judged.network,
+                   epistemic=_epistemic(net, both, validation, settings), refit=refit)
 
 
 def run_retrain(settings: Settings, db: sqlite_utils.Database, run_id: int) -> str:
@@ -229,8 +272,12 @@ def run_retrain(settings: Settings, db: sqlite_utils.Database, run_id: int) -> s
         "coverage": judged.coverage, "warm_start": parent is not None and retrain.warm_start,
     }
     net, loss_predictor = judged.network, judged.loss_predictor
+    if judged.refit:
+        model_metrics["refit"] = judged.refit
+        summary["served_train"] = train.plus(validation).summary(names)
     entry = _register(settings, registry, net, loss_predictor, run_id, parent,
-                      model_metrics, summary, judged.operating_point, judged.epistemic)
+                      model_metrics, summary, judged.operating_point, judged.epistemic,
+                      judged.judge)
     update_progress(db, run_id, 0.9, "deciding", candidate_version=entry.version)
     run_metrics = {**outcome.summary(), "candidate": candidate, "champion": champion_metrics,
                    "decision": reason, "coverage": judged.coverage, "version": entry.version,
@@ -326,6 +373,7 @@ def _register(
     settings: Settings, registry: ModelRegistry, net: TriageNet, loss_predictor: LossPredictor,
     run_id: int, parent: str | None, metrics: dict[str, Any], summary: dict[str, Any],
     operating_point: OperatingPoint, epistemic: EpistemicHead | None,
+    judge: TriageNet | None = None,
 ) -> ModelVersion:
     folder = settings.path("models")
     folder.mkdir(parents=True, exist_ok=True)
@@ -333,7 +381,7 @@ def _register(
     save_checkpoint(partial, net, loss_predictor, settings.model,
                     metadata={"run_id": run_id, "parent": parent,
                               "operating_point": operating_point.to_json()},
-                    epistemic=epistemic)
+                    epistemic=epistemic, judge=judge)
     try:
         return registry.add(partial, source=f"retrain:{run_id}", parent=parent,
                             metrics=metrics, data_summary=summary)

@@ -26,7 +26,7 @@ from triage.errors import TriageError
 
 RUN_STATES = ("running", "succeeded", "failed", "rejected", "promoted")
 FINAL_STATES = RUN_STATES[1:]
-TRIGGERS = ("labels", "schedule", "manual")
+TRIGGERS = ("labels", "idle", "schedule", "manual")
 WORKER_MODULE = "triage.retrain.worker"
 START_GRACE_SECONDS = 60.0
 
@@ -176,6 +176,15 @@ def labels_since_last_run(db: sqlite_utils.Database, class_names: list[str]) -> 
         f"AND label IN ({marks}) AND created_at > ?",
         [*class_names, since],
     ).fetchone()[0])
+
+
+def last_label_at(db: sqlite_utils.Database, class_names: list[str]) -> float | None:
+    """When the newest current class label (with a split) was stored; None without one."""
+    marks = ",".join("?" * len(class_names))
+    value = db.execute(
+        f"SELECT MAX(created_at) FROM labels WHERE superseded_by IS NULL AND split IS NOT NULL "
+        f"AND label IN ({marks})", class_names).fetchone()[0]
+    return None if value is None else float(value)
 
 
 def retrain_status(db: sqlite_utils.Database, class_names: list[str] | None = None

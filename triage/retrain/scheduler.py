@@ -26,6 +26,7 @@ from triage.retrain.runs import (
     create_run,
     finish_run,
     labels_since_last_run,
+    last_label_at,
     last_run,
     reap_dead_runs,
     reject_orphaned_candidates,
@@ -38,21 +39,27 @@ if TYPE_CHECKING:
 log = logging.getLogger("triage.retrain")
 
 
-def due_trigger(new_labels: int, since_last_start: float | None, settings: Settings
-                ) -> str | None:
+def due_trigger(new_labels: int, since_last_start: float | None, settings: Settings,
+                since_last_label: float | None = None) -> str | None:
     """The rule of `RetrainScheduler.due`, on counts (the lockstep benchmark uses it too).
 
     Args:
         new_labels: Class labels stored since the last run started.
         since_last_start: Seconds since the last run started; None before the first run.
-        settings: `retrain.min_new_labels` and `retrain.every_hours`.
+        settings: `retrain.min_new_labels`, `retrain.idle_minutes` and `retrain.every_hours`.
+        since_last_label: Seconds since the newest label was stored; None: unknown.
 
     Returns:
-        `labels`, `schedule` or None.
+        `labels` (enough new labels), `idle` (new labels waiting and none came for
+        `idle_minutes`: the stream went quiet, its last labels still train the served
+        model), `schedule` (`every_hours` passed with a new label) or None.
     """
     retrain = settings.retrain
     if new_labels >= retrain.min_new_labels:
         return "labels"
+    if new_labels > 0 and since_last_label is not None \
+            and since_last_label >= retrain.idle_minutes * 60:
+        return "idle"
     if (since_last_start is not None and new_labels > 0
             and since_last_start >= retrain.every_hours * 3600):
         return "schedule"
@@ -133,7 +140,7 @@ class RetrainScheduler:
         return sorted(removed)
 
     def due(self, now: float | None = None) -> str | None:
-        """The trigger that is due now (`labels` or `schedule`), or None.
+        """The trigger that is due now (`labels`, `idle` or `schedule`), or None.
 
         None when `retrain.enabled` is false or a run is running (after reaping dead ones).
         """
@@ -146,17 +153,20 @@ class RetrainScheduler:
             last = last_run(db)
             if last is not None and last["state"] == "running":
                 return None
-            new = labels_since_last_run(db, list(self._settings.model.labels))
+            names = list(self._settings.model.labels)
+            new = labels_since_last_run(db, names)
+            newest = last_label_at(db, names) if new else None
         finally:
             db.close()
         since = None if last is None else now - last["started_at"]
-        return due_trigger(new, since, self._settings)
+        quiet = None if newest is None else now - newest
+        return due_trigger(new, since, self._settings, quiet)
 
     def start(self, trigger: str, *, stderr: Path | None = None) -> int:
         """Insert a `running` row and spawn the worker; return the run id at once.
 
         Args:
-            trigger: `labels`, `schedule` or `manual`.
+            trigger: `labels`, `idle`, `schedule` or `manual`.
             stderr: Where the worker's output goes (default `<logs>/retrain.log`, appended).
 
         Raises:

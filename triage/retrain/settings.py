@@ -16,6 +16,9 @@ class RetrainSettings(BaseModel):
         enabled: Let the daemon start runs by itself (`triage retrain` works regardless).
         min_new_labels: Start a run once this many new class labels arrived since the
             last run started.
+        idle_minutes: ...or, with new labels waiting, once no label came for this many
+            minutes: when the stream goes quiet, the labels of its tail still train the
+            served model instead of waiting for `min_new_labels` more.
         every_hours: ...or once this many hours passed since the last run started (only
             with at least one new label: retraining on unchanged data is pointless).
         validation_source: Which labels form the fixed validation set: `audit` (only
@@ -39,6 +42,14 @@ class RetrainSettings(BaseModel):
             errors of its paired AUROC difference with the reference (one-sided 95%),
             so it is rejected only when it is worse beyond chance. Measured: no gain on
             the uniform stream, worse on the drift stream (README), so it is off.
+        refit_on_all_labels: Once a candidate is promoted, train the served network again,
+            with the same recipe and seed, on the training and the validation labels
+            together, so that no label bought is left out of the served model. The
+            promotion decision, the operating point and the stored validation metrics
+            stay those of the candidate judged on held-out labels; the candidate is kept
+            in the checkpoint as its `judge`, and later runs compare their candidates
+            with the judges, which never saw the validation labels. Costs a second
+            training per promoted run.
         auto_promote: Promote (or reject) automatically; False leaves the candidate for an
             admin (`triage models promote V`).
         warm_start: Start from the serving model's weights when there is one (off:
@@ -49,7 +60,9 @@ class RetrainSettings(BaseModel):
             training batches; never left-right flips.
         rotate_degrees: Largest rotation of the augmentation, degrees.
         zoom: Largest relative zoom in or out of the augmentation.
-        shift_fraction: Largest shift of the augmentation, as a fraction of the side.
+        shift_fraction: Largest shift of the augmentation, as a fraction of the side;
+            whole pixels when `rotate_degrees` and `zoom` are both 0 (then nothing is
+            resampled, so nothing is blurred).
         intensity: Largest relative contrast/brightness change of the augmentation.
         rebalance: Draw each epoch's training sample with core-set coverage weights
             (embeddings from the serving model) instead of the raw class skew.
@@ -70,6 +83,7 @@ class RetrainSettings(BaseModel):
 
     enabled: bool = True
     min_new_labels: int = Field(50, ge=1, le=1_000_000)
+    idle_minutes: float = Field(30.0, gt=0, le=7 * 24 * 60)
     every_hours: float = Field(24.0, gt=0, le=24 * 365)
     validation_source: Literal["audit", "mixed"] = "audit"
     validation_fraction: float = Field(0.2, gt=0, lt=1)
@@ -77,6 +91,7 @@ class RetrainSettings(BaseModel):
     promotion_tolerance: float = Field(0.01, ge=0, le=1)
     reference_models: int = Field(3, ge=1, le=100)
     promotion_test: Literal["none", "delong"] = "none"
+    refit_on_all_labels: bool = False
     auto_promote: bool = True
     warm_start: bool = False
     min_train_studies: int = Field(10, ge=2)
