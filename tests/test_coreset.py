@@ -251,3 +251,32 @@ ERRORS = [  # function, overrides, parameter named in the message
 def test_parameter_errors_name_the_parameter(fn, kw, name):
     with pytest.raises(ValueError, match=rf"\b{name}\b"):
         _call(fn, **kw)
+
+
+def test_charikar_falls_back_to_farthest_first_when_float_distances_break_the_metric():
+    """Two clusters of near-identical points far from the origin: float32 distances
+    computed as |x|^2 + |y|^2 - 2 x.y are noise of 0-0.1 inside a cluster and break the
+    triangle inequality (0~6 and 6~1 are 0 apart, 0~1 is not). The Charikar greedy then
+    could not cover R(k) (a retrain crashed on this, 2026-12-03); the farthest-first picks
+    are returned instead, and they cover all but z points within 3 x the radius returned."""
+    from triage.coreset.outliers import _charikar
+
+    # distances (rounded) of 10 float32 points, two clusters 375.75 apart
+    d = torch.tensor([
+        [0, 0.062, 375.752, 375.755, 0.088, 375.753, 0, 375.754, 375.753, 375.754],
+        [0.062, 0, 375.752, 375.755, 0, 375.753, 0.108, 375.754, 375.753, 375.754],
+        [375.752, 375.752, 0, 0.088, 375.751, 0, 375.751, 0.062, 0.088, 0],
+        [375.755, 375.755, 0.088, 0, 375.754, 0, 375.754, 0.108, 0, 0.088],
+        [0.088, 0, 375.751, 375.754, 0, 375.752, 0.088, 375.753, 375.752, 375.753],
+        [375.753, 375.753, 0, 0, 375.752, 0, 375.752, 0, 0.062, 0.062],
+        [0, 0.108, 375.751, 375.754, 0.088, 375.752, 0, 375.753, 375.751, 375.753],
+        [375.754, 375.754, 0.062, 0.108, 375.753, 0, 375.753, 0, 0.062, 0.062],
+        [375.753, 375.753, 0, 0.088, 375.752, 0.062, 375.751, 0.062, 0, 0],
+        [375.754, 375.754, 0, 0, 375.753, 0, 375.753, 0, 0, 0],
+    ])
+    first = [0, 1, 4, 6]
+    picks, radius = _charikar(d, torch.ones(10), torch.full((10,), float("inf")), k=5, z=3)
+    assert 1 <= len(picks) <= 5 and len(set(picks.tolist())) == len(picks)
+    nearest = d[:, torch.from_numpy(picks)].min(1).values
+    assert int((nearest > 3 * radius + 1e-6).sum()) <= 3
+    assert {int(p) in first for p in picks} == {True, False}  # both clusters have a centre

@@ -194,7 +194,7 @@ def _charikar(d: torch.Tensor, w: torch.Tensor, d_fixed: torch.Tensor, k: int, z
     m = d.shape[0]
     # Candidates above R(k), the farthest-first k-center radius (>= OPT(k, 0) >= OPT(k, z), so
     # feasible), are never needed. Feasible r below OPT are kept: they only tighten the result.
-    r_k = _gonzalez_radius(d, d_fixed, k)
+    r_k, gonzalez = _gonzalez(d, d_fixed, k)
     tri = torch.ones(m, m, dtype=torch.bool, device=d.device).triu_(1)
     cand = torch.cat([d[tri], d_fixed[torch.isfinite(d_fixed)].to(d.dtype), d.new_zeros(1)])
     del tri
@@ -202,8 +202,12 @@ def _charikar(d: torch.Tensor, w: torch.Tensor, d_fixed: torch.Tensor, k: int, z
     cand = torch.unique_consecutive(torch.sort(cand).values)
     lo, hi = -1, cand.numel() - 1  # invariant: cand[lo] infeasible (or none), cand[hi] feasible
     ok, picks = _feasible(d, w, d_fixed, float(cand[hi]), k, z)
-    if not ok:  # impossible: R(k) >= OPT(k, 0) >= OPT(k, z) is feasible
-        raise RuntimeError("k-center with outliers: R(k) infeasible")
+    if not ok:
+        # Exact distances make this impossible (R(k) >= OPT(k, 0) >= OPT(k, z)). float32
+        # distances of near-identical points (|x|^2 + |y|^2 - 2 x.y) can break the triangle
+        # inequality the guarantee rests on; the farthest-first picks still cover every
+        # point within R(k), so they are the answer (no outliers needed).
+        return np.asarray(list(dict.fromkeys(gonzalez)), dtype=np.int64), r_k
     while hi - lo > 1:
         mid = (lo + hi) // 2
         ok, p = _feasible(d, w, d_fixed, float(cand[mid]), k, z)
@@ -214,13 +218,16 @@ def _charikar(d: torch.Tensor, w: torch.Tensor, d_fixed: torch.Tensor, k: int, z
     return np.asarray(picks, dtype=np.int64), float(cand[hi])
 
 
-def _gonzalez_radius(d: torch.Tensor, d_fixed: torch.Tensor, k: int) -> float:
-    """Farthest-first radius after ``k`` picks on the instance (first pick 0 if nothing fixed)."""
+def _gonzalez(d: torch.Tensor, d_fixed: torch.Tensor, k: int) -> tuple[float, list[int]]:
+    """Farthest-first radius after ``k`` picks on the instance (first pick 0 if nothing
+    fixed), and the picks."""
     md = d_fixed.clone()
+    picks: list[int] = []
     for _ in range(k):
         j = int(torch.argmax(md)) if bool(torch.isfinite(md).all()) else 0
+        picks.append(j)
         md = torch.minimum(md, d[j])
-    return float(md.max())
+    return float(md.max()), picks
 
 
 def _feasible(d: torch.Tensor, w: torch.Tensor, d_fixed: torch.Tensor, r: float, k: int, z: int
