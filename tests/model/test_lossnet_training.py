@@ -74,7 +74,7 @@ def test_fit_learns_and_is_seeded(class_weighted):
     x, y = synthetic(256, 0)
     vx, vy = synthetic(128, 1)
     train = TrainSettings(epochs=4, min_steps=0, batch_size=32, seed=3,
-                          class_weighted=class_weighted)
+                          class_weighted=class_weighted, detach_after_fraction=0.6)
     histories, weights = [], []
     for _ in range(2):
         torch.manual_seed(0)

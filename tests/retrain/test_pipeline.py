@@ -65,9 +65,11 @@ def test_first_model_is_promoted_and_validation_never_trains(tmp_path, pneumonia
     assert all(math.isfinite(metrics[k]) for k in ("auroc", "accuracy", "sensitivity",
                                                    "specificity", "ece"))
     assert entry.parent is None
-    # the stored figure is the served network's AUROC on exactly the validation labels
+    # the stored figure is the judged network's AUROC on exactly the validation labels
+    # (the judge never trained on them; the served refit did, see the refit tests)
     val = load_split(st.db, "validation", st.settings.model)
-    probs = torch.softmax(image_logits(_registry(st).load(entry.version).network, val.images), 1)
+    judge = _registry(st).load(entry.version).held_out_network
+    probs = torch.softmax(image_logits(judge, val.images), 1)
     assert metrics["auroc"] == pytest.approx(classifier_auroc(probs, val.labels), abs=1e-9)
     run = last_run(st.db)
     assert run["state"] == "promoted" and run["candidate_version"] == entry.version
@@ -215,7 +217,7 @@ def test_refit_serves_a_model_trained_on_every_label_and_judges_with_the_candida
 
 
 def test_without_refit_the_served_model_is_the_judged_one(tmp_path, pneumonia):
-    st = _store(tmp_path, pneumonia)
+    st = _store(tmp_path, pneumonia, refit_on_all_labels=False)
     assert _run(st) == "promoted"
     entry = _registry(st).serving()
     assert "served_train" not in entry.data_summary and "refit" not in entry.metrics

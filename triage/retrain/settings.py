@@ -56,10 +56,11 @@ class RetrainSettings(BaseModel):
             every run trains from scratch and depends only on the labels; the two
             measured alike at 5 seeds, see the README).
         min_train_studies: Fewest labelled training studies a run needs.
-        augment: Random small rotations, zoom, shifts and intensity changes (MONAI) on
-            training batches; never left-right flips.
-        rotate_degrees: Largest rotation of the augmentation, degrees.
-        zoom: Largest relative zoom in or out of the augmentation.
+        augment: Random small shifts and intensity changes (and rotations and zoom where
+            set) on training batches (MONAI's affine layer); never left-right flips.
+        rotate_degrees: Largest rotation of the augmentation, degrees (default 0: a
+            rotation resamples and blurs; measured worse than none, bench/recipe.py).
+        zoom: Largest relative zoom in or out of the augmentation (default 0, likewise).
         shift_fraction: Largest shift of the augmentation, as a fraction of the side;
             whole pixels when `rotate_degrees` and `zoom` are both 0 (then nothing is
             resampled, so nothing is blurred).
@@ -91,13 +92,13 @@ class RetrainSettings(BaseModel):
     promotion_tolerance: float = Field(0.01, ge=0, le=1)
     reference_models: int = Field(3, ge=1, le=100)
     promotion_test: Literal["none", "delong"] = "none"
-    refit_on_all_labels: bool = False
+    refit_on_all_labels: bool = True
     auto_promote: bool = True
     warm_start: bool = False
     min_train_studies: int = Field(10, ge=2)
     augment: bool = True
-    rotate_degrees: float = Field(7.0, ge=0, le=45)
-    zoom: float = Field(0.1, ge=0, lt=1)
+    rotate_degrees: float = Field(0.0, ge=0, le=45)
+    zoom: float = Field(0.0, ge=0, lt=1)
     shift_fraction: float = Field(0.05, ge=0, lt=0.5)
     intensity: float = Field(0.1, ge=0, lt=1)
     rebalance: bool = True
