@@ -406,7 +406,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "summarize":
         runs = list(_load_cache(args.tag).values())
-        result = write_outputs(runs, "bench/label_efficiency.py summarize "
+        result = write_outputs(runs, "bench/label_efficiency.py "
                                + " ".join(argv if argv is not None else sys.argv[1:]),
                                args.readme, args.tag)
         print(json.dumps(result["summary"], indent=1))

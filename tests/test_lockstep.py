@@ -92,17 +92,15 @@ def test_a_quiet_stream_ends_with_an_idle_run_that_trains_on_every_label(data):
     """The labels still waiting when the stream ends start a final run (`idle`, or
     `labels` when min_new_labels of them came back at once); with the refit, the model
     served at the end trained on every label that came back."""
-    loop = _run(data, 3, "default+refit")
+    loop = _run(data, 3, "default+refit")  # refit is the default now; the variant says so
     result = loop.result
     final = result["retrains"][-1]
     assert final["at"] == 600 and final["state"] == "promoted", final  # after the stream
     assert final["trigger"] in ("idle", "labels")
     assert result["served_train_labels"] == result["labels_returned"]
-    assert result["labels_returned_by_tail"] < result["labels_returned"]
+    assert 0 < result["labels_returned_by_tail"] <= result["labels_returned"]
     assert all(r["refit"]["studies"] == r["train"] + r["validation"]
                for r in result["retrains"] if r["state"] == "promoted")
-    plain = _run(data, 3).result
-    assert plain["served_train_labels"] < plain["labels_returned"]  # audits never train
 
 
 def test_the_benchmark_applies_its_overrides_to_the_run_and_its_fresh_model():

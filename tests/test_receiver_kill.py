@@ -92,7 +92,9 @@ def test_sigkill_during_send_loses_no_acknowledged_instance(tmp_path: Path) -> N
     daemon.stop(signal.SIGKILL)
     log, _ = sender.communicate(timeout=120)
     acknowledged = _acknowledged(log)
-    assert N // 3 <= len(acknowledged) < N, log[-2000:]
+    # Success follows the journal's commit: the instance journaled last before the kill
+    # may not have been answered yet (one association, so at most one in flight)
+    assert N // 3 - 1 <= len(acknowledged) < N, log[-2000:]
 
     daemon.start()
     try:

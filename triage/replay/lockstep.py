@@ -331,7 +331,7 @@ class Lockstep:
             return
         record.update(state="promoted" if judged.promote else "rejected",
                       val_auroc=judged.candidate["auroc"], reason=judged.reason,
-                      refit=judged.refit or None)
+                      refit={"studies": judged.refit["studies"]} if judged.refit else None)
         self.runs.append(record)
         if not judged.promote:
             return
