@@ -18,9 +18,26 @@ ALERTS = REPO / "service" / "prometheus" / "alerts.yml"
 
 
 def _query(client: httpx.Client, expr: str) -> list[dict]:
-    body = client.get("/api/v1/query", params={"query": expr}).json()
+    response = client.get("/api/v1/query", params={"query": expr})
+    response.raise_for_status()
+    body = response.json()
     assert body["status"] == "success", body
     return body["data"]["result"]
+
+
+def _wait_ready(client: httpx.Client, prometheus: subprocess.Popen[bytes], log: Path,
+                deadline: float) -> None:
+    """Until /-/ready answers 200, Prometheus answers its API with a plain-text 503
+    (the TSDB is still opening), which is not JSON; a loaded machine takes seconds."""
+    while time.monotonic() < deadline:
+        assert prometheus.poll() is None, log.read_text()[-2000:]
+        try:
+            if client.get("/-/ready").status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise AssertionError(f"Prometheus not ready in time: {log.read_text()[-2000:]}")
 
 
 def test_prometheus_scrapes_the_daemon_and_evaluates_the_rules(tmp_path: Path) -> None:
@@ -52,6 +69,7 @@ def test_prometheus_scrapes_the_daemon_and_evaluates_the_rules(tmp_path: Path) -
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=5) as client:
             archived: list[dict] = []
             deadline = time.monotonic() + 40
+            _wait_ready(client, prometheus, log, deadline)
             while time.monotonic() < deadline:
                 assert prometheus.poll() is None, log.read_text()[-2000:]
                 try:
@@ -68,7 +86,9 @@ def test_prometheus_scrapes_the_daemon_and_evaluates_the_rules(tmp_path: Path) -
             assert [float(r["value"][1]) for r in _query(client, 'up{job="triage"}')] == [1.0]
             groups: list[dict] = []
             while time.monotonic() < deadline + 10:
-                groups = client.get("/api/v1/rules").json()["data"]["groups"]
+                response = client.get("/api/v1/rules")
+                response.raise_for_status()
+                groups = response.json()["data"]["groups"]
                 rules = [rule for group in groups for rule in group["rules"]]
                 never = "0001-01-01"  # Prometheus' lastEvaluation of a rule not yet run
                 if rules and not any(rule.get("lastEvaluation", never).startswith(never)
