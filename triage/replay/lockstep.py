@@ -163,6 +163,9 @@ VARIANTS: dict[str, dict[str, dict[str, Any]]] = {
     "refit": {"retrain": {"refit_on_all_labels": True}},
     "recipe": _RECIPE,
     "recipe_refit": {**_RECIPE, "retrain": {**_RECIPE["retrain"], "refit_on_all_labels": True}},
+    # the candidate compared with the serving model alone, paired on the same audits and
+    # allowed their DeLong noise, instead of with the best of the last three
+    "paired_promotion": {"retrain": {"reference_models": 1, "promotion_test": "delong"}},
 }
 """Ablations of the shipped configuration: strategy ``default+<name>``."""
 
