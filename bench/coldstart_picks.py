@@ -22,7 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from triage.datasets import (  # noqa: E402
+from triage.replay.datasets import (  # noqa: E402
     images_to_tensor,
     labels_to_tensor,
     load_pneumoniamnist_dev,
@@ -32,8 +32,8 @@ from triage.model.lossnet import build_loss_predictor  # noqa: E402
 from triage.model.network import build_network  # noqa: E402
 from triage.model.settings import ModelSettings  # noqa: E402
 from triage.model.training import classifier_auroc, fit  # noqa: E402
-from triage.retrain.augment import make_augment  # noqa: E402
-from triage.retrain.settings import RetrainSettings  # noqa: E402
+from triage.training.augment import make_augment  # noqa: E402
+from triage.training.settings import RetrainSettings  # noqa: E402
 
 
 def _train_and_score(x, y, vx, vy, seed: int) -> float:

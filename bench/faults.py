@@ -89,7 +89,7 @@ from faults_support import (  # noqa: E402
     wave_two,
 )
 
-from triage import db as store  # noqa: E402
+from triage.store import db as store  # noqa: E402
 
 RESULTS = REPO / "bench" / "results" / "faults.json"
 LABEL_RATE = 0.3
@@ -140,7 +140,7 @@ class Reviewer:
     """A radiologist working through the HTTP API with their own token."""
 
     def __init__(self, home: Path, name: str) -> None:
-        from triage.auth import create_token
+        from triage.review.auth import create_token
 
         db = store.connect(home / "triage.db")
         try:
@@ -354,7 +354,7 @@ def _retrain_problems(home: Path) -> list[Problem]:
     an ended run, a `promoted` run's candidate promoted, no run failed by an unexpected
     exception (a crash, not a refusal), no temporary files left. (An admin may promote
     a rejected candidate later: a serving model's run need not say `promoted`.)"""
-    from triage.retrain.runs import pid_alive
+    from triage.training.runs import pid_alive
 
     out = []
     runs = {rid: (state, pid, message, version) for rid, state, pid, message, version in
@@ -434,7 +434,7 @@ def _import_model(rig: Rig, seed: int) -> str:
     from triage.model.checkpoint import save_checkpoint
     from triage.model.lossnet import build_loss_predictor
     from triage.model.network import build_network
-    from triage.registry import ModelRegistry
+    from triage.model.registry import ModelRegistry
 
     settings = rig.settings()
     torch.manual_seed(seed)
@@ -634,7 +634,7 @@ def _worker_pid(rig: Rig, run_id: int) -> int | None:
     if pid is None:
         return None
     try:
-        if b"triage.retrain.worker" in Path(f"/proc/{pid}/cmdline").read_bytes():
+        if b"triage.training.worker" in Path(f"/proc/{pid}/cmdline").read_bytes():
             return int(pid)
     except OSError:
         return None

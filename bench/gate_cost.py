@@ -36,23 +36,23 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from triage.config import IngestSettings  # noqa: E402
-from triage.datasets import (  # noqa: E402
+from triage.replay.datasets import (  # noqa: E402
     images_to_tensor,
     labels_to_tensor,
     load_pneumoniamnist_dev,
 )
 from triage.gate import BudgetGate, GateSettings  # noqa: E402
-from triage.gate.measures import MEASURES, all_measures  # noqa: E402
 from triage.gate.strategies import midranks  # noqa: E402
 from triage.ingest.dicom import read_instance  # noqa: E402
+from triage.ingest.preprocess import preprocess  # noqa: E402
 from triage.model.epistemic import fit_epistemic, pooled_features  # noqa: E402
 from triage.model.inference import score_study  # noqa: E402
 from triage.model.lossnet import build_loss_predictor  # noqa: E402
 from triage.model.mc_dropout import mc_predict  # noqa: E402
+from triage.model.measures import MEASURES, all_measures  # noqa: E402
 from triage.model.network import MC_SCOPES, build_network  # noqa: E402
 from triage.model.settings import ModelSettings  # noqa: E402
 from triage.model.training import auroc, classifier_auroc, fit  # noqa: E402
-from triage.preprocess import preprocess  # noqa: E402
 
 PATHS = (*MC_SCOPES, "laplace")
 """Gate paths timed: MC dropout at each scope, and the last-layer Laplace samples."""

@@ -24,12 +24,12 @@ import torch
 from monai.data import set_track_meta
 from prometheus_client import CollectorRegistry
 
-from triage import db as store
 from triage.config import load_settings
-from triage.dicom_writer import image_dataset, write_dataset
 from triage.ingest.ingestor import Ingestor
 from triage.ingest.watcher import ReadyFile
-from triage.metrics import build_metrics
+from triage.replay.dicom_writer import image_dataset, write_dataset
+from triage.store import db as store
+from triage.telemetry.metrics import build_metrics
 
 
 def main() -> None:

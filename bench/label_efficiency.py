@@ -44,7 +44,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from triage.config import load_settings, override_environ  # noqa: E402
-from triage.datasets import (  # noqa: E402
+from triage.replay.datasets import (  # noqa: E402
     find_data_dir,
     images_to_tensor,
     labels_to_tensor,

@@ -52,7 +52,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from triage.dicom_writer import image_dataset, write_dataset  # noqa: E402
+from triage.replay.dicom_writer import image_dataset, write_dataset  # noqa: E402
 
 CONFIG = REPO / "config.yaml"
 

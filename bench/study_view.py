@@ -30,16 +30,16 @@ from fastapi.testclient import TestClient
 from monai.data import set_track_meta
 from prometheus_client import CollectorRegistry
 
-from triage import db as store
 from triage.api.app import create_app
-from triage.auth import create_token
 from triage.config import load_settings
 from triage.daemon import Daemon
-from triage.dicom_writer import image_dataset, write_dataset
 from triage.ingest.ingestor import Ingestor
 from triage.ingest.watcher import ReadyFile
-from triage.metrics import build_metrics
-from triage.queue import enqueue
+from triage.replay.dicom_writer import image_dataset, write_dataset
+from triage.review.auth import create_token
+from triage.review.queue import enqueue
+from triage.store import db as store
+from triage.telemetry.metrics import build_metrics
 
 TARGET_P95_MS = 200.0
 

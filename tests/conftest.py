@@ -17,7 +17,7 @@ import numpy as np
 import pydicom
 import pytest
 
-from triage.dicom_writer import image_dataset, write_dataset
+from triage.replay.dicom_writer import image_dataset, write_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 PHI = {"name": "DOE^JANE", "id": "PID-99731", "accession": "ACC-55120"}

@@ -45,7 +45,7 @@ from typing import NamedTuple
 
 from conftest import FAST_ENV, PHI_STRINGS, REPO, DaemonProcess, make_image  # noqa: F401
 
-from triage.db import FINAL_FILE_STATES
+from triage.store.db import FINAL_FILE_STATES
 
 FINAL = FINAL_FILE_STATES
 IN_FLIGHT_FILES = ("received", "reading", "moving")

@@ -7,9 +7,9 @@ from pathlib import Path
 
 from conftest import make_image
 
-from triage import db as store
 from triage.config import load_settings
 from triage.daemon import Daemon
+from triage.store import db as store
 
 
 def test_low_disk_pauses_ingestion_without_deleting_and_resumes(tmp_path: Path) -> None:

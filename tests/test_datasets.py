@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from triage.datasets import (
+from triage.replay.datasets import (
     find_data_dir,
     images_to_tensor,
     labels_to_tensor,

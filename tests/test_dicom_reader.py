@@ -9,10 +9,11 @@ import pytest
 from conftest import PHI_STRINGS, make_image
 
 from triage.config import IngestSettings
-from triage.dicom_writer import image_dataset, write_dataset
 from triage.errors import DicomRejected
 from triage.ingest.dicom import read_instance
-from triage.preprocess import from_storage, preprocess, to_storage
+from triage.ingest.preprocess import preprocess
+from triage.replay.dicom_writer import image_dataset, write_dataset
+from triage.store.images import from_storage, to_storage
 
 SETTINGS = IngestSettings()
 
@@ -112,7 +113,7 @@ def test_library_messages_are_redacted(tmp_path: Path) -> None:
 
 
 def test_redact_replaces_every_identifying_value() -> None:
-    from triage.phi import phi_values, redact
+    from triage.ingest.phi import phi_values, redact
 
     ds = image_dataset(np.zeros((4, 4), np.uint8), patient_name="DOE^JANE",
                        patient_id="PID-99731", accession="ACC-55120")

@@ -19,8 +19,8 @@ from dicomweb_client.api import DICOMwebClient
 from pydicom.uid import generate_uid
 
 from triage.api.viewer import viewer_link
-from triage.dicom_writer import image_dataset, write_dataset
 from triage.dicomweb.multipart import MultipartParser, encode
+from triage.replay.dicom_writer import image_dataset, write_dataset
 
 MAX_BYTES = 1_000_000
 ENV = {

@@ -24,20 +24,20 @@ from conftest import REPO
 from faults_support import Batch, final_problems
 from prometheus_client import CollectorRegistry
 
-from triage import db as store
-from triage.auth import Principal
 from triage.config import Settings
 from triage.daemon import Daemon
-from triage.metrics import build_metrics
+from triage.ingest.assembly import StudyAssembler
 from triage.model.checkpoint import save_checkpoint
 from triage.model.lossnet import build_loss_predictor
 from triage.model.network import build_network
+from triage.model.registry import ModelError, ModelRegistry
+from triage.model.serving import failure_reason
 from triage.model.settings import ModelSettings
-from triage.queue import ReviewQueue, enqueue
-from triage.registry import ModelError, ModelRegistry
-from triage.retrain.scheduler import RetrainScheduler
-from triage.serving import failure_reason
-from triage.studies import StudyAssembler
+from triage.review.auth import Principal
+from triage.review.queue import ReviewQueue, enqueue
+from triage.store import db as store
+from triage.telemetry.metrics import build_metrics
+from triage.training.scheduler import RetrainScheduler
 
 _spec = importlib.util.spec_from_file_location("bench_faults", REPO / "bench" / "faults.py")
 faults = importlib.util.module_from_spec(_spec)
@@ -278,6 +278,6 @@ def test_a_killed_workers_temporary_files_are_removed_with_its_run(tmp_path: Pat
     kept = [models / ".retrain-3.pt", tmp_path / "retrain" / "run-3.json"]
     for path in left + kept:
         path.write_bytes(b"x")
-    with mock.patch("triage.retrain.runs.pid_alive", lambda pid: pid == os.getpid()):
+    with mock.patch("triage.training.runs.pid_alive", lambda pid: pid == os.getpid()):
         assert RetrainScheduler(settings, settings.path("database")).check() == [1]
     assert [p.exists() for p in left] == [False] * 4 and all(p.exists() for p in kept)

@@ -11,18 +11,18 @@ import torch
 from prometheus_client import CollectorRegistry
 from pydicom.dataset import Dataset
 
-from triage import db as store
 from triage.config import ScopeSettings, Settings
-from triage.dicom_writer import image_dataset, write_dataset
 from triage.ingest.dicom import slice_position
 from triage.ingest.ingestor import Ingestor
 from triage.ingest.watcher import ReadyFile
-from triage.metrics import build_metrics
 from triage.model.inference import score_study
 from triage.model.lossnet import build_loss_predictor
 from triage.model.network import build_network
 from triage.model.settings import ModelSettings
-from triage.studies import INSTANCE_ORDER, load_study_images
+from triage.replay.dicom_writer import image_dataset, write_dataset
+from triage.store import db as store
+from triage.store.images import INSTANCE_ORDER, load_study_images
+from triage.telemetry.metrics import build_metrics
 
 TINY = ModelSettings(input_size=32, channels=(4, 8), subunits=1, lossnet_width=8, mc_samples=3,
                      max_images_per_study=3)

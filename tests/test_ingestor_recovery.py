@@ -10,11 +10,11 @@ import pytest
 from conftest import make_image
 from prometheus_client import CollectorRegistry
 
-from triage import db as store
 from triage.config import load_settings
 from triage.ingest.ingestor import Ingestor
 from triage.ingest.watcher import ReadyFile
-from triage.metrics import build_metrics
+from triage.store import db as store
+from triage.telemetry.metrics import build_metrics
 
 
 @pytest.fixture

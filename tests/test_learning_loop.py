@@ -15,8 +15,8 @@ import pytest
 from conftest import FAST_ENV, DaemonProcess
 from test_review_api import auth, make_token
 
-from triage.datasets import find_data_dir, load_pneumoniamnist_dev
-from triage.dicom_writer import image_dataset, write_dataset
+from triage.replay.datasets import find_data_dir, load_pneumoniamnist_dev
+from triage.replay.dicom_writer import image_dataset, write_dataset
 
 LOOP_ENV = {
     **FAST_ENV,

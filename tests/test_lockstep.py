@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from triage.config import Settings
-from triage.datasets import find_data_dir, images_to_tensor, labels_to_tensor
-from triage.datasets import load_pneumoniamnist_dev as load_dev
 from triage.model.settings import ModelSettings, TrainSettings
+from triage.replay.datasets import find_data_dir, images_to_tensor, labels_to_tensor
+from triage.replay.datasets import load_pneumoniamnist_dev as load_dev
 from triage.replay.lockstep import Data, Lockstep, RunSpec, oracle, stream_order
 
 pytestmark = pytest.mark.skipif(

@@ -8,12 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from triage import db as store
 from triage.model.checkpoint import save_checkpoint
 from triage.model.lossnet import build_loss_predictor
 from triage.model.network import build_network
+from triage.model.registry import ModelError, ModelRegistry, promotion_decision
 from triage.model.settings import ModelSettings
-from triage.registry import ModelError, ModelRegistry, promotion_decision
+from triage.store import db as store
 
 TINY = ModelSettings(input_size=16, channels=(4, 8), subunits=1, lossnet_width=8)
 

@@ -18,20 +18,20 @@ import numpy as np
 import pytest
 import torch
 from conftest import FAST_ENV, REPO, DaemonProcess, make_image
-from retrain.conftest import SIZE, TINY_MODEL, Store
+from training.conftest import SIZE, TINY_MODEL, Store
 from test_review_api import auth, make_token
 
-import triage.retrain.queries as queries
-from triage import db as store
+import triage.gate.queries as queries
 from triage.config import Settings, load_settings
 from triage.model.calibration import OperatingPoint
 from triage.model.checkpoint import load_checkpoint, save_checkpoint
 from triage.model.inference import score_study
 from triage.model.lossnet import build_loss_predictor
 from triage.model.network import build_network
+from triage.model.registry import ModelError, ModelRegistry, model_operating_point
 from triage.model.settings import ModelSettings
-from triage.registry import ModelError, ModelRegistry, model_operating_point
-from triage.studies import load_study_images
+from triage.store import db as store
+from triage.store.images import load_study_images
 
 SEED_FACTOR = 1009  # the gate scorer's MC-dropout seed: study id * 1009 + round
 
@@ -131,7 +131,7 @@ def test_rescore_pending_scores_at_the_checkpoints_operating_point(tmp_path: Pat
 
 def test_replay_evaluation_uses_the_stored_operating_point(tmp_path: Path) -> None:
     from triage.replay.report import eval_tensor, evaluate_checkpoint
-    from triage.retrain.evaluate import classification_metrics, study_probabilities
+    from triage.training.evaluate import classification_metrics, study_probabilities
 
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (12, 40, 40), dtype=np.uint8)

@@ -54,12 +54,12 @@ def _promote_model(home: Path, auroc: float) -> str:
     """Register and promote a freshly initialised model with a recorded validation AUROC."""
     import torch
 
-    from triage import db as store
     from triage.config import load_settings
     from triage.model.checkpoint import save_checkpoint
     from triage.model.lossnet import build_loss_predictor
     from triage.model.network import build_network
-    from triage.registry import ModelRegistry
+    from triage.model.registry import ModelRegistry
+    from triage.store import db as store
 
     settings = load_settings(REPO / "config.yaml", home=home, environ={})
     torch.manual_seed(0)

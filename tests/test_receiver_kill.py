@@ -25,7 +25,7 @@ import pydicom
 import pytest
 from conftest import FAST_ENV, DaemonProcess, free_port
 
-from triage.dicom_writer import image_dataset, write_dataset
+from triage.replay.dicom_writer import image_dataset, write_dataset
 
 FULL_SCALE = os.environ.get("TRIAGE_FULL_SCALE") == "1"
 # Final states of a file kept in the archive (CT is outside the default model scope).

@@ -16,7 +16,7 @@ import pydicom
 import pytest
 from pydicom.uid import UID
 
-from triage.datasets import find_data_dir
+from triage.replay.datasets import find_data_dir
 from triage.replay.oracle import noisy_label
 from triage.replay.source import Item, SourceError, folder_items, pneumoniamnist_items
 from triage.replay.stream import StreamWriter, build_studies, order_indices
@@ -222,7 +222,7 @@ def test_replay_through_a_spawned_daemon(tmp_path: Path) -> None:
 def test_spawn_overrides_map_to_triage_env() -> None:
     from triage.config import load_settings
     from triage.errors import ConfigError
-    from triage.replay.cli import ReplayOptions, override_env
+    from triage.replay.commands import ReplayOptions, override_env
 
     env = override_env(ReplayOptions(strategy="random", coverage="off",
                                      overrides=["model.training.epochs=2", "gate.daily_cap=9"]))

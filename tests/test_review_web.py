@@ -14,7 +14,7 @@ import pytest
 from conftest import FAST_ENV, REPO, DaemonProcess, make_image
 from test_review_api import auth, make_token
 
-from triage.dicom_writer import image_dataset, write_dataset
+from triage.replay.dicom_writer import image_dataset, write_dataset
 
 CHROMIUM = "/usr/bin/chromium"
 ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",

@@ -20,16 +20,17 @@ from conftest import PHI_STRINGS, REPO, DaemonProcess, make_image
 from prometheus_client import CollectorRegistry
 from pydicom.uid import generate_uid
 
-from triage import db as store
 from triage.config import ScopeSettings, Settings, load_settings
-from triage.dicom_writer import image_dataset, write_dataset
+from triage.ingest.assembly import StudyAssembler
 from triage.ingest.ingestor import Ingestor
 from triage.ingest.scope import check_scope
 from triage.ingest.watcher import ReadyFile
-from triage.metrics import build_metrics
 from triage.model.settings import ModelSettings
-from triage.status import collect_status, format_status
-from triage.studies import StudyAssembler, load_study_images
+from triage.ops.status import collect_status, format_status
+from triage.replay.dicom_writer import image_dataset, write_dataset
+from triage.store import db as store
+from triage.store.images import load_study_images
+from triage.telemetry.metrics import build_metrics
 
 TINY = ModelSettings(input_size=32, channels=(4, 8), subunits=1, lossnet_width=8, mc_samples=3)
 CT_REASON = "out of scope: modality CT is not in scope.modalities [CR, DX]"

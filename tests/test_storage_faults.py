@@ -15,13 +15,13 @@ from pathlib import Path
 
 import pytest
 
-from triage import db as store
-from triage.auth import Principal
 from triage.config import load_settings
 from triage.daemon import Daemon
 from triage.gate.budget_gate import Decision
-from triage.queue import ReviewQueue, enqueue
-from triage.retrain.splits import assign_split
+from triage.review.auth import Principal
+from triage.review.queue import ReviewQueue, enqueue
+from triage.store import db as store
+from triage.training.splits import assign_split
 
 
 def test_a_failing_commit_is_rolled_back_and_the_connection_stays_usable(tmp_path: Path) -> None:
@@ -52,7 +52,7 @@ def test_a_failing_commit_is_rolled_back_and_the_connection_stays_usable(tmp_pat
 _MIGRATE = """
 import sys, time
 from pathlib import Path
-from triage import db as store
+from triage.store import db as store
 path, go = Path(sys.argv[1]), Path(sys.argv[2])
 Path(sys.argv[3]).touch()
 while not go.exists():

@@ -17,17 +17,17 @@ from prometheus_client import CollectorRegistry
 from pydicom.multival import MultiValue
 from pydicom.valuerep import DSfloat
 
-from triage import db as store
 from triage.api.app import create_app
-from triage.auth import create_token
 from triage.config import ScopeSettings, Settings
 from triage.daemon import Daemon
-from triage.dicom_writer import image_dataset, write_dataset
 from triage.ingest.ingestor import Ingestor
 from triage.ingest.watcher import ReadyFile
-from triage.metrics import build_metrics
 from triage.model.settings import ModelSettings
-from triage.queue import enqueue
+from triage.replay.dicom_writer import image_dataset, write_dataset
+from triage.review.auth import create_token
+from triage.review.queue import enqueue
+from triage.store import db as store
+from triage.telemetry.metrics import build_metrics
 
 TINY = ModelSettings(input_size=32, channels=(4, 8), subunits=1, lossnet_width=8, mc_samples=3)
 CT_SCOPE = ScopeSettings(modalities=["CT"])  # CT series with window presets

@@ -22,7 +22,7 @@ EXIT_CONFIG = 2
 
 
 def _parser() -> argparse.ArgumentParser:
-    from triage.auth import ROLES
+    from triage.review.auth import ROLES
 
     parser = argparse.ArgumentParser(
         prog="triage", description="Decide which incoming DICOM studies a radiologist labels."
@@ -83,7 +83,7 @@ def _parser() -> argparse.ArgumentParser:
         "replay", parents=[common],
         help="stream a labelled image set into a daemon; an oracle labels what it routes",
     )
-    from triage.replay.cli import add_arguments as replay_arguments
+    from triage.replay.commands import add_arguments as replay_arguments
 
     replay_arguments(replay)
     return parser
@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "models":
             return _models(settings, args)
         if args.command == "retrain":
-            from triage.retrain.cli import run_retrain_command
+            from triage.training.commands import run_retrain_command
 
             return run_retrain_command(settings, background=args.background)
         if args.command == "token":
@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "audit":
             return _audit(settings, args)
         if args.command == "replay":
-            from triage.replay.cli import run_replay_command
+            from triage.replay.commands import run_replay_command
 
             return run_replay_command(settings, args)
     except ConfigError as exc:
@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _status(settings: Settings, as_json: bool) -> int:
-    from triage.status import collect_status, format_status
+    from triage.ops.status import collect_status, format_status
 
     status = collect_status(settings)
     dicom = settings.dicom
@@ -144,8 +144,8 @@ def _status(settings: Settings, as_json: bool) -> int:
 
 
 def _models(settings: Settings, args: argparse.Namespace) -> int:
-    from triage import db as store
-    from triage.registry import ModelRegistry
+    from triage.model.registry import ModelRegistry
+    from triage.store import db as store
 
     db = store.connect(settings.path("database"))
     try:
@@ -167,7 +167,7 @@ def _models(settings: Settings, args: argparse.Namespace) -> int:
             print(f"{entry.version} {entry.status}")
             return 0
         if args.models_command in ("show", "rollback"):
-            from triage.retrain.cli import models_rollback, models_show
+            from triage.training.commands import models_rollback, models_show
 
             if args.models_command == "show":
                 code = models_show(registry, args.version, args.json)
@@ -196,10 +196,10 @@ def _print_operating_point(point: dict | None, labels: list[str]) -> None:
 
 
 def _token(settings: Settings, args: argparse.Namespace) -> int:
-    from triage import audit
-    from triage import db as store
-    from triage.auth import create_token, list_tokens, revoke_token
-    from triage.db import transaction
+    from triage.review import audit
+    from triage.review.auth import create_token, list_tokens, revoke_token
+    from triage.store import db as store
+    from triage.store.db import transaction
 
     db = store.connect(settings.path("database"))
     try:
@@ -226,8 +226,8 @@ def _token(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _audit(settings: Settings, args: argparse.Namespace) -> int:
-    from triage import audit
-    from triage import db as store
+    from triage.review import audit
+    from triage.store import db as store
 
     start = _parse_since(args.since)
     db = store.connect(settings.path("database"))
@@ -263,7 +263,7 @@ def _parse_since(text: str) -> float:
 
 
 def _note_stop_signal(signum: int, _frame: object) -> None:
-    from triage.logs import event
+    from triage.telemetry.logs import event
 
     event(logging.getLogger("triage.cli"), "stop_signal", signal=signal.Signals(signum).name)
 
@@ -274,7 +274,7 @@ def _serve(settings: Settings, host: str | None, port: int | None) -> int:
     from triage.api.app import create_app
     from triage.api.transport import server_transport
     from triage.daemon import Daemon
-    from triage.logs import setup_logging
+    from triage.telemetry.logs import setup_logging
 
     host = host or settings.server.host
     setup_logging(

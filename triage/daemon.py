@@ -30,21 +30,22 @@ import torch
 from monai.data import set_track_meta
 from prometheus_client import CollectorRegistry
 
-from triage import db as store
 from triage.config import Settings
 from triage.errors import TriageError
 from triage.gate.scorer import GateScorer
 from triage.gate.worker import ScoringWorker
+from triage.ingest.assembly import StudyAssembler
 from triage.ingest.ingestor import Ingestor
 from triage.ingest.received import ReceivedStore
 from triage.ingest.watcher import InboxWatcher
-from triage.logs import event
-from triage.metrics import Metrics, StoreCollector, build_metrics
-from triage.ops_metrics import OpsCollector
-from triage.queue import recover_leases
-from triage.retrain.metrics import RetrainCollector
-from triage.retrain.scheduler import RetrainScheduler
-from triage.studies import StudyAssembler
+from triage.ops.collectors import StoreCollector
+from triage.ops.summary import OpsCollector
+from triage.review.queue import recover_leases
+from triage.store import db as store
+from triage.telemetry.logs import event
+from triage.telemetry.metrics import Metrics, build_metrics
+from triage.training.collector import RetrainCollector
+from triage.training.scheduler import RetrainScheduler
 
 log = logging.getLogger("triage.daemon")
 
@@ -122,7 +123,7 @@ class Daemon:
         event(log, "daemon_started", home=str(self.settings.home))
 
     def _start_receiver(self) -> None:
-        from triage.dicomnet.receiver import DicomReceiver  # pynetdicom only when used
+        from triage.ingest.receiver import DicomReceiver  # pynetdicom only when used
 
         receiver = DicomReceiver(self.settings.dicom, self.received, self.association_ended,
                                  self.metrics)

@@ -20,7 +20,7 @@ import pytest
 from conftest import FAST_ENV, DaemonProcess, free_port
 from prometheus_client.parser import text_string_to_metric_families
 
-from triage.db import FINAL_FILE_STATES
+from triage.store.db import FINAL_FILE_STATES
 
 # Scope routing admits CR/DX chest images by default; these tests send CT and MR.
 OPEN_SCOPE = {

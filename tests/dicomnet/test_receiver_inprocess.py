@@ -20,13 +20,13 @@ from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage
 
-from triage import db as store
 from triage.config import load_settings
-from triage.dicom_writer import image_dataset
-from triage.dicomnet.receiver import DicomReceiver
 from triage.errors import ConfigError, TriageError
 from triage.ingest.received import ReceivedStore
-from triage.metrics import build_metrics
+from triage.ingest.receiver import DicomReceiver
+from triage.replay.dicom_writer import image_dataset
+from triage.store import db as store
+from triage.telemetry.metrics import build_metrics
 
 
 @pytest.fixture
@@ -141,9 +141,9 @@ def test_pynetdicom_logs_only_through_triage(parts) -> None:
         root.removeHandler(collect)
         triage_log.setLevel(level)
     assert [(r.name, r.levelno, r.getMessage(), r.detail, r.source) for r in collect.records] == [
-        ("triage.dicomnet", logging.WARNING, "pynetdicom_log",
+        ("triage.ingest.receiver", logging.WARNING, "pynetdicom_log",
          "No supported service class for '<uid>'", "pynetdicom.association"),
-        ("triage.dicomnet", logging.ERROR, "pynetdicom_log", "exception",
+        ("triage.ingest.receiver", logging.ERROR, "pynetdicom_log", "exception",
          "pynetdicom.association"),
     ]
     assert collect.records[1].error_type == "ValueError" and not collect.records[1].exc_info

@@ -35,7 +35,7 @@ from pynetdicom.sop_class import (
     Verification,
 )
 
-from triage.dicom_writer import image_dataset
+from triage.replay.dicom_writer import image_dataset
 
 STABLE_AGE = "60"
 BURST = 50

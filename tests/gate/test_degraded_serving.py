@@ -20,10 +20,10 @@ from triage.gate.worker import ScoringWorker
 from triage.model.checkpoint import save_checkpoint
 from triage.model.lossnet import build_loss_predictor
 from triage.model.network import build_network
+from triage.model.registry import ModelError
+from triage.model.serving import LOAD_FAILURE_REASONS, RETRY_SECONDS, failure_reason, read_serving_status
 from triage.model.settings import ModelSettings
-from triage.registry import ModelError
-from triage.serving import LOAD_FAILURE_REASONS, RETRY_SECONDS, failure_reason, read_serving_status
-from triage.status import collect_status, format_status
+from triage.ops.status import collect_status, format_status
 
 
 def _checkpoint(home: Home, version: str) -> Path:

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from triage.gate.measures import (
+from triage.model.measures import (
     all_measures,
     bald,
     least_confidence,

@@ -19,36 +19,36 @@ import torch
 from fastapi.testclient import TestClient
 from prometheus_client import CollectorRegistry
 
-from triage import db as store
 from triage.api.app import create_app
-from triage.auth import create_token
 from triage.config import IngestSettings, Settings
 from triage.daemon import Daemon
-from triage.datasets import (
-    find_data_dir,
-    images_to_tensor,
-    labels_to_tensor,
-    load_pneumoniamnist_dev,
-)
-from triage.dicom_writer import image_dataset, write_dataset
 from triage.gate import GateSettings
 from triage.gate.scorer import GateScorer
 from triage.gate.worker import ScoringWorker
+from triage.ingest.assembly import StudyAssembler
 from triage.ingest.dicom import read_instance
 from triage.ingest.ingestor import Ingestor
+from triage.ingest.preprocess import preprocess
 from triage.ingest.watcher import ReadyFile
-from triage.metrics import build_metrics
 from triage.model.checkpoint import load_checkpoint, save_checkpoint
 from triage.model.epistemic import OOD_QUANTILE, fit_epistemic, pooled_features
 from triage.model.inference import score_study
 from triage.model.lossnet import build_loss_predictor
 from triage.model.network import build_network
+from triage.model.registry import ModelRegistry
 from triage.model.settings import ModelSettings, TrainSettings
 from triage.model.training import fit
-from triage.preprocess import preprocess
-from triage.queue import enqueue
-from triage.registry import ModelRegistry
-from triage.studies import StudyAssembler
+from triage.replay.datasets import (
+    find_data_dir,
+    images_to_tensor,
+    labels_to_tensor,
+    load_pneumoniamnist_dev,
+)
+from triage.replay.dicom_writer import image_dataset, write_dataset
+from triage.review.auth import create_token
+from triage.review.queue import enqueue
+from triage.store import db as store
+from triage.telemetry.metrics import build_metrics
 
 SKIP = "PneumoniaMNIST not found: set TRIAGE_DATA_DIR or place it in ../shared/data"
 SMALL = ModelSettings(

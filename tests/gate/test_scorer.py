@@ -20,19 +20,19 @@ from conftest import FAST_ENV, REPO, DaemonProcess, make_image
 from prometheus_client import CollectorRegistry
 from test_coldstart import synthetic_study
 
-from triage import db as store
 from triage.config import Settings, load_settings
 from triage.gate import GateSettings
 from triage.gate.scorer import GateScorer
 from triage.gate.worker import ScoringWorker
-from triage.metrics import build_metrics
 from triage.model.checkpoint import save_checkpoint
 from triage.model.inference import score_study
 from triage.model.lossnet import build_loss_predictor
 from triage.model.network import build_network
+from triage.model.registry import ModelRegistry
 from triage.model.settings import ModelSettings
-from triage.preprocess import to_storage
-from triage.registry import ModelRegistry
+from triage.store import db as store
+from triage.store.images import to_storage
+from triage.telemetry.metrics import build_metrics
 
 
 def _decisions(proc: DaemonProcess) -> list[sqlite3.Row]:

@@ -13,15 +13,15 @@ import pytest
 from conftest import PHI_STRINGS, make_image
 from prometheus_client import CollectorRegistry
 
-from triage import db as store
 from triage.config import Settings
 from triage.gate.scorer import GateScorer
 from triage.gate.worker import ScoringWorker
+from triage.ingest.assembly import StudyAssembler
 from triage.ingest.ingestor import Ingestor
 from triage.ingest.watcher import ReadyFile
-from triage.metrics import build_metrics
 from triage.model.settings import ModelSettings
-from triage.studies import StudyAssembler
+from triage.store import db as store
+from triage.telemetry.metrics import build_metrics
 
 TINY = ModelSettings(input_size=32, channels=(4, 8), subunits=1, lossnet_width=8, mc_samples=3)
 

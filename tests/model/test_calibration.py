@@ -18,7 +18,7 @@ from triage.model.calibration import (
     youden_threshold,
 )
 from triage.model.training import classifier_auroc
-from triage.retrain.evaluate import expected_calibration_error
+from triage.training.evaluate import expected_calibration_error
 
 LN3 = math.log(3.0)
 

@@ -8,20 +8,20 @@ import numpy as np
 import pytest
 import torch
 
-from triage.datasets import (
+from triage.model.checkpoint import load_checkpoint, save_checkpoint
+from triage.model.epistemic import fit_epistemic, fit_epistemic_features, pooled_features
+from triage.model.inference import score_study
+from triage.model.lossnet import build_loss_predictor
+from triage.model.measures import bald
+from triage.model.network import build_network
+from triage.model.settings import ModelSettings, TrainSettings
+from triage.model.training import auroc, fit
+from triage.replay.datasets import (
     find_data_dir,
     images_to_tensor,
     labels_to_tensor,
     load_pneumoniamnist_dev,
 )
-from triage.gate.measures import bald
-from triage.model.checkpoint import load_checkpoint, save_checkpoint
-from triage.model.epistemic import fit_epistemic, fit_epistemic_features, pooled_features
-from triage.model.inference import score_study
-from triage.model.lossnet import build_loss_predictor
-from triage.model.network import build_network
-from triage.model.settings import ModelSettings, TrainSettings
-from triage.model.training import auroc, fit
 
 SKIP = "PneumoniaMNIST not found: set TRIAGE_DATA_DIR or place it in ../shared/data"
 SMALL = ModelSettings(

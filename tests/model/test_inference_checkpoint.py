@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from triage.gate.measures import MEASURES
 from triage.model.checkpoint import load_checkpoint, save_checkpoint
 from triage.model.inference import STAGES, pick_images, score_study
 from triage.model.lossnet import build_loss_predictor
+from triage.model.measures import MEASURES
 from triage.model.network import build_network
 from triage.model.settings import ModelSettings
 

@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 
 from triage import __version__
-from triage.api import dicomweb, images, ops, ops_status, review, viewer
+from triage.api import dicomweb_routes, images, ops, ops_status, review, viewer
 from triage.api.security import SecurityHeadersMiddleware
 from triage.api.throttle import AuthThrottle
-from triage.daemon import Daemon
 from triage.errors import TriageError
-from triage.queue import QueueError
+from triage.review.queue import QueueError
+
+if TYPE_CHECKING:
+    from triage.daemon import Daemon
 
 STATIC = Path(__file__).parent / "static"
 
@@ -40,7 +43,7 @@ def create_app(daemon: Daemon) -> FastAPI:
     app.include_router(images.router)
     app.include_router(ops_status.router)
     app.include_router(viewer.router)
-    app.include_router(dicomweb.router)
+    app.include_router(dicomweb_routes.router)
 
     @app.exception_handler(QueueError)
     async def queue_error(request: Request, exc: QueueError) -> JSONResponse:

@@ -8,9 +8,9 @@ from typing import Annotated
 import sqlite_utils
 from fastapi import Depends, HTTPException, Request
 
-from triage import db as store
-from triage.auth import AuthError, Principal, authenticate
 from triage.config import Settings
+from triage.review.auth import AuthError, Principal, authenticate
+from triage.store import db as store
 
 
 def get_settings(request: Request) -> Settings:

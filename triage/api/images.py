@@ -21,7 +21,7 @@ from PIL import Image
 from triage.api.deps import DbDep, Reader, SettingsDep
 from triage.errors import DicomRejected
 from triage.ingest.dicom import DecodedImage, read_instance
-from triage.logs import event
+from triage.telemetry.logs import event
 
 router = APIRouter(prefix="/api", tags=["images"])
 log = logging.getLogger("triage.api")

@@ -21,13 +21,13 @@ from fastapi.responses import FileResponse
 from prometheus_client.metrics import MetricWrapperBase
 
 from triage.api.deps import DbDep, SettingsDep, require
-from triage.auth import Principal
 from triage.config import Settings
-from triage.db import FINAL_FILE_STATES, STUDY_STATES, count_by
-from triage.ops_metrics import audit_accuracy, quarantined_by_reason, serving_model
-from triage.registry import model_operating_point
-from triage.retrain.runs import retrain_status
-from triage.serving import read_serving_status
+from triage.model.registry import model_operating_point
+from triage.model.serving import read_serving_status
+from triage.ops.summary import audit_accuracy, quarantined_by_reason, serving_model
+from triage.review.auth import Principal
+from triage.store.db import FINAL_FILE_STATES, STUDY_STATES, count_by
+from triage.training.runs import retrain_status
 
 STATIC = Path(__file__).parent / "static"
 HOURS = 24

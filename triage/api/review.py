@@ -19,8 +19,8 @@ from pydantic import BaseModel, Field
 
 from triage.api.deps import Admin, Anyone, DbDep, Reader, SettingsDep, client_address
 from triage.api.study_view import explain_routing, study_view
-from triage.queue import ReviewQueue
-from triage.retrain.splits import assign_split
+from triage.review.queue import ReviewQueue
+from triage.training.splits import assign_split
 
 router = APIRouter(prefix="/api", tags=["review"])
 

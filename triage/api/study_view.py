@@ -10,15 +10,16 @@ from typing import Any
 import pydicom
 import sqlite_utils
 
-from triage import audit
-from triage.auth import Principal
 from triage.config import Settings
-from triage.db import transaction
+from triage.ingest.assembly import store_view_header
 from triage.ingest.dicom import view_header
-from triage.logs import event
-from triage.queue import QueueError, explain
-from triage.registry import model_operating_point
-from triage.studies import INSTANCE_ORDER, store_view_header
+from triage.model.registry import model_operating_point
+from triage.review import audit
+from triage.review.auth import Principal
+from triage.review.queue import QueueError, explain
+from triage.store.db import transaction
+from triage.store.images import INSTANCE_ORDER
+from triage.telemetry.logs import event
 
 log = logging.getLogger("triage.api")
 
@@ -68,7 +69,7 @@ def study_view(db: sqlite_utils.Database, settings: Settings, study_id: int,
 
 
 def explain_routing(db: sqlite_utils.Database, study_id: int) -> dict[str, Any]:
-    """`triage.queue.explain` plus the ``operating_point`` (temperature, threshold) of the
+    """`triage.review.queue.explain` plus the ``operating_point`` (temperature, threshold) of the
     model that made the decision: what turned its probabilities into the stored label.
     None without a model (cold start) or when its checkpoint cannot be read;
     ``threshold`` None means argmax."""

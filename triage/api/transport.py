@@ -16,7 +16,7 @@ from pathlib import Path
 
 from triage.config import Settings
 from triage.errors import ConfigError
-from triage.logs import event
+from triage.telemetry.logs import event
 
 log = logging.getLogger("triage.server")
 

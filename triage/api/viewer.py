@@ -12,7 +12,7 @@ from typing import Any
 from fastapi import APIRouter, HTTPException, Request
 
 from triage.api.deps import DbDep, Reader, SettingsDep
-from triage.api.dicomweb import dicomweb_root
+from triage.api.dicomweb_routes import dicomweb_root
 
 router = APIRouter(prefix="/api", tags=["review"])
 

@@ -17,7 +17,7 @@ from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
 
-from triage.logs import event
+from triage.telemetry.logs import event
 
 log = logging.getLogger("triage.api")
 

@@ -25,7 +25,7 @@ from triage.dicomweb.json_model import (
     read_header,
     resolve_keyword,
 )
-from triage.studies import INSTANCE_ORDER
+from triage.store.images import INSTANCE_ORDER
 
 DEFAULT_LIMIT = 200
 MAX_LIMIT = 1000

@@ -6,13 +6,19 @@
   `coin`).
 - `budget_gate.py`: `BudgetGate`, which joins the two with audits, cold start, the
   daily cap and the rolling window; `settings.py`: the `gate:` config section.
-- `measures.py`: the MC-dropout uncertainty measures (entropy, BALD, ...).
+- `queries.py`: coverage queries (unlabelled studies that extend the labelled set's
+  coverage) and re-ordering the pending queue under a newly promoted model.
 - `coldstart.py`: the label-free cold-start selector.
 - `scorer.py` (`GateScorer`) and `worker.py` (`ScoringWorker`): the daemon's scoring
   thread, which runs the model, asks the gate and stores the decision.
 
+The uncertainty measures the strategies rank by are the model's
+(:mod:`triage.model.measures`). A stage: imports the model, the core-set, the review
+queue (routed studies are enqueued), the store, telemetry and errors; never training,
+ingest or the API.
+
 Importing this package (or `triage.gate.settings`) does not import torch; `scorer`,
-`worker` and `coldstart` do and are imported by their module path.
+`worker`, `coldstart` and `queries` do and are imported by their module path.
 """
 
 from triage.gate.budget_gate import (

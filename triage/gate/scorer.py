@@ -20,7 +20,7 @@ uncertainty alone instead of failing every study. The first such study of a vers
 logs a WARNING event `gate_fallback_uncertainty`; the counter
 `triage_gate_fallback_total{reason="no_loss_predictor"}` counts the studies.
 
-Degraded serving (`triage.serving.ServingLoader`): when the serving checkpoint cannot be
+Degraded serving (`triage.model.serving.ServingLoader`): when the serving checkpoint cannot be
 loaded, the most recently promoted version that loads serves instead; when none loads,
 `score` raises `ModelUnavailable` and the study waits (`waiting_model`) until one does.
 
@@ -51,26 +51,28 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import sqlite_utils
 import torch
 
-from triage.config import Settings
-from triage.db import transaction
 from triage.gate import NOVELTY, BudgetGate, Decision
 from triage.gate.coldstart import ColdStartSelector, coldstart_embedding
-from triage.gate.worker import ModelUnavailable, ScoreResult, StudyToScore
-from triage.logs import event
-from triage.metrics import Metrics
+from triage.gate.queries import coverage_queries
+from triage.gate.worker import ScoreResult, StudyToScore
 from triage.model.checkpoint import Checkpoint
 from triage.model.inference import StudyResult, score_study
-from triage.queue import enqueue
-from triage.registry import ModelRegistry
-from triage.retrain.queries import coverage_queries
-from triage.serving import ServingLoader
-from triage.studies import load_study_images
+from triage.model.registry import ModelRegistry
+from triage.model.serving import ModelUnavailable, ServingLoader
+from triage.review.queue import enqueue
+from triage.store.db import transaction
+from triage.store.images import load_study_images
+from triage.telemetry.logs import event
+from triage.telemetry.metrics import Metrics
+
+if TYPE_CHECKING:
+    from triage.config import Settings
 
 log = logging.getLogger("triage.gate")
 

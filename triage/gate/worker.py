@@ -18,20 +18,15 @@ from typing import Any, Protocol
 import sqlite_utils
 import torch
 
-from triage.config import StudySettings
-from triage.db import transaction
-from triage.errors import TriageError
-from triage.logs import event
-from triage.metrics import Metrics
-from triage.queue import enqueue
-from triage.studies import load_study_images
+from triage.model.serving import ModelUnavailable
+from triage.review.queue import enqueue
+from triage.store.db import transaction
+from triage.store.images import load_study_images
+from triage.store.settings import StudySettings
+from triage.telemetry.logs import event
+from triage.telemetry.metrics import Metrics
 
 log = logging.getLogger("triage.scoring")
-
-
-class ModelUnavailable(TriageError):
-    """Models were promoted but none loads now: the study must wait, not be cold-started
-    (that would route random studies up to the daily cap)."""
 
 
 @dataclass(frozen=True)

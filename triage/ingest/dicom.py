@@ -23,10 +23,10 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.pixels import apply_color_lut, apply_modality_lut
 
-from triage.config import IngestSettings, ScopeSettings
 from triage.errors import DicomRejected
+from triage.ingest.phi import phi_values, redact
 from triage.ingest.scope import OutOfScope, check_scope
-from triage.phi import phi_values, redact
+from triage.ingest.settings import IngestSettings, ScopeSettings
 
 _PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 _UNDEFINED_LENGTH = 0xFFFFFFFF

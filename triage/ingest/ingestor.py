@@ -33,19 +33,23 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import sqlite_utils
 import torch
 
-from triage.config import Settings
-from triage.db import transaction
 from triage.errors import DicomRejected
+from triage.ingest.assembly import store_view_header
 from triage.ingest.dicom import DicomInstance, read_instance
+from triage.ingest.preprocess import preprocess
 from triage.ingest.watcher import ReadyFile
-from triage.logs import event
-from triage.metrics import Metrics
-from triage.preprocess import preprocess, to_storage
-from triage.studies import store_view_header
+from triage.store.db import transaction
+from triage.store.images import to_storage
+from triage.telemetry.logs import event
+from triage.telemetry.metrics import Metrics
+
+if TYPE_CHECKING:
+    from triage.config import Settings
 
 log = logging.getLogger("triage.ingest")
 

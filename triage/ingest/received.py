@@ -27,12 +27,15 @@ import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from triage import db as store
-from triage.config import Settings
-from triage.db import transaction
 from triage.errors import TriageError
-from triage.logs import event
+from triage.store import db as store
+from triage.store.db import transaction
+from triage.telemetry.logs import event
+
+if TYPE_CHECKING:
+    from triage.config import Settings
 
 log = logging.getLogger("triage.ingest")
 

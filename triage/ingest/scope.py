@@ -30,7 +30,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from triage.config import ScopeSettings
+from triage.ingest.settings import ScopeSettings
 
 REASONS = ("modality", "body_part", "photometric", "size")
 """The reason codes, in the order the checks run."""

@@ -32,7 +32,7 @@ from watchdog.events import (
 )
 from watchdog.observers import Observer
 
-from triage.config import IngestSettings
+from triage.ingest.settings import IngestSettings
 
 
 @dataclass

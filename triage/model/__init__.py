@@ -1,1 +1,8 @@
-"""The classifier, its MC-dropout sampling and the learned loss predictor."""
+"""The classifier and its lifecycle: the network, MC-dropout sampling, the learned loss
+predictor, calibration, the epistemic head, the uncertainty measures (`measures.py`),
+study scoring (`inference.py`), checkpoints, the registry of versions (`registry.py`)
+and the loader of the served version (`serving.py`, `ModelUnavailable`).
+
+Below the stages (the gate scores with it, training fits and promotes it): imports only
+the store, telemetry and errors.
+"""

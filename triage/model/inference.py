@@ -5,11 +5,11 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from triage.gate.measures import MEASURES, all_measures
 from triage.model.calibration import OperatingPoint
 from triage.model.epistemic import EpistemicHead, laplace_predict
 from triage.model.lossnet import LossPredictor
 from triage.model.mc_dropout import mc_predict
+from triage.model.measures import MEASURES, all_measures
 from triage.model.network import TriageNet
 from triage.model.settings import ModelSettings
 
@@ -23,7 +23,7 @@ class StudyResult:
     Attributes:
         probs: Class probabilities averaged over MC samples and scored images, one per
             label (sums to 1).
-        uncertainty: Every measure of `triage.gate.measures.MEASURES`, reduced
+        uncertainty: Every measure of `triage.model.measures.MEASURES`, reduced
             over images: with reduction `max` the most uncertain image counts (the
             largest value, except `margin`, where the smallest is the most uncertain),
             with `mean` the mean. Entropy and BALD are in bits.
@@ -177,3 +177,27 @@ def score_study(
         ood=ood,
         sampler="laplace" if laplace else "mc_dropout",
     )
+
+
+@torch.inference_mode()
+def embed(net: TriageNet, images: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
+    """Penultimate features (pooled last stage, before the head's dropout) in eval mode.
+
+    Args:
+        net: The classifier.
+        images: Float [N, 1, S, S] in [0, 1].
+        batch_size: Images per forward pass.
+
+    Returns:
+        Float [N, F], F = the last stage's channels.
+    """
+    was = net.training
+    net.eval()
+    try:
+        parts = [net.trunk(images[i : i + batch_size], "head")[0]
+                 for i in range(0, images.shape[0], batch_size)]
+    finally:
+        net.train(was)
+    if not parts:
+        return torch.zeros(0, net.stage_channels[-1])
+    return torch.cat(parts).float()

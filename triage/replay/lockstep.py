@@ -33,24 +33,24 @@ import torch
 
 from triage.gate import BudgetGate, uniform_pair
 from triage.gate.coldstart import ColdStartSelector, coldstart_embedding
+from triage.gate.queries import SEED_FACTOR, pick_coverage
 from triage.model.checkpoint import Checkpoint
 from triage.model.inference import score_study
 from triage.model.lossnet import build_loss_predictor
 from triage.model.network import build_network
 from triage.model.training import classifier_auroc, fit
 from triage.replay.stream import order_indices
-from triage.retrain.augment import make_augment
-from triage.retrain.dataset import LabeledSet
-from triage.retrain.evaluate import (
+from triage.training.augment import make_augment
+from triage.training.dataset import LabeledSet
+from triage.training.evaluate import (
     embed,
     expected_calibration_error,
     study_probabilities,
 )
-from triage.retrain.pipeline import train_and_judge
-from triage.retrain.queries import SEED_FACTOR, pick_coverage
-from triage.retrain.scheduler import due_trigger
-from triage.retrain.splits import choose_split
-from triage.retrain.train import TrainingFailed
+from triage.training.pipeline import train_and_judge
+from triage.training.scheduler import due_trigger
+from triage.training.splits import choose_split
+from triage.training.train import TrainingFailed
 
 if TYPE_CHECKING:
     from triage.config import Settings

@@ -219,7 +219,7 @@ def eval_tensor(images: np.ndarray, input_size: int):
     import torch
 
     from triage.ingest.dicom import DecodedImage
-    from triage.preprocess import preprocess
+    from triage.ingest.preprocess import preprocess
 
     window = (127.5, 255.0)
     tensors = [preprocess(DecodedImage(frames=img[None].astype(np.float32), window=window,
@@ -237,7 +237,7 @@ def evaluate_checkpoint(path: Path, images: np.ndarray, labels: np.ndarray) -> d
     import torch
 
     from triage.model.checkpoint import load_checkpoint
-    from triage.retrain.evaluate import classification_metrics, study_probabilities
+    from triage.training.evaluate import classification_metrics, study_probabilities
 
     checkpoint = load_checkpoint(path)
     point = checkpoint.operating_point

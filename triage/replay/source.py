@@ -2,7 +2,7 @@
 
 Two sources:
 
-- ``pneumoniamnist``: the development file (`triage.datasets.load_pneumoniamnist_dev`),
+- ``pneumoniamnist``: the development file (`triage.replay.datasets.load_pneumoniamnist_dev`),
   split ``train`` or ``val``. Never the holdout: that file is read only by the final
   ``--holdout-eval`` step (`triage.replay.report.holdout_eval`).
 - ``folder``: DICOM files under a directory with a CSV of ``file,label`` (``file``
@@ -19,8 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from triage.datasets import load_pneumoniamnist_dev
 from triage.errors import TriageError
+from triage.replay.datasets import load_pneumoniamnist_dev
 
 SPLITS = ("train", "val")
 

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 from pydicom.uid import generate_uid
 
-from triage.dicom_writer import image_dataset
+from triage.replay.dicom_writer import image_dataset
 from triage.replay.source import Item
 
 ORDERS = ("shuffled", "drift")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, ClassVar, Self
 
-from triage.gate.measures import MEASURES
 from triage.gate.strategies.base import (
     PREDICTED_LOSS,
     UNCERTAINTY,
@@ -13,6 +12,7 @@ from triage.gate.strategies.base import (
     uncertainty_score,
 )
 from triage.gate.strategies.predicted_loss import predicted_loss_of
+from triage.model.measures import MEASURES
 
 if TYPE_CHECKING:
     from triage.model.inference import StudyResult
@@ -24,7 +24,7 @@ class CombinedStrategy(Strategy):
     Without a loss predictor, `components_with_fallback` uses the uncertainty for both.
 
     Args:
-        measure: Uncertainty measure (see `triage.gate.measures.MEASURES`).
+        measure: Uncertainty measure (see `triage.model.measures.MEASURES`).
         uncertainty_weight: Weight of the uncertainty component (>= 0).
         loss_weight: Weight of the predicted-loss component (>= 0); the two weights
             must not both be 0.

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, ClassVar, Self
 
-from triage.gate.measures import MEASURES
 from triage.gate.strategies.base import PREDICTED_LOSS, Strategy, StrategyOptions
+from triage.model.measures import MEASURES
 
 if TYPE_CHECKING:
     from triage.model.inference import StudyResult

@@ -1,0 +1,224 @@
+"""Retrain runs in-process on real PneumoniaMNIST images in a real SQLite store."""
+
+from __future__ import annotations
+
+import math
+import time
+
+import pytest
+import torch
+
+from triage.model.checkpoint import save_checkpoint
+from triage.model.lossnet import build_loss_predictor
+from triage.model.network import build_network
+from triage.model.registry import ModelRegistry
+from triage.model.settings import TrainSettings
+from triage.model.training import classifier_auroc
+from triage.training.dataset import load_split
+from triage.training.evaluate import image_logits
+from triage.training.pipeline import run_retrain
+from triage.training.runs import create_run, last_run
+from triage.training.train import TrainingFailed
+
+from .conftest import TINY_MODEL, Store, make_settings, subset
+
+
+def _store(tmp_path, data, n_train=240, n_val=100, **retrain) -> Store:
+    st = Store(make_settings(tmp_path, **retrain))
+    x, y = subset(data, "train", n_train)
+    st.labelled(x, y, "train")
+    xv, yv = subset(data, "val", n_val)
+    st.labelled(xv, yv, "validation")
+    return st
+
+
+def _run(st: Store, settings=None) -> str:
+    run_id = create_run(st.db, "manual", time.time())
+    return run_retrain(settings or st.settings, st.db, run_id)
+
+
+def _registry(st: Store) -> ModelRegistry:
+    return ModelRegistry(st.db, st.settings.path("models"), st.settings.model)
+
+
+def _serve_untrained(st: Store, tmp_path) -> str:
+    torch.manual_seed(123)
+    path = save_checkpoint(tmp_path / "untrained.pt", build_network(TINY_MODEL),
+                           build_loss_predictor(TINY_MODEL), TINY_MODEL)
+    registry = _registry(st)
+    version = registry.add(path, source="import").version
+    registry.promote(version)
+    return version
+
+
+def test_first_model_is_promoted_and_validation_never_trains(tmp_path, pneumonia):
+    st = _store(tmp_path, pneumonia)
+    assert _run(st) == "promoted"
+    entry = _registry(st).serving()
+    summary, metrics = entry.data_summary, entry.metrics["validation"]
+    train_ids, val_ids = set(summary["train"]["label_ids"]), set(summary["validation"]["label_ids"])
+    assert train_ids.isdisjoint(val_ids)
+    stored = dict(st.db.execute("SELECT id, split FROM labels").fetchall())
+    assert train_ids == {i for i, s in stored.items() if s == "train"}
+    assert val_ids == {i for i, s in stored.items() if s == "validation"}
+    assert summary["validation"]["classes"]["normal"] > 0
+    assert all(math.isfinite(metrics[k]) for k in ("auroc", "accuracy", "sensitivity",
+                                                   "specificity", "ece"))
+    assert entry.parent is None
+    # the stored figure is the judged network's AUROC on exactly the validation labels
+    # (the judge never trained on them; the served refit did, see the refit tests)
+    val = load_split(st.db, "validation", st.settings.model)
+    judge = _registry(st).load(entry.version).held_out_network
+    probs = torch.softmax(image_logits(judge, val.images), 1)
+    assert metrics["auroc"] == pytest.approx(classifier_auroc(probs, val.labels), abs=1e-9)
+    run = last_run(st.db)
+    assert run["state"] == "promoted" and run["candidate_version"] == entry.version
+    assert run["labels_used"] == 340 and run["progress"] == 1.0
+
+
+def test_better_candidate_is_promoted_and_rollback_restores_the_old_one(tmp_path, pneumonia):
+    st = _store(tmp_path, pneumonia)
+    old = _serve_untrained(st, tmp_path)
+    assert _run(st) == "promoted"
+    registry = _registry(st)
+    new = registry.serving()
+    assert new.version != old and new.parent == old
+    champion = new.metrics["champion_validation"]
+    assert new.metrics["validation"]["auroc"] >= champion["auroc"] - 0.01
+    coverage = new.data_summary["coverage"]  # embeddings of the serving (untrained) model
+    assert coverage["rebalanced"] and coverage["radius"] > 0
+    assert set(coverage["class_mix_before"]) == {"normal", "pneumonia"}
+    assert registry.rollback().version == old
+    assert registry.get(new.version).status == "rejected"
+
+
+def test_worse_candidate_is_rejected_with_the_reason(tmp_path, pneumonia):
+    st = _store(tmp_path, pneumonia)
+    assert _run(st) == "promoted"
+    serving = _registry(st).serving().version
+    crippled = TINY_MODEL.model_copy(update={"training": TrainSettings(
+        epochs=1, min_steps=0, batch_size=32, learning_rate=1e-7, seed=5)})
+    worse = make_settings(tmp_path, model=crippled, warm_start=False, augment=False)
+    assert _run(st, worse) == "rejected"
+    registry = _registry(st)
+    assert registry.serving().version == serving
+    candidate = registry.get(last_run(st.db)["candidate_version"])
+    assert candidate.status == "rejected" and "< serving" in candidate.note
+    assert "rejected" in last_run(st.db)["message"]
+
+
+def test_single_class_validation_does_not_make_a_first_model(tmp_path, pneumonia):
+    st = Store(make_settings(tmp_path))
+    x, y = subset(pneumonia, "train", 60)
+    st.labelled(x, y, "train")
+    xv, yv = subset(pneumonia, "val", 60)
+    keep = yv == 1
+    st.labelled(xv[torch.from_numpy(keep)], yv[keep], "validation")
+    with pytest.raises(TrainingFailed, match="validation set holds 1 of 2 classes"):
+        _run(st)
+    assert _registry(st).list() == []  # no candidate judged without a class
+
+
+def test_too_few_labels_fail_without_a_candidate(tmp_path, pneumonia):
+    st = _store(tmp_path, pneumonia, n_train=3, n_val=5)
+    with pytest.raises(TrainingFailed, match="min_train_studies"):
+        _run(st)
+    assert _registry(st).list() == []
+
+
+def test_candidate_stores_its_operating_point_and_calibration(tmp_path, pneumonia):
+    st = _store(tmp_path, pneumonia)
+    assert _run(st) == "promoted"
+    registry = _registry(st)
+    entry = registry.serving()
+    point = registry.load(entry.version).operating_point  # read back from the checkpoint
+    assert point.temperature != 1.0 and 0.0 < point.threshold < 1.0
+    assert entry.metrics["operating_point"] == point.to_json()
+    validation = entry.metrics["validation"]
+    assert math.isfinite(validation["ece"]) and math.isfinite(validation["ece_uncalibrated"])
+    # the temperature minimises the validation NLL: it is never worse than T = 1 there
+    val = load_split(st.db, "validation", st.settings.model)
+    logits = image_logits(registry.load(entry.version).network, val.images)
+    nll = torch.nn.functional.cross_entropy
+    assert nll(logits / point.temperature, val.labels) <= nll(logits, val.labels) + 1e-6
+
+
+def test_reference_is_the_best_recent_model_so_the_tolerance_cannot_ratchet(tmp_path, pneumonia):
+    """A good model A, then a worse B promoted within tolerance: a candidate as bad as B
+    is judged against A, not against B, so the chain cannot slide down step by step."""
+    st = _store(tmp_path, pneumonia)
+    assert _run(st) == "promoted"  # A, trained
+    registry = _registry(st)
+    good = registry.serving().version
+    torch.manual_seed(7)
+    path = save_checkpoint(tmp_path / "weak.pt", build_network(TINY_MODEL),
+                           build_loss_predictor(TINY_MODEL), TINY_MODEL)
+    weak = registry.add(path, source="import", parent=good).version
+    registry.promote(weak)  # B: untrained, its parent A
+    crippled = TINY_MODEL.model_copy(update={"training": TrainSettings(
+        epochs=1, min_steps=0, batch_size=32, learning_rate=1e-7, seed=7)})
+    tolerant = make_settings(tmp_path, model=crippled, promotion_tolerance=0.2)
+    assert _run(st, tolerant) == "rejected"
+    note = registry.get(last_run(st.db)["candidate_version"]).note
+    assert f"reference {good}" in note
+    alone = make_settings(tmp_path, model=crippled, promotion_tolerance=0.2, reference_models=1)
+    assert _run(st, alone) == "promoted"  # judged against B alone it would pass
+
+
+def test_promoted_run_chooses_its_coverage_queries_in_the_worker(tmp_path, pneumonia):
+    """The scoring thread only routes what the worker chose: no embedding of the pool on
+    the daemon's scoring path."""
+    st = _store(tmp_path, pneumonia, coverage_queries=3)
+    x, _ = subset(pneumonia, "val", 20)
+    pool = [st.add_study(x[i : i + 1]) for i in range(20)]  # scored, unlabelled
+    assert _run(st) == "promoted"
+    picks = last_run(st.db)["metrics"]["coverage_picks"]
+    assert len(picks) == 3 and set(picks) <= set(pool)
+
+
+def test_delong_promotion_test_records_the_noise_it_allowed(tmp_path, pneumonia):
+    st = _store(tmp_path, pneumonia)
+    assert _run(st) == "promoted"
+    settings = make_settings(tmp_path, promotion_test="delong")
+    _run(st, settings)
+    metrics = last_run(st.db)["metrics"]
+    assert 0 < metrics["candidate"]["auroc_noise"] < 0.2
+    assert "noise" in metrics["decision"]
+
+
+def test_refit_serves_a_model_trained_on_every_label_and_judges_with_the_candidate(
+        tmp_path, pneumonia):
+    """With refit_on_all_labels the served network has trained on the audit labels too;
+    the decision, operating point and metrics stay the held-out candidate's, which the
+    checkpoint keeps as its judge for later comparisons."""
+    st = _store(tmp_path, pneumonia, refit_on_all_labels=True)
+    assert _run(st) == "promoted"
+    registry = _registry(st)
+    entry = registry.serving()
+    summary = entry.data_summary
+    stored = dict(st.db.execute("SELECT id, split FROM labels").fetchall())
+    assert set(summary["served_train"]["label_ids"]) == set(stored)  # train and validation
+    assert set(summary["train"]["label_ids"]) == {i for i, s in stored.items() if s == "train"}
+    assert entry.metrics["refit"]["studies"] == len(stored)
+    checkpoint = registry.load(entry.version)
+    assert checkpoint.judge is not None and checkpoint.held_out_network is checkpoint.judge
+    val = load_split(st.db, "validation", st.settings.model)
+    judge_probs = torch.softmax(image_logits(checkpoint.judge, val.images), 1)
+    # the stored validation AUROC is the judge's: held out, not the refit's in-sample one
+    assert entry.metrics["validation"]["auroc"] == pytest.approx(
+        classifier_auroc(judge_probs, val.labels), abs=1e-9)
+    served = image_logits(checkpoint.network, val.images)
+    assert not torch.allclose(served, image_logits(checkpoint.judge, val.images))
+    # the next run compares its candidate with the judge, never with the refit
+    assert _run(st) in ("promoted", "rejected")
+    run = last_run(st.db)
+    assert run["metrics"]["champion"]["auroc"] == pytest.approx(
+        entry.metrics["validation"]["auroc"], abs=1e-9)
+
+
+def test_without_refit_the_served_model_is_the_judged_one(tmp_path, pneumonia):
+    st = _store(tmp_path, pneumonia, refit_on_all_labels=False)
+    assert _run(st) == "promoted"
+    entry = _registry(st).serving()
+    assert "served_train" not in entry.data_summary and "refit" not in entry.metrics
+    assert _registry(st).load(entry.version).judge is None

@@ -1,1 +1,0 @@
-"""DICOM networking: the C-ECHO / C-STORE receiver (:mod:`triage.dicomnet.receiver`)."""

@@ -1,0 +1,463 @@
+"""The DICOM node: a C-ECHO and C-STORE receiver (SCP) in front of :class:`ReceivedStore`.
+
+One pynetdicom server thread accepts connections; each association runs on its own
+thread. An association is refused with an A-ASSOCIATE-RJ when the peer's address is not
+in ``dicom.allowed_hosts`` (permanent, no reason given), its called AE title is not
+``dicom.ae_title`` (called AE title not recognised) or its calling AE title is not in
+``dicom.allowed_calling_ae_titles`` (calling AE title not recognised); empty lists admit
+any. Beyond ``dicom.max_associations`` at once, pynetdicom refuses it as transient (local
+limit exceeded): the sender retries later.
+
+Every storage SOP class is accepted, in the transfer syntaxes pydicom and pylibjpeg can
+decode (uncompressed little and big endian, deflated, JPEG baseline, extended and
+lossless, JPEG-LS, JPEG 2000 and HTJ2K, RLE). A C-STORE is answered Success (0x0000)
+only after :meth:`ReceivedStore.accept` made the instance durable and journaled it; a
+store refused for lack of space or a busy database answers 0xA700 (Refused: Out of
+Resources, the sender retries), any other failure 0xC000 (Cannot Understand), each with
+the reason in the Error Comment. What the ingest loop later cannot read is quarantined
+or archived ``unsupported`` with its reason, like an inbox file.
+
+When an association ends (released, aborted, or its connection lost) the ids of the
+files it stored are handed once to ``on_association_end``: the daemon completes their
+studies at once instead of waiting for ``studies.stable_age_seconds``.
+
+Latency: Nagle's algorithm is switched off (TCP_NODELAY) on every accepted socket, so a
+C-STORE response leaves at once instead of waiting for the peer's delayed ACK (~40 ms
+per instance). Senders should disable it too: DCMTK tools (storescu, dcmsend, ...) read
+the environment variable ``TCP_NODELAY`` (1 disables Nagle; Debian's DCMTK 3.6.7 keeps
+Nagle on when it is unset, as its trace log says: run them with ``TCP_NODELAY=1``);
+other senders need the socket option set on their side.
+
+Logs carry the calling AE title and peer address, never dataset content. pynetdicom's
+own logger is held at WARNING and bridged into triage's events without exception text
+or UIDs (at DEBUG it would print whole datasets).
+"""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import logging
+import re
+import socket
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from pydicom.dataset import Dataset
+from pydicom.pixels import get_decoder
+from pydicom.uid import (
+    HTJ2K,
+    JPEG2000,
+    UID,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    HTJ2KLossless,
+    HTJ2KLosslessRPCL,
+    ImplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLossless,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    RLELossless,
+)
+from pynetdicom import AE, AllStoragePresentationContexts, evt
+from pynetdicom.association import Association
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from pynetdicom.transport import ThreadedAssociationServer
+
+from triage.errors import ConfigError, TriageError
+from triage.ingest.received import ReceivedStore, StoreFailed
+from triage.ingest.settings import DicomSettings
+from triage.telemetry.logs import event
+from triage.telemetry.metrics import Metrics
+
+log = logging.getLogger("triage.dicomnet")
+
+STATUS_SUCCESS = 0x0000
+STATUS_OUT_OF_RESOURCES = 0xA700
+STATUS_CANNOT_UNDERSTAND = 0xC000
+
+# A-ASSOCIATE-RJ (result, source, diagnostic), PS3.8 9.3.4
+_REJECT_HOST = (0x01, 0x01, 0x01)  # rejected permanent, service user, no reason given
+_REJECT_CALLED_AE = (0x01, 0x01, 0x07)  # called AE title not recognised
+_REJECT_CALLING_AE = (0x01, 0x01, 0x03)  # calling AE title not recognised
+_REJECT_BUSY = (0x02, 0x03, 0x02)  # rejected transient, presentation, local limit exceeded
+_REJECT_RESULTS = {_REJECT_BUSY: "rejected_busy", _REJECT_CALLED_AE: "rejected_called_ae",
+                   _REJECT_CALLING_AE: "rejected_calling_ae", _REJECT_HOST: "rejected_host"}
+
+_CANDIDATE_SYNTAXES = (
+    ExplicitVRLittleEndian, ImplicitVRLittleEndian, DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian, JPEGBaseline8Bit, JPEGExtended12Bit, JPEGLossless, JPEGLosslessSV1,
+    JPEGLSLossless, JPEGLSNearLossless, JPEG2000Lossless, JPEG2000, HTJ2KLossless,
+    HTJ2KLosslessRPCL, HTJ2K, RLELossless,
+)
+# After the last C-STORE handler returned, the time its association thread gets to queue
+# the response before stop() aborts the associations.
+_ANSWER_GRACE_SECONDS = 0.2
+_UID_RE = re.compile(r"\b\d+(?:\.\d+){3,}\b")
+
+
+def transfer_syntaxes() -> list[UID]:
+    """The transfer syntaxes offered for storage: those pydicom can decode here."""
+    usable = []
+    for uid in _CANDIDATE_SYNTAXES:
+        try:
+            if get_decoder(uid).is_available:
+                usable.append(uid)
+        except NotImplementedError:
+            continue
+    return usable
+
+
+class _PynetdicomBridge(logging.Handler):
+    """pynetdicom's warnings and errors as triage events: the message with UIDs masked,
+    no exception text (it can quote dataset values), only the exception type."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        fields: dict[str, object] = {"source": record.name}
+        if record.exc_info and record.exc_info[0] is not None:
+            fields["error_type"] = record.exc_info[0].__name__
+            detail = "exception"
+        else:
+            try:
+                detail = _UID_RE.sub("<uid>", record.getMessage())[:200]
+            except Exception:  # noqa: BLE001 - a bad format string
+                detail = "unformattable message"
+        event(log, "pynetdicom_log", record.levelno, detail=detail, **fields)
+
+
+def quiet_pynetdicom() -> None:
+    """Hold pynetdicom's logger at WARNING and route it through triage's events only."""
+    logger = logging.getLogger("pynetdicom")
+    logger.setLevel(logging.WARNING)
+    logger.propagate = False
+    if not any(isinstance(h, _PynetdicomBridge) for h in logger.handlers):
+        logger.addHandler(_PynetdicomBridge())
+
+
+@dataclass
+class _Association:
+    calling_ae: str
+    peer: str
+    opened: float = field(default_factory=time.monotonic)
+    file_ids: list[int] = field(default_factory=list)
+    stored: int = 0
+    failed: int = 0
+
+
+def _peer_allowed(address: str, networks: list[ipaddress.IPv4Network | ipaddress.IPv6Network]
+                  ) -> bool:
+    if not networks:
+        return True
+    try:
+        ip = ipaddress.ip_address(address.split("%", 1)[0])
+    except ValueError:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return any(ip in net for net in networks)
+
+
+class DicomReceiver:
+    """The DICOM SCP; :meth:`start` binds and serves on threads, :meth:`stop` ends it.
+
+    Args:
+        settings: The ``dicom:`` section (port, host, AE titles, limits, timeouts).
+        store: Makes each instance durable before it is acknowledged.
+        on_association_end: Called once per accepted association when it ends (released,
+            aborted, connection lost), with the ``files`` ids it stored (maybe none).
+        metrics: The daemon's metrics (``dicom_*``).
+    """
+
+    def __init__(
+        self,
+        settings: DicomSettings,
+        store: ReceivedStore,
+        on_association_end: Callable[[list[int]], None],
+        metrics: Metrics,
+    ) -> None:
+        if settings.port is None:
+            raise ConfigError("dicom.port is not set: the DICOM receiver is off")
+        self._settings = settings
+        self._store = store
+        self._on_end = on_association_end
+        self._metrics = metrics
+        self._networks = [ipaddress.ip_network(h, strict=False) for h in settings.allowed_hosts]
+        self._calling = {title.strip() for title in settings.allowed_calling_ae_titles}
+        self._lock = threading.Lock()
+        self._idle = threading.Condition(self._lock)
+        self._open: dict[Association, _Association] = {}
+        self._in_flight = 0
+        self._stopping = False
+        self._server: ThreadedAssociationServer | None = None
+        self._ae = self._make_ae()
+        quiet_pynetdicom()
+
+    def _make_ae(self) -> AE:
+        s = self._settings
+        ae = AE(ae_title=s.ae_title)
+        syntaxes = transfer_syntaxes()
+        for context in AllStoragePresentationContexts:
+            ae.add_supported_context(context.abstract_syntax, syntaxes)
+        ae.add_supported_context(Verification, [ExplicitVRLittleEndian, ImplicitVRLittleEndian,
+                                                ExplicitVRBigEndian])
+        # The handlers below refuse first, with the reason counted; these are a backstop.
+        ae.require_called_aet = True
+        ae.require_calling_aet = sorted(self._calling)
+        ae.maximum_associations = s.max_associations
+        ae.maximum_pdu_size = s.max_pdu_bytes
+        ae.acse_timeout = s.acse_timeout_seconds
+        ae.dimse_timeout = s.dimse_timeout_seconds
+        ae.network_timeout = s.network_timeout_seconds
+        return ae
+
+    last_store_at: float = 0.0
+    """time.monotonic() of the last C-STORE answered while an association is open; 0 when
+    none is (the ingest loop defers reading while a sender is sending, see daemon.py)."""
+
+    @property
+    def port(self) -> int | None:
+        """The port bound by :meth:`start` (None before it and after :meth:`stop`)."""
+        if self._server is None:
+            return None
+        return int(self._server.server_address[1])
+
+    def start(self) -> None:
+        """Bind ``dicom.host``:``dicom.port`` and serve on background threads.
+
+        Raises:
+            TriageError: the port is in use or not ours to bind (one line, exit status 1).
+            ConfigError: the host is not an address of this machine.
+        """
+        s = self._settings
+        handlers = [
+            (evt.EVT_CONN_OPEN, self._on_conn_open),
+            (evt.EVT_REQUESTED, self._on_requested),
+            (evt.EVT_REJECTED, self._on_rejected),
+            (evt.EVT_ESTABLISHED, self._on_established),
+            (evt.EVT_RELEASED, self._on_released),
+            (evt.EVT_ABORTED, self._on_aborted),
+            (evt.EVT_CONN_CLOSE, self._on_conn_close),
+            (evt.EVT_C_ECHO, self._on_echo),
+            (evt.EVT_C_STORE, self._on_store),
+        ]
+        where = f"dicom.host {s.host!r}, dicom.port {s.port}"
+        try:
+            server = self._ae.start_server((s.host, s.port), block=False, evt_handlers=handlers)
+        except socket.gaierror:
+            raise ConfigError(f"{where}: the host name cannot be resolved") from None
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise TriageError(f"{where}: address already in use") from None
+            if exc.errno in (errno.EACCES, errno.EPERM):
+                raise TriageError(f"{where}: permission denied (ports below 1024 need "
+                                  "privileges)") from None
+            if exc.errno == errno.EADDRNOTAVAIL:
+                raise ConfigError(f"{where}: not an address of this machine") from None
+            raise TriageError(f"{where}: cannot listen ({exc.strerror or exc})") from None
+        self._server = server
+        event(log, "dicom_receiver_started", host=s.host, port=self.port, ae_title=s.ae_title,
+              max_associations=s.max_associations)
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Stop accepting, let C-STOREs in flight answer, then abort what is still open.
+
+        C-STOREs that arrive from here on answer 0xA700 (the sender retries later).
+        ``timeout`` bounds the wait for those in flight (default: the store timeout + 5 s).
+        """
+        if self._server is None:
+            return
+        with self._lock:
+            self._stopping = True
+        server, self._server = self._server, None
+        server.shutdown()  # no new connections; the listening socket is closed
+        deadline = time.monotonic() + (
+            self._settings.store_timeout_seconds + 5 if timeout is None else timeout)
+        with self._idle:
+            while self._in_flight and time.monotonic() < deadline:
+                self._idle.wait(max(0.0, deadline - time.monotonic()))
+            waited_out = self._in_flight
+        if self._open:
+            time.sleep(_ANSWER_GRACE_SECONDS)  # let the last answers be queued before A-ABORT
+        self._ae.shutdown()  # aborts the associations still open: each ends as `aborted`
+        event(log, "dicom_receiver_stopped", unanswered=waited_out)
+
+    # ---- association life cycle ---------------------------------------------------
+
+    def _on_conn_open(self, event_: evt.Event) -> None:
+        sock = event_.assoc.dul.socket
+        raw = getattr(sock, "socket", None)
+        if raw is not None:
+            try:
+                raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError:
+                pass  # not TCP (never here), or already closed
+
+    def _on_requested(self, event_: evt.Event) -> None:
+        """A-ASSOCIATE-RQ received: refuse unknown hosts and AE titles (A-ASSOCIATE-RJ)."""
+        assoc = event_.assoc
+        request = assoc.requestor.primitive
+        calling = str(request.calling_ae_title or "").strip()
+        called = str(request.called_ae_title or "").strip()
+        peer = self._peer(assoc)
+        if not _peer_allowed(peer, self._networks):
+            reason = _REJECT_HOST
+        elif called != self._settings.ae_title:
+            reason = _REJECT_CALLED_AE
+        elif self._calling and calling not in self._calling:
+            reason = _REJECT_CALLING_AE
+        else:
+            return
+        result = _REJECT_RESULTS[reason]
+        self._metrics.dicom_associations.labels(result=result).inc()
+        event(log, "dicom_association_rejected", logging.WARNING, result=result,
+              calling_ae=calling, called_ae=called, peer=peer)
+        assoc.acse.send_reject(*reason)
+        # As pynetdicom does for its own rejections: wait for the DUL to send the
+        # A-ASSOCIATE-RJ and the peer to close (or the ARTIM timer) before the socket goes.
+        assoc.kill()
+
+    def _on_rejected(self, event_: evt.Event) -> None:
+        """Rejected by pynetdicom itself during negotiation (too many associations)."""
+        primitive = event_.assoc.acceptor.primitive
+        key = (primitive.result, primitive.result_source, primitive.diagnostic)
+        result = _REJECT_RESULTS.get(key, "rejected_busy")
+        self._metrics.dicom_associations.labels(result=result).inc()
+        request = event_.assoc.requestor.primitive
+        event(log, "dicom_association_rejected", logging.WARNING, result=result,
+              calling_ae=str(request.calling_ae_title or "").strip(),
+              peer=self._peer(event_.assoc), max_associations=self._settings.max_associations)
+
+    def _on_established(self, event_: evt.Event) -> None:
+        assoc = event_.assoc
+        record = _Association(calling_ae=assoc.requestor.ae_title.strip(),
+                              peer=self._peer(assoc))
+        with self._lock:
+            self._open[assoc] = record
+        self._metrics.dicom_associations.labels(result="accepted").inc()
+        self._metrics.dicom_active_associations.inc()
+        event(log, "dicom_association_accepted", calling_ae=record.calling_ae,
+              peer=record.peer, contexts=len(assoc.accepted_contexts))
+
+    def _on_released(self, event_: evt.Event) -> None:
+        self._end(event_.assoc, "released")
+
+    def _on_aborted(self, event_: evt.Event) -> None:
+        self._end(event_.assoc, "aborted")
+
+    def _on_conn_close(self, event_: evt.Event) -> None:
+        """The connection closed. Normally the association already ended (released or
+        aborted); if not, it ends as aborted once its thread is done (watched from another
+        thread: this one is the association's DUL, which its thread waits for)."""
+        assoc = event_.assoc
+        with self._lock:
+            if assoc not in self._open:
+                return
+
+        def reap() -> None:
+            assoc.join(timeout=self._settings.store_timeout_seconds + 5)
+            self._end(assoc, "aborted")
+
+        threading.Thread(target=reap, name="triage-dicom-reap", daemon=True).start()
+
+    def _end(self, assoc: Association, result: str) -> None:
+        """Exactly once per accepted association: count it and hand its files over."""
+        with self._lock:
+            record = self._open.pop(assoc, None)
+            if not self._open:
+                self.last_store_at = 0.0  # no sender waits: what arrived is read at once
+        if record is None:
+            return
+        self._metrics.dicom_associations.labels(result=result).inc()
+        self._metrics.dicom_active_associations.dec()
+        event(log, f"dicom_association_{result}", calling_ae=record.calling_ae,
+              peer=record.peer, stored=record.stored, failed=record.failed,
+              seconds=round(time.monotonic() - record.opened, 3))
+        self._hand_over(record.file_ids)
+
+    def _hand_over(self, file_ids: list[int]) -> None:
+        try:
+            self._on_end(list(file_ids))
+        except Exception as exc:  # noqa: BLE001 - the stable age completes them instead
+            event(log, "dicom_association_end_error", logging.ERROR,
+                  error_type=type(exc).__name__)
+
+    @staticmethod
+    def _peer(assoc: Association) -> str:
+        try:
+            return str(assoc.requestor.address)
+        except ValueError:
+            return ""
+
+    # ---- DIMSE services -------------------------------------------------------------
+
+    def _on_echo(self, event_: evt.Event) -> int:
+        self._metrics.dicom_instances.labels(status="echo").inc()
+        return STATUS_SUCCESS
+
+    def _on_store(self, event_: evt.Event) -> Dataset:
+        """C-STORE: Success only once the instance is durable and journaled."""
+        started = time.perf_counter()
+        assoc = event_.assoc
+        with self._lock:
+            record = self._open.get(assoc)
+            stopping = self._stopping
+            if not stopping:
+                self._in_flight += 1
+        calling = record.calling_ae if record else str(assoc.requestor.ae_title).strip()
+        try:
+            if stopping:
+                status, label, reason = (STATUS_OUT_OF_RESOURCES, "out_of_resources",
+                                         "the receiver is shutting down")
+            else:
+                status, label, reason = self._store_one(event_, record, calling)
+        finally:
+            if not stopping:
+                with self._idle:
+                    self._in_flight -= 1
+                    self._idle.notify_all()
+        seconds = time.perf_counter() - started
+        self.last_store_at = time.monotonic()
+        self._metrics.dicom_store_seconds.observe(seconds)
+        self._metrics.dicom_instances.labels(status=label).inc()
+        answer = Dataset()
+        answer.Status = status
+        if status != STATUS_SUCCESS:
+            answer.ErrorComment = reason[:64]  # LO: 64 characters
+            event(log, "dicom_store_refused", logging.WARNING, status=f"0x{status:04X}",
+                  reason=reason, calling_ae=calling, peer=self._peer(assoc),
+                  seconds=round(seconds, 4))
+        return answer
+
+    def _store_one(self, event_: evt.Event, record: _Association | None,
+                   calling: str) -> tuple[int, str, str]:
+        try:
+            data = event_.encoded_dataset(include_meta=True)
+            file_id = self._store.accept(data, origin="dicom", sender=calling or None)
+        except StoreFailed as exc:
+            if record is not None:
+                record.failed += 1
+            if exc.out_of_resources:
+                return STATUS_OUT_OF_RESOURCES, "out_of_resources", exc.reason
+            return STATUS_CANNOT_UNDERSTAND, "failed", exc.reason
+        except Exception as exc:  # noqa: BLE001 - never Success, never a traceback
+            if record is not None:
+                record.failed += 1
+            return (STATUS_CANNOT_UNDERSTAND, "failed",
+                    f"the instance could not be stored ({type(exc).__name__})")
+        late = False
+        with self._lock:
+            if record is not None and event_.assoc in self._open:
+                record.file_ids.append(file_id)
+                record.stored += 1
+            else:
+                late = True  # its association already ended: hand it over alone
+        if late:
+            self._hand_over([file_id])
+        return STATUS_SUCCESS, "success", ""

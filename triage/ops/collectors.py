@@ -1,0 +1,61 @@
+"""Gauges read from the store and the disk at each scrape (`triage_files`, `triage_studies`,
+`triage_queue_*`, `triage_state_dir_free_bytes`), so they are right after a restart too."""
+
+from __future__ import annotations
+
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import sqlite_utils
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from triage.store.db import STUDY_STATES, count_by
+
+
+class StoreCollector(Collector):
+    """Gauges read from the store and the disk at each scrape."""
+
+    def __init__(self, open_db: Callable[[], sqlite_utils.Database], home: Path) -> None:
+        self._open_db = open_db
+        self._home = home
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        db = self._open_db()
+        try:
+            files = count_by(db, "files", "state")
+            studies = count_by(db, "studies", "state")
+            queue = count_by(db, "queue_items", "state")
+            oldest = db.execute(
+                "SELECT MIN(routed_at) FROM queue_items WHERE state = 'pending'"
+            ).fetchone()[0]
+        finally:
+            db.close()
+        family = GaugeMetricFamily(
+            "triage_files", "Files in the ingestion journal, by state.", labels=["state"]
+        )
+        for state, count in sorted(files.items()):
+            family.add_metric([state], count)
+        yield family
+        family = GaugeMetricFamily(
+            "triage_queue_items", "Review queue items by state.", labels=["state"]
+        )
+        for state in ("pending", "claimed", "labeled"):
+            family.add_metric([state], queue.get(state, 0))
+        yield family
+        yield GaugeMetricFamily(
+            "triage_queue_oldest_pending_seconds",
+            "Age of the oldest pending review queue item (0 when none).",
+            value=max(0.0, time.time() - oldest) if oldest is not None else 0.0,
+        )
+        family = GaugeMetricFamily("triage_studies", "Studies by state.", labels=["state"])
+        for state in STUDY_STATES:
+            family.add_metric([state], studies.get(state, 0))
+        yield family
+        yield GaugeMetricFamily(
+            "triage_state_dir_free_bytes",
+            "Free bytes on the file system holding the state directory.",
+            value=shutil.disk_usage(self._home).free,
+        )

@@ -1,0 +1,30 @@
+"""The `studies:` section of config.yaml: when a study counts as complete (ingest) and
+when one whose stored images could not be read is tried again (gate). It belongs to
+the study's life in the store, read by both stages; imports nothing from them.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class StudySettings(_Section):
+    """When a study counts as complete, and when one that failed is tried again."""
+
+    stable_age_seconds: float = Field(30.0, gt=0, le=86400)
+    check_seconds: float = Field(1.0, gt=0, le=60)
+    # A study whose stored images cannot be read (`error`) is tried again after each of
+    # these waits in turn (a passing disk or file-system fault heals), then left `error`
+    # for an operator: len + 1 attempts in all. [] never retries.
+    error_retry_seconds: list[float] = Field(default_factory=lambda: [60.0, 300.0, 1800.0])
+
+    @field_validator("error_retry_seconds")
+    @classmethod
+    def _retry_waits_positive(cls, value: list[float]) -> list[float]:
+        if any(not 0 < wait <= 7 * 86400 for wait in value):
+            raise ValueError("each wait must be more than 0 and at most a week (604800 s)")
+        return value
