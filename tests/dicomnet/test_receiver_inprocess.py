@@ -141,9 +141,9 @@ def test_pynetdicom_logs_only_through_triage(parts) -> None:
         root.removeHandler(collect)
         triage_log.setLevel(level)
     assert [(r.name, r.levelno, r.getMessage(), r.detail, r.source) for r in collect.records] == [
-        ("triage.ingest.receiver", logging.WARNING, "pynetdicom_log",
+        ("triage.dicomnet", logging.WARNING, "pynetdicom_log",
          "No supported service class for '<uid>'", "pynetdicom.association"),
-        ("triage.ingest.receiver", logging.ERROR, "pynetdicom_log", "exception",
+        ("triage.dicomnet", logging.ERROR, "pynetdicom_log", "exception",
          "pynetdicom.association"),
     ]
     assert collect.records[1].error_type == "ValueError" and not collect.records[1].exc_info
