@@ -1,0 +1,173 @@
+"""Training noise and ensembles: the shipped recipe trained K times on the same labels.
+
+Issue 22 asks how much of a served model's AUROC is the draw of its training seed, and
+whether averaging several networks buys quality worth their cost. For each label seed
+this bench draws the same `--labels` random studies of the dev `train` split that
+`bench/recipe.py` draws, trains the shipped recipe (config.yaml at the data's native
+28 px) from scratch with `--members` training seeds (seed, seed + 1000, ...), and scores
+every member and the ensembles of its first k members (mean of the eval-mode class
+probabilities) on dev `val` and on the holdout.
+
+It reports, per metric:
+- `members`: the mean single network, its spread over training seeds at fixed labels
+  (`train_seed_sd`, the mean over label seeds of the sd over members) beside its spread
+  over label draws (`label_draw_sd`, the sd over label seeds of member 0);
+- `ensemble_k`: the mean of k members, and its paired difference with member 0 over the
+  label seeds (mean, 95% CI);
+- the cost: training seconds per member and inference milliseconds per study per member.
+
+The holdout scores the shipped recipe and its ensembles here as final figures; nothing in
+this bench is chosen on it (the choice of k would be made on dev val).
+
+    .venv/bin/python bench/ensemble.py --seeds 0 1 2 3 4 --members 5 --jobs 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import platform
+import statistics
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+
+from label_efficiency import load_data, paired  # noqa: E402
+
+from triage.config import load_settings  # noqa: E402
+from triage.model.lossnet import build_loss_predictor  # noqa: E402
+from triage.model.network import build_network  # noqa: E402
+from triage.model.training import classifier_auroc, fit  # noqa: E402
+from triage.replay.lockstep import RunSpec, run_settings  # noqa: E402
+from triage.retrain.augment import make_augment  # noqa: E402
+from triage.retrain.evaluate import expected_calibration_error, study_probabilities  # noqa: E402
+
+OUT = REPO / "bench" / "results" / "ensemble.json"
+MEMBER_OFFSET = 1000
+SPLITS = ("val", "holdout")
+
+
+def train_member(task: tuple[int, int, int]) -> dict[str, Any]:
+    """One network of the shipped recipe on the label seed's studies; its probabilities
+    of class 1 on dev val and the holdout, and its costs."""
+    seed, member, n_labels = task
+    torch.set_num_threads(1)
+    data = load_data()
+    train_seed = seed + member * MEMBER_OFFSET
+    base = load_settings(REPO / "config.yaml", environ={})
+    settings = run_settings(base, RunSpec("uniform", 0.1, "default", train_seed))
+    model = settings.model
+    picks = np.random.default_rng(seed).permutation(len(data.stream_labels))[:n_labels]
+    picks = torch.from_numpy(np.sort(picks))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(train_seed)
+        net, loss_predictor = build_network(model), build_loss_predictor(model)
+    started = time.perf_counter()
+    fit(net, loss_predictor, data.stream_images[picks], data.stream_labels[picks],
+        model.training, augment=make_augment(settings.retrain, model.input_size))
+    seconds = time.perf_counter() - started
+    out: dict[str, Any] = {"seed": seed, "member": member, "train_seed": train_seed,
+                           "labels": n_labels, "train_seconds": round(seconds, 2)}
+    images = {"val": data.val_images, "holdout": data.holdout_images}
+    for split in SPLITS:
+        x = images[split]
+        started = time.perf_counter()
+        probs = study_probabilities(net, x, torch.arange(x.shape[0]), x.shape[0])
+        out[f"{split}_ms_per_study"] = round(1000 * (time.perf_counter() - started)
+                                             / x.shape[0], 4)
+        out[f"{split}_p1"] = [round(float(p), 6) for p in probs[:, 1]]
+    return out
+
+
+def _scores(p1: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    probs = np.stack([1 - p1, p1], axis=1)
+    return {"auroc": classifier_auroc(torch.from_numpy(probs), torch.from_numpy(labels)),
+            "accuracy": float(((p1 >= 0.5).astype(int) == labels).mean()),
+            "ece": expected_calibration_error(probs, labels)}
+
+
+def summarize(runs: list[dict[str, Any]], labels: dict[str, np.ndarray]
+              ) -> dict[str, Any]:  # fmt: skip
+    by_seed: dict[int, dict[int, dict[str, Any]]] = {}
+    for run in runs:
+        by_seed.setdefault(run["seed"], {})[run["member"]] = run
+    seeds = sorted(by_seed)
+    members = min(len(m) for m in by_seed.values())
+    out: dict[str, Any] = {"seeds": seeds, "members": members}
+    for split in SPLITS:
+        y = labels[split]
+        single = {s: [_scores(np.asarray(by_seed[s][m][f"{split}_p1"]), y)
+                      for m in range(members)] for s in seeds}
+        row: dict[str, Any] = {}
+        for metric in ("auroc", "accuracy", "ece"):
+            per_seed_sd = [statistics.stdev([r[metric] for r in single[s]]) for s in seeds]
+            row[metric] = {
+                "member_mean": round(statistics.fmean(r[metric] for s in seeds
+                                                      for r in single[s]), 4),
+                "train_seed_sd": round(statistics.fmean(per_seed_sd), 4),
+                "label_draw_sd": round(statistics.stdev(single[s][0][metric] for s in seeds), 4)
+                if len(seeds) > 1 else None,
+            }
+            for k in range(2, members + 1):
+                ens = {s: _scores(np.mean([by_seed[s][m][f"{split}_p1"] for m in range(k)],
+                                          axis=0), y)[metric] for s in seeds}
+                row[metric][f"ensemble_{k}"] = round(statistics.fmean(ens.values()), 4)
+                if len(seeds) > 1:
+                    row[metric][f"ensemble_{k}_vs_member0"] = paired(
+                        [ens[s] - single[s][0][metric] for s in seeds])
+        out[split] = row
+    out["train_seconds_per_member"] = round(statistics.fmean(r["train_seconds"] for r in runs), 2)
+    out["inference_ms_per_study_per_member"] = round(statistics.fmean(
+        r["holdout_ms_per_study"] for r in runs), 4)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    parser.add_argument("--members", type=int, default=5)
+    parser.add_argument("--labels", type=int, default=469)
+    parser.add_argument("--jobs", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=OUT)
+    args = parser.parse_args(argv)
+    if args.members < 2:
+        parser.error("--members must be at least 2")
+    tasks = [(seed, member, args.labels) for seed in args.seeds for member in range(args.members)]
+    started = time.time()
+    runs = []
+    with multiprocessing.get_context("fork").Pool(args.jobs) as pool:
+        for done, run in enumerate(pool.imap_unordered(train_member, tasks), 1):
+            runs.append(run)
+            print(f"[{done}/{len(tasks)}] seed {run['seed']} member {run['member']}: "
+                  f"{run['train_seconds']} s ({time.time() - started:.0f} s elapsed)",
+                  file=sys.stderr, flush=True)
+    data = load_data()
+    labels = {"val": data.val_labels.numpy(), "holdout": data.holdout_labels.numpy()}
+    result = {
+        "meta": {"date": datetime.now(UTC).strftime("%Y-%m-%d"),
+                 "machine": f"{platform.machine()}, {multiprocessing.cpu_count()} cores, "
+                            f"torch {torch.__version__} (CPU, 1 thread per run)",
+                 "command": "bench/ensemble.py " + " ".join(argv if argv is not None
+                                                            else sys.argv[1:]),
+                 "labels": args.labels},
+        "summary": summarize(runs, labels),
+        "runs": sorted(runs, key=lambda r: (r["seed"], r["member"])),
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1))
+    print(json.dumps(result["summary"], indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
