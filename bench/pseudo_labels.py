@@ -44,8 +44,8 @@ from triage.model.lossnet import build_loss_predictor  # noqa: E402
 from triage.model.network import build_network  # noqa: E402
 from triage.model.training import classifier_auroc, fit  # noqa: E402
 from triage.replay.lockstep import RunSpec, run_settings  # noqa: E402
-from triage.retrain.augment import make_augment  # noqa: E402
-from triage.retrain.evaluate import study_probabilities  # noqa: E402
+from triage.training.augment import make_augment  # noqa: E402
+from triage.training.evaluate import study_probabilities  # noqa: E402
 
 OUT = REPO / "bench" / "results" / "pseudo_labels.json"
 
