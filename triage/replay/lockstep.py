@@ -166,6 +166,9 @@ VARIANTS: dict[str, dict[str, dict[str, Any]]] = {
     # the candidate compared with the serving model alone, paired on the same audits and
     # allowed their DeLong noise, instead of with the best of the last three
     "paired_promotion": {"retrain": {"reference_models": 1, "promotion_test": "delong"}},
+    # both: raw training set, and promotion against the serving model within noise
+    "no_rebalance_paired": {"retrain": {"rebalance": False, "reference_models": 1,
+                                        "promotion_test": "delong"}},
 }
 """Ablations of the shipped configuration: strategy ``default+<name>``."""
 
