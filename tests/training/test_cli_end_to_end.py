@@ -33,6 +33,7 @@ retrain:
   min_train_studies: 4
   min_validation_studies: 2
   validation_source: mixed
+  rebalance: true
   poll_seconds: 0.1
 """
 

@@ -77,7 +77,7 @@ def test_first_model_is_promoted_and_validation_never_trains(tmp_path, pneumonia
 
 
 def test_better_candidate_is_promoted_and_rollback_restores_the_old_one(tmp_path, pneumonia):
-    st = _store(tmp_path, pneumonia)
+    st = _store(tmp_path, pneumonia, rebalance=True)
     old = _serve_untrained(st, tmp_path)
     assert _run(st) == "promoted"
     registry = _registry(st)
@@ -179,6 +179,8 @@ def test_promoted_run_chooses_its_coverage_queries_in_the_worker(tmp_path, pneum
 def test_delong_promotion_test_records_the_noise_it_allowed(tmp_path, pneumonia):
     st = _store(tmp_path, pneumonia)
     assert _run(st) == "promoted"
+    x, y = subset(pneumonia, "train", 300)  # new labels: a candidate unlike the served one
+    st.labelled(x[240:], y[240:], "train")
     settings = make_settings(tmp_path, promotion_test="delong")
     _run(st, settings)
     metrics = last_run(st.db)["metrics"]

@@ -155,6 +155,8 @@ VARIANTS: dict[str, dict[str, dict[str, Any]]] = {
     "warm_start": {"retrain": {"warm_start": True}},
     "mixed_validation": {"retrain": {"validation_source": "mixed"}},
     "no_rebalance": {"retrain": {"rebalance": False}},
+    # the coverage rebalancing the chain shipped with until 2026-12-03
+    "rebalance": {"retrain": {"rebalance": True}},
     "no_coverage_queries": {"retrain": {"coverage_queries": 0}},
     "delong_promotion": {"retrain": {"promotion_test": "delong"}},
     # T predictive samples from the last-layer Laplace posterior instead of head dropout
