@@ -51,7 +51,8 @@ REQUIRED = {
 
 
 def _promote_model(home: Path, auroc: float) -> str:
-    """Register and promote a freshly initialised model with a recorded validation AUROC."""
+    """Register and promote a freshly initialised model with a recorded validation AUROC
+    and an operating point with a threshold (so its gauges are exported too)."""
     import torch
 
     from triage.config import load_settings
@@ -64,7 +65,8 @@ def _promote_model(home: Path, auroc: float) -> str:
     settings = load_settings(REPO / "config.yaml", home=home, environ={})
     torch.manual_seed(0)
     checkpoint = save_checkpoint(home / "seed.pt", build_network(settings.model),
-                                 build_loss_predictor(settings.model), settings.model)
+                                 build_loss_predictor(settings.model), settings.model,
+                                 {"operating_point": {"temperature": 1.25, "threshold": 0.5}})
     db = store.connect(settings.path("database"))
     try:
         registry = ModelRegistry(db, settings.path("models"), settings.model)
@@ -102,10 +104,12 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
     finally:
         proc.stop(signal.SIGKILL)
     names: set[str] = set()
+    families: dict[str, str] = {}
     for family in text_string_to_metric_families(text):
         names.add(family.name)
         names.update(sample.name for sample in family.samples)
-    return {"names": names, "text": text, "version": version}
+        families[family.name] = family.type
+    return {"names": names, "families": families, "text": text, "version": version}
 
 
 def _dashboard_queries() -> list[tuple[str, str]]:
@@ -159,6 +163,33 @@ def test_every_panel_query_names_exported_metrics(exported) -> None:
         assert used or re.search(r"\bup\b", expr), (title, expr)
         missing = [name for name in used if name not in names]
         assert not missing, f"panel {title!r} queries {missing}, not exported by the daemon"
+
+
+# The sample names of a family of each type, as a PromQL expression names them (the text
+# format has no info type: an info family is a gauge named <name>_info).
+SAMPLE_SUFFIXES = {"counter": ("_total",), "info": ("_info",), "gauge": ("",),
+                   "histogram": ("_bucket", "_sum", "_count"), "summary": ("_sum", "_count", ""),
+                   "stateset": ("",), "unknown": ("",)}
+
+
+def test_every_exported_triage_metric_has_a_panel(exported) -> None:
+    """Every `triage_*` family the daemon's registry exports (its instruments and its
+    scrape-time collectors, with a served model, audits and quarantine so that the
+    conditional ones are there too) is queried by at least one dashboard panel."""
+    families = {name: kind for name, kind in exported["families"].items()
+                if name.startswith("triage_")}
+    for conditional in ("triage_model_info", "triage_model_registry_info",
+                        "triage_model_temperature",
+                        "triage_model_decision_threshold", "triage_model_validation_auroc",
+                        "triage_model_audit_accuracy", "triage_serving_model_ok",
+                        "triage_serving_model_load_failures", "triage_auth_failures",
+                        "triage_gate_fallback", "triage_gate_rescore_seconds"):
+        assert conditional in families, conditional  # else the check below proves little
+    assert len(families) >= 45
+    used = {name for _, expr in _dashboard_queries() for name in METRIC.findall(expr)}
+    missing = sorted(name for name, kind in families.items()
+                     if not any(name + suffix in used for suffix in SAMPLE_SUFFIXES[kind]))
+    assert not missing, f"no dashboard panel queries {missing}"
 
 
 def test_dashboard_covers_every_section() -> None:

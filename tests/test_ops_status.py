@@ -99,9 +99,10 @@ def test_summary_numbers_match_the_store_and_metrics(server) -> None:
     serving = summary["model"].pop("serving")  # cold start: nothing to load, nothing wrong
     assert serving | {"since": 0} == {"registry_version": None, "served_version": None,
                                       "ok": True, "reason": None, "detail": None, "since": 0}
-    assert summary["model"] == {"serving_version": None, "promoted_at": None,
-                                "validation_auroc": None, "audit_accuracy": None,
-                                "audit_samples": 0, "operating_point": None}
+    assert summary["model"] == {"serving_version": None, "registry_version": None,
+                                "promoted_at": None, "validation_auroc": None,
+                                "audit_accuracy": None, "audit_samples": 0,
+                                "operating_point": None}
     assert summary["retrain"]["enabled"] is False and summary["retrain"]["last_run"] is None
     assert summary["retrain"]["labels_since_last_run"] in (0, 1)  # split set by retraining
     disk = summary["disk"]
@@ -162,6 +163,7 @@ def test_status_page_signs_in_and_shows_the_figures(server, tmp_path: Path) -> N
             assert page.text_content("#who-name") == "ops user (ops)"
             assert "cold_start" in page.text_content("#reasons")
             assert page.text_content('[data-k="routed_fraction"]') == "– (cold start)"
+            assert not page.is_visible('[data-k="registry_version"]')  # nothing differs
             assert page.locator("#flags .flag").count() == 0  # nothing wrong in cold start
             for chart in ("chart-files", "chart-decisions", "chart-labels"):
                 assert page.locator(f"#{chart} svg rect.bar:not(.part)").count() == 24

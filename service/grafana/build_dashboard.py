@@ -84,8 +84,20 @@ ROWS: list[tuple[str, list[dict[str, Any]]]] = [
         stat("Version", [q(f"triage_build_info{{{JOB}}}", "{{version}}", instant=True)],
              options={"textMode": "name"}),
         stat("Serving model", [q(f"triage_model_info{{{JOB}}}", "{{version}}", instant=True)],
-             description="Absent (No data) during cold start, before any model is promoted.",
+             description="The version the scorer serves. Absent (No data) during cold start, "
+                         "before any model is promoted, and while no promoted version loads.",
              options={"textMode": "name"}),
+        stat("Model serving", [q(f"triage_serving_model_ok{{{JOB}}}")],
+             description="DEGRADED while the scorer serves an older version than the "
+                         "registry's, or none loads (studies wait); see the Model row.",
+             defaults={"mappings": [{"type": "value", "options": {
+                 "0": {"text": "DEGRADED", "color": "red"},
+                 "1": {"text": "ok", "color": "green"}}}],
+                 **thresholds((None, "red"), (1, "green"))}),
+        stat("Studies in error", [q(f'triage_studies{{{JOB},state="error"}}')],
+             description="Studies whose stored images could not be read, retried after "
+                         "studies.error_retry_seconds, then left for an operator.",
+             defaults=thresholds((None, "green"), (1, "red"))),
         stat("Ingest", [q(f"triage_ingest_paused{{{JOB}}}")],
              description="Paused while free disk space is below ingest.min_free_bytes.",
              defaults={"mappings": [{"type": "value", "options": {
@@ -162,6 +174,13 @@ ROWS: list[tuple[str, list[dict[str, Any]]]] = [
         series("Scoring results (per hour)",
                [q(f"sum by (status) (rate(triage_scoring_studies_total{{{JOB}}}[15m])) * 3600",
                   "{{status}}")]),
+        series("Gate fallbacks by reason (per hour)",
+               [q(f"sum by (reason) (increase(triage_gate_fallback_total{{{JOB}}}[1h]))",
+                  "{{reason}}")],
+               description="no_loss_predictor: the model has no loss predictor, so the "
+                           "uncertainty stood in for the predicted loss."),
+        series("Window rescore time (new serving model)",
+               quantiles("triage_gate_rescore_seconds", window="1h"), unit="s"),
     ]),
     ("Review queue", [
         series("Queue items by state", [q(f"triage_queue_items{{{JOB}}}", "{{state}}")]),
@@ -175,14 +194,25 @@ ROWS: list[tuple[str, list[dict[str, Any]]]] = [
                   "{{label}} ({{role}})")]),
     ]),
     ("Model", [
-        stat("Serving model version",
+        stat("Served model version",
              [q(f"triage_model_info{{{JOB}}}", "{{version}}", instant=True)],
-             options={"textMode": "name"}, width=6),
+             description="The version the scorer loaded and scores with; the figures of "
+                         "this row are its own.",
+             options={"textMode": "name"}, width=4),
+        stat("Registry's serving version",
+             [q(f"triage_model_registry_info{{{JOB}}}", "{{version}}", instant=True)],
+             description="Differs from the served version when its checkpoint cannot be "
+                         "loaded (an older version serves, or none).",
+             options={"textMode": "name"}, width=4),
         stat("Serving since", [q(f"triage_model_promoted_timestamp_seconds{{{JOB}}} * 1000")],
-             unit="dateTimeFromNow", width=6),
+             unit="dateTimeFromNow", width=4),
         stat("Validation AUROC", [q(f"triage_model_validation_auroc{{{JOB}}}")],
-             unit="none", width=6, defaults={"decimals": 3}),
-        stat("Audit samples", [q(f"triage_model_audit_samples{{{JOB}}}")], width=6),
+             unit="none", width=4, defaults={"decimals": 3}),
+        stat("Audit samples", [q(f"triage_model_audit_samples{{{JOB}}}")], width=4),
+        stat("Served = registry's", [q(f"triage_serving_model_ok{{{JOB}}}")], width=4,
+             defaults={"mappings": [{"type": "value", "options": {
+                 "0": {"text": "no", "color": "red"}, "1": {"text": "yes", "color": "green"}}}],
+                 **thresholds((None, "red"), (1, "green"))}),
         series("Live accuracy (audit) and validation AUROC", [
             q(f"triage_model_audit_accuracy{{{JOB}}}", "audit accuracy"),
             q(f"triage_model_validation_auroc{{{JOB}}}", "validation AUROC"),
@@ -191,6 +221,18 @@ ROWS: list[tuple[str, list[dict[str, Any]]]] = [
                         "class label matches the model's prediction (see audit samples)."),
         series("Audit samples", [q(f"triage_model_audit_samples{{{JOB}}}", "samples")],
                width=12),
+        series("Operating point of the served model", [
+            q(f"triage_model_temperature{{{JOB}}}", "temperature"),
+            q(f"triage_model_decision_threshold{{{JOB}}}", "decision threshold"),
+        ], unit="none", width=12,
+            description="Temperature its logits are divided by, and the calibrated "
+                        "probability of the second class at or above which it predicts it "
+                        "(no threshold: argmax)."),
+        series("Model load failures by reason (per hour)",
+               [q(f"sum by (reason) (increase(triage_serving_model_load_failures_total"
+                  f"{{{JOB}}}[1h]))", "{{reason}}")], width=12,
+               description="Failed checkpoint loads by the scorer (missing, corrupt, "
+                           "incompatible, error); retried each minute."),
     ]),
     ("Retraining", [
         bars("Retrain runs by result",
@@ -210,6 +252,13 @@ ROWS: list[tuple[str, list[dict[str, Any]]]] = [
         ], unit="s", width=12),
         series("Retrain progress", [q(f"triage_retrain_progress{{{JOB}}}", "progress")],
                unit="percentunit", width=12, defaults={"min": 0, "max": 1}),
+    ]),
+    ("Access", [
+        series("Refused API requests by reason (per hour)",
+               [q(f"sum by (reason) (increase(triage_auth_failures_total{{{JOB}}}[1h]))",
+                  "{{reason}}")], width=24,
+               description="Tokens missing, unknown or revoked; throttled: refused unchecked "
+                           "after too many failures from one client."),
     ]),
     ("Storage", [
         series("Free bytes on the state directory",

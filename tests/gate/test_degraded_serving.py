@@ -13,9 +13,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_scorer import Home
+from fastapi.testclient import TestClient
+from prometheus_client.parser import text_string_to_metric_families
+from test_scorer import TINY, Home
 
+from triage.api.app import create_app
 from triage.api.ops_status import build_summary
+from triage.daemon import Daemon
 from triage.gate.worker import ScoringWorker
 from triage.model.checkpoint import save_checkpoint
 from triage.model.lossnet import build_loss_predictor
@@ -24,6 +28,7 @@ from triage.model.registry import ModelError
 from triage.model.serving import LOAD_FAILURE_REASONS, RETRY_SECONDS, failure_reason, read_serving_status
 from triage.model.settings import ModelSettings
 from triage.ops.status import collect_status, format_status
+from triage.review.auth import create_token
 
 
 def _checkpoint(home: Home, version: str) -> Path:
@@ -198,3 +203,109 @@ def test_load_failures_are_named_by_a_closed_set_of_reasons(tmp_path: Path) -> N
             home.models.load(version)
         assert failure_reason(caught.value) == expected, version
         assert expected in LOAD_FAILURE_REASONS
+
+
+def _promote_with(home: Home, seed: int, auroc: float, point: dict) -> str:
+    """Promote an untrained model with a recorded validation AUROC and operating point."""
+    torch.manual_seed(seed)
+    path = save_checkpoint(home.settings.home / f"m{seed}.pt", build_network(TINY),
+                           build_loss_predictor(TINY), TINY, {"operating_point": point})
+    version = home.models.add(path, source="test",
+                              metrics={"validation": {"auroc": auroc}}).version
+    home.models.promote(version)
+    return version
+
+
+def test_status_page_summary_and_gauges_show_the_served_model_beside_the_registrys(
+    tmp_path: Path
+) -> None:
+    """The registry's serving checkpoint is corrupt, so an older version serves: the
+    summary, the gauges and the status page show the served version with its own AUROC
+    and operating point, and the registry's version beside it; once the file is restored
+    the two agree again and the registry's version is no longer shown apart."""
+    home = Home(tmp_path, exploration_rate=0.0)
+    older = _promote_with(home, 1, 0.81, {"temperature": 1.5, "threshold": 0.3})
+    newer = _promote_with(home, 2, 0.93, {"temperature": 0.5, "threshold": 0.7})
+    good = _corrupt(_checkpoint(home, newer))
+    rows = home.score(home.scorer(), 2)
+    assert [r["model_version"] for r in rows] == [older] * 2  # for real: the older serves
+    promoted = {v: home.models.get(v).promoted_at for v in (older, newer)}
+
+    _, token = create_token(home.db, name="Ops", role="ops")
+    client = TestClient(create_app(Daemon(home.settings)))
+    client.headers["Authorization"] = f"Bearer {token}"
+    model = client.get("/api/ops/summary").json()["model"]
+    assert model["serving_version"] == older and model["registry_version"] == newer
+    assert model["validation_auroc"] == 0.81 and model["promoted_at"] == promoted[older]
+    assert model["operating_point"] == {"temperature": 1.5, "threshold": 0.3}
+    assert (model["serving"]["served_version"], model["serving"]["ok"]) == (older, False)
+    assert build_summary(home.db, home.settings, {}, home.now)["model"] == model
+
+    gauges = {(s.name, tuple(sorted(s.labels.items()))): s.value
+              for f in text_string_to_metric_families(client.get("/metrics").text)
+              for s in f.samples if s.name.startswith("triage_model")}
+    assert gauges[("triage_model_info", (("version", older),))] == 1
+    assert gauges[("triage_model_registry_info", (("version", newer),))] == 1
+    assert ("triage_model_info", (("version", newer),)) not in gauges
+    assert gauges[("triage_model_validation_auroc", ())] == 0.81
+    assert gauges[("triage_model_temperature", ())] == 1.5
+    assert gauges[("triage_model_decision_threshold", ())] == 0.3
+    assert gauges[("triage_model_promoted_timestamp_seconds", ())] == promoted[older]
+
+    shown = _status_page(client, token)
+    assert shown["serving_version"] == older
+    assert shown["registry_version"] == newer and shown["registry_visible"]
+    assert shown["validation_auroc"] == "0.810"
+    assert shown["operating_point"] == "threshold 0.300, temperature 1.50"
+
+    _checkpoint(home, newer).write_bytes(good)  # restored: the registry's version serves
+    home.now += RETRY_SECONDS
+    assert [r["model_version"] for r in home.score(home.scorer(), 1)] == [newer]
+    model = client.get("/api/ops/summary").json()["model"]
+    assert model["serving_version"] == model["registry_version"] == newer
+    assert model["validation_auroc"] == 0.93
+    assert model["operating_point"] == {"temperature": 0.5, "threshold": 0.7}
+    metrics = client.get("/metrics").text
+    assert f'triage_model_info{{version="{newer}"}} 1.0' in metrics
+    assert f'triage_model_registry_info{{version="{newer}"}} 1.0' in metrics
+    shown = _status_page(client, token)
+    assert shown["serving_version"] == newer and not shown["registry_visible"]
+
+
+def _status_page(client: TestClient, token: str) -> dict[str, object]:
+    """The status page in Chromium, every request answered by the app in process."""
+    chromium = Path("/usr/bin/chromium")
+    if not chromium.exists():
+        pytest.skip("/usr/bin/chromium not found (make test installs the Debian package)")
+    sync_playwright = pytest.importorskip("playwright.sync_api").sync_playwright
+    base = "http://triage.test"
+
+    def answer(route) -> None:
+        request = route.request
+        got = client.request(request.method, request.url.removeprefix(base),
+                             headers={k: v for k, v in request.headers.items()
+                                      if k.lower() == "authorization"})
+        route.fulfill(status=got.status_code, body=got.content,
+                      headers={k: v for k, v in got.headers.items()
+                               if k.lower() not in ("content-length", "content-encoding")})
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(
+            executable_path=str(chromium), args=["--no-sandbox", "--disable-gpu"])
+        try:
+            page = browser.new_page()
+            page.route(f"{base}/**", answer)
+            errors: list[str] = []
+            page.on("pageerror", lambda exc: errors.append(str(exc)))
+            page.goto(f"{base}/status")
+            page.wait_for_selector("#sign-in:not([hidden])")
+            page.fill("#token", token)
+            page.click("#sign-in button[type=submit]")
+            page.wait_for_selector("body[data-loaded=true]", timeout=15000)
+            shown: dict[str, object] = {key: page.text_content(f'[data-k="{key}"]') for key in (
+                "serving_version", "registry_version", "validation_auroc", "operating_point")}
+            shown["registry_visible"] = page.is_visible('[data-k="registry_version"]')
+            assert not errors, errors
+            return shown
+        finally:
+            browser.close()

@@ -10,7 +10,7 @@ from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 
 from triage import __version__
-from triage.api import dicomweb_routes, images, ops, ops_status, review, viewer
+from triage.api import dicomweb_routes, docs, images, ops, ops_status, review, viewer
 from triage.api.security import SecurityHeadersMiddleware
 from triage.api.throttle import AuthThrottle
 from triage.errors import TriageError
@@ -25,9 +25,10 @@ STATIC = Path(__file__).parent / "static"
 def create_app(daemon: Daemon) -> FastAPI:
     """The app serves the daemon; starting and stopping the daemon is the caller's.
 
-    No /docs or /redoc: those pages load their script from a CDN and run inline script,
-    which the content security policy (and a hospital network) refuses; the schema is
-    at /openapi.json.
+    /docs is this package's page over Swagger UI assets shipped in a wheel
+    (:mod:`triage.api.docs`), not FastAPI's, which loads a CDN and runs inline script that
+    the content security policy (and a hospital network) refuses. No /redoc: ReDoc needs
+    inline styles, which the policy refuses too. The schema is at /openapi.json.
     """
     app = FastAPI(title="triage", version=__version__,
                   description="Needs-label gate and radiologist review queue for DICOM studies.",
@@ -44,6 +45,7 @@ def create_app(daemon: Daemon) -> FastAPI:
     app.include_router(ops_status.router)
     app.include_router(viewer.router)
     app.include_router(dicomweb_routes.router)
+    app.include_router(docs.router)
 
     @app.exception_handler(QueueError)
     async def queue_error(request: Request, exc: QueueError) -> JSONResponse:

@@ -8,7 +8,6 @@ which signs in with a token and draws the figures without any external resource.
 
 from __future__ import annotations
 
-import json
 import math
 import shutil
 import time
@@ -22,9 +21,7 @@ from prometheus_client.metrics import MetricWrapperBase
 
 from triage.api.deps import DbDep, SettingsDep, require
 from triage.config import Settings
-from triage.model.registry import model_operating_point
-from triage.model.serving import read_serving_status
-from triage.ops.summary import audit_accuracy, quarantined_by_reason, serving_model
+from triage.ops.summary import audit_accuracy, quarantined_by_reason, served_model
 from triage.review.auth import Principal
 from triage.store.db import FINAL_FILE_STATES, STUDY_STATES, count_by
 from triage.training.runs import retrain_status
@@ -86,12 +83,10 @@ def build_summary(db: sqlite_utils.Database, settings: Settings,
     queued = dict(db.execute(
         "SELECT reason, COUNT(*) FROM queue_items WHERE routed_at >= ? GROUP BY reason",
         [day_ago]).fetchall())
-    serving = serving_model(db)
+    served = served_model(db)
     audit = audit_accuracy(db, settings.model.labels)
     retrain = retrain_status(db, settings.model.labels)
-    auroc = _validation_auroc(db, serving.version) if serving else None
-    point = model_operating_point(db, serving.version) if serving else None
-    served = read_serving_status(db)
+    point = served.operating_point
     disk = shutil.disk_usage(settings.home)
     paused = live.get("ingest_paused")
     return {
@@ -118,17 +113,22 @@ def build_summary(db: sqlite_utils.Database, settings: Settings,
             "queued_by_reason": {str(k): int(v) for k, v in sorted(queued.items())},
         },
         "model": {
-            "serving_version": serving.version if serving else None,
-            "promoted_at": serving.promoted_at if serving else None,
-            "validation_auroc": auroc,
+            # the version the scorer actually serves (None: cold start, no promoted
+            # version loads, or the scorer has not looked yet), and its figures
+            "serving_version": served.version,
+            "promoted_at": served.promoted_at,
+            "validation_auroc": served.validation_auroc,
+            # the registry's serving version: differs from serving_version when its
+            # checkpoint cannot be loaded (an older version serves, or none)
+            "registry_version": served.registry_version,
             "audit_accuracy": audit.accuracy,
             "audit_samples": audit.samples,
-            # temperature and threshold the serving model predicts at (threshold None:
+            # temperature and threshold the served model predicts at (threshold None:
             # argmax); the audit accuracy counts the labels stored at these points
             "operating_point": point.to_json() if point is not None else None,
-            # what the scorer actually serves: another version, or none while no
-            # promoted version loads (studies wait), and why; None before it first looked
-            "serving": served.to_json() if served is not None else None,
+            # the scorer's serving state: whether it serves the registry's version, and
+            # why not; None before it first looked
+            "serving": served.status.to_json() if served.status is not None else None,
         },
         "retrain": {
             "enabled": settings.retrain.enabled,
@@ -227,17 +227,6 @@ def hourly_series(db: sqlite_utils.Database, now: float) -> dict[str, Any]:
                 counts[int(hour)] = int(count)
         series[name] = counts
     return series
-
-
-def _validation_auroc(db: sqlite_utils.Database, version: str) -> float | None:
-    row = db.execute("SELECT metrics FROM models WHERE version = ?", [version]).fetchone()
-    if row is None or not row[0]:
-        return None
-    try:
-        value = json.loads(row[0]).get("validation", {}).get("auroc")
-    except (ValueError, AttributeError):
-        return None
-    return float(value) if isinstance(value, int | float) else None
 
 
 def _counts(metric: MetricWrapperBase, label: str) -> dict[str, float]:

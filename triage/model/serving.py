@@ -137,6 +137,8 @@ class ServingLoader:
         self._model: tuple[str, Checkpoint] | None = None
         self._failed: dict[str, tuple[float, str, str]] = {}  # version: retry at, reason, type
         self._status: ServingStatus | None = read_serving_status(db)
+        for reason in LOAD_FAILURE_REASONS:  # each exported at 0 from the start
+            metrics.serving_model_load_failures.labels(reason)
 
     @property
     def status(self) -> ServingStatus | None:

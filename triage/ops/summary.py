@@ -1,5 +1,7 @@
-"""Operations metrics read from the store at scrape time: the serving model and its
-audit-estimated live accuracy and operating point, and quarantined files by reason.
+"""Operations metrics read from the store at scrape time: the served model (the version
+the scorer actually loaded, which is not the registry's serving version when that one's
+checkpoint cannot be loaded), its validation AUROC, operating point and audit-estimated
+live accuracy, and quarantined files by reason.
 
 Everything here is derived from tables the daemon already writes, so it survives a
 restart and needs no update hooks. The helpers are shared with the status page
@@ -15,11 +17,16 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
+import json
+from typing import Any
+
 import sqlite_utils
 from prometheus_client.core import GaugeMetricFamily, InfoMetricFamily
 from prometheus_client.registry import Collector
 
+from triage.model.calibration import OperatingPoint
 from triage.model.registry import model_operating_point
+from triage.model.serving import ServingStatus, read_serving_status
 
 
 @dataclass(frozen=True)
@@ -28,6 +35,72 @@ class ServingModel:
 
     version: str
     promoted_at: float | None
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    """The model the scorer actually serves, beside the registry's serving version.
+
+    Attributes:
+        version: The version the scorer loaded and scores with (the ``serving_state`` row
+            it writes); None during cold start, while no promoted version loads, and
+            before the scorer first looked.
+        promoted_at: When ``version`` was (last) promoted (Unix seconds).
+        validation_auroc: ``version``'s validation AUROC, recorded when it was trained.
+        operating_point: The temperature and threshold ``version`` predicts at.
+        registry_version: The registry's ``serving`` version now (None: none). It differs
+            from ``version`` when its checkpoint cannot be loaded (an older one serves)
+            or for the moment between a promotion and the scorer's next look.
+        status: The scorer's serving status row (None before it first looked).
+    """
+
+    version: str | None
+    promoted_at: float | None
+    validation_auroc: float | None
+    operating_point: OperatingPoint | None
+    registry_version: str | None
+    status: ServingStatus | None
+
+    @property
+    def differs(self) -> bool:
+        """The scorer serves something other than the registry's serving version."""
+        return self.version != self.registry_version
+
+
+def served_model(db: sqlite_utils.Database) -> ServedModel:
+    """What the scorer serves (its ``serving_state`` row) and what the registry names.
+
+    Args:
+        db: An open store connection.
+    """
+    registry = serving_model(db)
+    status = read_serving_status(db)
+    version = status.served_version if status is not None else None
+    promoted_at = None
+    if version is not None:
+        row = db.execute("SELECT promoted_at FROM models WHERE version = ?",
+                         [version]).fetchone()
+        promoted_at = float(row[0]) if row is not None and row[0] is not None else None
+    return ServedModel(
+        version=version, promoted_at=promoted_at,
+        validation_auroc=validation_auroc(db, version),
+        operating_point=model_operating_point(db, version),
+        registry_version=registry.version if registry is not None else None,
+        status=status)
+
+
+def validation_auroc(db: sqlite_utils.Database, version: str | None) -> float | None:
+    """A version's validation AUROC from its stored metrics (None: none recorded)."""
+    if version is None:
+        return None
+    row = db.execute("SELECT metrics FROM models WHERE version = ?", [version]).fetchone()
+    if row is None or not row[0]:
+        return None
+    try:
+        value: Any = json.loads(row[0]).get("validation", {}).get("auroc")
+    except (ValueError, AttributeError):
+        return None
+    return float(value) if isinstance(value, int | float) else None
 
 
 @dataclass(frozen=True)
@@ -44,7 +117,8 @@ class AuditAccuracy:
 
 
 def serving_model(db: sqlite_utils.Database) -> ServingModel | None:
-    """The serving model version, or None during cold start.
+    """The registry's serving model version, or None during cold start (what the scorer
+    actually serves is :func:`served_model`).
 
     Args:
         db: An open store connection.
@@ -116,38 +190,55 @@ class OpsCollector(Collector):
         self._names = list(class_names)
 
     def collect(self) -> Iterator[GaugeMetricFamily | InfoMetricFamily]:
-        """Yield ``triage_model_info``, ``triage_model_promoted_timestamp_seconds``,
-        ``triage_model_temperature`` and ``triage_model_decision_threshold`` (the serving
-        model's operating point; the threshold only when it has one, else it predicts by
-        argmax), ``triage_model_audit_samples``, ``triage_model_audit_accuracy`` (only
-        with samples) and ``triage_quarantined_files``."""
+        """Yield, for the model the scorer actually serves (absent during cold start and
+        while no promoted version loads): ``triage_model_info{version}``,
+        ``triage_model_promoted_timestamp_seconds``, ``triage_model_validation_auroc``
+        (when recorded), ``triage_model_temperature`` and
+        ``triage_model_decision_threshold`` (its operating point; the threshold only when
+        it has one, else it predicts by argmax). Beside them
+        ``triage_model_registry_info{version}``: the registry's serving version (absent
+        when none), which differs from ``triage_model_info`` when its checkpoint cannot
+        be loaded. Then ``triage_model_audit_samples``, ``triage_model_audit_accuracy``
+        (only with samples) and ``triage_quarantined_files``."""
         db = self._open_db()
         try:
-            serving = serving_model(db)
-            point = model_operating_point(db, serving.version) if serving else None
+            served = served_model(db)
             audit = audit_accuracy(db, self._names)
             quarantined = quarantined_by_reason(db)
         finally:
             db.close()
-        if serving is not None:
+        if served.version is not None:
             yield InfoMetricFamily(
-                "triage_model", "The model version serving now (absent during cold start).",
-                value={"version": serving.version})
-            if serving.promoted_at is not None:
+                "triage_model", "The model version the scorer serves now (absent during "
+                "cold start and while no promoted version loads).",
+                value={"version": served.version})
+            if served.promoted_at is not None:
                 yield GaugeMetricFamily(
                     "triage_model_promoted_timestamp_seconds",
-                    "When the serving model was promoted (Unix seconds).",
-                    value=serving.promoted_at)
+                    "When the served model was promoted (Unix seconds).",
+                    value=served.promoted_at)
+            if served.validation_auroc is not None:
+                yield GaugeMetricFamily(
+                    "triage_model_validation_auroc",
+                    "Validation AUROC of the served model, recorded when it was trained.",
+                    value=served.validation_auroc)
+        if served.registry_version is not None:
+            yield InfoMetricFamily(
+                "triage_model_registry",
+                "The registry's serving version (differs from triage_model_info when its "
+                "checkpoint cannot be loaded and an older version serves).",
+                value={"version": served.registry_version})
+        point = served.operating_point
         if point is not None:
             yield GaugeMetricFamily(
                 "triage_model_temperature",
-                "Temperature the serving model's logits are divided by (1: uncalibrated).",
+                "Temperature the served model's logits are divided by (1: uncalibrated).",
                 value=point.temperature)
             if point.threshold is not None:
                 yield GaugeMetricFamily(
                     "triage_model_decision_threshold",
                     "Calibrated probability of the second class at or above which the "
-                    "serving model predicts it (absent: argmax).",
+                    "served model predicts it (absent: argmax).",
                     value=point.threshold)
         yield GaugeMetricFamily(
             "triage_model_audit_samples",

@@ -262,5 +262,9 @@ def build_metrics(registry: CollectorRegistry) -> Metrics:
         metrics.dicomweb_stored.labels(result)
     for reason in ("modality", "body_part", "photometric", "size"):
         metrics.out_of_scope.labels(reason)
+    # So are these (the load failures' reasons are set by the scorer's ServingLoader).
+    for reason in ("missing", "unknown", "revoked", "throttled"):
+        metrics.auth_failures.labels(reason)
+    metrics.gate_fallback.labels("no_loss_predictor")
     return metrics
 

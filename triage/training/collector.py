@@ -2,13 +2,14 @@
 
 The training process never touches the daemon's registry: everything it does is in the
 `retrain_runs` and `models` tables, which :class:`RetrainCollector` reads per scrape, so
-nothing is lost when the worker exits or the daemon restarts. Register it with
+nothing is lost when the worker exits or the daemon restarts. The model gauges
+(`triage_model_*`, the served model's validation AUROC among them) are
+:class:`triage.ops.summary.OpsCollector`'s. Register it with
 ``registry.register(RetrainCollector(lambda: store.connect(path, readonly=True), labels))``.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Iterator
 
 import sqlite_utils
@@ -45,8 +46,6 @@ class RetrainCollector(Collector):
             last = db.execute(
                 "SELECT state, started_at, progress FROM retrain_runs "
                 "ORDER BY id DESC LIMIT 1").fetchone()
-            serving = db.execute(
-                "SELECT metrics FROM models WHERE status = 'serving'").fetchone()
             new_labels = labels_since_last_run(db, self._names)
         finally:
             db.close()
@@ -76,19 +75,3 @@ class RetrainCollector(Collector):
         yield GaugeMetricFamily(
             "triage_labels_since_retrain",
             "Class labels stored since the last retrain run started.", value=new_labels)
-        auroc = _validation_auroc(serving[0] if serving else None)
-        if auroc is not None:
-            yield GaugeMetricFamily(
-                "triage_model_validation_auroc",
-                "Validation AUROC of the serving model, recorded when it was trained.",
-                value=auroc)
-
-
-def _validation_auroc(metrics_json: str | None) -> float | None:
-    if not metrics_json:
-        return None
-    try:
-        value = json.loads(metrics_json).get("validation", {}).get("auroc")
-    except (ValueError, AttributeError):
-        return None
-    return float(value) if isinstance(value, int | float) else None

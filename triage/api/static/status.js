@@ -242,7 +242,15 @@ function render(s) {
       oldest > 86400 ? "bad" : oldest > 14400 ? "warn" : "");
 
   const m = s.model;
-  set("serving_version", m.serving_version || "none (cold start)", m.serving_version ? "" : "warn");
+  // the version the scorer actually serves; the registry's beside it when they differ
+  // (its checkpoint cannot be loaded: an older version serves, or none and studies wait)
+  const differs = m.serving_version !== m.registry_version;
+  set("serving_version", m.serving_version ||
+      (!m.registry_version ? "none (cold start)"
+        : m.serving ? "none loads (studies wait)" : "not loaded yet"),
+      m.serving_version && !differs ? "" : differs && m.serving ? "bad" : "warn");
+  set("registry_version", m.registry_version || "none", "warn");
+  for (const el of document.querySelectorAll(".registry-row")) el.hidden = !differs;
   set("promoted_at", m.promoted_at ? ago(m.promoted_at, now) : "–");
   set("validation_auroc", m.validation_auroc === null ? "–" : m.validation_auroc.toFixed(3));
   const point = m.operating_point;
