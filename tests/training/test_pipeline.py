@@ -157,11 +157,13 @@ def test_reference_is_the_best_recent_model_so_the_tolerance_cannot_ratchet(tmp_
     registry.promote(weak)  # B: untrained, its parent A
     crippled = TINY_MODEL.model_copy(update={"training": TrainSettings(
         epochs=1, min_steps=0, batch_size=32, learning_rate=1e-7, seed=7)})
-    tolerant = make_settings(tmp_path, model=crippled, promotion_tolerance=0.2)
+    tolerant = make_settings(tmp_path, model=crippled, promotion_tolerance=0.2,
+                             reference_models=3, promotion_test="none")
     assert _run(st, tolerant) == "rejected"
     note = registry.get(last_run(st.db)["candidate_version"]).note
     assert f"reference {good}" in note
-    alone = make_settings(tmp_path, model=crippled, promotion_tolerance=0.2, reference_models=1)
+    alone = make_settings(tmp_path, model=crippled, promotion_tolerance=0.2, reference_models=1,
+                          promotion_test="none")
     assert _run(st, alone) == "promoted"  # judged against B alone it would pass
 
 

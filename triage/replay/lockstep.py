@@ -159,6 +159,8 @@ VARIANTS: dict[str, dict[str, dict[str, Any]]] = {
     "rebalance": {"retrain": {"rebalance": True}},
     "no_coverage_queries": {"retrain": {"coverage_queries": 0}},
     "delong_promotion": {"retrain": {"promotion_test": "delong"}},
+    # the promotion rule shipped until 2026-12-03: best of three, the tolerance alone
+    "best_of_three": {"retrain": {"reference_models": 3, "promotion_test": "none"}},
     # T predictive samples from the last-layer Laplace posterior instead of head dropout
     "laplace": {"model": {"epistemic": "laplace"}},
     # the promoted candidate refit on the training and audit labels together
