@@ -194,11 +194,13 @@ def test_a_burst_of_concurrent_associations(node) -> None:
     def delta(name: str, **labels: str) -> float:
         return metric(after, name, **labels) - metric(before, name, **labels)
 
-    assert delta("triage_dicom_associations_total", result="accepted") == BURST
     assert delta("triage_dicom_associations_total", result="released") == BURST
-    # an unanswered request may have been refused by the node all the same
-    refused = delta("triage_dicom_associations_total", result="rejected_busy")
-    assert len(busy) <= refused <= len(busy) + len(unanswered)
+    # a request the sender gave up on may still have reached the node: accepted late (the
+    # sender had gone, so it ends aborted, storing nothing) or refused as busy; each
+    # unanswered request is at most one of these
+    late = delta("triage_dicom_associations_total", result="accepted") - BURST
+    refused = delta("triage_dicom_associations_total", result="rejected_busy") - len(busy)
+    assert late >= 0 and refused >= 0 and late + refused <= len(unanswered)
     assert delta("triage_dicom_instances_total", status="success") == BURST
     assert delta("triage_dicom_store_seconds_count") == BURST
     assert 0 < delta("triage_dicom_store_seconds_sum") < BURST * 5
