@@ -27,11 +27,9 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing
-import platform
 import statistics
 import sys
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -43,13 +41,11 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
 from label_efficiency import load_data, paired  # noqa: E402
+from recipe import bench_meta, random_picks, train_model  # noqa: E402
 
 from triage.config import load_settings  # noqa: E402
-from triage.model.lossnet import build_loss_predictor  # noqa: E402
-from triage.model.network import build_network  # noqa: E402
-from triage.model.training import classifier_auroc, fit  # noqa: E402
+from triage.model.training import classifier_auroc  # noqa: E402
 from triage.replay.lockstep import RunSpec, run_settings  # noqa: E402
-from triage.training.augment import make_augment  # noqa: E402
 from triage.training.evaluate import expected_calibration_error, study_probabilities  # noqa: E402
 
 OUT = REPO / "bench" / "results" / "ensemble.json"
@@ -66,16 +62,9 @@ def train_member(task: tuple[int, int, int]) -> dict[str, Any]:
     train_seed = seed + member * MEMBER_OFFSET
     base = load_settings(REPO / "config.yaml", environ={})
     settings = run_settings(base, RunSpec("uniform", 0.1, "default", train_seed))
-    model = settings.model
-    picks = np.random.default_rng(seed).permutation(len(data.stream_labels))[:n_labels]
-    picks = torch.from_numpy(np.sort(picks))
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(train_seed)
-        net, loss_predictor = build_network(model), build_loss_predictor(model)
-    started = time.perf_counter()
-    fit(net, loss_predictor, data.stream_images[picks], data.stream_labels[picks],
-        model.training, augment=make_augment(settings.retrain, model.input_size))
-    seconds = time.perf_counter() - started
+    picks = random_picks(len(data.stream_labels), seed, n_labels)
+    net, seconds = train_model(settings, data.stream_images[picks], data.stream_labels[picks],
+                               train_seed)
     out: dict[str, Any] = {"seed": seed, "member": member, "train_seed": train_seed,
                            "labels": n_labels, "train_seconds": round(seconds, 2)}
     images = {"val": data.val_images, "holdout": data.holdout_images}
@@ -154,12 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     data = load_data()
     labels = {"val": data.val_labels.numpy(), "holdout": data.holdout_labels.numpy()}
     result = {
-        "meta": {"date": datetime.now(UTC).strftime("%Y-%m-%d"),
-                 "machine": f"{platform.machine()}, {multiprocessing.cpu_count()} cores, "
-                            f"torch {torch.__version__} (CPU, 1 thread per run)",
-                 "command": "bench/ensemble.py " + " ".join(argv if argv is not None
-                                                            else sys.argv[1:]),
-                 "labels": args.labels},
+        "meta": bench_meta("ensemble.py", argv, labels=args.labels),
         "summary": summarize(runs, labels),
         "runs": sorted(runs, key=lambda r: (r["seed"], r["member"])),
     }

@@ -22,11 +22,9 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing
-import platform
 import statistics
 import sys
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -38,13 +36,11 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
 from label_efficiency import load_data, paired  # noqa: E402
+from recipe import bench_meta, random_picks, train_model  # noqa: E402
 
 from triage.config import load_settings  # noqa: E402
-from triage.model.lossnet import build_loss_predictor  # noqa: E402
-from triage.model.network import build_network  # noqa: E402
-from triage.model.training import classifier_auroc, fit  # noqa: E402
+from triage.model.training import classifier_auroc  # noqa: E402
 from triage.replay.lockstep import RunSpec, run_settings  # noqa: E402
-from triage.training.augment import make_augment  # noqa: E402
 from triage.training.evaluate import study_probabilities  # noqa: E402
 
 OUT = REPO / "bench" / "results" / "pseudo_labels.json"
@@ -75,20 +71,13 @@ def run_seed(task: tuple[int, tuple[float, ...], int]) -> list[dict[str, Any]]:
     settings = run_settings(load_settings(REPO / "config.yaml", environ={}),
                             RunSpec("uniform", 0.1, "default", seed))
     model = settings.model
-    order = np.random.default_rng(seed).permutation(len(data.stream_labels))
-    picks = torch.from_numpy(np.sort(order[:n_labels]))
-    pool = torch.from_numpy(np.sort(order[n_labels:]))
+    picks = random_picks(len(data.stream_labels), seed, n_labels)
+    pool = torch.from_numpy(np.setdiff1d(np.arange(len(data.stream_labels)), picks.numpy()))
     x, y = data.stream_images[picks], data.stream_labels[picks]
     prior = np.bincount(y.numpy(), minlength=len(model.labels)) / len(y)
 
     def train(images: torch.Tensor, labels: torch.Tensor):
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            net, loss_predictor = build_network(model), build_loss_predictor(model)
-        started = time.perf_counter()
-        fit(net, loss_predictor, images, labels, model.training,
-            augment=make_augment(settings.retrain, model.input_size))
-        return net, time.perf_counter() - started
+        return train_model(settings, images, labels, seed)
 
     def probs(net, images: torch.Tensor) -> torch.Tensor:
         return study_probabilities(net, images, torch.arange(images.shape[0]), images.shape[0])
@@ -158,12 +147,7 @@ def main(argv: list[str] | None = None) -> int:
                   + ", ".join(f"{r['arm']} val {r['val_auroc']:.4f}" for r in out)
                   + f" ({time.time() - started:.0f} s elapsed)", file=sys.stderr, flush=True)
     result = {
-        "meta": {"date": datetime.now(UTC).strftime("%Y-%m-%d"),
-                 "machine": f"{platform.machine()}, {multiprocessing.cpu_count()} cores, "
-                            f"torch {torch.__version__} (CPU, 1 thread per run)",
-                 "command": "bench/pseudo_labels.py " + " ".join(argv if argv is not None
-                                                                 else sys.argv[1:]),
-                 "labels": args.labels},
+        "meta": bench_meta("pseudo_labels.py", argv, labels=args.labels),
         "summary": summarize(runs),
         "runs": sorted(runs, key=lambda r: (r["arm"], r["seed"])),
     }

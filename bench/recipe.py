@@ -80,22 +80,43 @@ def _settings(overrides: tuple[str, ...], seed: int):
     return run_settings(base, RunSpec("uniform", 0.1, "default", seed))
 
 
+def random_picks(n_stream: int, seed: int, n_labels: int) -> torch.Tensor:
+    """The seed's `n_labels` random positions of the dev train split, sorted (the same
+    draws in recipe.py, ensemble.py and pseudo_labels.py)."""
+    return torch.from_numpy(np.sort(np.random.default_rng(seed).permutation(n_stream)[:n_labels]))
+
+
+def train_model(settings, images: torch.Tensor, labels: torch.Tensor, train_seed: int):
+    """One network of `settings`' recipe trained from scratch; (network, seconds)."""
+    model = settings.model
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(train_seed)
+        net, loss_predictor = build_network(model), build_loss_predictor(model)
+    started = time.perf_counter()
+    fit(net, loss_predictor, images, labels, model.training,
+        augment=make_augment(settings.retrain, model.input_size))
+    return net, time.perf_counter() - started
+
+
+def bench_meta(script: str, argv: list[str] | None, **extra: Any) -> dict[str, Any]:
+    """The `meta` object of a bench's JSON: date, machine, command line."""
+    return {"date": datetime.now(UTC).strftime("%Y-%m-%d"),
+            "machine": f"{platform.machine()}, {multiprocessing.cpu_count()} cores, "
+                       f"torch {torch.__version__} (CPU, 1 thread per run)",
+            "command": f"bench/{script} " + " ".join(argv if argv is not None
+                                                    else sys.argv[1:]),
+            **extra}
+
+
 def train_one(task: tuple[str, tuple[str, ...], int, int, int, bool]) -> dict[str, Any]:
     """Train arm `name` on the seed's labels; scores on dev val (and the holdout)."""
     name, overrides, seed, train_seed, n_labels, holdout = task
     torch.set_num_threads(1)
     data = load_data()
     settings = _settings(overrides, train_seed)
-    model = settings.model
-    picks = np.random.default_rng(seed).permutation(len(data.stream_labels))[:n_labels]
-    picks = torch.from_numpy(np.sort(picks))
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(train_seed)
-        net, loss_predictor = build_network(model), build_loss_predictor(model)
-    started = time.perf_counter()
-    fit(net, loss_predictor, data.stream_images[picks], data.stream_labels[picks],
-        model.training, augment=make_augment(settings.retrain, model.input_size))
-    seconds = time.perf_counter() - started
+    picks = random_picks(len(data.stream_labels), seed, n_labels)
+    net, seconds = train_model(settings, data.stream_images[picks], data.stream_labels[picks],
+                               train_seed)
 
     def score(images: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
         probs = study_probabilities(net, images, torch.arange(images.shape[0]), images.shape[0])
@@ -169,12 +190,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"{run['val_auroc']:.4f}, {run['train_seconds']} s "
                   f"({time.time() - started:.0f} s elapsed)", file=sys.stderr, flush=True)
     result = {
-        "meta": {"date": datetime.now(UTC).strftime("%Y-%m-%d"),
-                 "machine": f"{platform.machine()}, {multiprocessing.cpu_count()} cores, "
-                            f"torch {torch.__version__} (CPU, 1 thread per run)",
-                 "command": "bench/recipe.py " + " ".join(argv if argv is not None
-                                                          else sys.argv[1:]),
-                 "labels": args.labels, "seeds": args.seeds},
+        "meta": bench_meta("recipe.py", argv, labels=args.labels, seeds=args.seeds),
         "summary": summarize(runs),
         "runs": sorted(runs, key=lambda r: (r["arm"], r["seed"])),
     }
