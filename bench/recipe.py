@@ -70,6 +70,10 @@ ARMS: dict[str, tuple[str, ...]] = {
                                  "retrain.rotate_degrees=0", "retrain.zoom=0"),
     "detached_shiftonly": ("model.training.detach_after_fraction=0", "retrain.rotate_degrees=0",
                            "retrain.zoom=0"),
+    # the schedule's length (20 epochs and 100 steps shipped since 2026-12-03; arms
+    # relative to config.yaml, so `base` is today's shipped recipe)
+    "epochs30": ("model.training.epochs=30", "model.training.min_steps=150"),
+    "epochs15": ("model.training.epochs=15", "model.training.min_steps=75"),
     # three stages (about 100k parameters, the size of a plain 3-layer CNN)
     "stem1_small": ("model.channels=[16, 32, 64]", "model.strides=[1, 2, 2]"),
 }

@@ -101,6 +101,10 @@ def test_a_quiet_stream_ends_with_an_idle_run_that_trains_on_every_label(data):
     assert 0 < result["labels_returned_by_tail"] <= result["labels_returned"]
     assert all(r["refit"]["studies"] == r["train"] + r["validation"]
                for r in result["retrains"] if r["state"] == "promoted")
+    # the served model is the fresh model then, and the run does not train it twice:
+    # training the fresh model anyway gives the same holdout AUROC to the last digit
+    assert result["fresh_is_served"]
+    assert loop._fresh_auroc() == result["fresh_holdout_auroc"] == result["holdout_auroc"]
 
 
 def test_the_benchmark_applies_its_overrides_to_the_run_and_its_fresh_model():
@@ -123,6 +127,16 @@ def test_the_benchmark_applies_its_overrides_to_the_run_and_its_fresh_model():
     assert not settings.retrain.augment
     assert bench.arm({"strategy": "default", "overrides": list(spec.overrides)}).startswith(
         "default [model.strides")
+    # a stored run is reused only under the settings it ran with: the key holds their
+    # digest, which every setting the loop reads changes (here through --set)
+    plain = RunSpec("uniform", 0.1, "default", 4)
+    tweaked = RunSpec("uniform", 0.1, "default", 4, overrides=("retrain.min_new_labels=51",))
+    assert bench.fingerprint(plain) == bench.fingerprint(RunSpec("uniform", 0.1, "default", 4))
+    assert bench.fingerprint(plain) != bench.fingerprint(tweaked)
+    assert bench.fingerprint(plain) != bench.fingerprint(RunSpec("uniform", 0.1, "bald", 4))
+    stored = {**plain.__dict__, "settings": bench.fingerprint(plain)}
+    assert bench._key(stored) == bench._key(plain.__dict__, bench.fingerprint(plain))
+    assert bench._key({**stored, "settings": "0" * 12}) != bench._key(stored)
     with pytest.raises(ConfigError, match="model.training.epochs"):
         bench.base_settings(RunSpec("uniform", 0.1, "default", 0,
                                     overrides=("model.training.epochs=0",)))

@@ -41,8 +41,8 @@ class TrainSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    epochs: int = Field(30, ge=1, le=10_000)
-    min_steps: int = Field(150, ge=0, le=10_000_000)
+    epochs: int = Field(20, ge=1, le=10_000)
+    min_steps: int = Field(100, ge=0, le=10_000_000)
     schedule: Literal["onecycle", "constant"] = "onecycle"
     batch_size: int = Field(64, ge=2, le=65_536)
     learning_rate: float = Field(2e-3, gt=0, le=1)

@@ -399,7 +399,9 @@ class Lockstep:
         out["final_val_auroc"] = (self._auroc(final, self.data.val_images, self.data.val_labels)
                                   if final is not None else float("nan"))
         out.update(self._final_scores())
-        out["fresh_holdout_auroc"] = self._fresh_auroc()
+        out["fresh_is_served"] = self._served_is_fresh()
+        out["fresh_holdout_auroc"] = (out["holdout_auroc"] if out["fresh_is_served"]
+                                      else self._fresh_auroc())
         out["promotions"] = sum(r["state"] == "promoted" for r in self.runs)
         out["rejections"] = sum(r["state"] == "rejected" for r in self.runs)
         out["served_train_labels"] = self.served_train_labels
@@ -431,6 +433,18 @@ class Lockstep:
             "holdout_ece_uncalibrated": expected_calibration_error(raw, truth),
             "operating_point": point.to_json(),
         }
+
+    def _served_is_fresh(self) -> bool:
+        """Whether the served model already is the fresh model: the last run was promoted
+        and refit from scratch (no warm start, no rebalanced draws), with the same seed
+        and recipe, on exactly every label that came back. Training it again would give
+        the same weights (tests/test_lockstep.py checks this), so it is not repeated: one
+        training less per run. The holdout AUROC does not depend on the temperature."""
+        last = self.runs[-1] if self.runs else None
+        retrain = self.settings.retrain
+        return bool(last and last["state"] == "promoted" and last.get("refit")
+                    and last["refit"]["studies"] == self.labelled.total
+                    and not retrain.warm_start and not retrain.rebalance)
 
     def _fresh_auroc(self) -> float:
         """AUROC on the holdout of a model trained from scratch, with the run's own
