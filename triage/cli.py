@@ -128,15 +128,31 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _status(settings: Settings, as_json: bool) -> int:
+    from triage.daemon import running_node
     from triage.ops.status import collect_status, format_status
 
     status = collect_status(settings)
-    dicom = settings.dicom
-    # the configured node (the running daemon's live figures are on /status and /metrics)
-    status["dicom"] = {"port": dicom.port, "host": dicom.host, "ae_title": dicom.ae_title}
+    node = running_node(settings.home)
+    if node is not None:  # what the running daemon serves, whatever this shell configures
+        dicom = node.get("dicom")
+        status["daemon"] = {"running": True, "pid": node.get("pid")}
+        status["dicom"] = ({**dicom, "source": "daemon"} if isinstance(dicom, dict)
+                           else {"port": None, "source": "daemon"})
+    else:
+        configured = settings.dicom
+        status["daemon"] = {"running": False}
+        status["dicom"] = {"port": configured.port, "host": configured.host,
+                           "ae_title": configured.ae_title, "source": "config"}
     if as_json:
         print(json.dumps(status, indent=2))
         return 0
+    print(format_status(status))
+    dicom = status["dicom"]
+    where = (f"running daemon, pid {status['daemon']['pid']}" if node is not None
+             else "configured; no daemon running on this state directory")
+    print(f"dicom node: {dicom['ae_title']} at {dicom['host']}:{dicom['port']} ({where})"
+          if dicom["port"] is not None else f"dicom node: off ({where})")
+    return 0
     print(format_status(status))
     print(f"dicom node: {dicom.ae_title} at {dicom.host}:{dicom.port}" if dicom.port is not None
           else "dicom node: off (dicom.port not set)")

@@ -17,6 +17,7 @@ whether both loops are alive and recent.
 from __future__ import annotations
 
 import fcntl
+import json
 import logging
 import os
 import queue
@@ -55,6 +56,10 @@ _STALE_AFTER_SECONDS = 60.0
 _COVERAGE_CHECK_SECONDS = 5.0
 _RETRAIN_CHECK_SECONDS = 5.0
 _SENDING_GAP_SECONDS = 0.25
+NODE_FILE = "triage.node.json"
+"""Written in the state directory while a daemon runs: its pid and the DICOM node it
+actually serves (``dicom.port: 0`` binds a free port; the environment of the shell that
+started it may differ from the one that asks). Read by ``triage status``."""
 
 
 class AlreadyRunning(TriageError):
@@ -120,7 +125,19 @@ class Daemon:
             self._threads.append(thread)
         if self.settings.dicom.port is not None:
             self._start_receiver()
+        self._write_node_file()
         event(log, "daemon_started", home=str(self.settings.home))
+
+    def _write_node_file(self) -> None:
+        """Record what this process serves (atomically; removed again by :meth:`stop`)."""
+        dicom = self.settings.dicom
+        node = ({"ae_title": dicom.ae_title, "host": dicom.host, "port": self.dicom_port}
+                if self._receiver is not None else None)
+        path = self.settings.home / NODE_FILE
+        partial = path.with_suffix(".json.partial")
+        partial.write_text(json.dumps({"pid": os.getpid(), "started_at": time.time(),
+                                       "dicom": node}))
+        os.replace(partial, path)
 
     def _start_receiver(self) -> None:
         from triage.ingest.receiver import DicomReceiver  # pynetdicom only when used
@@ -167,6 +184,7 @@ class Daemon:
         self._threads.clear()
         self.received.close()
         if self._lock_fd is not None:
+            (self.settings.home / NODE_FILE).unlink(missing_ok=True)
             os.close(self._lock_fd)
             self._lock_fd = None
         event(log, "daemon_stopped")
@@ -347,3 +365,24 @@ class Daemon:
             except Exception as exc:  # noqa: BLE001 - the daemon keeps serving
                 event(log, "retrain_loop_error", logging.ERROR, error_type=type(exc).__name__)
             self._stop.wait(_RETRAIN_CHECK_SECONDS)
+
+
+def running_node(home: Path) -> dict[str, object] | None:
+    """What the daemon running on `home` serves (its :data:`NODE_FILE`), or None when no
+    daemon runs there. A file left by a killed daemon is ignored: its pid must be alive
+    and hold the state directory's lock file (which records the holder's pid); the lock
+    itself is not probed, so asking never races a daemon that is starting."""
+    try:
+        node = json.loads((home / NODE_FILE).read_text())
+        holder = int((home / "triage.lock").read_text().strip() or 0)
+    except (OSError, ValueError):
+        return None
+    if not isinstance(node, dict) or node.get("pid") != holder or holder <= 0:
+        return None
+    try:
+        os.kill(holder, 0)
+    except ProcessLookupError:
+        return None
+    except PermissionError:
+        pass  # alive, another user's
+    return node
