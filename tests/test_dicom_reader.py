@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import numpy as np
+import pydicom
 import pytest
 from conftest import PHI_STRINGS, make_image
+from pydicom.encaps import encapsulate, generate_fragments, parse_basic_offsets
 
 from triage.config import IngestSettings
 from triage.errors import DicomRejected
-from triage.ingest.dicom import read_instance
+from triage.ingest.dicom import InstanceRefused, check_received, read_instance
 from triage.ingest.preprocess import preprocess
 from triage.replay.dicom_writer import image_dataset, write_dataset
 from triage.store.images import from_storage, to_storage
@@ -132,3 +135,127 @@ def test_deflated_instance_is_read_and_a_cut_one_rejected(pydicom_files: Path) -
     with pytest.raises(DicomRejected) as rejected:
         read_instance(data[: len(data) // 2], IngestSettings())
     assert rejected.value.code == "invalid_header"
+
+
+# ---- what is checked before a network sender is answered (check_received) ----------
+
+
+def _refusal(data: bytes) -> InstanceRefused:
+    with pytest.raises(InstanceRefused) as caught:
+        check_received(data)
+    return caught.value
+
+
+def _rejection(data: bytes) -> DicomRejected:
+    with pytest.raises(DicomRejected) as caught:
+        read_instance(data, SETTINGS)
+    return caught.value
+
+
+def _bytes(ds: pydicom.Dataset) -> bytes:
+    buffer = io.BytesIO()
+    pydicom.dcmwrite(buffer, ds)
+    return buffer.getvalue()
+
+
+def test_the_checks_before_success_agree_with_the_reader_on_pydicoms_corpus(
+        pydicom_files: Path) -> None:
+    """No false refusal: every file of pydicom's corpus the reader decodes into an image
+    passes. Every refusal but a missing UID is a rejection by the reader too, with the
+    same code and words: what the sender is refused is what would have been quarantined.
+    Missing UIDs are stricter over the network: a composite instance needs all four
+    (the reader archives a few such fragments of files as `unsupported`)."""
+    images = refused = 0
+    for path in sorted(p for p in pydicom_files.iterdir() if p.is_file()):
+        data = path.read_bytes()
+        try:
+            instance = read_instance(data, SETTINGS)
+        except DicomRejected as exc:
+            instance, rejected = None, exc
+        try:
+            header = check_received(data)
+        except InstanceRefused as exc:
+            refused += 1
+            assert instance is None or not instance.scoreable, path.name
+            if exc.code != "missing_uid":
+                assert (exc.code, exc.reason) == (rejected.code, rejected.reason), path.name
+            assert exc.status == (0xA900 if exc.code == "missing_uid" else 0xC000), path.name
+            continue
+        if instance is not None and instance.scoreable:
+            images += 1
+            assert (header.sop_instance_uid, header.study_uid) == (
+                instance.sop_uid, instance.study_uid), path.name
+    assert images >= 40 and refused >= 15, (images, refused)
+
+
+def test_short_native_pixel_data_is_refused_with_its_sizes(pydicom_files: Path) -> None:
+    for name, rows, cols, bytes_per_pixel in (
+        ("MR_small.dcm", 64, 64, 2),                       # 16-bit, explicit little endian
+        ("MR_small_bigendian.dcm", 64, 64, 2),             # big endian
+        ("SC_ybr_full_422_uncompressed.dcm", 100, 100, 2),  # YBR_FULL_422: 2 samples a pixel
+        ("SC_rgb_small_odd.dcm", 3, 3, 3),                 # 27 bytes and a padding byte
+    ):
+        ds = pydicom.dcmread(pydicom_files / name)
+        expected = rows * cols * bytes_per_pixel
+        assert len(ds.PixelData) in (expected, expected + 1), name
+        check_received(_bytes(ds))  # as it is: accepted
+        ds.PixelData = ds.PixelData[:expected - 2]
+        held = expected - 2 + (expected - 2) % 2  # written with its padding byte
+        refused = _refusal(_bytes(ds))
+        assert (refused.status, refused.code) == (0xA900, "truncated"), name
+        assert refused.reason == f"pixel data holds {held} of the {expected} bytes declared"
+        assert refused.header is not None and refused.header.sop_instance_uid == ds.SOPInstanceUID
+        # the reader quarantines it with the same words
+        assert (_rejection(_bytes(ds)).code, _rejection(_bytes(ds)).reason) == (
+            refused.code, refused.reason), name
+
+
+def test_encapsulated_pixel_data_items_are_checked_not_decoded(pydicom_files: Path) -> None:
+    """An item whose declared length runs past the pixel data, fewer fragments than
+    frames, something else where an item belongs: refused without decoding. A file cut
+    inside its encapsulated pixel data parses as an empty data set in pydicom (it only
+    warns): it used to be archived as an `unsupported` instance with no content; now it
+    is refused, and quarantined from the inbox, as `truncated`."""
+    rle = pydicom.dcmread(pydicom_files / "MR_small_RLE.dcm")
+    rle.PixelData = rle.PixelData[:-100]
+    refused = _refusal(_bytes(rle))
+    assert (refused.status, refused.code) == (0xA900, "truncated")
+    assert refused.reason == "encapsulated pixel data item 2 is cut short"
+    assert (_rejection(_bytes(rle)).code, _rejection(_bytes(rle)).reason) == (
+        refused.code, refused.reason)
+    two = pydicom.dcmread(pydicom_files / "SC_rgb_rle_2frame.dcm")
+    offsets = parse_basic_offsets(two.PixelData)
+    first, _second = generate_fragments(two.PixelData[8 + len(offsets) * 4:])
+    two.PixelData = encapsulate([first])
+    assert _refusal(_bytes(two)).reason == (
+        "encapsulated pixel data has fewer fragments (1) than frames (2)")
+    two.PixelData = b"\xfe\xff\x00\xe0\x00\x00\x00\x00" + b"\x00" * 16  # no item tag
+    assert _refusal(_bytes(two)).reason == (
+        "encapsulated pixel data has a (0000,0000) where an item belongs")
+    j2k = (pydicom_files / "JPEG2000.dcm").read_bytes()
+    refused = _refusal(j2k[:-100])
+    assert (refused.status, refused.code, refused.header) == (0xC000, "truncated", None)
+    assert refused.reason == "the data ends inside the pixel data, before its sequence delimiter"
+    assert (_rejection(j2k[:-100]).code, _rejection(j2k[:-100]).reason) == (
+        refused.code, refused.reason)
+
+
+def test_missing_uids_and_unparseable_bytes(pydicom_files: Path, tmp_path: Path) -> None:
+    ds = pydicom.dcmread(pydicom_files / "CT_small.dcm")
+    del ds.StudyInstanceUID, ds.SeriesInstanceUID
+    refused = _refusal(_bytes(ds))
+    assert (refused.status, refused.code) == (0xA900, "missing_uid")
+    assert refused.reason == (
+        "not a usable DICOM instance: it has no Study Instance UID, Series Instance UID")
+    assert refused.header is not None and refused.header.sop_instance_uid == ds.SOPInstanceUID
+    for data, code in ((b"", "empty_file"), (b"not DICOM at all " * 10, "not_dicom"),
+                       ((pydicom_files / "MR_truncated.dcm").read_bytes(), "truncated")):
+        refused = _refusal(data)
+        assert (refused.status, refused.code, refused.header) == (0xC000, code, None)
+    # the reasons never quote a value of the data set
+    with_phi = pydicom.dcmread(make_image(tmp_path / "phi.dcm", seed=3))
+    del with_phi.SOPInstanceUID
+    cut_header = make_image(tmp_path / "cut.dcm", seed=4).read_bytes()[:400]
+    text = " ".join(f"{r.reason} {r.detail}" for r in (_refusal(_bytes(with_phi)),
+                                                      _refusal(cut_header)))
+    assert not any(secret in text for secret in PHI_STRINGS)

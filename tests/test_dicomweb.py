@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import signal
 import sqlite3
 import time
@@ -14,8 +15,9 @@ import numpy as np
 import pydicom
 import pytest
 import requests
-from conftest import FAST_ENV, PHI, DaemonProcess
+from conftest import FAST_ENV, PHI, PHI_STRINGS, DaemonProcess
 from dicomweb_client.api import DICOMwebClient
+from prometheus_client.parser import text_string_to_metric_families
 from pydicom.uid import generate_uid
 
 from triage.api.viewer import viewer_link
@@ -291,7 +293,7 @@ def test_stow_refuses_what_is_not_dicom_and_stores_the_rest(server: Server,
             good.SOPInstanceUID]
         [failed] = result.FailedSOPSequence
         assert failed.FailureReason == 0xC000
-        assert "part 2 is not a DICOM instance" in answer.headers["warning"]
+        assert "part 2: not a DICOM file" in answer.headers["warning"]
         # a study-level URL refuses parts of another study
         other = http.post(f"/dicomweb/studies/{DX_STUDY}", content=encode(
             "b0undary", [("application/dicom", _encoded(_dx(tmp_path, 8, generate_uid())))]
@@ -314,6 +316,85 @@ def test_stow_refuses_what_is_not_dicom_and_stores_the_rest(server: Server,
     files = _wait(lambda: (f := _stow_files(server)) and len(f) == before + 2 and all(
         s[0] == "archived" for s in f) and f, 20, "the two good parts archived")
     assert len(files) == before + 2  # the non-DICOM part was never stored
+
+
+def _metric(server: Server, name: str, **labels: str) -> float:
+    text = httpx.get(f"{server.proc.url}/metrics", timeout=10).text
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and sample.labels == labels:
+                return float(sample.value)
+    return 0.0
+
+
+def test_stow_refuses_a_truncated_part_and_stores_the_good_one(server: Server,
+                                                              pydicom_files: Path) -> None:
+    """A request with a good part and one whose Pixel Data is shorter than its Rows and
+    Columns declare (pydicom's MR_small.dcm cut short): 202, the good one stored, the cut
+    one in the FailedSOPSequence under its own UIDs with 0xA900 and the reason in the
+    Warning header. It is never stored, so never quarantined: the sender knows to resend.
+    A request holding only an instance without a SOP Instance UID stores nothing: 409."""
+    study = generate_uid()
+    good, cut = (pydicom.dcmread(pydicom_files / name) for name in ("CT_small.dcm",
+                                                                   "MR_small.dcm"))
+    for ds in (good, cut):
+        ds.StudyInstanceUID = study
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        ds.PatientName, ds.PatientID = PHI["name"], PHI["id"]
+    cut.PixelData = cut.PixelData[:-2000]  # 64 x 64 x 16 bits declared: 8192 bytes
+    before = len(_stow_files(server))
+    failed_before = _metric(server, "triage_dicomweb_stored_instances_total", result="failed")
+    truncated_before = _metric(server, "triage_received_invalid_instances_total",
+                               origin="stow", reason="truncated")
+    body = encode("b0undary", [("application/dicom", _encoded(good)),
+                               ("application/dicom", _encoded(cut))])
+    with server.http("sender") as http:
+        answer = http.post("/dicomweb/studies", content=body,
+                           headers={"Content-Type": STOW_TYPE})
+    assert answer.status_code == 202
+    result = pydicom.Dataset.from_json(answer.json())
+    assert [i.ReferencedSOPInstanceUID for i in result.ReferencedSOPSequence] == [
+        good.SOPInstanceUID]
+    [failed] = result.FailedSOPSequence
+    assert failed.ReferencedSOPInstanceUID == cut.SOPInstanceUID
+    assert failed.ReferencedSOPClassUID == cut.SOPClassUID
+    assert failed.FailureReason == 0xA900
+    assert answer.headers["warning"] == (
+        '299 triage "part 2: pixel data holds 6192 of the 8192 bytes declared"')
+    files = _wait(lambda: (f := _stow_files(server)) and len(f) == before + 1 and all(
+        s[0] not in ("received", "reading", "moving") for s in f) and f, 20,
+        "the good part read")
+    assert files[-1][0] == "archived" and len(files) == before + 1  # the cut one: no row
+    with server.db() as db:
+        uids = {row[0] for row in db.execute(
+            "SELECT sop_uid FROM instances JOIN studies ON studies.id = instances.study_id "
+            "WHERE study_uid = ?", [study])}
+        quarantined = db.execute("SELECT COUNT(*) FROM files WHERE origin = 'stow' AND "
+                                 "state = 'quarantined'").fetchone()[0]
+    assert uids == {good.SOPInstanceUID} and quarantined == 0
+    assert _metric(server, "triage_dicomweb_stored_instances_total",
+                   result="failed") == failed_before + 1
+    assert _metric(server, "triage_received_invalid_instances_total", origin="stow",
+                   reason="truncated") == truncated_before + 1
+    # no SOP Instance UID in the data set: nothing stored, 409
+    no_uid = pydicom.dcmread(pydicom_files / "CT_small.dcm")
+    no_uid.StudyInstanceUID = study
+    del no_uid.SOPInstanceUID
+    with server.http("sender") as http:
+        refused = http.post("/dicomweb/studies", content=encode(
+            "b0undary", [("application/dicom", _encoded(no_uid))]),
+            headers={"Content-Type": STOW_TYPE})
+    assert refused.status_code == 409
+    [failed] = pydicom.Dataset.from_json(refused.json()).FailedSOPSequence
+    assert failed.FailureReason == 0xA900
+    assert "it has no SOP Instance UID" in refused.headers["warning"]
+    assert len(_stow_files(server)) == before + 1
+    lines = [line for line in server.proc.log.read_text(errors="replace").splitlines()
+             if "dicomweb_part_refused" in line]
+    logged = [json.loads(line) for line in lines[-2:]]
+    assert [(e["part"], e["status"], e["reason_code"], e["sender"]) for e in logged] == [
+        (2, "0xA900", "truncated", "CR room 2"), (1, "0xA900", "missing_uid", "CR room 2")]
+    assert not any(secret in line for line in lines for secret in PHI_STRINGS)
 
 
 def test_a_quarantined_file_is_invisible(server: Server, tmp_path: Path) -> None:

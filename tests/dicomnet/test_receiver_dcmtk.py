@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 import pydicom
 import pytest
-from conftest import PHI_STRINGS, make_image
+from conftest import PHI, PHI_STRINGS, make_image
 from dicomnet_helpers import (
     DicomDaemon,
     assert_final,
@@ -26,6 +26,10 @@ from dicomnet_helpers import (
     needs,
     wait_until,
 )
+
+from triage.config import IngestSettings
+from triage.errors import DicomRejected
+from triage.ingest.dicom import InstanceRefused, check_received, read_instance
 
 STABLE_AGE = 60.0
 CORPUS = Path(pydicom.__file__).parent / "data" / "test_files"
@@ -117,10 +121,24 @@ def _sent(output: str) -> tuple[list[str], list[str]]:
     return sent, other
 
 
+def _refused(output: str) -> dict[str, str]:
+    """Files storescu got a failure response for, with the status it printed."""
+    refused, current = {}, None
+    for line in output.splitlines():
+        if match := re.match(r"I: Sending file: (.+)$", line):
+            current = match[1]
+        elif (match := re.match(r"I: Received Store Response \((.+)\)$", line)) and (
+                match[1] != "Success" and current is not None):
+            refused[current] = match[1]
+    return refused
+
+
 def test_storescu_sends_pydicoms_test_files(node: DicomDaemon, tmp_path: Path) -> None:
     """Every file storescu reports stored is journaled once (origin dicom, the calling AE
     title as sender) and reaches a final state; nothing else appears. Compressed files
-    travel in their own transfer syntax."""
+    travel in their own transfer syntax. The few refused are files the reader would not
+    have archived either (images without a Study Instance UID): refused before Success,
+    with a failure status, not quarantined after it."""
     profile = _corpus_profile(tmp_path / "corpus.cfg")
     result = _dcmtk("storescu", "-v", "-nh", "+sd", "-xf", str(profile), "Corpus",
                     "-aet", "CORPUS", "-aec", "TRIAGE", "127.0.0.1", str(node.dicom_port),
@@ -128,9 +146,17 @@ def test_storescu_sends_pydicoms_test_files(node: DicomDaemon, tmp_path: Path) -
     output = result.stdout + result.stderr
     sent, not_sent = _sent(output)
     assert len(sent) >= 50, output[-3000:]
-    assert "Received Store Response (" not in "\n".join(
-        line for line in output.splitlines()
-        if "Received Store Response" in line and "(Success)" not in line), output[-3000:]
+    refused = _refused(output)
+    assert set(refused.values()) == {"Error: DataSetDoesNotMatchSOPClass"}, refused
+    for name in refused:
+        data = Path(name).read_bytes()
+        with pytest.raises(InstanceRefused):
+            check_received(data)
+        with pytest.raises(DicomRejected):
+            read_instance(data, IngestSettings())
+    assert {Path(name).name for name in refused} == {
+        "JPEGLSNearLossless_08.dcm", "JPEGLSNearLossless_16.dcm",
+        "SC_rgb_jls_lossy_line.dcm", "SC_rgb_jls_lossy_sample.dcm"}
     conversions = re.findall(r"Converting transfer syntax: (.+?) -> (.+)$", output, re.M)
     assert conversions and all(a == b for a, b in conversions), conversions
     compressed = {a for a, _ in conversions if re.search(r"JPEG|RLE|Deflated", a)}
@@ -195,6 +221,67 @@ def test_multi_series_study_is_decided_when_the_association_ends(
     released = [e for e in events(node, "dicom_association_released")
                 if e["calling_ae"] == "CTSCAN"]
     assert [e["stored"] for e in released] == [20]
+    logs = node.logs()
+    for secret in PHI_STRINGS:
+        assert secret not in logs, secret
+
+
+def test_storescu_is_told_a_truncated_instance_was_not_stored(
+        node: DicomDaemon, tmp_path: Path) -> None:
+    """pydicom's CT_small.dcm with its Pixel Data cut short, then a good MR: the CT is
+    answered 0xA900 with the reason in the Error Comment, so storescu reports it failed
+    and stops there (its default: a modality keeps the instance and resends it) instead
+    of Success followed by a quarantine nobody hears of. Sent again with ``-nh`` (go on
+    after a failure), the MR is stored in the same association. The CT is never stored,
+    journaled, archived or quarantined."""
+    study = "2.25.1414213562373095048801688724209698078"
+    folder = tmp_path / "send"
+    folder.mkdir()
+    cut = pydicom.dcmread(CORPUS / "CT_small.dcm")
+    good = pydicom.dcmread(CORPUS / "MR_small.dcm")
+    for ds in (cut, good):  # a new instance of a new study, carrying the test PHI
+        ds.StudyInstanceUID = study
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
+        ds.PatientName, ds.PatientID = PHI["name"], PHI["id"]
+        ds.AccessionNumber = PHI["accession"]
+    cut.PixelData = cut.PixelData[:-1000]  # 128 x 128 x 16 bits declared: 32768 bytes
+    pydicom.dcmwrite(folder / "1_cut.dcm", cut)
+    pydicom.dcmwrite(folder / "2_good.dcm", good)
+    before = node.metrics()
+    send = ("storescu", "-v", "+sd", "-aet", "CUTSCU", "-aec", "TRIAGE", "127.0.0.1",
+            str(node.dicom_port), str(folder))
+    halted = _dcmtk(*send[:2], "-d", *send[2:])
+    output = halted.stdout + halted.stderr
+    assert halted.returncode != 0, output[-3000:]
+    assert re.search(r"DIMSE Status +: 0xa900: Error: Data Set does not match SOP Class",
+                     output), output[-3000:]
+    assert re.search(r"\[pixel data holds 31768 of the 32768 bytes declared\] .*ErrorComment",
+                     output), output[-3000:]
+    assert "2_good.dcm" not in output  # it stopped at the failure
+    carried_on = _dcmtk(*send[:2], "-nh", *send[2:])
+    output = carried_on.stdout + carried_on.stderr
+    sent, not_sent = _sent(output)
+    assert [Path(name).name for name in sent] == ["2_good.dcm"], output[-3000:]
+    assert [Path(name).name for name in not_sent] == ["1_cut.dcm"], output[-3000:]
+    assert output.count("Requesting Association") == 1
+    wait_until(lambda: files_settled(node, "CUTSCU", 1), 30, "the good instance read")
+    assert assert_final(node, "CUTSCU") == {"archived": 1}  # the cut one never journaled
+    archived = {uid for (uid,) in node.query(
+        "SELECT sop_uid FROM instances JOIN studies ON studies.id = instances.study_id "
+        "WHERE study_uid = ?", [study])}
+    assert archived == {str(good.SOPInstanceUID)}
+    assert node.query("SELECT COUNT(*) FROM files WHERE sender = 'CUTSCU' AND "
+                      "state = 'quarantined'")[0][0] == 0
+    after = node.metrics()
+    for name, labels, delta in (
+        ("triage_dicom_instances_total", {"status": "failed"}, 2),
+        ("triage_dicom_instances_total", {"status": "success"}, 1),
+        ("triage_received_invalid_instances_total", {"origin": "dicom", "reason": "truncated"},
+         2),
+    ):
+        assert metric(after, name, **labels) - metric(before, name, **labels) == delta, name
+    refused = [e for e in events(node, "dicom_store_refused") if e["calling_ae"] == "CUTSCU"]
+    assert [(e["status"], e["reason_code"]) for e in refused] == [("0xA900", "truncated")] * 2
     logs = node.logs()
     for secret in PHI_STRINGS:
         assert secret not in logs, secret

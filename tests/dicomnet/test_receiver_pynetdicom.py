@@ -1,5 +1,6 @@
 """The DICOM node against pynetdicom senders: refusals, an abort, a burst of concurrent
-associations, a store that cannot be made durable, shutdown and a port in use.
+associations, a store that cannot be made durable, instances refused before Success,
+shutdown and a port in use.
 
 Real daemons (`triage serve`) on loopback; the study stable age is 60 s, so a study
 decided within seconds was completed by the end of its association.
@@ -27,10 +28,11 @@ from dicomnet_helpers import (
     metric,
     wait_until,
 )
-from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
-from pynetdicom import AE
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
+from pynetdicom import AE, _config
 from pynetdicom.sop_class import (
     CTImageStorage,
+    MRImageStorage,
     StudyRootQueryRetrieveInformationModelFind,
     Verification,
 )
@@ -70,7 +72,7 @@ def node(tmp_path_factory: pytest.TempPathFactory):
     home = tmp_path_factory.mktemp("dicom_pynetdicom") / "home"
     proc = DicomDaemon(home, {
         "TRIAGE__STUDIES__STABLE_AGE_SECONDS": STABLE_AGE,
-        "TRIAGE__DICOM__ALLOWED_CALLING_AE_TITLES": '["GOODSCU", "BURST", "ECHOSCU"]',
+        "TRIAGE__DICOM__ALLOWED_CALLING_AE_TITLES": '["GOODSCU", "BURST", "ECHOSCU", "CHECKSCU"]',
         "TRIAGE__DICOM__MAX_ASSOCIATIONS": str(MAX_ASSOCIATIONS),
     }).start()
     yield proc
@@ -210,6 +212,87 @@ def test_a_burst_of_concurrent_associations(node) -> None:
     assert decided == BURST or wait_until(lambda: node.query(
         "SELECT COUNT(*) FROM studies WHERE study_uid LIKE '2.25.9%' AND state = 'scored'"
     )[0][0] == BURST, 30, "the burst's studies decided")
+    logs = node.logs()
+    for secret in PHI_STRINGS:
+        assert secret not in logs, secret
+
+
+def test_what_would_not_be_archived_is_refused_before_success(node, tmp_path: Path) -> None:
+    """Short pixel data, a missing SOP Instance UID, a data set that is not the instance
+    the request names, a header cut short: each is answered with a failure status and
+    the reason in the Error Comment instead of Success, so the modality keeps it and can
+    resend; none is stored, journaled or quarantined. A good instance in the same
+    association is stored as usual."""
+    study = "2.25.5772156649015328606065120900824024310"
+    before = node.metrics()
+    cut = ct(study, 1, seed=1)
+    cut.PixelData = cut.PixelData[:1024]  # 32 x 32 x 16 bits declared: 2048 bytes
+
+    def file_of(ds, name: str) -> Path:
+        """``ds`` as a file, sent as its bytes are (pynetdicom's chunked mode: the UIDs
+        of the request from the file meta, the data set not re-encoded); the file meta
+        written as it is, not made to agree with the data set."""
+        ds.preamble = b"\0" * 128
+        ds.save_as(tmp_path / name, enforce_file_format=False)
+        return tmp_path / name
+
+    no_uid = ct(study, 2, seed=2)
+    no_uid.file_meta.MediaStorageSOPInstanceUID = generate_uid()  # the request names it...
+    del no_uid.SOPInstanceUID  # ...the data set does not
+    other_class = ct(study, 3, seed=3)
+    other_class.SOPClassUID = MRImageStorage  # the request (file meta) says CT
+    header_cut = file_of(ct(study, 4, seed=4), "cut.dcm")
+    header_cut.write_bytes(header_cut.read_bytes()[:-100])  # inside the Pixel Data value
+    good = ct(study, 5, seed=5)
+    paths = [file_of(no_uid, "no_uid.dcm"), file_of(other_class, "other_class.dcm")]
+    chunked = _config.STORE_SEND_CHUNKED_DATASET
+    assoc = sender("CHECKSCU").associate("127.0.0.1", node.dicom_port, ae_title="TRIAGE")
+    assert assoc.is_established
+    try:
+        answers = [assoc.send_c_store(cut)]
+        _config.STORE_SEND_CHUNKED_DATASET = True
+        answers += [assoc.send_c_store(path) for path in (*paths, header_cut)]
+        _config.STORE_SEND_CHUNKED_DATASET = chunked
+        answers.append(assoc.send_c_store(good))
+    finally:
+        _config.STORE_SEND_CHUNKED_DATASET = chunked
+        assoc.release()
+    assert [(a.Status, a.get("ErrorComment")) for a in answers] == [
+        (0xA900, "pixel data holds 1024 of the 2048 bytes declared"),
+        (0xA900, "not a usable DICOM instance: it has no SOP Instance UID"),
+        (0xA900, "the data set's SOP Class UID is not the one the request names"),
+        (0xC000, "data element (7FE0,0010) declares 2048 bytes but the file..."),
+        (0x0000, None),
+    ]
+    wait_until(lambda: files_settled(node, "CHECKSCU", 1), 20, "the good instance read")
+    assert assert_final(node, "CHECKSCU") == {"archived": 1}  # nothing else journaled
+    archived = {uid for (uid,) in node.query(
+        "SELECT sop_uid FROM instances JOIN studies ON studies.id = instances.study_id "
+        "WHERE study_uid = ?", [study])}
+    assert archived == {good.SOPInstanceUID}
+    assert list((node.home / "received").glob("*.dcm")) == []  # read, nothing left over
+    quarantine = node.home / "quarantine"
+    assert not quarantine.exists() or list(quarantine.iterdir()) == []
+    after = node.metrics()
+
+    def delta(name: str, **labels: str) -> float:
+        return metric(after, name, **labels) - metric(before, name, **labels)
+
+    assert delta("triage_dicom_instances_total", status="failed") == 4
+    assert delta("triage_dicom_instances_total", status="success") == 1
+    for reason, count in (("truncated", 2), ("missing_uid", 1), ("sop_mismatch", 1),
+                          ("invalid_image", 0)):
+        assert delta("triage_received_invalid_instances_total", origin="dicom",
+                     reason=reason) == count, reason
+    refused = [e for e in events(node, "dicom_store_refused") if e["calling_ae"] == "CHECKSCU"]
+    assert [(e["status"], e["reason_code"]) for e in refused] == [
+        ("0xA900", "truncated"), ("0xA900", "missing_uid"), ("0xA900", "sop_mismatch"),
+        ("0xC000", "truncated")]
+    assert refused[3]["reason"] == ("data element (7FE0,0010) declares 2048 bytes but the "
+                                    "file ends 1948 bytes after its start")
+    [ended] = [e for e in events(node, "dicom_association_released")
+               if e["calling_ae"] == "CHECKSCU"]
+    assert (ended["stored"], ended["failed"]) == (1, 4)
     logs = node.logs()
     for secret in PHI_STRINGS:
         assert secret not in logs, secret

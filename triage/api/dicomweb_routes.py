@@ -39,14 +39,13 @@ from triage.dicomweb.frames import (
 from triage.dicomweb.json_model import metadata, read_header
 from triage.dicomweb.search import QueryError, parse_query, run
 from triage.dicomweb.stow import (
-    CANNOT_UNDERSTAND,
     DOES_NOT_MATCH,
     OUT_OF_RESOURCES,
     PROCESSING_FAILURE,
     StowResult,
-    read_part_header,
     response,
 )
+from triage.ingest.dicom import InstanceRefused, check_received
 from triage.ingest.received import StoreFailed
 from triage.review import audit
 from triage.review.auth import Principal
@@ -535,10 +534,16 @@ async def _store(request: Request, who: Principal, db: Any, settings: Any,
             result.notes.append(f"part {number}: {part.size} bytes is larger than "
                                 f"ingest.max_file_bytes ({settings.ingest.max_file_bytes})")
             return
-        header = read_part_header(part.data)
-        if header is None:
-            result.failed.append((None, CANNOT_UNDERSTAND))
-            result.notes.append(f"part {number} is not a DICOM instance")
+        try:
+            header = check_received(part.data)
+        except InstanceRefused as exc:
+            # never stored, so never quarantined: the sender learns it here, with why
+            result.failed.append((exc.header, exc.status))
+            result.notes.append(f"part {number}: {exc.reason}")
+            daemon.metrics.received_invalid.labels(origin="stow", reason=exc.code).inc()
+            event(log, "dicomweb_part_refused", logging.WARNING, part=number,
+                  status=f"0x{exc.status:04X}", reason_code=exc.code, reason=exc.reason,
+                  sender=who.name)
             return
         if study is not None and header.study_uid != study:
             result.failed.append((header, DOES_NOT_MATCH))

@@ -1,20 +1,18 @@
 """STOW-RS: what each part of a store request is, and the answer (PS3.18 10.5).
 
-A part is acknowledged once :meth:`~triage.ingest.received.ReceivedStore.accept` made it
-durable in the ingestion journal; it is read, archived or quarantined later by the
-ingest loop like any other arrival. Its UIDs for the answer come from parsing its header
-here; a part that is not DICOM at all is refused and never stored.
+A part is acknowledged once it passed the checks made before any sender is answered
+(:func:`triage.ingest.dicom.check_received`: a header that parses, the four required
+UIDs, pixel data that can hold the image declared) and
+:meth:`~triage.ingest.received.ReceivedStore.accept` made it durable in the ingestion
+journal; it is read, archived or quarantined later by the ingest loop like any other
+arrival. A part that fails the checks is never stored: it is listed in the
+FailedSOPSequence with the C-STORE status it would have had (0xC000, 0xA900).
 """
 
 from __future__ import annotations
 
-import io
-import warnings
 from dataclasses import dataclass
-from typing import Any
-
-import pydicom
-from pydicom.errors import InvalidDicomError
+from typing import Any, Protocol
 
 from triage.dicomweb.json_model import attributes, element, tag_key
 
@@ -25,41 +23,20 @@ DOES_NOT_MATCH = 0xA900  # e.g. not of the study named in the request URL
 CANNOT_UNDERSTAND = 0xC000
 
 
-@dataclass(frozen=True)
-class PartHeader:
-    sop_class_uid: str | None
-    sop_instance_uid: str
-    study_uid: str | None
-    series_uid: str | None
+class PartHeader(Protocol):
+    """The identifying UIDs of a part as read before it was stored (None: absent)."""
 
+    @property
+    def sop_class_uid(self) -> str | None: ...
 
-def read_part_header(data: bytes) -> PartHeader | None:
-    """The identifying UIDs of a part, or None when it is not a DICOM instance."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        try:
-            ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
-        except InvalidDicomError:
-            try:  # no preamble and 'DICM': still DICOM if it names an instance
-                ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True, force=True)
-            except Exception:  # noqa: BLE001 - any failure means "not DICOM"
-                return None
-        except Exception:  # noqa: BLE001
-            return None
-        meta = getattr(ds, "file_meta", None) or {}
-        try:
-            sop_uid = ds.get("SOPInstanceUID") or meta.get("MediaStorageSOPInstanceUID")
-            sop_class = ds.get("SOPClassUID") or meta.get("MediaStorageSOPClassUID")
-            study, series = ds.get("StudyInstanceUID"), ds.get("SeriesInstanceUID")
-        except Exception:  # noqa: BLE001 - a value that cannot be decoded
-            return None
-    if not sop_uid:
-        return None
-    return PartHeader(_text(sop_class), str(sop_uid), _text(study), _text(series))
+    @property
+    def sop_instance_uid(self) -> str | None: ...
 
+    @property
+    def study_uid(self) -> str | None: ...
 
-def _text(value: object) -> str | None:
-    return str(value) if value else None
+    @property
+    def series_uid(self) -> str | None: ...
 
 
 @dataclass
@@ -67,7 +44,7 @@ class StowResult:
     """What happened to the parts of one request, in order."""
 
     stored: list[tuple[PartHeader, str | None]]  # header, retrieve URL
-    failed: list[tuple[PartHeader | None, int]]  # header (None: not DICOM), reason
+    failed: list[tuple[PartHeader | None, int]]  # header (None: unreadable), reason
     notes: list[str]  # why parts failed, in words (no patient data), for a Warning header
     too_large: int = 0  # parts refused for exceeding ingest.max_file_bytes
 

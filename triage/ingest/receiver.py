@@ -11,11 +11,18 @@ limit exceeded): the sender retries later.
 Every storage SOP class is accepted, in the transfer syntaxes pydicom and pylibjpeg can
 decode (uncompressed little and big endian, deflated, JPEG baseline, extended and
 lossless, JPEG-LS, JPEG 2000 and HTJ2K, RLE). A C-STORE is answered Success (0x0000)
-only after :meth:`ReceivedStore.accept` made the instance durable and journaled it; a
-store refused for lack of space or a busy database answers 0xA700 (Refused: Out of
-Resources, the sender retries), any other failure 0xC000 (Cannot Understand), each with
-the reason in the Error Comment. What the ingest loop later cannot read is quarantined
-or archived ``unsupported`` with its reason, like an inbox file.
+only after the instance passed :func:`~triage.ingest.dicom.check_received` (what its
+bytes show without decoding: a header that parses, the four required UIDs, pixel data
+that can hold the image declared) and :meth:`ReceivedStore.accept` made it durable and
+journaled it. An instance that fails the check is neither stored nor journaled: 0xC000
+(Cannot Understand) when it does not parse, 0xA900 (Data Set Does Not Match SOP Class)
+when a required UID is missing, the data set's SOP Class or Instance UID is not the
+request's, or its pixel data is short or its items malformed. A store refused for lack of
+space or a busy database answers 0xA700 (Refused: Out of Resources, the sender retries),
+any other failure 0xC000. Each carries the reason in the Error Comment (the reader's
+words, never a value from the data set). What the ingest loop later cannot read (a
+codestream a decoder fails on) is quarantined or archived ``unsupported`` with its
+reason, like an inbox file.
 
 When an association ends (released, aborted, or its connection lost) the ids of the
 files it stored are handed once to ``on_association_end``: the daemon completes their
@@ -71,7 +78,14 @@ from pynetdicom.association import Association
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
-from triage.errors import ConfigError, TriageError
+from triage.errors import ConfigError, DicomRejected, TriageError
+from triage.ingest.dicom import (
+    CANNOT_UNDERSTAND,
+    DOES_NOT_MATCH_SOP_CLASS,
+    InstanceRefused,
+    ReceivedHeader,
+    check_received,
+)
 from triage.ingest.received import ReceivedStore, StoreFailed
 from triage.ingest.settings import DicomSettings
 from triage.telemetry.logs import event
@@ -81,7 +95,9 @@ log = logging.getLogger("triage.dicomnet")
 
 STATUS_SUCCESS = 0x0000
 STATUS_OUT_OF_RESOURCES = 0xA700
-STATUS_CANNOT_UNDERSTAND = 0xC000
+STATUS_DOES_NOT_MATCH = DOES_NOT_MATCH_SOP_CLASS
+STATUS_CANNOT_UNDERSTAND = CANNOT_UNDERSTAND
+_COMMENT_CHARS = 64  # Error Comment is an LO
 
 # A-ASSOCIATE-RJ (result, source, diagnostic), PS3.8 9.3.4
 _REJECT_HOST = (0x01, 0x01, 0x01)  # rejected permanent, service user, no reason given
@@ -411,12 +427,13 @@ class DicomReceiver:
             if not stopping:
                 self._in_flight += 1
         calling = record.calling_ae if record else str(assoc.requestor.ae_title).strip()
+        code: str | None = None
         try:
             if stopping:
                 status, label, reason = (STATUS_OUT_OF_RESOURCES, "out_of_resources",
                                          "the receiver is shutting down")
             else:
-                status, label, reason = self._store_one(event_, record, calling)
+                status, label, reason, code = self._store_one(event_, record, calling)
         finally:
             if not stopping:
                 with self._idle:
@@ -429,28 +446,37 @@ class DicomReceiver:
         answer = Dataset()
         answer.Status = status
         if status != STATUS_SUCCESS:
-            answer.ErrorComment = reason[:64]  # LO: 64 characters
+            answer.ErrorComment = error_comment(reason)
+            fields = {"reason_code": code} if code else {}
             event(log, "dicom_store_refused", logging.WARNING, status=f"0x{status:04X}",
                   reason=reason, calling_ae=calling, peer=self._peer(assoc),
-                  seconds=round(seconds, 4))
+                  seconds=round(seconds, 4), **fields)
         return answer
 
     def _store_one(self, event_: evt.Event, record: _Association | None,
-                   calling: str) -> tuple[int, str, str]:
+                   calling: str) -> tuple[int, str, str, str | None]:
+        """(status, ``dicom_instances`` label, reason in words, refusal reason code)."""
         try:
             data = event_.encoded_dataset(include_meta=True)
+            header = check_received(data)
+            _check_request(header, event_)
             file_id = self._store.accept(data, origin="dicom", sender=calling or None)
+        except InstanceRefused as exc:
+            if record is not None:
+                record.failed += 1
+            self._metrics.received_invalid.labels(origin="dicom", reason=exc.code).inc()
+            return exc.status, "failed", exc.reason, exc.code
         except StoreFailed as exc:
             if record is not None:
                 record.failed += 1
             if exc.out_of_resources:
-                return STATUS_OUT_OF_RESOURCES, "out_of_resources", exc.reason
-            return STATUS_CANNOT_UNDERSTAND, "failed", exc.reason
+                return STATUS_OUT_OF_RESOURCES, "out_of_resources", exc.reason, None
+            return STATUS_CANNOT_UNDERSTAND, "failed", exc.reason, None
         except Exception as exc:  # noqa: BLE001 - never Success, never a traceback
             if record is not None:
                 record.failed += 1
             return (STATUS_CANNOT_UNDERSTAND, "failed",
-                    f"the instance could not be stored ({type(exc).__name__})")
+                    f"the instance could not be stored ({type(exc).__name__})", None)
         late = False
         with self._lock:
             if record is not None and event_.assoc in self._open:
@@ -460,4 +486,28 @@ class DicomReceiver:
                 late = True  # its association already ended: hand it over alone
         if late:
             self._hand_over([file_id])
-        return STATUS_SUCCESS, "success", ""
+        return STATUS_SUCCESS, "success", "", None
+
+
+def _check_request(header: ReceivedHeader, event_: evt.Event) -> None:
+    """The data set must be the instance the C-STORE request names: the sender keeps its
+    record of what was stored by the request's UIDs, the archive by the data set's."""
+    request = event_.request
+    for keyword, ours, name in (
+        ("AffectedSOPClassUID", header.sop_class_uid, "SOP Class UID"),
+        ("AffectedSOPInstanceUID", header.sop_instance_uid, "SOP Instance UID"),
+    ):
+        named = str(getattr(request, keyword, "") or "").strip()
+        if named and ours != named:
+            raise InstanceRefused(
+                DicomRejected("sop_mismatch",
+                              f"the data set's {name} is not the one the request names"),
+                STATUS_DOES_NOT_MATCH, header)
+
+
+def error_comment(reason: str) -> str:
+    """``reason`` as an Error Comment (LO, at most 64 characters), cut at a word."""
+    if len(reason) <= _COMMENT_CHARS:
+        return reason
+    cut = reason[:_COMMENT_CHARS - 3].rsplit(" ", 1)[0].rstrip(",;:")
+    return cut + "..."

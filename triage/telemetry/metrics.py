@@ -22,6 +22,10 @@ from prometheus_client import (
 
 from triage import __version__
 
+# The codes check_received (triage/ingest/dicom.py) and the C-STORE handler refuse with:
+# exported at 0 from the start, like the DICOM node's other closed sets below.
+RECEIVED_INVALID_REASONS = ("empty_file", "not_dicom", "invalid_header", "truncated",
+                            "missing_uid", "invalid_image", "sop_mismatch")
 _FAST = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 _WAIT = (1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600, 7200)
 
@@ -57,6 +61,7 @@ class Metrics:
     dicom_instances: Counter
     dicom_store_seconds: Histogram
     dicomweb_stored: Counter
+    received_invalid: Counter
     out_of_scope: Counter
     ood_flagged: Counter
     serving_model_load_failures: Counter
@@ -237,6 +242,16 @@ def build_metrics(registry: CollectorRegistry) -> Metrics:
             ["result"],
             registry=registry,
         ),
+        received_invalid=Counter(
+            "triage_received_invalid_instances",
+            "Instances refused before they were acknowledged (C-STORE 0xA900/0xC000, STOW-RS "
+            "FailedSOPSequence) because their bytes show the reader would not archive them, "
+            "by origin (dicom, stow) and reason code (the quarantine's: not_dicom, "
+            "invalid_header, truncated, missing_uid, invalid_image, ...; sop_mismatch: the "
+            "data set is not the instance the C-STORE request names).",
+            ["origin", "reason"],
+            registry=registry,
+        ),
         out_of_scope=Counter(
             "triage_out_of_scope_instances",
             "Instances archived out of the model's scope (never scored), by the first "
@@ -260,6 +275,9 @@ def build_metrics(registry: CollectorRegistry) -> Metrics:
         metrics.dicom_instances.labels(status)
     for result in ("success", "failed"):
         metrics.dicomweb_stored.labels(result)
+    for origin in ("dicom", "stow"):
+        for reason in RECEIVED_INVALID_REASONS:
+            metrics.received_invalid.labels(origin, reason)
     for reason in ("modality", "body_part", "photometric", "size"):
         metrics.out_of_scope.labels(reason)
     # So are these (the load failures' reasons are set by the scorer's ServingLoader).
