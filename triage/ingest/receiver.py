@@ -5,8 +5,16 @@ thread. An association is refused with an A-ASSOCIATE-RJ when the peer's address
 in ``dicom.allowed_hosts`` (permanent, no reason given), its called AE title is not
 ``dicom.ae_title`` (called AE title not recognised) or its calling AE title is not in
 ``dicom.allowed_calling_ae_titles`` (calling AE title not recognised); empty lists admit
-any. Beyond ``dicom.max_associations`` at once, pynetdicom refuses it as transient (local
-limit exceeded): the sender retries later.
+any. Exactly ``dicom.max_associations`` are admitted at once, first come first served: an
+association holds its slot from its A-ASSOCIATE-RQ until its connection closes, and one
+more is refused as transient (local limit exceeded): the sender retries later. (The
+receiver counts the slots itself; pynetdicom's own limit counts threads, see
+:meth:`DicomReceiver._admit`.)
+
+An association with no PDU from its peer for ``dicom.idle_timeout_seconds``, while no
+request of its is being answered, is aborted (A-ABORT) and its slot freed: a sender that
+died mid-association, or keeps an association open without using it, does not hold a
+slot until the network timeout. (See :meth:`DicomReceiver._check_idle`.)
 
 Every storage SOP class is accepted, in the transfer syntaxes pydicom and pylibjpeg can
 decode (uncompressed little and big endian, deflated, JPEG baseline, extended and
@@ -116,6 +124,13 @@ _CANDIDATE_SYNTAXES = (
 # After the last C-STORE handler returned, the time its association thread gets to queue
 # the response before stop() aborts the associations.
 _ANSWER_GRACE_SECONDS = 0.2
+# pynetdicom refuses an association when more than `ae.maximum_associations` of its
+# acceptor threads are alive; the receiver admits by its own count (see _admit), so that
+# check is set out of reach.
+_PYNETDICOM_NO_LIMIT = 2**31 - 1
+# After an idle association's A-ABORT, how long before the receiver shuts its connection
+# if it is still open (a DUL thread blocked in the middle of a PDU the peer never ends).
+_IDLE_CLOSE_GRACE_SECONDS = 1.0
 _UID_RE = re.compile(r"\b\d+(?:\.\d+){3,}\b")
 
 
@@ -165,6 +180,10 @@ class _Association:
     file_ids: list[int] = field(default_factory=list)
     stored: int = 0
     failed: int = 0
+    # time.monotonic() of the last PDU received or sent, or of the last answer
+    last_activity: float = field(default_factory=time.monotonic)
+    answering: int = 0  # requests of this association being answered now
+    idle_aborted: bool = False
 
 
 def _peer_allowed(address: str, networks: list[ipaddress.IPv4Network | ipaddress.IPv6Network]
@@ -209,9 +228,16 @@ class DicomReceiver:
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)
         self._open: dict[Association, _Association] = {}
+        # Admitted associations (from the A-ASSOCIATE-RQ) whose connection is still open.
+        self._slots: set[Association] = set()
+        # Idle associations aborted: when their socket is shut if it is still open, and a
+        # handle on that socket of the receiver's own (pynetdicom closes its handle).
+        self._closing: dict[Association, tuple[float, socket.socket | None]] = {}
         self._in_flight = 0
         self._stopping = False
         self._server: ThreadedAssociationServer | None = None
+        self._watch_stop = threading.Event()
+        self._watcher: threading.Thread | None = None
         self._ae = self._make_ae()
         quiet_pynetdicom()
 
@@ -226,7 +252,7 @@ class DicomReceiver:
         # The handlers below refuse first, with the reason counted; these are a backstop.
         ae.require_called_aet = True
         ae.require_calling_aet = sorted(self._calling)
-        ae.maximum_associations = s.max_associations
+        ae.maximum_associations = _PYNETDICOM_NO_LIMIT  # the receiver admits: see _admit
         ae.maximum_pdu_size = s.max_pdu_bytes
         ae.acse_timeout = s.acse_timeout_seconds
         ae.dimse_timeout = s.dimse_timeout_seconds
@@ -260,6 +286,8 @@ class DicomReceiver:
             (evt.EVT_RELEASED, self._on_released),
             (evt.EVT_ABORTED, self._on_aborted),
             (evt.EVT_CONN_CLOSE, self._on_conn_close),
+            (evt.EVT_PDU_RECV, self._on_pdu),
+            (evt.EVT_PDU_SENT, self._on_pdu),
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_C_STORE, self._on_store),
         ]
@@ -278,8 +306,12 @@ class DicomReceiver:
                 raise ConfigError(f"{where}: not an address of this machine") from None
             raise TriageError(f"{where}: cannot listen ({exc.strerror or exc})") from None
         self._server = server
+        self._watch_stop.clear()
+        self._watcher = threading.Thread(target=self._watch, name="triage-dicom-idle",
+                                         daemon=True)
+        self._watcher.start()
         event(log, "dicom_receiver_started", host=s.host, port=self.port, ae_title=s.ae_title,
-              max_associations=s.max_associations)
+              max_associations=s.max_associations, idle_timeout=s.idle_timeout_seconds)
 
     def stop(self, timeout: float | None = None) -> None:
         """Stop accepting, let C-STOREs in flight answer, then abort what is still open.
@@ -301,6 +333,14 @@ class DicomReceiver:
             waited_out = self._in_flight
         if self._open:
             time.sleep(_ANSWER_GRACE_SECONDS)  # let the last answers be queued before A-ABORT
+        self._watch_stop.set()
+        if self._watcher is not None:
+            self._watcher.join(timeout=5)
+            self._watcher = None
+        with self._lock:
+            closing, self._closing = list(self._closing.values()), {}
+        for _, handle in closing:
+            _shut(handle)
         self._ae.shutdown()  # aborts the associations still open: each ends as `aborted`
         event(log, "dicom_receiver_stopped", unanswered=waited_out)
 
@@ -328,19 +368,50 @@ class DicomReceiver:
             reason = _REJECT_CALLED_AE
         elif self._calling and calling not in self._calling:
             reason = _REJECT_CALLING_AE
+        elif not self._admit(assoc):
+            reason = _REJECT_BUSY
         else:
             return
         result = _REJECT_RESULTS[reason]
         self._metrics.dicom_associations.labels(result=result).inc()
+        fields = {"max_associations": self._settings.max_associations} if (
+            reason == _REJECT_BUSY) else {}
         event(log, "dicom_association_rejected", logging.WARNING, result=result,
-              calling_ae=calling, called_ae=called, peer=peer)
+              calling_ae=calling, called_ae=called, peer=peer, **fields)
         assoc.acse.send_reject(*reason)
         # As pynetdicom does for its own rejections: wait for the DUL to send the
         # A-ASSOCIATE-RJ and the peer to close (or the ARTIM timer) before the socket goes.
         assoc.kill()
 
+    def _admit(self, assoc: Association) -> bool:
+        """Take one of the ``dicom.max_associations`` slots for ``assoc`` if one is free.
+
+        The slot is held until the association's connection closes (EVT_CONN_CLOSE, or
+        :meth:`_check_idle` finding its thread gone), so exactly the limit is admitted,
+        first come first served, and a burst beyond it is refused as busy.
+
+        Why not pynetdicom's ``maximum_associations``: its acceptor (``ACSE.
+        _negotiate_as_acceptor``, pynetdicom 3.0) refuses when more than that many of the
+        AE's acceptor *threads* are alive, and a thread is alive from the moment its
+        connection is accepted until it is torn down: requests still being read, others
+        being refused, associations whose connection is closing. Under a burst it refuses
+        associations that would fit (13 to 15 of 16 admitted, 2026-12). This handler
+        runs on EVT_REQUESTED, pynetdicom's documented hook for an A-ASSOCIATE-RQ before
+        negotiation, which refuses with ``send_reject`` as the AE title checks above do;
+        pynetdicom's count is set out of reach (``_PYNETDICOM_NO_LIMIT``) rather than
+        replaced (an AE subclass overriding ``active_associations`` would also change what
+        ``AE.shutdown`` aborts and which threads timeout changes reach). Pinned by
+        tests/dicomnet/test_receiver_limits.py: a pynetdicom that stops calling this hook
+        or counts differently fails it."""
+        with self._lock:
+            if len(self._slots) >= self._settings.max_associations:
+                return False
+            self._slots.add(assoc)
+            return True
+
     def _on_rejected(self, event_: evt.Event) -> None:
-        """Rejected by pynetdicom itself during negotiation (too many associations)."""
+        """Rejected by pynetdicom itself during negotiation (a backstop: the handlers
+        refuse first)."""
         primitive = event_.assoc.acceptor.primitive
         key = (primitive.result, primitive.result_source, primitive.diagnostic)
         result = _REJECT_RESULTS.get(key, "rejected_busy")
@@ -373,8 +444,12 @@ class DicomReceiver:
         thread: this one is the association's DUL, which its thread waits for)."""
         assoc = event_.assoc
         with self._lock:
-            if assoc not in self._open:
-                return
+            self._slots.discard(assoc)  # the connection is gone: its slot is free
+            _, handle = self._closing.pop(assoc, (0.0, None))
+            known = assoc in self._open
+        _shut(handle)
+        if not known:
+            return
 
         def reap() -> None:
             assoc.join(timeout=self._settings.store_timeout_seconds + 5)
@@ -404,6 +479,70 @@ class DicomReceiver:
             event(log, "dicom_association_end_error", logging.ERROR,
                   error_type=type(exc).__name__)
 
+    def _on_pdu(self, event_: evt.Event) -> None:
+        """A PDU received or sent (the DUL's thread): the association is not idle."""
+        record = self._open.get(event_.assoc)
+        if record is not None:
+            record.last_activity = time.monotonic()
+
+    # ---- idle associations -----------------------------------------------------------
+
+    def _watch(self) -> None:
+        tick = min(1.0, max(0.05, self._settings.idle_timeout_seconds / 4))
+        while not self._watch_stop.wait(tick):
+            try:
+                self._check_idle(time.monotonic())
+            except Exception as exc:  # noqa: BLE001 - the next tick tries again
+                event(log, "dicom_idle_check_error", logging.ERROR,
+                      error_type=type(exc).__name__)
+
+    def _check_idle(self, now: float) -> None:
+        """Abort the associations idle for ``dicom.idle_timeout_seconds``; close their
+        connections if their peers have not after a grace; free what was left behind.
+
+        Idle means: no PDU received or sent (EVT_PDU_RECV, EVT_PDU_SENT) since the last
+        answer, and no request of the association being answered now (a C-STORE waiting
+        for the database is the receiver's time, not the peer's). pynetdicom's
+        ``network_timeout`` is not that: it counts from the last PDU *received*, the
+        receiver's own time answering included, and on expiry its A-ABORT waits for the
+        peer to close (up to the ACSE timeout). It stays as ``dicom.
+        network_timeout_seconds``, a backstop that must be the longer of the two.
+
+        The A-ABORT is sent by ``Association.abort()`` on a thread of its own (it blocks
+        until the association's threads end, as ``AE.shutdown`` uses it); the
+        association's thread then closes the connection, which frees the slot. A peer
+        that stopped in the middle of a PDU leaves the association's DUL thread blocked
+        reading it, where neither the A-ABORT nor that close reach it (pynetdicom's
+        sockets have no timeout): ``_IDLE_CLOSE_GRACE_SECONDS`` after the abort, the
+        connection is shut through a handle on its socket taken at the abort, which
+        wakes the DUL; the slot was freed when the association's thread ended."""
+        limit = self._settings.idle_timeout_seconds
+        with self._lock:
+            idle = [(assoc, record) for assoc, record in self._open.items()
+                    if not record.answering and not record.idle_aborted
+                    and now - record.last_activity >= limit]
+            for assoc, record in idle:
+                record.idle_aborted = True
+                self._closing[assoc] = (now + _IDLE_CLOSE_GRACE_SECONDS, _dup(assoc))
+            overdue = [self._closing.pop(assoc) for assoc, (when, _) in
+                       list(self._closing.items()) if when <= now]
+            # Belt and braces: a connection pynetdicom closed without EVT_CONN_CLOSE (its
+            # DUL ended on an exception) leaves a thread that has ended.
+            for assoc in [a for a in self._slots if not a.is_alive()]:
+                self._slots.discard(assoc)
+            ended = [assoc for assoc in self._open if not assoc.is_alive()]
+        for assoc, record in idle:
+            self._metrics.dicom_idle_aborts.inc()
+            event(log, "dicom_association_idle_aborted", logging.WARNING,
+                  calling_ae=record.calling_ae, peer=record.peer,
+                  idle_seconds=round(now - record.last_activity, 1), idle_timeout=limit)
+            threading.Thread(target=assoc.abort, name="triage-dicom-idle-abort",
+                             daemon=True).start()
+        for _, handle in overdue:
+            _shut(handle)
+        for assoc in ended:
+            self._end(assoc, "aborted")
+
     @staticmethod
     def _peer(assoc: Association) -> str:
         try:
@@ -426,6 +565,8 @@ class DicomReceiver:
             stopping = self._stopping
             if not stopping:
                 self._in_flight += 1
+            if record is not None:
+                record.answering += 1  # not idle while it is answered
         calling = record.calling_ae if record else str(assoc.requestor.ae_title).strip()
         code: str | None = None
         try:
@@ -435,10 +576,13 @@ class DicomReceiver:
             else:
                 status, label, reason, code = self._store_one(event_, record, calling)
         finally:
-            if not stopping:
-                with self._idle:
+            with self._idle:
+                if not stopping:
                     self._in_flight -= 1
                     self._idle.notify_all()
+                if record is not None:
+                    record.answering -= 1
+                    record.last_activity = time.monotonic()
         seconds = time.perf_counter() - started
         self.last_store_at = time.monotonic()
         self._metrics.dicom_store_seconds.observe(seconds)
@@ -487,6 +631,27 @@ class DicomReceiver:
         if late:
             self._hand_over([file_id])
         return STATUS_SUCCESS, "success", "", None
+
+
+def _dup(assoc: Association) -> socket.socket | None:
+    """A handle of the receiver's own on the association's socket, or None."""
+    raw = getattr(assoc.dul.socket, "socket", None)
+    try:
+        return raw.dup() if raw is not None else None
+    except OSError:
+        return None  # closed meanwhile
+
+
+def _shut(handle: socket.socket | None) -> None:
+    """Shut the connection under ``handle`` (waking a thread blocked reading it), close
+    the handle."""
+    if handle is None:
+        return
+    try:
+        handle.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass  # the connection is already gone
+    handle.close()
 
 
 def _check_request(header: ReceivedHeader, event_: evt.Event) -> None:
