@@ -1,6 +1,7 @@
 """The DICOM node under pressure (issue 23): exactly ``dicom.max_associations`` admitted
 from a burst, a slot held until its connection closes; a silent peer's slot freed after
-``dicom.idle_timeout_seconds``.
+``dicom.idle_timeout_seconds``; a C-STORE on a presentation context it was not
+negotiated for answered or aborted.
 
 Real daemons (`triage serve`) on loopback; pynetdicom senders, and a bare-socket peer
 (raw_dicom.py) for what pynetdicom's requestor will not do.
@@ -13,12 +14,20 @@ import struct
 import threading
 import time
 
+import numpy as np
 import pytest
-from dicomnet_helpers import DicomDaemon, events, metric, wait_until
+from dicomnet_helpers import DicomDaemon, assert_final, events, files_settled, metric, wait_until
 from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import AE
-from pynetdicom.sop_class import CTImageStorage, Verification
-from raw_dicom import A_ABORT, A_ASSOCIATE_AC, P_DATA_TF, RawPeer
+from pynetdicom.sop_class import (
+    CTImageStorage,
+    MRImageStorage,
+    StudyRootQueryRetrieveInformationModelFind,
+    Verification,
+)
+from raw_dicom import A_ABORT, A_ASSOCIATE_AC, A_RELEASE_RP, P_DATA_TF, RawPeer
+
+from triage.replay.dicom_writer import image_dataset
 
 MAX_ASSOCIATIONS = 16
 BURST = 20
@@ -27,6 +36,12 @@ IDLE = 2.0  # dicom.idle_timeout_seconds of the idle node
 # the idle timeout a slot may be freed and still pass. The timeout itself is checked from
 # below: nothing is aborted before it.
 SLACK = 15.0
+
+
+def ct(study_uid: str, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    return image_dataset(rng.normal(40, 200, (16, 16)).astype(np.int16), modality="CT",
+                         study_uid=study_uid)
 
 
 def sender(title: str, *contexts: str) -> AE:
@@ -232,3 +247,74 @@ def test_an_idle_pynetdicom_association_is_aborted_and_an_active_one_is_not(
     assoc.release()
     aborted = [e["calling_ae"] for e in events(idle_node, "dicom_association_idle_aborted")]
     assert "UNUSED" in aborted and "ECHOING" not in aborted
+
+
+def test_a_store_on_a_context_not_negotiated_for_it(node) -> None:
+    """A C-STORE naming MR Image Storage on the CT context is answered 0x0122 (Refused:
+    SOP Class Not Supported) and the association goes on; a C-STORE on a context the
+    node rejected, on one never proposed, or naming the Verification SOP Class is
+    aborted (see receiver._check_context for why those cannot be answered)."""
+    port = node.dicom_port
+    before = node.metrics()
+    peer = RawPeer(port)
+    study = "2.25.314159265358979323846264338327950288"
+    try:
+        kind, _ = peer.associate("RAWSCU", "TRIAGE", [
+            (1, CTImageStorage), (3, StudyRootQueryRetrieveInformationModelFind)])
+        assert kind == A_ASSOCIATE_AC and peer.accepted == {1: True, 3: False}
+        mr = ct(study, seed=1)
+        mr.SOPClassUID = MRImageStorage
+        mr.Modality = "MR"
+        peer.c_store(1, MRImageStorage, mr.SOPInstanceUID, mr, message_id=7)
+        context_id, answer = peer.response()
+        assert context_id == 1 and answer is not None
+        assert (answer.CommandField, answer.MessageIDBeingRespondedTo, answer.Status) == (
+            0x8001, 7, 0x0122)
+        assert answer.ErrorComment == (
+            "the request's SOP Class UID is not its presentation context's")
+        assert answer.AffectedSOPClassUID == MRImageStorage
+        good = ct(study, seed=2)
+        peer.c_store(1, CTImageStorage, good.SOPInstanceUID, good, message_id=8)
+        context_id, answer = peer.response()
+        assert (context_id, answer.MessageIDBeingRespondedTo, answer.Status) == (1, 8, 0x0000)
+        # the rejected query context: no transfer syntax to read it by, none to answer on
+        other = ct(study, seed=3)
+        peer.c_store(3, CTImageStorage, other.SOPInstanceUID, other, message_id=9)
+        assert peer.response() == (A_ABORT, None)
+    finally:
+        peer.close()
+    for context_id, sop_class in ((5, CTImageStorage), (1, Verification)):
+        peer = RawPeer(port)
+        try:
+            kind, _ = peer.associate("RAWSCU", "TRIAGE", [(1, CTImageStorage)])
+            assert kind == A_ASSOCIATE_AC
+            ds = ct(study, seed=context_id)
+            peer.c_store(context_id, sop_class, ds.SOPInstanceUID, ds)
+            assert peer.response() == (A_ABORT, None), (context_id, sop_class)
+        finally:
+            peer.close()
+    # one that works still does, and a release is answered
+    peer = RawPeer(port)
+    try:
+        assert peer.associate("RAWSCU", "TRIAGE", [(1, CTImageStorage)])[0] == A_ASSOCIATE_AC
+        ds = ct(study, seed=4)
+        peer.c_store(1, CTImageStorage, ds.SOPInstanceUID, ds)
+        assert peer.response()[1].Status == 0x0000
+        assert peer.release() == A_RELEASE_RP
+    finally:
+        peer.close()
+    wait_until(lambda: files_settled(node, "RAWSCU", 2), 30, "the two instances read")
+    assert assert_final(node, "RAWSCU") == {"archived": 2}  # the MR was never stored
+    after = node.metrics()
+
+    def delta(name: str, **labels: str) -> float:
+        return metric(after, name, **labels) - metric(before, name, **labels)
+
+    assert delta("triage_dicom_instances_total", status="success") == 2
+    assert delta("triage_dicom_instances_total", status="failed") == 2  # 0x0122, Verification
+    assert delta("triage_dicom_associations_total", result="aborted") == 3
+    assert delta("triage_dicom_associations_total", result="released") == 1
+    refused = [(e["status"], e["reason_code"]) for e in events(node, "dicom_store_refused")
+               if e["calling_ae"] == "RAWSCU"]
+    assert refused == [("0x0122", "sop_class_not_negotiated"),
+                       ("abort", "sop_class_not_storage")]

@@ -28,9 +28,12 @@ when a required UID is missing, the data set's SOP Class or Instance UID is not 
 request's, or its pixel data is short or its items malformed. A store refused for lack of
 space or a busy database answers 0xA700 (Refused: Out of Resources, the sender retries),
 any other failure 0xC000. Each carries the reason in the Error Comment (the reader's
-words, never a value from the data set). What the ingest loop later cannot read (a
-codestream a decoder fails on) is quarantined or archived ``unsupported`` with its
-reason, like an inbox file.
+words, never a value from the data set). A C-STORE whose Affected SOP Class is not the
+abstract syntax of the presentation context it came on is answered 0x0122 (Refused: SOP
+Class Not Supported) before its data set is looked at; one on a presentation context the
+association did not accept is aborted (see :func:`_check_context`). What the ingest loop
+later cannot read (a codestream a decoder fails on) is quarantined or archived
+``unsupported`` with its reason, like an inbox file.
 
 When an association ends (released, aborted, or its connection lost) the ids of the
 files it stored are handed once to ``on_association_end``: the daemon completes their
@@ -83,6 +86,7 @@ from pydicom.uid import (
 )
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pynetdicom.association import Association
+from pynetdicom.dimse_primitives import C_ECHO
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
@@ -102,6 +106,7 @@ from triage.telemetry.metrics import Metrics
 log = logging.getLogger("triage.dicomnet")
 
 STATUS_SUCCESS = 0x0000
+STATUS_SOP_CLASS_NOT_SUPPORTED = 0x0122  # PS3.7 Annex C: Refused: SOP Class Not Supported
 STATUS_OUT_OF_RESOURCES = 0xA700
 STATUS_DOES_NOT_MATCH = DOES_NOT_MATCH_SOP_CLASS
 STATUS_CANNOT_UNDERSTAND = CANNOT_UNDERSTAND
@@ -553,6 +558,19 @@ class DicomReceiver:
     # ---- DIMSE services -------------------------------------------------------------
 
     def _on_echo(self, event_: evt.Event) -> int:
+        if not isinstance(event_.request, C_ECHO):
+            # pynetdicom picks the service by the request's Affected SOP Class: a C-STORE
+            # naming the Verification SOP Class lands here, and would be answered with a
+            # C-ECHO response (Success, nothing stored). Abort it, as pynetdicom does a
+            # C-STORE naming any other SOP class that has no storage service.
+            event(log, "dicom_store_refused", logging.WARNING, status="abort",
+                  reason="a C-STORE naming the Verification SOP Class",
+                  reason_code="sop_class_not_storage",
+                  calling_ae=str(event_.assoc.requestor.ae_title).strip(),
+                  peer=self._peer(event_.assoc))
+            self._metrics.dicom_instances.labels(status="failed").inc()
+            event_.assoc.abort()
+            return STATUS_SOP_CLASS_NOT_SUPPORTED
         self._metrics.dicom_instances.labels(status="echo").inc()
         return STATUS_SUCCESS
 
@@ -573,6 +591,11 @@ class DicomReceiver:
             if stopping:
                 status, label, reason = (STATUS_OUT_OF_RESOURCES, "out_of_resources",
                                          "the receiver is shutting down")
+            elif (mismatch := _check_context(event_)) is not None:
+                if record is not None:
+                    record.failed += 1
+                status, label, reason, code = (STATUS_SOP_CLASS_NOT_SUPPORTED, "failed",
+                                               mismatch, "sop_class_not_negotiated")
             else:
                 status, label, reason, code = self._store_one(event_, record, calling)
         finally:
@@ -652,6 +675,30 @@ def _shut(handle: socket.socket | None) -> None:
     except OSError:
         pass  # the connection is already gone
     handle.close()
+
+
+def _check_context(event_: evt.Event) -> str | None:
+    """Why a C-STORE may not be stored on the presentation context it came on, or None.
+
+    PS3.8 (7.1.1.13): a presentation context is negotiated for one abstract syntax, here
+    one storage SOP class; a C-STORE whose Affected SOP Class is another one (a storage
+    class the association may not even have proposed) was not negotiated. It is answered
+    0x0122 Refused: SOP Class Not Supported, on the context it came on, before its data
+    set is read; the association goes on.
+
+    What pynetdicom does not let reach this handler (Association._serve_request, 3.0):
+    a request on a presentation context ID the association did not accept is A-ABORTed
+    before any handler: there is no negotiated transfer syntax to read it with and no
+    accepted context to answer on (DCMTK's DIMSE layer refuses such a message too). A
+    C-STORE naming a SOP class with no storage service (a query/retrieve model, an
+    unknown UID) is dispatched by that UID, finds no service and is aborted as well; one
+    naming the Verification SOP Class reaches :meth:`DicomReceiver._on_echo`, which
+    aborts it.
+    """
+    named = str(getattr(event_.request, "AffectedSOPClassUID", "") or "").strip()
+    if named != str(event_.context.abstract_syntax).strip():
+        return "the request's SOP Class UID is not its presentation context's"
+    return None
 
 
 def _check_request(header: ReceivedHeader, event_: evt.Event) -> None:
