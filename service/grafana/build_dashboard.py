@@ -141,8 +141,12 @@ ROWS: list[tuple[str, list[dict[str, Any]]]] = [
              width=4),
         series("Associations by result (per minute)",
                [q(f"sum by (result) (rate(triage_dicom_associations_total{{{JOB}}}[5m])) * 60",
-                  "{{result}}")], width=10,
-               description="rejected_*: refused at association (AE title, host, busy)."),
+                  "{{result}}"),
+                q(f"sum(rate(triage_dicom_idle_aborts_total{{{JOB}}}[5m])) * 60",
+                  "idle aborted")], width=10,
+               description="rejected_*: refused at association (AE title, host, busy: "
+                           "max_associations open). idle aborted: no PDU for "
+                           "dicom.idle_timeout_seconds (also counted in aborted)."),
         series("C-STORE answers by status (per second)",
                [q(f"sum by (status) (rate(triage_dicom_instances_total{{{JOB}}}[5m]))",
                   "{{status}}")], width=10,
