@@ -151,6 +151,12 @@ ROWS: list[tuple[str, list[dict[str, Any]]]] = [
                [q(f"sum by (status) (rate(triage_dicom_instances_total{{{JOB}}}[5m]))",
                   "{{status}}")], width=10,
                description="out_of_resources (0xA700): disk or database; the sender retries."),
+        series("Refused before Success by reason (per hour)",
+               [q("sum by (origin, reason) "
+                  f"(increase(triage_received_invalid_instances_total{{{JOB}}}[1h]))",
+                  "{{origin}} {{reason}}")],
+               description="C-STORE 0xA900/0xC000 and STOW-RS failures: what the bytes show "
+                           "the reader would not archive; not stored, the sender keeps it."),
         series("C-STORE answer time (instance durable)",
                quantiles("triage_dicom_store_seconds"), unit="s"),
         series("STOW-RS instances (per minute)",
