@@ -87,6 +87,7 @@ from pydicom.uid import (
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pynetdicom.association import Association
 from pynetdicom.dimse_primitives import C_ECHO
+from pynetdicom.pdu import A_ABORT_RQ
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
@@ -133,8 +134,9 @@ _ANSWER_GRACE_SECONDS = 0.2
 # acceptor threads are alive; the receiver admits by its own count (see _admit), so that
 # check is set out of reach.
 _PYNETDICOM_NO_LIMIT = 2**31 - 1
-# After an idle association's A-ABORT, how long before the receiver shuts its connection
-# if it is still open (a DUL thread blocked in the middle of a PDU the peer never ends).
+# After an idle association's A-ABORT was queued, how long it may take to be sent before
+# the association's threads are ended anyway, and its connection shut if still open (a
+# DUL thread blocked in the middle of a PDU the peer never ends sends nothing).
 _IDLE_CLOSE_GRACE_SECONDS = 1.0
 _UID_RE = re.compile(r"\b\d+(?:\.\d+){3,}\b")
 
@@ -175,6 +177,15 @@ def quiet_pynetdicom() -> None:
     logger.propagate = False
     if not any(isinstance(h, _PynetdicomBridge) for h in logger.handlers):
         logger.addHandler(_PynetdicomBridge())
+
+
+@dataclass
+class _Closing:
+    """An idle association being aborted."""
+
+    deadline: float  # time.monotonic() after which its connection is shut if still open
+    handle: socket.socket | None  # the receiver's own handle on its socket
+    sent: threading.Event = field(default_factory=threading.Event)  # its A-ABORT went out
 
 
 @dataclass
@@ -235,9 +246,8 @@ class DicomReceiver:
         self._open: dict[Association, _Association] = {}
         # Admitted associations (from the A-ASSOCIATE-RQ) whose connection is still open.
         self._slots: set[Association] = set()
-        # Idle associations aborted: when their socket is shut if it is still open, and a
-        # handle on that socket of the receiver's own (pynetdicom closes its handle).
-        self._closing: dict[Association, tuple[float, socket.socket | None]] = {}
+        # Idle associations being aborted, until their connection closes.
+        self._closing: dict[Association, _Closing] = {}
         self._in_flight = 0
         self._stopping = False
         self._server: ThreadedAssociationServer | None = None
@@ -292,7 +302,7 @@ class DicomReceiver:
             (evt.EVT_ABORTED, self._on_aborted),
             (evt.EVT_CONN_CLOSE, self._on_conn_close),
             (evt.EVT_PDU_RECV, self._on_pdu),
-            (evt.EVT_PDU_SENT, self._on_pdu),
+            (evt.EVT_PDU_SENT, self._on_pdu_sent),
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_C_STORE, self._on_store),
         ]
@@ -344,8 +354,8 @@ class DicomReceiver:
             self._watcher = None
         with self._lock:
             closing, self._closing = list(self._closing.values()), {}
-        for _, handle in closing:
-            _shut(handle)
+        for entry in closing:
+            _shut(entry.handle)
         self._ae.shutdown()  # aborts the associations still open: each ends as `aborted`
         event(log, "dicom_receiver_stopped", unanswered=waited_out)
 
@@ -450,9 +460,10 @@ class DicomReceiver:
         assoc = event_.assoc
         with self._lock:
             self._slots.discard(assoc)  # the connection is gone: its slot is free
-            _, handle = self._closing.pop(assoc, (0.0, None))
+            entry = self._closing.pop(assoc, None)
             known = assoc in self._open
-        _shut(handle)
+        if entry is not None:
+            _shut(entry.handle)
         if not known:
             return
 
@@ -490,6 +501,13 @@ class DicomReceiver:
         if record is not None:
             record.last_activity = time.monotonic()
 
+    def _on_pdu_sent(self, event_: evt.Event) -> None:
+        self._on_pdu(event_)
+        if isinstance(event_.pdu, A_ABORT_RQ):
+            entry = self._closing.get(event_.assoc)
+            if entry is not None:
+                entry.sent.set()
+
     # ---- idle associations -----------------------------------------------------------
 
     def _watch(self) -> None:
@@ -513,10 +531,9 @@ class DicomReceiver:
         peer to close (up to the ACSE timeout). It stays as ``dicom.
         network_timeout_seconds``, a backstop that must be the longer of the two.
 
-        The A-ABORT is sent by ``Association.abort()`` on a thread of its own (it blocks
-        until the association's threads end, as ``AE.shutdown`` uses it); the
-        association's thread then closes the connection, which frees the slot. A peer
-        that stopped in the middle of a PDU leaves the association's DUL thread blocked
+        The abort runs on a thread of its own (:func:`_abort_idle`); the association's
+        thread closes the connection when it ends, which frees the slot. A peer that
+        stopped in the middle of a PDU leaves the association's DUL thread blocked
         reading it, where neither the A-ABORT nor that close reach it (pynetdicom's
         sockets have no timeout): ``_IDLE_CLOSE_GRACE_SECONDS`` after the abort, the
         connection is shut through a handle on its socket taken at the abort, which
@@ -526,25 +543,28 @@ class DicomReceiver:
             idle = [(assoc, record) for assoc, record in self._open.items()
                     if not record.answering and not record.idle_aborted
                     and now - record.last_activity >= limit]
+            aborting = []
             for assoc, record in idle:
                 record.idle_aborted = True
-                self._closing[assoc] = (now + _IDLE_CLOSE_GRACE_SECONDS, _dup(assoc))
-            overdue = [self._closing.pop(assoc) for assoc, (when, _) in
-                       list(self._closing.items()) if when <= now]
+                entry = _Closing(now + _IDLE_CLOSE_GRACE_SECONDS, _dup(assoc))
+                self._closing[assoc] = entry
+                aborting.append((assoc, record, entry))
+            overdue = [self._closing.pop(assoc) for assoc, entry in
+                       list(self._closing.items()) if entry.deadline <= now]
             # Belt and braces: a connection pynetdicom closed without EVT_CONN_CLOSE (its
             # DUL ended on an exception) leaves a thread that has ended.
             for assoc in [a for a in self._slots if not a.is_alive()]:
                 self._slots.discard(assoc)
             ended = [assoc for assoc in self._open if not assoc.is_alive()]
-        for assoc, record in idle:
+        for assoc, record, entry in aborting:
             self._metrics.dicom_idle_aborts.inc()
             event(log, "dicom_association_idle_aborted", logging.WARNING,
                   calling_ae=record.calling_ae, peer=record.peer,
                   idle_seconds=round(now - record.last_activity, 1), idle_timeout=limit)
-            threading.Thread(target=assoc.abort, name="triage-dicom-idle-abort",
-                             daemon=True).start()
-        for _, handle in overdue:
-            _shut(handle)
+            threading.Thread(target=_abort_idle, args=(assoc, entry.sent),
+                             name="triage-dicom-idle-abort", daemon=True).start()
+        for entry in overdue:
+            _shut(entry.handle)
         for assoc in ended:
             self._end(assoc, "aborted")
 
@@ -654,6 +674,20 @@ class DicomReceiver:
         if late:
             self._hand_over([file_id])
         return STATUS_SUCCESS, "success", "", None
+
+
+def _abort_idle(assoc: Association, sent: threading.Event) -> None:
+    """A-ABORT ``assoc``, then end its threads once the A-ABORT is out (or after the grace).
+
+    Not ``Association.abort()`` as it blocks by default (what ``AE.shutdown`` uses): it
+    queues the A-ABORT for the DUL thread and at once has the association's thread end,
+    which closes the connection, so the A-ABORT is sent or not depending on which thread
+    runs first (seen here under load: the peer got only the close). ``abort(block=False)``
+    queues it and returns; ``kill()`` ends the threads after EVT_PDU_SENT showed it sent.
+    """
+    assoc.abort(block=False)
+    sent.wait(_IDLE_CLOSE_GRACE_SECONDS)
+    assoc.kill()
 
 
 def _dup(assoc: Association) -> socket.socket | None:
