@@ -46,6 +46,10 @@ def test_shipped_config_is_valid_and_matches_defaults() -> None:
         ("dicom:\n  ae_title: A_TITLE_LONGER_THAN_16\n", {}, "dicom.ae_title"),
         ("", {"TRIAGE__DICOM__ALLOWED_HOSTS": "[10.0.0.0/8, pacs]"}, "dicom.allowed_hosts"),
         ("dicom:\n  port: 0\n", {}, "dicom.port"),
+        ("dicom:\n  idle_timeout_seconds: 0\n", {}, "dicom.idle_timeout_seconds"),
+        ("", {"TRIAGE__DICOM__IDLE_TIMEOUT_SECONDS": "soon"}, "dicom.idle_timeout_seconds"),
+        ("dicom:\n  idle_timeout_seconds: 90\n", {}, "dicom.idle_timeout_seconds (90) must "
+         "be shorter than dicom.network_timeout_seconds (60)"),
         ("scope:\n  modalities: CR\n", {}, "scope.modalities"),
     ],
 )

@@ -141,12 +141,22 @@ ROWS: list[tuple[str, list[dict[str, Any]]]] = [
              width=4),
         series("Associations by result (per minute)",
                [q(f"sum by (result) (rate(triage_dicom_associations_total{{{JOB}}}[5m])) * 60",
-                  "{{result}}")], width=10,
-               description="rejected_*: refused at association (AE title, host, busy)."),
+                  "{{result}}"),
+                q(f"sum(rate(triage_dicom_idle_aborts_total{{{JOB}}}[5m])) * 60",
+                  "idle aborted")], width=10,
+               description="rejected_*: refused at association (AE title, host, busy: "
+                           "max_associations open). idle aborted: no PDU for "
+                           "dicom.idle_timeout_seconds (also counted in aborted)."),
         series("C-STORE answers by status (per second)",
                [q(f"sum by (status) (rate(triage_dicom_instances_total{{{JOB}}}[5m]))",
                   "{{status}}")], width=10,
                description="out_of_resources (0xA700): disk or database; the sender retries."),
+        series("Refused before Success by reason (per hour)",
+               [q("sum by (origin, reason) "
+                  f"(increase(triage_received_invalid_instances_total{{{JOB}}}[1h]))",
+                  "{{origin}} {{reason}}")],
+               description="C-STORE 0xA900/0xC000 and STOW-RS failures: what the bytes show "
+                           "the reader would not archive; not stored, the sender keeps it."),
         series("C-STORE answer time (instance durable)",
                quantiles("triage_dicom_store_seconds"), unit="s"),
         series("STOW-RS instances (per minute)",

@@ -97,6 +97,37 @@ def test_stop_lets_a_store_in_flight_answer_then_aborts(parts) -> None:
     assert receiver.port is None
 
 
+def test_a_slow_answer_is_not_idle_time(parts) -> None:
+    """dicom.idle_timeout_seconds counts the peer's silence, not the node's: a C-STORE
+    waiting 3 s for the database with a 1 s idle timeout is answered, the association
+    goes on; idle from that answer on, it is aborted and counted."""
+    settings, receiver, ended, registry = parts(TRIAGE__DICOM__IDLE_TIMEOUT_SECONDS="1")
+    receiver.start()
+    ae = AE(ae_title="MODALITY")
+    ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+    assoc = ae.associate("127.0.0.1", receiver.port, ae_title="TRIAGE")
+    assert assoc.is_established
+    blocker = sqlite3.connect(settings.path("database"), isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")
+    answers: list[int] = []
+    ds = image_dataset(np.zeros((16, 16), np.int16), study_uid="2.25.78")
+    client = threading.Thread(target=lambda: answers.append(assoc.send_c_store(ds).Status))
+    client.start()
+    time.sleep(3)
+    blocker.execute("COMMIT")
+    blocker.close()
+    client.join(timeout=30)
+    answered = time.monotonic()
+    assert answers == [0x0000] and assoc.is_established
+    assert _sample(registry, "triage_dicom_idle_aborts_total") == 0
+    wait_until(lambda: assoc.is_aborted, 20, "the idle association aborted")
+    assert time.monotonic() - answered >= 0.5
+    assert _sample(registry, "triage_dicom_idle_aborts_total") == 1
+    wait_until(lambda: ended, 10, "the association handed over")
+    assert len(ended) == 1 and len(ended[0]) == 1  # what it stored, handed over once
+    assert _sample(registry, "triage_dicom_associations_total", result="aborted") == 1
+
+
 def test_start_failures_are_one_line_errors(parts) -> None:
     settings, first, _, _ = parts()
     first.start()

@@ -143,7 +143,9 @@ def test_an_aborted_association_completes_what_it_stored(node) -> None:
 @pytest.mark.serial
 def test_a_burst_of_concurrent_associations(node) -> None:
     """50 senders at once against 8 associations at most: the others are refused as
-    busy (transient) and retry, as modalities do; every instance is stored once.
+    busy (transient) and retry, as modalities do; every instance is stored once, and
+    never more than 8 associations are open at once (test_receiver_limits.py: exactly 8
+    are admitted).
 
     A request can also go unanswered within the ACSE timeout (2 to 14 of 50 here on
     2026-12-03, alone on the machine: pynetdicom's accept path under a burst, issue 23's
@@ -154,6 +156,8 @@ def test_a_burst_of_concurrent_associations(node) -> None:
     unanswered: list[int] = []
     errors: list[BaseException] = []
     start = threading.Barrier(BURST)
+    open_now = [0, 0]  # established and not yet released, the most seen at once
+    count = threading.Lock()
 
     def send(i: int) -> None:
         try:
@@ -164,7 +168,12 @@ def test_a_burst_of_concurrent_associations(node) -> None:
             for attempt in range(200):
                 assoc = ae.associate("127.0.0.1", node.dicom_port, ae_title="TRIAGE")
                 if assoc.is_established:
+                    with count:
+                        open_now[0] += 1
+                        open_now[1] = max(open_now)
                     statuses[i] = assoc.send_c_store(ds).Status
+                    with count:
+                        open_now[0] -= 1
                     assoc.release()
                     return
                 if not assoc.is_rejected:  # no answer in time: retry, as modalities do
@@ -187,6 +196,8 @@ def test_a_burst_of_concurrent_associations(node) -> None:
     # latency problem of the receiver's accept path under a burst (issue 23), not a loss
     print(f"\n{len(unanswered)} association requests unanswered within the ACSE timeout")
     assert statuses == dict.fromkeys(range(BURST), 0x0000)
+    # seen from the senders (a slot is held until the connection closes, a little later)
+    assert 0 < open_now[1] <= MAX_ASSOCIATIONS
     wait_until(lambda: files_settled(node, "BURST", BURST), 60, "the burst's files read")
     assert assert_final(node, "BURST") == {"archived": BURST}
     wait_until(lambda: metric(node.metrics(), "triage_dicom_active_associations") == 0, 10,

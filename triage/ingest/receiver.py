@@ -5,8 +5,16 @@ thread. An association is refused with an A-ASSOCIATE-RJ when the peer's address
 in ``dicom.allowed_hosts`` (permanent, no reason given), its called AE title is not
 ``dicom.ae_title`` (called AE title not recognised) or its calling AE title is not in
 ``dicom.allowed_calling_ae_titles`` (calling AE title not recognised); empty lists admit
-any. Beyond ``dicom.max_associations`` at once, pynetdicom refuses it as transient (local
-limit exceeded): the sender retries later.
+any. Exactly ``dicom.max_associations`` are admitted at once, first come first served: an
+association holds its slot from its A-ASSOCIATE-RQ until its connection closes, and one
+more is refused as transient (local limit exceeded): the sender retries later. (The
+receiver counts the slots itself; pynetdicom's own limit counts threads, see
+:meth:`DicomReceiver._admit`.)
+
+An association with no PDU from its peer for ``dicom.idle_timeout_seconds``, while no
+request of its is being answered, is aborted (A-ABORT) and its slot freed: a sender that
+died mid-association, or keeps an association open without using it, does not hold a
+slot until the network timeout. (See :meth:`DicomReceiver._check_idle`.)
 
 Every storage SOP class is accepted, in the transfer syntaxes pydicom and pylibjpeg can
 decode (uncompressed little and big endian, deflated, JPEG baseline, extended and
@@ -20,9 +28,12 @@ when a required UID is missing, the data set's SOP Class or Instance UID is not 
 request's, or its pixel data is short or its items malformed. A store refused for lack of
 space or a busy database answers 0xA700 (Refused: Out of Resources, the sender retries),
 any other failure 0xC000. Each carries the reason in the Error Comment (the reader's
-words, never a value from the data set). What the ingest loop later cannot read (a
-codestream a decoder fails on) is quarantined or archived ``unsupported`` with its
-reason, like an inbox file.
+words, never a value from the data set). A C-STORE whose Affected SOP Class is not the
+abstract syntax of the presentation context it came on is answered 0x0122 (Refused: SOP
+Class Not Supported) before its data set is looked at; one on a presentation context the
+association did not accept is aborted (see :func:`_check_context`). What the ingest loop
+later cannot read (a codestream a decoder fails on) is quarantined or archived
+``unsupported`` with its reason, like an inbox file.
 
 When an association ends (released, aborted, or its connection lost) the ids of the
 files it stored are handed once to ``on_association_end``: the daemon completes their
@@ -75,6 +86,8 @@ from pydicom.uid import (
 )
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pynetdicom.association import Association
+from pynetdicom.dimse_primitives import C_ECHO
+from pynetdicom.pdu import A_ABORT_RQ
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
@@ -94,6 +107,7 @@ from triage.telemetry.metrics import Metrics
 log = logging.getLogger("triage.dicomnet")
 
 STATUS_SUCCESS = 0x0000
+STATUS_SOP_CLASS_NOT_SUPPORTED = 0x0122  # PS3.7 Annex C: Refused: SOP Class Not Supported
 STATUS_OUT_OF_RESOURCES = 0xA700
 STATUS_DOES_NOT_MATCH = DOES_NOT_MATCH_SOP_CLASS
 STATUS_CANNOT_UNDERSTAND = CANNOT_UNDERSTAND
@@ -116,6 +130,14 @@ _CANDIDATE_SYNTAXES = (
 # After the last C-STORE handler returned, the time its association thread gets to queue
 # the response before stop() aborts the associations.
 _ANSWER_GRACE_SECONDS = 0.2
+# pynetdicom refuses an association when more than `ae.maximum_associations` of its
+# acceptor threads are alive; the receiver admits by its own count (see _admit), so that
+# check is set out of reach.
+_PYNETDICOM_NO_LIMIT = 2**31 - 1
+# After an idle association's A-ABORT was queued, how long it may take to be sent before
+# the association's threads are ended anyway, and its connection shut if still open (a
+# DUL thread blocked in the middle of a PDU the peer never ends sends nothing).
+_IDLE_CLOSE_GRACE_SECONDS = 1.0
 _UID_RE = re.compile(r"\b\d+(?:\.\d+){3,}\b")
 
 
@@ -158,6 +180,15 @@ def quiet_pynetdicom() -> None:
 
 
 @dataclass
+class _Closing:
+    """An idle association being aborted."""
+
+    deadline: float  # time.monotonic() after which its connection is shut if still open
+    handle: socket.socket | None  # the receiver's own handle on its socket
+    sent: threading.Event = field(default_factory=threading.Event)  # its A-ABORT went out
+
+
+@dataclass
 class _Association:
     calling_ae: str
     peer: str
@@ -165,6 +196,10 @@ class _Association:
     file_ids: list[int] = field(default_factory=list)
     stored: int = 0
     failed: int = 0
+    # time.monotonic() of the last PDU received or sent, or of the last answer
+    last_activity: float = field(default_factory=time.monotonic)
+    answering: int = 0  # requests of this association being answered now
+    idle_aborted: bool = False
 
 
 def _peer_allowed(address: str, networks: list[ipaddress.IPv4Network | ipaddress.IPv6Network]
@@ -209,9 +244,15 @@ class DicomReceiver:
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)
         self._open: dict[Association, _Association] = {}
+        # Admitted associations (from the A-ASSOCIATE-RQ) whose connection is still open.
+        self._slots: set[Association] = set()
+        # Idle associations being aborted, until their connection closes.
+        self._closing: dict[Association, _Closing] = {}
         self._in_flight = 0
         self._stopping = False
         self._server: ThreadedAssociationServer | None = None
+        self._watch_stop = threading.Event()
+        self._watcher: threading.Thread | None = None
         self._ae = self._make_ae()
         quiet_pynetdicom()
 
@@ -226,7 +267,7 @@ class DicomReceiver:
         # The handlers below refuse first, with the reason counted; these are a backstop.
         ae.require_called_aet = True
         ae.require_calling_aet = sorted(self._calling)
-        ae.maximum_associations = s.max_associations
+        ae.maximum_associations = _PYNETDICOM_NO_LIMIT  # the receiver admits: see _admit
         ae.maximum_pdu_size = s.max_pdu_bytes
         ae.acse_timeout = s.acse_timeout_seconds
         ae.dimse_timeout = s.dimse_timeout_seconds
@@ -260,6 +301,8 @@ class DicomReceiver:
             (evt.EVT_RELEASED, self._on_released),
             (evt.EVT_ABORTED, self._on_aborted),
             (evt.EVT_CONN_CLOSE, self._on_conn_close),
+            (evt.EVT_PDU_RECV, self._on_pdu),
+            (evt.EVT_PDU_SENT, self._on_pdu_sent),
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_C_STORE, self._on_store),
         ]
@@ -278,8 +321,12 @@ class DicomReceiver:
                 raise ConfigError(f"{where}: not an address of this machine") from None
             raise TriageError(f"{where}: cannot listen ({exc.strerror or exc})") from None
         self._server = server
+        self._watch_stop.clear()
+        self._watcher = threading.Thread(target=self._watch, name="triage-dicom-idle",
+                                         daemon=True)
+        self._watcher.start()
         event(log, "dicom_receiver_started", host=s.host, port=self.port, ae_title=s.ae_title,
-              max_associations=s.max_associations)
+              max_associations=s.max_associations, idle_timeout=s.idle_timeout_seconds)
 
     def stop(self, timeout: float | None = None) -> None:
         """Stop accepting, let C-STOREs in flight answer, then abort what is still open.
@@ -301,6 +348,14 @@ class DicomReceiver:
             waited_out = self._in_flight
         if self._open:
             time.sleep(_ANSWER_GRACE_SECONDS)  # let the last answers be queued before A-ABORT
+        self._watch_stop.set()
+        if self._watcher is not None:
+            self._watcher.join(timeout=5)
+            self._watcher = None
+        with self._lock:
+            closing, self._closing = list(self._closing.values()), {}
+        for entry in closing:
+            _shut(entry.handle)
         self._ae.shutdown()  # aborts the associations still open: each ends as `aborted`
         event(log, "dicom_receiver_stopped", unanswered=waited_out)
 
@@ -328,19 +383,50 @@ class DicomReceiver:
             reason = _REJECT_CALLED_AE
         elif self._calling and calling not in self._calling:
             reason = _REJECT_CALLING_AE
+        elif not self._admit(assoc):
+            reason = _REJECT_BUSY
         else:
             return
         result = _REJECT_RESULTS[reason]
         self._metrics.dicom_associations.labels(result=result).inc()
+        fields = {"max_associations": self._settings.max_associations} if (
+            reason == _REJECT_BUSY) else {}
         event(log, "dicom_association_rejected", logging.WARNING, result=result,
-              calling_ae=calling, called_ae=called, peer=peer)
+              calling_ae=calling, called_ae=called, peer=peer, **fields)
         assoc.acse.send_reject(*reason)
         # As pynetdicom does for its own rejections: wait for the DUL to send the
         # A-ASSOCIATE-RJ and the peer to close (or the ARTIM timer) before the socket goes.
         assoc.kill()
 
+    def _admit(self, assoc: Association) -> bool:
+        """Take one of the ``dicom.max_associations`` slots for ``assoc`` if one is free.
+
+        The slot is held until the association's connection closes (EVT_CONN_CLOSE, or
+        :meth:`_check_idle` finding its thread gone), so exactly the limit is admitted,
+        first come first served, and a burst beyond it is refused as busy.
+
+        Why not pynetdicom's ``maximum_associations``: its acceptor (``ACSE.
+        _negotiate_as_acceptor``, pynetdicom 3.0) refuses when more than that many of the
+        AE's acceptor *threads* are alive, and a thread is alive from the moment its
+        connection is accepted until it is torn down: requests still being read, others
+        being refused, associations whose connection is closing. Under a burst it refuses
+        associations that would fit (13 to 15 of 16 admitted, 2026-12). This handler
+        runs on EVT_REQUESTED, pynetdicom's documented hook for an A-ASSOCIATE-RQ before
+        negotiation, which refuses with ``send_reject`` as the AE title checks above do;
+        pynetdicom's count is set out of reach (``_PYNETDICOM_NO_LIMIT``) rather than
+        replaced (an AE subclass overriding ``active_associations`` would also change what
+        ``AE.shutdown`` aborts and which threads timeout changes reach). Pinned by
+        tests/dicomnet/test_receiver_limits.py: a pynetdicom that stops calling this hook
+        or counts differently fails it."""
+        with self._lock:
+            if len(self._slots) >= self._settings.max_associations:
+                return False
+            self._slots.add(assoc)
+            return True
+
     def _on_rejected(self, event_: evt.Event) -> None:
-        """Rejected by pynetdicom itself during negotiation (too many associations)."""
+        """Rejected by pynetdicom itself during negotiation (a backstop: the handlers
+        refuse first)."""
         primitive = event_.assoc.acceptor.primitive
         key = (primitive.result, primitive.result_source, primitive.diagnostic)
         result = _REJECT_RESULTS.get(key, "rejected_busy")
@@ -373,8 +459,13 @@ class DicomReceiver:
         thread: this one is the association's DUL, which its thread waits for)."""
         assoc = event_.assoc
         with self._lock:
-            if assoc not in self._open:
-                return
+            self._slots.discard(assoc)  # the connection is gone: its slot is free
+            entry = self._closing.pop(assoc, None)
+            known = assoc in self._open
+        if entry is not None:
+            _shut(entry.handle)
+        if not known:
+            return
 
         def reap() -> None:
             assoc.join(timeout=self._settings.store_timeout_seconds + 5)
@@ -404,6 +495,79 @@ class DicomReceiver:
             event(log, "dicom_association_end_error", logging.ERROR,
                   error_type=type(exc).__name__)
 
+    def _on_pdu(self, event_: evt.Event) -> None:
+        """A PDU received or sent (the DUL's thread): the association is not idle."""
+        record = self._open.get(event_.assoc)
+        if record is not None:
+            record.last_activity = time.monotonic()
+
+    def _on_pdu_sent(self, event_: evt.Event) -> None:
+        self._on_pdu(event_)
+        if isinstance(event_.pdu, A_ABORT_RQ):
+            entry = self._closing.get(event_.assoc)
+            if entry is not None:
+                entry.sent.set()
+
+    # ---- idle associations -----------------------------------------------------------
+
+    def _watch(self) -> None:
+        tick = min(1.0, max(0.05, self._settings.idle_timeout_seconds / 4))
+        while not self._watch_stop.wait(tick):
+            try:
+                self._check_idle(time.monotonic())
+            except Exception as exc:  # noqa: BLE001 - the next tick tries again
+                event(log, "dicom_idle_check_error", logging.ERROR,
+                      error_type=type(exc).__name__)
+
+    def _check_idle(self, now: float) -> None:
+        """Abort the associations idle for ``dicom.idle_timeout_seconds``; close their
+        connections if their peers have not after a grace; free what was left behind.
+
+        Idle means: no PDU received or sent (EVT_PDU_RECV, EVT_PDU_SENT) since the last
+        answer, and no request of the association being answered now (a C-STORE waiting
+        for the database is the receiver's time, not the peer's). pynetdicom's
+        ``network_timeout`` is not that: it counts from the last PDU *received*, the
+        receiver's own time answering included, and on expiry its A-ABORT waits for the
+        peer to close (up to the ACSE timeout). It stays as ``dicom.
+        network_timeout_seconds``, a backstop that must be the longer of the two.
+
+        The abort runs on a thread of its own (:func:`_abort_idle`); the association's
+        thread closes the connection when it ends, which frees the slot. A peer that
+        stopped in the middle of a PDU leaves the association's DUL thread blocked
+        reading it, where neither the A-ABORT nor that close reach it (pynetdicom's
+        sockets have no timeout): ``_IDLE_CLOSE_GRACE_SECONDS`` after the abort, the
+        connection is shut through a handle on its socket taken at the abort, which
+        wakes the DUL; the slot was freed when the association's thread ended."""
+        limit = self._settings.idle_timeout_seconds
+        with self._lock:
+            idle = [(assoc, record) for assoc, record in self._open.items()
+                    if not record.answering and not record.idle_aborted
+                    and now - record.last_activity >= limit]
+            aborting = []
+            for assoc, record in idle:
+                record.idle_aborted = True
+                entry = _Closing(now + _IDLE_CLOSE_GRACE_SECONDS, _dup(assoc))
+                self._closing[assoc] = entry
+                aborting.append((assoc, record, entry))
+            overdue = [self._closing.pop(assoc) for assoc, entry in
+                       list(self._closing.items()) if entry.deadline <= now]
+            # Belt and braces: a connection pynetdicom closed without EVT_CONN_CLOSE (its
+            # DUL ended on an exception) leaves a thread that has ended.
+            for assoc in [a for a in self._slots if not a.is_alive()]:
+                self._slots.discard(assoc)
+            ended = [assoc for assoc in self._open if not assoc.is_alive()]
+        for assoc, record, entry in aborting:
+            self._metrics.dicom_idle_aborts.inc()
+            event(log, "dicom_association_idle_aborted", logging.WARNING,
+                  calling_ae=record.calling_ae, peer=record.peer,
+                  idle_seconds=round(now - record.last_activity, 1), idle_timeout=limit)
+            threading.Thread(target=_abort_idle, args=(assoc, entry.sent),
+                             name="triage-dicom-idle-abort", daemon=True).start()
+        for entry in overdue:
+            _shut(entry.handle)
+        for assoc in ended:
+            self._end(assoc, "aborted")
+
     @staticmethod
     def _peer(assoc: Association) -> str:
         try:
@@ -414,6 +578,19 @@ class DicomReceiver:
     # ---- DIMSE services -------------------------------------------------------------
 
     def _on_echo(self, event_: evt.Event) -> int:
+        if not isinstance(event_.request, C_ECHO):
+            # pynetdicom picks the service by the request's Affected SOP Class: a C-STORE
+            # naming the Verification SOP Class lands here, and would be answered with a
+            # C-ECHO response (Success, nothing stored). Abort it, as pynetdicom does a
+            # C-STORE naming any other SOP class that has no storage service.
+            event(log, "dicom_store_refused", logging.WARNING, status="abort",
+                  reason="a C-STORE naming the Verification SOP Class",
+                  reason_code="sop_class_not_storage",
+                  calling_ae=str(event_.assoc.requestor.ae_title).strip(),
+                  peer=self._peer(event_.assoc))
+            self._metrics.dicom_instances.labels(status="failed").inc()
+            event_.assoc.abort()
+            return STATUS_SOP_CLASS_NOT_SUPPORTED
         self._metrics.dicom_instances.labels(status="echo").inc()
         return STATUS_SUCCESS
 
@@ -426,19 +603,29 @@ class DicomReceiver:
             stopping = self._stopping
             if not stopping:
                 self._in_flight += 1
+            if record is not None:
+                record.answering += 1  # not idle while it is answered
         calling = record.calling_ae if record else str(assoc.requestor.ae_title).strip()
         code: str | None = None
         try:
             if stopping:
                 status, label, reason = (STATUS_OUT_OF_RESOURCES, "out_of_resources",
                                          "the receiver is shutting down")
+            elif (mismatch := _check_context(event_)) is not None:
+                if record is not None:
+                    record.failed += 1
+                status, label, reason, code = (STATUS_SOP_CLASS_NOT_SUPPORTED, "failed",
+                                               mismatch, "sop_class_not_negotiated")
             else:
                 status, label, reason, code = self._store_one(event_, record, calling)
         finally:
-            if not stopping:
-                with self._idle:
+            with self._idle:
+                if not stopping:
                     self._in_flight -= 1
                     self._idle.notify_all()
+                if record is not None:
+                    record.answering -= 1
+                    record.last_activity = time.monotonic()
         seconds = time.perf_counter() - started
         self.last_store_at = time.monotonic()
         self._metrics.dicom_store_seconds.observe(seconds)
@@ -487,6 +674,65 @@ class DicomReceiver:
         if late:
             self._hand_over([file_id])
         return STATUS_SUCCESS, "success", "", None
+
+
+def _abort_idle(assoc: Association, sent: threading.Event) -> None:
+    """A-ABORT ``assoc``, then end its threads once the A-ABORT is out (or after the grace).
+
+    Not ``Association.abort()`` as it blocks by default (what ``AE.shutdown`` uses): it
+    queues the A-ABORT for the DUL thread and at once has the association's thread end,
+    which closes the connection, so the A-ABORT is sent or not depending on which thread
+    runs first (seen here under load: the peer got only the close). ``abort(block=False)``
+    queues it and returns; ``kill()`` ends the threads after EVT_PDU_SENT showed it sent.
+    """
+    assoc.abort(block=False)
+    sent.wait(_IDLE_CLOSE_GRACE_SECONDS)
+    assoc.kill()
+
+
+def _dup(assoc: Association) -> socket.socket | None:
+    """A handle of the receiver's own on the association's socket, or None."""
+    raw = getattr(assoc.dul.socket, "socket", None)
+    try:
+        return raw.dup() if raw is not None else None
+    except OSError:
+        return None  # closed meanwhile
+
+
+def _shut(handle: socket.socket | None) -> None:
+    """Shut the connection under ``handle`` (waking a thread blocked reading it), close
+    the handle."""
+    if handle is None:
+        return
+    try:
+        handle.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass  # the connection is already gone
+    handle.close()
+
+
+def _check_context(event_: evt.Event) -> str | None:
+    """Why a C-STORE may not be stored on the presentation context it came on, or None.
+
+    PS3.8 (7.1.1.13): a presentation context is negotiated for one abstract syntax, here
+    one storage SOP class; a C-STORE whose Affected SOP Class is another one (a storage
+    class the association may not even have proposed) was not negotiated. It is answered
+    0x0122 Refused: SOP Class Not Supported, on the context it came on, before its data
+    set is read; the association goes on.
+
+    What pynetdicom does not let reach this handler (Association._serve_request, 3.0):
+    a request on a presentation context ID the association did not accept is A-ABORTed
+    before any handler: there is no negotiated transfer syntax to read it with and no
+    accepted context to answer on (DCMTK's DIMSE layer refuses such a message too). A
+    C-STORE naming a SOP class with no storage service (a query/retrieve model, an
+    unknown UID) is dispatched by that UID, finds no service and is aborted as well; one
+    naming the Verification SOP Class reaches :meth:`DicomReceiver._on_echo`, which
+    aborts it.
+    """
+    named = str(getattr(event_.request, "AffectedSOPClassUID", "") or "").strip()
+    if named != str(event_.context.abstract_syntax).strip():
+        return "the request's SOP Class UID is not its presentation context's"
+    return None
 
 
 def _check_request(header: ReceivedHeader, event_: evt.Event) -> None:

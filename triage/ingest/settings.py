@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import ipaddress
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 class _Section(BaseModel):
@@ -69,7 +69,11 @@ class DicomSettings(_Section):
     max_pdu_bytes: int = Field(262_144, ge=0, le=2**32 - 1)
     acse_timeout_seconds: float = Field(30.0, gt=0, le=3600)
     dimse_timeout_seconds: float = Field(60.0, gt=0, le=3600)
+    # pynetdicom's own: from the last PDU received, the receiver's time answering included
     network_timeout_seconds: float = Field(60.0, gt=0, le=3600)
+    # An association with no PDU either way for this long, while none of its requests is
+    # being answered, is aborted and its slot freed (a sender that died mid-association).
+    idle_timeout_seconds: float = Field(30.0, gt=0, le=3600)
     # How long a C-STORE may wait for the database before it answers "out of resources"
     # (the sender retries later) instead of holding the association.
     store_timeout_seconds: float = Field(30.0, gt=0, le=600)
@@ -86,6 +90,15 @@ class DicomSettings(_Section):
     @classmethod
     def _titles_valid(cls, value: list[str]) -> list[str]:
         return [_ae_title(title) for title in value]
+
+    @model_validator(mode="after")
+    def _idle_before_network_timeout(self) -> DicomSettings:
+        if self.idle_timeout_seconds >= self.network_timeout_seconds:
+            raise ValueError(
+                f"dicom.idle_timeout_seconds ({self.idle_timeout_seconds:g}) must be shorter "
+                f"than dicom.network_timeout_seconds ({self.network_timeout_seconds:g}), "
+                "which would abort an idle association first")
+        return self
 
     @field_validator("allowed_hosts")
     @classmethod

@@ -58,6 +58,7 @@ class Metrics:
     serving_model_ok: Gauge
     dicom_associations: Counter
     dicom_active_associations: Gauge
+    dicom_idle_aborts: Counter
     dicom_instances: Counter
     dicom_store_seconds: Histogram
     dicomweb_stored: Counter
@@ -221,6 +222,13 @@ def build_metrics(registry: CollectorRegistry) -> Metrics:
         dicom_active_associations=Gauge(
             "triage_dicom_active_associations",
             "DICOM associations open now.",
+            registry=registry,
+        ),
+        dicom_idle_aborts=Counter(
+            "triage_dicom_idle_aborts",
+            "DICOM associations aborted because their peer sent nothing for "
+            "dicom.idle_timeout_seconds while no request of theirs was being answered "
+            "(each also counts as aborted in triage_dicom_associations_total).",
             registry=registry,
         ),
         dicom_instances=Counter(
