@@ -55,22 +55,30 @@ def _sample(registry: CollectorRegistry, name: str, **labels: str) -> float:
     return registry.get_sample_value(name, labels) or 0.0
 
 
+def _store_while_the_database_is_held(settings, port: int, study_uid: str):
+    """An established association with a C-STORE in flight on a thread, the database's
+    write lock held so that the store writes its file and then waits for its row:
+    (association, the lock's connection, the answers' statuses, the sending thread)."""
+    ae = AE(ae_title="MODALITY")
+    ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+    assoc = ae.associate("127.0.0.1", port, ae_title="TRIAGE")
+    assert assoc.is_established
+    blocker = sqlite3.connect(settings.path("database"), isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")
+    answers: list[int] = []
+    ds = image_dataset(np.zeros((16, 16), np.int16), study_uid=study_uid)
+    client = threading.Thread(target=lambda: answers.append(assoc.send_c_store(ds).Status))
+    client.start()
+    return assoc, blocker, answers, client
+
+
 def test_stop_lets_a_store_in_flight_answer_then_aborts(parts) -> None:
     settings, receiver, ended, registry = parts()
     receiver.start()
     port = receiver.port
     assert port == settings.dicom.port
-    ae = AE(ae_title="MODALITY")
-    ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
-    assoc = ae.associate("127.0.0.1", port, ae_title="TRIAGE")
-    assert assoc.is_established
-    # Hold the database's write lock: the C-STORE writes its file, then waits for the row.
-    blocker = sqlite3.connect(settings.path("database"), isolation_level=None)
-    blocker.execute("BEGIN IMMEDIATE")
-    answers: list[int] = []
-    ds = image_dataset(np.zeros((16, 16), np.int16), study_uid="2.25.77")
-    client = threading.Thread(target=lambda: answers.append(assoc.send_c_store(ds).Status))
-    client.start()
+    assoc, blocker, answers, client = _store_while_the_database_is_held(settings, port,
+                                                                        "2.25.77")
     wait_until(lambda: list(settings.path("received").glob("*.dcm")), 10,
                "the instance written, its row waiting")
     stopper = threading.Thread(target=receiver.stop)
@@ -103,16 +111,8 @@ def test_a_slow_answer_is_not_idle_time(parts) -> None:
     goes on; idle from that answer on, it is aborted and counted."""
     settings, receiver, ended, registry = parts(TRIAGE__DICOM__IDLE_TIMEOUT_SECONDS="1")
     receiver.start()
-    ae = AE(ae_title="MODALITY")
-    ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
-    assoc = ae.associate("127.0.0.1", receiver.port, ae_title="TRIAGE")
-    assert assoc.is_established
-    blocker = sqlite3.connect(settings.path("database"), isolation_level=None)
-    blocker.execute("BEGIN IMMEDIATE")
-    answers: list[int] = []
-    ds = image_dataset(np.zeros((16, 16), np.int16), study_uid="2.25.78")
-    client = threading.Thread(target=lambda: answers.append(assoc.send_c_store(ds).Status))
-    client.start()
+    assoc, blocker, answers, client = _store_while_the_database_is_held(
+        settings, receiver.port, "2.25.78")
     time.sleep(3)
     blocker.execute("COMMIT")
     blocker.close()
