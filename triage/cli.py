@@ -153,10 +153,6 @@ def _status(settings: Settings, as_json: bool) -> int:
     print(f"dicom node: {dicom['ae_title']} at {dicom['host']}:{dicom['port']} ({where})"
           if dicom["port"] is not None else f"dicom node: off ({where})")
     return 0
-    print(format_status(status))
-    print(f"dicom node: {dicom.ae_title} at {dicom.host}:{dicom.port}" if dicom.port is not None
-          else "dicom node: off (dicom.port not set)")
-    return 0
 
 
 def _models(settings: Settings, args: argparse.Namespace) -> int:

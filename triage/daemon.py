@@ -56,10 +56,12 @@ _STALE_AFTER_SECONDS = 60.0
 _COVERAGE_CHECK_SECONDS = 5.0
 _RETRAIN_CHECK_SECONDS = 5.0
 _SENDING_GAP_SECONDS = 0.25
+LOCK_FILE = "triage.lock"
+"""Held (flock) by the daemon running on a state directory; records its pid."""
 NODE_FILE = "triage.node.json"
 """Written in the state directory while a daemon runs: its pid and the DICOM node it
-actually serves (``dicom.port: 0`` binds a free port; the environment of the shell that
-started it may differ from the one that asks). Read by ``triage status``."""
+actually serves (the environment of the shell that started it may differ from the one
+that asks). Read by ``triage status``."""
 
 
 class AlreadyRunning(TriageError):
@@ -225,7 +227,7 @@ class Daemon:
             db.close()
 
     def _lock(self) -> None:
-        path = self.settings.home / "triage.lock"
+        path = self.settings.home / LOCK_FILE
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -374,7 +376,7 @@ def running_node(home: Path) -> dict[str, object] | None:
     itself is not probed, so asking never races a daemon that is starting."""
     try:
         node = json.loads((home / NODE_FILE).read_text())
-        holder = int((home / "triage.lock").read_text().strip() or 0)
+        holder = int((home / LOCK_FILE).read_text().strip() or 0)
     except (OSError, ValueError):
         return None
     if not isinstance(node, dict) or node.get("pid") != holder or holder <= 0:
