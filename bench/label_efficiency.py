@@ -70,6 +70,9 @@ PLAN = {
 # ablations of the shipped configuration at a 10% budget, and the streams they run on
 # (the chain's rebalancing and promotion rule were measured under --tag chain and lean)
 ABLATIONS: dict[str, tuple[str, ...]] = {}
+# metrics compared per seed against a baseline arm
+PAIRED_METRICS = ("holdout_auroc", "fresh_holdout_auroc", "holdout_accuracy",
+                  "served_minus_fresh")
 # two-sided 95% t quantiles by degrees of freedom
 T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306,
        9: 2.262, 10: 2.228, 12: 2.179, 15: 2.131, 20: 2.086, 30: 2.042}
@@ -99,21 +102,23 @@ def base_settings(spec: RunSpec):
     return load_settings(REPO / "config.yaml", environ=override_environ(spec.overrides))
 
 
-def fingerprint(spec: RunSpec) -> str:
+def fingerprint(spec: RunSpec, base=None) -> str:
     """A digest of every setting the run's loop reads (model, gate and retrain sections
     after the strategy, variant and `--set` overrides are applied to config.yaml).
 
     Part of a stored run's key: when config.yaml's defaults change, runs stored under
     the old ones are not reused for an arm of the same name. (A change of code rather
-    than settings is not seen: measure it under a new `--tag`.)"""
-    settings = run_settings(base_settings(spec), spec)
+    than settings is not seen: measure it under a new `--tag`.) `base`: the run's
+    `base_settings`, when the caller already loaded them."""
+    settings = run_settings(base if base is not None else base_settings(spec), spec)
     parts = {name: getattr(settings, name).model_dump(mode="json")
              for name in ("model", "gate", "retrain")}
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:12]
 
 
 def _run(spec: RunSpec) -> dict[str, Any]:
-    return {**run_one(base_settings(spec), load_data(), spec), "settings": fingerprint(spec)}
+    base = base_settings(spec)
+    return {**run_one(base, load_data(), spec), "settings": fingerprint(spec, base)}
 
 
 def arm(run: dict[str, Any]) -> str:
@@ -173,8 +178,7 @@ def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
             # the variance of one draw of labels
             bases["coins"] = {
                 s: {m: (random_runs[s][m] + other_coin[s][m]) / 2
-                    for m in ("holdout_auroc", "fresh_holdout_auroc", "holdout_accuracy",
-                              "served_minus_fresh")
+                    for m in PAIRED_METRICS
                     if random_runs[s].get(m) is not None and other_coin[s].get(m) is not None}
                 for s in random_runs if s in other_coin}
         name = strategy.split(" [")[0]
@@ -186,8 +190,7 @@ def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
             if same:
                 bases["random_same"] = same
         for name, others in bases.items():
-            for metric in ("holdout_auroc", "fresh_holdout_auroc", "holdout_accuracy",
-                           "served_minus_fresh"):
+            for metric in PAIRED_METRICS:
                 diffs = [by_seed[s][metric] - others[s][metric] for s in by_seed
                          if s in others and by_seed[s].get(metric) is not None
                          and others[s].get(metric) is not None]
