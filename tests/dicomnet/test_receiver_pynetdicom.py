@@ -402,3 +402,47 @@ def test_reading_waits_while_a_sender_sends_but_never_longer_than_the_bound(
                           )[0][0] == number
     finally:
         proc.stop(signal.SIGKILL)
+
+
+def test_a_finished_association_is_read_at_once_while_another_sender_sends(
+    tmp_path: Path,
+) -> None:
+    """Deferred reading holds back only the instances of associations still sending: a
+    second modality's study, stored and released while a long series keeps arriving, is
+    read and decided at once, and the long series' instances stay unread meanwhile."""
+    proc = DicomDaemon(tmp_path / "home", {"TRIAGE__STUDIES__STABLE_AGE_SECONDS": STABLE_AGE,
+                                           "TRIAGE__DICOM__DEFER_READING_SECONDS": "60"}).start()
+    try:
+        long_study, short_study = generate_uid(), generate_uid()
+        long_series = sender("GOODSCU").associate("127.0.0.1", proc.dicom_port,
+                                                  ae_title="TRIAGE")
+        assert long_series.is_established
+        for number in range(1, 4):
+            assert long_series.send_c_store(ct(long_study, number, seed=number)).Status == 0
+        other = sender("GOODSCU").associate("127.0.0.1", proc.dicom_port, ae_title="TRIAGE")
+        assert other.send_c_store(ct(short_study, 1, seed=99)).Status == 0
+        other.release()
+        released = time.time()
+        decided = None
+        number = 3
+        while decided is None and time.time() - released < 15:
+            number += 1  # the long series keeps sending
+            assert long_series.send_c_store(ct(long_study, number, seed=number)).Status == 0
+            decided = proc.query(
+                "SELECT MIN(decisions.created_at) FROM decisions JOIN studies "
+                "ON studies.id = decisions.study_id WHERE study_uid = ?", [short_study])[0][0]
+            time.sleep(0.1)
+        assert decided is not None and decided - released < 15
+        states = proc.query(
+            "SELECT files.state, COUNT(*) FROM files JOIN instances "
+            "ON files.instance_id = instances.id JOIN studies ON studies.id = instances.study_id "
+            "WHERE study_uid = ? GROUP BY files.state", [short_study])
+        assert states == [("archived", 1)]
+        # the series still sending is deferred: nothing of it was read
+        assert proc.query("SELECT COUNT(*) FROM files WHERE state != 'received'")[0][0] == 1
+        long_series.release()
+        wait_until(lambda: proc.query(
+            "SELECT COUNT(*) FROM decisions JOIN studies ON studies.id = decisions.study_id "
+            "WHERE study_uid = ?", [long_study])[0][0], 20, "the long series' decision")
+    finally:
+        proc.stop(signal.SIGKILL)

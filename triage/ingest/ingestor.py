@@ -128,14 +128,24 @@ class Ingestor:
         file_id = self._journal(rel, sha, len(data), "reading")
         return self._process(file_id, path, data, sha, started)
 
-    def ingest_received(self, limit: int = 64) -> int:
-        """Ingest up to ``limit`` network arrivals journaled ``received``, oldest first;
-        return how many. Each is marked ``reading`` first, so one that kills the reader is
-        counted like an inbox file (``ingest.max_read_attempts``)."""
-        rows = self._db.execute(
-            "SELECT id, inbox_path, sha256 FROM files WHERE state = 'received' "
-            "ORDER BY id LIMIT ?", [limit]
-        ).fetchall()
+    def ingest_received(self, limit: int = 64, among: list[int] | None = None) -> int:
+        """Ingest up to ``limit`` network arrivals journaled ``received``, oldest first
+        (only those with an id in ``among``, when given); return how many. Each is marked
+        ``reading`` first, so one that kills the reader is counted like an inbox file
+        (``ingest.max_read_attempts``)."""
+        if among is not None:
+            if not among:
+                return 0
+            rows = self._db.execute(
+                "SELECT id, inbox_path, sha256 FROM files WHERE state = 'received' AND id IN "
+                "(SELECT value FROM json_each(?)) ORDER BY id LIMIT ?",
+                [json.dumps(among), limit],
+            ).fetchall()
+        else:
+            rows = self._db.execute(
+                "SELECT id, inbox_path, sha256 FROM files WHERE state = 'received' "
+                "ORDER BY id LIMIT ?", [limit]
+            ).fetchall()
         for file_id, name, sha in rows:
             started = time.perf_counter()
             self._db.execute("UPDATE files SET state = 'reading' WHERE id = ?", [file_id])
