@@ -25,7 +25,6 @@ this bench is chosen on it (the choice of k would be made on dev val).
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing
 import statistics
 import sys
@@ -41,7 +40,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
 from label_efficiency import load_data, paired  # noqa: E402
-from recipe import bench_meta, random_picks, train_model  # noqa: E402
+from recipe import bench_meta, random_picks, train_model, write_result  # noqa: E402
 
 from triage.config import load_settings  # noqa: E402
 from triage.model.training import classifier_auroc  # noqa: E402
@@ -142,15 +141,9 @@ def main(argv: list[str] | None = None) -> int:
                   file=sys.stderr, flush=True)
     data = load_data()
     labels = {"val": data.val_labels.numpy(), "holdout": data.holdout_labels.numpy()}
-    result = {
-        "meta": bench_meta("ensemble.py", argv, labels=args.labels),
-        "summary": summarize(runs, labels),
-        "runs": sorted(runs, key=lambda r: (r["seed"], r["member"])),
-    }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1))
-    print(json.dumps(result["summary"], indent=1))
-    return 0
+    return write_result(args.out, bench_meta("ensemble.py", argv, labels=args.labels),
+                        summarize(runs, labels),
+                        sorted(runs, key=lambda r: (r["seed"], r["member"])))
 
 
 if __name__ == "__main__":

@@ -86,19 +86,21 @@ def _settings(overrides: tuple[str, ...], seed: int):
 
 def random_picks(n_stream: int, seed: int, n_labels: int) -> torch.Tensor:
     """The seed's `n_labels` random positions of the dev train split, sorted (the same
-    draws in recipe.py, ensemble.py and pseudo_labels.py)."""
+    draws in recipe.py, ensemble.py and unlabelled.py)."""
     return torch.from_numpy(np.sort(np.random.default_rng(seed).permutation(n_stream)[:n_labels]))
 
 
-def train_model(settings, images: torch.Tensor, labels: torch.Tensor, train_seed: int):
-    """One network of `settings`' recipe trained from scratch; (network, seconds)."""
+def train_model(settings, images: torch.Tensor, labels: torch.Tensor, train_seed: int,
+                **fit_options: Any):
+    """One network of `settings`' recipe trained from scratch (`fit_options` go to `fit`,
+    e.g. unlabelled images); (network, seconds)."""
     model = settings.model
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(train_seed)
         net, loss_predictor = build_network(model), build_loss_predictor(model)
     started = time.perf_counter()
     fit(net, loss_predictor, images, labels, model.training,
-        augment=make_augment(settings.retrain, model.input_size))
+        augment=make_augment(settings.retrain, model.input_size), **fit_options)
     return net, time.perf_counter() - started
 
 
@@ -110,6 +112,15 @@ def bench_meta(script: str, argv: list[str] | None, **extra: Any) -> dict[str, A
             "command": f"bench/{script} " + " ".join(argv if argv is not None
                                                     else sys.argv[1:]),
             **extra}
+
+
+def write_result(out: Path, meta: dict[str, Any], summary: Any, runs: list[dict[str, Any]]
+                 ) -> int:  # fmt: skip
+    """Write a bench's JSON (meta, summary, runs) to `out`, print its summary; 0."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"meta": meta, "summary": summary, "runs": runs}, indent=1))
+    print(json.dumps(summary, indent=1))
+    return 0
 
 
 def train_one(task: tuple[str, tuple[str, ...], int, int, int, bool]) -> dict[str, Any]:
@@ -193,15 +204,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[{done}/{len(tasks)}] {run['arm']} seed {run['seed']}: val AUROC "
                   f"{run['val_auroc']:.4f}, {run['train_seconds']} s "
                   f"({time.time() - started:.0f} s elapsed)", file=sys.stderr, flush=True)
-    result = {
-        "meta": bench_meta("recipe.py", argv, labels=args.labels, seeds=args.seeds),
-        "summary": summarize(runs),
-        "runs": sorted(runs, key=lambda r: (r["arm"], r["seed"])),
-    }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1))
-    print(json.dumps(result["summary"], indent=1))
-    return 0
+    return write_result(args.out, bench_meta("recipe.py", argv, labels=args.labels,
+                                              seeds=args.seeds),
+                        summarize(runs), sorted(runs, key=lambda r: (r["arm"], r["seed"])))
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ import torch
 from triage.model.lossnet import LossPredictor, build_loss_predictor, ranking_loss
 from triage.model.network import build_network
 from triage.model.settings import ModelSettings, TrainSettings
-from triage.model.training import auroc, class_weights, fit
+from triage.model.training import Consistency, auroc, class_weights, fit
 
 TINY = ModelSettings(input_size=16, channels=(4, 8), subunits=1)
 
@@ -137,3 +137,48 @@ def test_fit_runs_any_short_one_cycle_schedule(num_images):
     history = fit(net, lossnet, images, labels, settings)
     assert len(history.epochs) == 1
     assert np.isfinite(history.last["loss"])
+
+
+def _strong(batch: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """A stand-in strong view for the tests: noise added (any hook will do here)."""
+    return (batch + 0.2 * torch.rand(batch.shape, generator=generator)).clamp(0, 1)
+
+
+def _consistency_fit(consistency: Consistency | None):
+    x, y = synthetic(64, 0)
+    settings = TrainSettings(epochs=3, min_steps=0, batch_size=32, seed=1)
+    torch.manual_seed(0)
+    net, lossnet = build_network(TINY), build_loss_predictor(TINY)
+    history = fit(net, lossnet, x, y, settings, consistency=consistency)
+    return [p.detach().clone() for p in net.parameters()], history
+
+
+def test_consistency_trains_on_the_unlabelled_images_and_reports_its_mask():
+    pool, _ = synthetic(200, 5)
+    with_pool, history = _consistency_fit(Consistency(pool, _strong, threshold=0.6))
+    without, plain = _consistency_fit(None)
+    assert not all(torch.equal(a, b) for a, b in zip(with_pool, without, strict=True))
+    assert all(0.0 <= e["masked"] <= 1.0 and e["consistency"] >= 0.0 for e in history.epochs)
+    assert any(e["masked"] > 0 and e["consistency"] > 0 for e in history.epochs)
+    assert "consistency" not in plain.last and "masked" not in plain.last
+
+
+def test_consistency_only_supervises_confident_predictions():
+    """At threshold 1.0 no weak view of a barely trained net is certain: nothing passes
+    the mask and the consistency loss stays exactly 0."""
+    pool, _ = synthetic(200, 5)
+    _, history = _consistency_fit(Consistency(pool, _strong, threshold=1.0))
+    assert all(e["masked"] == 0.0 and e["consistency"] == 0.0 for e in history.epochs)
+
+
+def test_consistency_rejects_bad_images_and_settings():
+    x, y = synthetic(8, 0)
+    net, lossnet = build_network(TINY), build_loss_predictor(TINY)
+    with pytest.raises(ValueError, match="shaped like images"):
+        fit(net, lossnet, x, y, TrainSettings(epochs=1, batch_size=4),
+            consistency=Consistency(torch.rand(4, 1, 8, 8), _strong))
+    for bad in ({"images": torch.rand(0, 1, 16, 16)}, {"images": torch.rand(4, 16, 16)},
+                {"threshold": 0.5}, {"weight": -1.0}, {"ratio": 0}):
+        with pytest.raises(ValueError, match="consistency"):
+            Consistency(**{"images": torch.rand(4, 1, 16, 16), "strong_augment": _strong,
+                           **bad})

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from triage.training.augment import make_augment
+from triage.training.augment import make_augment, make_strong_augment
 from triage.training.evaluate import classification_metrics, expected_calibration_error
 from triage.training.settings import RetrainSettings
 
@@ -67,3 +67,23 @@ def test_ece_of_a_calibrated_and_an_overconfident_model():
     calibrated = np.array([1] * 8 + [0] * 2)
     assert expected_calibration_error(probs, calibrated) == pytest.approx(0.0)
     assert expected_calibration_error(probs, np.zeros(10, dtype=int)) == pytest.approx(0.8)
+
+
+def test_strong_view_is_seeded_bounded_unmirrored_and_cut_out():
+    """FixMatch's strong view: a zeroed square of 40% of the side in every image, values
+    in [0, 1], the same draws for the same seed, and a left-side block stays left."""
+    augment = make_strong_augment(28)
+    x = torch.ones(16, 1, 28, 28)
+    a = augment(x, torch.Generator().manual_seed(3))
+    assert torch.equal(a, augment(x, torch.Generator().manual_seed(3)))
+    assert a.shape == x.shape and a.min() >= 0 and a.max() <= 1
+    side = round(0.4 * 28)
+    for image in a[:, 0]:
+        zero = (image == 0).float()
+        # some side x side window is entirely zero (the cut-out)
+        windows = torch.nn.functional.avg_pool2d(zero[None, None], side, stride=1)
+        assert windows.max() == 1.0
+    block = torch.zeros(16, 1, 28, 28)
+    block[..., 8:20, 2:8] = 1.0
+    b = augment(block, torch.Generator().manual_seed(4))
+    assert b[..., :14].sum() > 5 * b[..., 14:].sum()

@@ -62,8 +62,9 @@ class History:
     Attributes:
         epochs: One dict per epoch with `loss` (total), `ce` (cross-entropy), `rank`
             (ranking loss), `detached` (1.0 if the loss predictor's features were
-            detached), `seconds` and, with validation tensors, `val_ce`,
-            `val_accuracy`, `val_auroc` and `val_loss_auroc` (AUROC of the predicted loss
+            detached), `seconds`, with a `Consistency` loss `consistency` and `masked`
+            (share of unlabelled images above its threshold), and, with validation
+            tensors, `val_ce`, `val_accuracy`, `val_auroc` and `val_loss_auroc` (AUROC of the predicted loss
             at flagging misclassified validation images).
     """
 
@@ -149,6 +150,47 @@ def _scheduler(optimiser: torch.optim.Optimizer, settings: TrainSettings, total_
     )
 
 
+@dataclass(frozen=True)
+class Consistency:
+    """FixMatch's consistency loss on unlabelled images, as an option of `fit`
+    (Sohn et al. 2020): each step draws `ratio` x batch of `images`; where the model's
+    prediction on the weak view (`fit`'s augment) reaches `threshold`, that class is the
+    cross-entropy target of `strong_augment`'s view, added to the loss at `weight`.
+
+    Measured outside the chain (bench/unlabelled.py; README, "The served model", part
+    5): no gain on dev val, where recipes are chosen, so the daemon does not train with
+    it and no setting turns it on.
+    """
+
+    images: torch.Tensor
+    strong_augment: Augment
+    weight: float = 1.0
+    threshold: float = 0.95
+    ratio: int = 2
+
+    def __post_init__(self) -> None:
+        if self.images.ndim != 4 or self.images.shape[1] != 1 or self.images.shape[0] == 0:
+            raise ValueError(f"consistency images must be [U>0, 1, S, S], got "
+                             f"{tuple(self.images.shape)}")
+        if not self.weight >= 0 or not 0.5 < self.threshold <= 1 or self.ratio < 1:
+            raise ValueError("consistency needs weight >= 0, threshold in (0.5, 1] and "
+                             "ratio >= 1")
+
+    def loss(self, net: TriageNet, batch: int, weak: Augment | None,
+             generator: torch.Generator) -> tuple[torch.Tensor, float]:
+        """The unlabelled loss of one step and the share of images that passed the
+        threshold."""
+        u = self.images[torch.randint(self.images.shape[0], (self.ratio * batch,),
+                                      generator=generator)]
+        with torch.no_grad():
+            probs = torch.softmax(net(weak(u, generator) if weak is not None else u), dim=1)
+        confidence, target = probs.max(dim=1)
+        mask = (confidence >= self.threshold).float()
+        per_sample = F.cross_entropy(net(self.strong_augment(u, generator)), target,
+                                     reduction="none")
+        return (per_sample * mask).mean(), float(mask.mean())
+
+
 def fit(
     net: TriageNet,
     loss_predictor: LossPredictor,
@@ -160,6 +202,7 @@ def fit(
     val_labels: torch.Tensor | None = None,
     augment: Augment | None = None,
     sampler: Sampler | None = None,
+    consistency: Consistency | None = None,
     on_epoch_end: Callable[[int, dict[str, float]], None] | None = None,
 ) -> History:
     """Train classifier and loss predictor jointly, in place, as one run.
@@ -169,8 +212,9 @@ def fit(
     the last epoch ends at a small learning rate and no epoch needs to be picked on
     validation data. Loss per batch = mean (optionally class-weighted) cross-entropy +
     ranking_weight * ranking loss of the loss predictor against the detached
-    per-sample cross-entropies. From epoch ceil(detach_after_fraction * epochs) on the
-    loss predictor's input features are detached. Randomness (shuffling, dropout,
+    per-sample cross-entropies (+ the `consistency` loss on unlabelled images, when
+    given). From epoch ceil(detach_after_fraction * epochs) on the loss predictor's
+    input features are detached. Randomness (shuffling, dropout,
     `augment`, `sampler`) comes from `settings.seed`; the global torch RNG state is
     restored afterwards. Both modules are left in eval mode.
 
@@ -185,6 +229,8 @@ def fit(
         augment: Optional hook applied to every training batch.
         sampler: Optional hook giving each epoch's indices (e.g. coverage-weighted
             draws); default a fresh permutation of all images.
+        consistency: Optional FixMatch loss on unlabelled images (`Consistency`); its
+            weak view is `augment`.
         on_epoch_end: Optional callback(epoch_index, record) after each epoch.
 
     Returns:
@@ -197,6 +243,9 @@ def fit(
         _check_data(val_images, val_labels, "val_", net.num_classes)
     if images.shape[0] < 2:
         raise ValueError(f"images must hold at least 2 samples, got {images.shape[0]}")
+    if consistency is not None and consistency.images.shape[1:] != images.shape[1:]:
+        raise ValueError(f"consistency images must be shaped like images, got "
+                         f"{tuple(consistency.images.shape)}")
     weight = class_weights(labels, net.num_classes) if settings.class_weighted else None
     params = [*net.parameters(), *loss_predictor.parameters()]
     optimiser = torch.optim.AdamW(
@@ -220,6 +269,8 @@ def fit(
             else:
                 order = torch.randperm(images.shape[0], generator=generator)
             sums = {"loss": 0.0, "ce": 0.0, "rank": 0.0}
+            if consistency is not None:
+                sums.update(consistency=0.0, masked=0.0)
             batches = 0
             for first in range(0, order.shape[0], settings.batch_size):
                 index = order[first : first + settings.batch_size]
@@ -235,6 +286,11 @@ def fit(
                     maps = [m.detach() for m in maps]
                 rank = ranking_loss(loss_predictor(maps), per_sample, settings.ranking_margin)
                 loss = ce + settings.ranking_weight * rank
+                if consistency is not None:
+                    term, share = consistency.loss(net, index.numel(), augment, generator)
+                    loss = loss + consistency.weight * term
+                    sums["consistency"] += float(term.detach())
+                    sums["masked"] += share
                 optimiser.zero_grad(set_to_none=True)
                 loss.backward()
                 optimiser.step()

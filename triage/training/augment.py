@@ -72,3 +72,43 @@ def make_augment(settings: RetrainSettings, input_size: int) -> Augment | None:
         return out.clamp_(0.0, 1.0)
 
     return augment
+
+
+STRONG_ROTATE_DEGREES = 15.0
+STRONG_ZOOM = 0.15
+STRONG_SHIFT = 0.125
+STRONG_INTENSITY = 0.3
+CUTOUT_FRACTION = 0.4
+
+
+def make_strong_augment(input_size: int) -> Augment:
+    """FixMatch's strong view for the consistency loss (Sohn et al. 2020, RandAugment
+    plus Cutout), in the forms a radiograph admits: rotation up to 15 degrees, zoom up to
+    15%, shifts up to 1/8 of the side, contrast/brightness up to 30%, and one zeroed
+    square of 40% of the side at a random place (never a flip). Blurring is accepted
+    here: this view only has to keep the class the weak view predicted.
+
+    Args:
+        input_size: Image side in pixels.
+
+    Returns:
+        A callable(batch [B, 1, S, S], generator) -> augmented batch [B, 1, S, S].
+    """
+    warp_and_tone = make_augment(
+        RetrainSettings(augment=True, rotate_degrees=STRONG_ROTATE_DEGREES, zoom=STRONG_ZOOM,
+                        shift_fraction=STRONG_SHIFT, intensity=STRONG_INTENSITY),
+        input_size)
+    side = max(1, round(CUTOUT_FRACTION * input_size))
+
+    def augment(batch: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        out = warp_and_tone(batch, generator)
+        n, size = out.shape[0], out.shape[-1]
+        top = torch.randint(0, max(1, size - side + 1), (n,), generator=generator)
+        left = torch.randint(0, max(1, size - side + 1), (n,), generator=generator)
+        rows = torch.arange(size).view(1, size, 1)
+        cols = torch.arange(size).view(1, 1, size)
+        hole = ((rows >= top.view(n, 1, 1)) & (rows < (top + side).view(n, 1, 1))
+                & (cols >= left.view(n, 1, 1)) & (cols < (left + side).view(n, 1, 1)))
+        return out.masked_fill(hole.unsqueeze(1), 0.0)
+
+    return augment
