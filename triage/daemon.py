@@ -56,6 +56,7 @@ _STALE_AFTER_SECONDS = 60.0
 _COVERAGE_CHECK_SECONDS = 5.0
 _RETRAIN_CHECK_SECONDS = 5.0
 _SENDING_GAP_SECONDS = 0.25
+_ENDED_BATCH = 8  # instances of an ended association read between completion checks
 LOCK_FILE = "triage.lock"
 """Held (flock) by the daemon running on a state directory; records its pid."""
 NODE_FILE = "triage.node.json"
@@ -258,23 +259,11 @@ class Daemon:
         while not self._stop.is_set():
             self._beat("ingest")
             try:
-                while not self._sent.empty():
-                    sent.append(self._sent.get())
-                # an ended association's instances are read at once, even while another
-                # sender sends: its study is decided without waiting for that one
-                for file_ids in sent:
-                    while (ingestor.ingest_received(among=file_ids)
-                           and not self._stop.is_set()):
-                        self._beat("ingest")
+                completed = self._read_ended(ingestor, assembler, sent)
                 while (not self._sender_waiting(db) and ingestor.ingest_received()
                        and not self._stop.is_set()):
                     self._beat("ingest")
-                completed = False
-                for file_ids in list(sent):
-                    done = assembler.complete_sent(file_ids)
-                    if done is not None:
-                        sent.remove(file_ids)
-                        completed = completed or bool(done)
+                completed = self._complete_ended(assembler, sent) or completed
                 if self._disk_low():
                     self._stop.wait(_IDLE_SECONDS * 5)
                     continue
@@ -302,6 +291,37 @@ class Daemon:
                 continue
             watcher.wait(_IDLE_SECONDS)
         db.close()
+
+    def _read_ended(self, ingestor: Ingestor, assembler: StudyAssembler,
+                    sent: list[list[int]]) -> bool:
+        """Read what ended associations stored, at once (even while another sender
+        sends), the smallest association first and a few instances at a time, each
+        association's studies completed as soon as its last instance is read: a
+        modality's single image is decided while a 500-slice series that ended just
+        before it is still being read. Returns whether a study was completed."""
+        completed = False
+        while not self._stop.is_set():
+            while not self._sent.empty():
+                sent.append(self._sent.get())
+            unread = sorted(sent, key=len)
+            if not any(ingestor.ingest_received(_ENDED_BATCH, among=ids) for ids in unread):
+                break  # any() stops at the first association it read from
+            self._beat("ingest")
+            if self._complete_ended(assembler, sent):
+                completed = True
+                self._scoring_wake.set()  # now, not after the rest is read
+        return completed
+
+    @staticmethod
+    def _complete_ended(assembler: StudyAssembler, sent: list[list[int]]) -> bool:
+        """Complete the studies of ended associations whose instances are all read."""
+        completed = False
+        for file_ids in list(sent):
+            done = assembler.complete_sent(file_ids)
+            if done is not None:
+                sent.remove(file_ids)
+                completed = completed or bool(done)
+        return completed
 
     def _sender_waiting(self, db) -> bool:  # type: ignore[no-untyped-def]
         """True while a DICOM sender is sending (a C-STORE answered within the last
