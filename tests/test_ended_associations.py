@@ -1,0 +1,72 @@
+"""The ingest loop's order for what ended associations stored: smallest first, and each
+association's studies complete as soon as its last instance is read (real ReceivedStore,
+Ingestor, StudyAssembler and SQLite file, driven in this process)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+
+from triage.config import load_settings
+from triage.daemon import Daemon
+from triage.ingest.assembly import StudyAssembler
+from triage.ingest.ingestor import Ingestor
+from triage.replay.dicom_writer import image_dataset, write_dataset
+from triage.store import db as store
+
+ANY_IMAGE = {"TRIAGE__SCOPE__MODALITIES": "[]", "TRIAGE__SCOPE__BODY_PARTS": "[]",
+             "TRIAGE__INGEST__MIN_FREE_BYTES": "0"}
+
+
+def _instance(folder: Path, study_uid: str, number: int, modality: str) -> bytes:
+    pixels = np.random.default_rng(number).integers(0, 4000, (32, 32)).astype(np.int16)
+    ds = image_dataset(pixels, modality=modality, study_uid=study_uid, instance_number=number)
+    return write_dataset(ds, folder / f"{modality}{number}.dcm").read_bytes()
+
+
+def test_a_small_association_that_ended_after_a_large_one_is_read_and_completed_first(
+    tmp_path: Path,
+) -> None:
+    settings = load_settings(None, home=tmp_path / "home", environ=ANY_IMAGE)
+    for name in ("inbox", "archive", "quarantine", "models", "logs", "received"):
+        settings.path(name).mkdir(parents=True, exist_ok=True)
+    store.connect(settings.path("database")).close()
+    daemon = Daemon(settings)
+    series, single = "2.25.1001", "2.25.1002"
+    large = [daemon.received.accept(_instance(tmp_path / "src", series, i, "CT"),
+                                    origin="dicom", sender="CTSCAN") for i in range(1, 41)]
+    small = [daemon.received.accept(_instance(tmp_path / "src", single, 99, "DX"),
+                                    origin="dicom", sender="DXROOM")]
+    daemon.association_ended(large)  # the long series ended first...
+    daemon.association_ended(small)  # ...the single image just after it
+    db = store.connect(settings.path("database"))
+    ingestor = Ingestor(settings, db, daemon.metrics)
+    assembler = StudyAssembler(db, daemon.metrics, 3600.0, time.time)
+    completed_when: dict[str, int] = {}
+    sent: list[list[int]] = []
+    original = assembler.complete_sent
+
+    def spy(file_ids):  # records how many files were read when each study completed
+        done = original(file_ids)
+        if done:
+            read = db.execute("SELECT COUNT(*) FROM files WHERE state != 'received'"
+                              ).fetchone()[0]
+            for uid in (row[0] for row in db.execute(
+                    f"SELECT study_uid FROM studies WHERE id IN ({','.join('?' * len(done))})",
+                    done)):
+                completed_when[uid] = read
+        return done
+
+    assembler.complete_sent = spy
+    assert daemon._read_ended(ingestor, assembler, sent)
+    order = [row[0] for row in db.execute(
+        "SELECT sender FROM files JOIN instances ON instances.id = files.instance_id "
+        "ORDER BY instances.id")]
+    assert order == ["DXROOM"] + ["CTSCAN"] * 40  # the single image was read first
+    # ...and its study completed before the series was read (one batch in), not after it
+    assert completed_when[single] < 41 and completed_when[series] == 41
+    assert sent == [] and daemon._scoring_wake.is_set()
+    states = dict(db.execute("SELECT study_uid, state FROM studies"))
+    assert states == {series: "complete", single: "complete"}
