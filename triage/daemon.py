@@ -303,13 +303,18 @@ class Daemon:
         while not self._stop.is_set():
             while not self._sent.empty():
                 sent.append(self._sent.get())
-            unread = sorted(sent, key=len)
-            if not any(ingestor.ingest_received(_ENDED_BATCH, among=ids) for ids in unread):
-                break  # any() stops at the first association it read from
+            for file_ids in sorted(sent, key=len):
+                if ingestor.ingest_received(_ENDED_BATCH, among=file_ids):
+                    break
+            else:
+                break  # nothing of an ended association is left unread
             self._beat("ingest")
-            if self._complete_ended(assembler, sent):
-                completed = True
-                self._scoring_wake.set()  # now, not after the rest is read
+            done = assembler.complete_sent(file_ids)  # only this one's files changed
+            if done is not None:
+                sent.remove(file_ids)
+                if done:
+                    completed = True
+                    self._scoring_wake.set()  # now, not after the rest is read
         return completed
 
     @staticmethod

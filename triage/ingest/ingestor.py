@@ -133,19 +133,13 @@ class Ingestor:
         (only those with an id in ``among``, when given); return how many. Each is marked
         ``reading`` first, so one that kills the reader is counted like an inbox file
         (``ingest.max_read_attempts``)."""
+        only, params = "", []
         if among is not None:
-            if not among:
-                return 0
-            rows = self._db.execute(
-                "SELECT id, inbox_path, sha256 FROM files WHERE state = 'received' AND id IN "
-                "(SELECT value FROM json_each(?)) ORDER BY id LIMIT ?",
-                [json.dumps(among), limit],
-            ).fetchall()
-        else:
-            rows = self._db.execute(
-                "SELECT id, inbox_path, sha256 FROM files WHERE state = 'received' "
-                "ORDER BY id LIMIT ?", [limit]
-            ).fetchall()
+            only, params = " AND id IN (SELECT value FROM json_each(?))", [json.dumps(among)]
+        rows = self._db.execute(
+            f"SELECT id, inbox_path, sha256 FROM files WHERE state = 'received'{only} "
+            "ORDER BY id LIMIT ?", [*params, limit]
+        ).fetchall()
         for file_id, name, sha in rows:
             started = time.perf_counter()
             self._db.execute("UPDATE files SET state = 'reading' WHERE id = ?", [file_id])
