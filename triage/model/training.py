@@ -64,8 +64,8 @@ class History:
             (ranking loss), `detached` (1.0 if the loss predictor's features were
             detached), `seconds`, with a `Consistency` loss `consistency` and `masked`
             (share of unlabelled images above its threshold), and, with validation
-            tensors, `val_ce`, `val_accuracy`, `val_auroc` and `val_loss_auroc` (AUROC of the predicted loss
-            at flagging misclassified validation images).
+            tensors, `val_ce`, `val_accuracy`, `val_auroc` and `val_loss_auroc` (AUROC of
+            the predicted loss at flagging misclassified validation images).
     """
 
     epochs: list[dict[str, float]] = field(default_factory=list)
@@ -214,9 +214,9 @@ def fit(
     ranking_weight * ranking loss of the loss predictor against the detached
     per-sample cross-entropies (+ the `consistency` loss on unlabelled images, when
     given). From epoch ceil(detach_after_fraction * epochs) on the loss predictor's
-    input features are detached. Randomness (shuffling, dropout,
-    `augment`, `sampler`) comes from `settings.seed`; the global torch RNG state is
-    restored afterwards. Both modules are left in eval mode.
+    input features are detached. Randomness (shuffling, dropout, `augment`, `sampler`,
+    `consistency`) comes from `settings.seed`; the global torch RNG state is restored
+    afterwards. Both modules are left in eval mode.
 
     Args:
         net: The classifier (initialised by the caller; weights are updated).
