@@ -40,12 +40,12 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
 from label_efficiency import load_data, paired  # noqa: E402
-from recipe import bench_meta, random_picks, train_model, write_result  # noqa: E402
+from recipe import (  # noqa: E402
+    arm_settings, bench_meta, probabilities, random_picks, train_model, write_result,
+)
 
-from triage.config import load_settings  # noqa: E402
 from triage.model.training import classifier_auroc  # noqa: E402
-from triage.replay.lockstep import RunSpec, run_settings  # noqa: E402
-from triage.training.evaluate import expected_calibration_error, study_probabilities  # noqa: E402
+from triage.training.evaluate import expected_calibration_error  # noqa: E402
 
 OUT = REPO / "bench" / "results" / "ensemble.json"
 MEMBER_OFFSET = 1000
@@ -59,8 +59,7 @@ def train_member(task: tuple[int, int, int]) -> dict[str, Any]:
     torch.set_num_threads(1)
     data = load_data()
     train_seed = seed + member * MEMBER_OFFSET
-    base = load_settings(REPO / "config.yaml", environ={})
-    settings = run_settings(base, RunSpec("uniform", 0.1, "default", train_seed))
+    settings = arm_settings((), train_seed)
     picks = random_picks(len(data.stream_labels), seed, n_labels)
     net, seconds = train_model(settings, data.stream_images[picks], data.stream_labels[picks],
                                train_seed)
@@ -70,7 +69,7 @@ def train_member(task: tuple[int, int, int]) -> dict[str, Any]:
     for split in SPLITS:
         x = images[split]
         started = time.perf_counter()
-        probs = study_probabilities(net, x, torch.arange(x.shape[0]), x.shape[0])
+        probs = probabilities(net, x)
         out[f"{split}_ms_per_study"] = round(1000 * (time.perf_counter() - started)
                                              / x.shape[0], 4)
         out[f"{split}_p1"] = [round(float(p), 6) for p in probs[:, 1]]

@@ -79,7 +79,9 @@ ARMS: dict[str, tuple[str, ...]] = {
 }
 
 
-def _settings(overrides: tuple[str, ...], seed: int):
+def arm_settings(overrides: tuple[str, ...], seed: int):
+    """config.yaml with an arm's overrides, as a 10% lockstep run of `seed` reads it (the
+    settings of recipe.py, ensemble.py and unlabelled.py)."""
     base = load_settings(REPO / "config.yaml", environ=override_environ(overrides))
     return run_settings(base, RunSpec("uniform", 0.1, "default", seed))
 
@@ -102,6 +104,17 @@ def train_model(settings, images: torch.Tensor, labels: torch.Tensor, train_seed
     fit(net, loss_predictor, images, labels, model.training,
         augment=make_augment(settings.retrain, model.input_size), **fit_options)
     return net, time.perf_counter() - started
+
+
+def probabilities(net, images: torch.Tensor) -> torch.Tensor:
+    """Eval-mode class probabilities [N, C] of single-image studies `images`."""
+    return study_probabilities(net, images, torch.arange(images.shape[0]), images.shape[0])
+
+
+def score(net, images: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
+    """(AUROC, argmax accuracy) of `net` on single-image studies."""
+    probs = probabilities(net, images)
+    return classifier_auroc(probs, labels), float((probs.argmax(1) == labels).float().mean())
 
 
 def bench_meta(script: str, argv: list[str] | None, **extra: Any) -> dict[str, Any]:
@@ -128,22 +141,18 @@ def train_one(task: tuple[str, tuple[str, ...], int, int, int, bool]) -> dict[st
     name, overrides, seed, train_seed, n_labels, holdout = task
     torch.set_num_threads(1)
     data = load_data()
-    settings = _settings(overrides, train_seed)
+    settings = arm_settings(overrides, train_seed)
     picks = random_picks(len(data.stream_labels), seed, n_labels)
     net, seconds = train_model(settings, data.stream_images[picks], data.stream_labels[picks],
                                train_seed)
 
-    def score(images: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
-        probs = study_probabilities(net, images, torch.arange(images.shape[0]), images.shape[0])
-        return classifier_auroc(probs, labels), float((probs.argmax(1) == labels).float().mean())
-
-    val_auroc, val_accuracy = score(data.val_images, data.val_labels)
+    val_auroc, val_accuracy = score(net, data.val_images, data.val_labels)
     out = {"arm": name, "overrides": list(overrides), "seed": seed, "train_seed": train_seed,
            "labels": n_labels, "val_auroc": val_auroc, "val_accuracy": val_accuracy,
            "train_seconds": round(seconds, 2),
            "parameters": sum(p.numel() for p in net.parameters())}
     if holdout:
-        out["holdout_auroc"], out["holdout_accuracy"] = score(data.holdout_images,
+        out["holdout_auroc"], out["holdout_accuracy"] = score(net, data.holdout_images,
                                                               data.holdout_labels)
     return out
 

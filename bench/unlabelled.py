@@ -36,7 +36,6 @@ import multiprocessing
 import statistics
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -48,13 +47,12 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
 from label_efficiency import load_data, paired  # noqa: E402
-from recipe import bench_meta, random_picks, train_model, write_result  # noqa: E402
+from recipe import (  # noqa: E402
+    arm_settings, bench_meta, probabilities, random_picks, score, train_model, write_result,
+)
 
-from triage.config import load_settings, override_environ  # noqa: E402
-from triage.model.training import Consistency, classifier_auroc  # noqa: E402
-from triage.replay.lockstep import RunSpec, run_settings  # noqa: E402
+from triage.model.training import Consistency  # noqa: E402
 from triage.training.augment import make_strong_augment  # noqa: E402
-from triage.training.evaluate import study_probabilities  # noqa: E402
 
 OUT = REPO / "bench" / "results" / "unlabelled.json"
 LONGER = ("model.training.epochs=40", "model.training.min_steps=200")
@@ -93,17 +91,11 @@ def balanced_confident(probs: torch.Tensor, threshold: float, prior: np.ndarray
     return positions, predicted[positions]
 
 
-def _settings(seed: int, overrides: tuple[str, ...] = ()):
-    return run_settings(load_settings(REPO / "config.yaml",
-                                      environ=override_environ(overrides)),
-                        RunSpec("uniform", 0.1, "default", seed))
-
-
 def run_seed(task: tuple[int, tuple[str, ...], int]) -> list[dict[str, Any]]:
     seed, arms, n_labels = task
     torch.set_num_threads(1)
     data = load_data()
-    settings = _settings(seed)
+    settings = arm_settings((), seed)
     model = settings.model
     picks = random_picks(len(data.stream_labels), seed, n_labels)
     pool = torch.from_numpy(np.setdiff1d(np.arange(len(data.stream_labels)), picks.numpy()))
@@ -111,26 +103,25 @@ def run_seed(task: tuple[int, tuple[str, ...], int]) -> list[dict[str, Any]]:
     pool_images = data.stream_images[pool]
     prior = np.bincount(y.numpy(), minlength=len(model.labels)) / len(y)
 
-    def probs(net, images: torch.Tensor) -> torch.Tensor:
-        return study_probabilities(net, images, torch.arange(images.shape[0]), images.shape[0])
-
     def scored(arm: str, net, seconds: float, **extra: Any) -> dict[str, Any]:
         out = {"arm": arm, "seed": seed, "labels": n_labels, **extra,
                "train_seconds": round(seconds, 1)}
         for split, images, labels in (("val", data.val_images, data.val_labels),
                                       ("holdout", data.holdout_images, data.holdout_labels)):
-            p = probs(net, images)
-            out[f"{split}_auroc"] = classifier_auroc(p, labels)
-            out[f"{split}_accuracy"] = float((p.argmax(1) == labels).float().mean())
+            out[f"{split}_auroc"], out[f"{split}_accuracy"] = score(net, images, labels)
         return out
 
     teacher, seconds = train_model(settings, x, y, seed)
     out = [scored("teacher", teacher, seconds)]
-    pool_probs = probs(teacher, pool_images)
+    pool_probs = probabilities(teacher, pool_images)
     for arm in arms:
         kind, options = ARMS[arm]
         overrides = options.get("overrides", ())
-        train = _trainer(_settings(seed, overrides), seed)
+        settings_of_arm = arm_settings(overrides, seed)
+
+        def train(images: torch.Tensor, labels: torch.Tensor, **fit_options: Any):
+            return train_model(settings_of_arm, images, labels, seed, **fit_options)
+
         if kind == "teacher":
             out.append(scored(arm, *train(x, y), overrides=list(overrides)))
         elif kind == "pseudo":
@@ -153,12 +144,6 @@ def run_seed(task: tuple[int, tuple[str, ...], int]) -> list[dict[str, Any]]:
                               unlabelled_images=int(images.shape[0]),
                               weight=consistency.weight, threshold=consistency.threshold))
     return out
-
-
-def _trainer(settings, seed: int) -> Callable[..., tuple[Any, float]]:
-    def train(images: torch.Tensor, labels: torch.Tensor, **fit_options: Any):
-        return train_model(settings, images, labels, seed, **fit_options)
-    return train
 
 
 def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
