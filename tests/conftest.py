@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import signal
@@ -18,8 +19,15 @@ import pydicom
 import pytest
 
 from triage.replay.dicom_writer import image_dataset, write_dataset
+from triage.store import db as store
+from triage.store.settings import StoreSettings
 
 REPO = Path(__file__).resolve().parents[1]
+# `TRIAGE_TEST_STORE=postgresql`: every test gets its own database on a private
+# PostgreSQL server (tests/pg_server.py) through TRIAGE__STORE__URL, which the daemons
+# and settings it starts inherit, and `database` names it. `make test` runs the store-
+# and daemon-level tests this way after the whole suite on SQLite.
+ON_POSTGRES = os.environ.get("TRIAGE_TEST_STORE", "sqlite") == "postgresql"
 PHI = {"name": "DOE^JANE", "id": "PID-99731", "accession": "ACC-55120"}
 PHI_STRINGS = ("DOE", "JANE", "PID-99731", "ACC-55120")
 
@@ -51,6 +59,73 @@ def make_image(
     return write_dataset(ds, path)
 
 
+_server = None
+_urls: dict[Path, str] = {}
+
+
+def _postgres():  # type: ignore[no-untyped-def]
+    """This test process's private PostgreSQL server, started on first use."""
+    global _server
+    if _server is None:
+        from pg_server import PostgresServer, missing_reason
+
+        reason = missing_reason()
+        if reason is not None:
+            pytest.skip(reason)
+        _server = PostgresServer().start()
+        atexit.register(_server.stop)
+    return _server
+
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    """The private PostgreSQL server of this test process (Debian's `postgresql`)."""
+    return _postgres()
+
+
+def store_url(home: Path) -> str:
+    """The PostgreSQL database of the state directory ``home``: one per home, as a home
+    has one SQLite file, so a restart in the same home finds its store again."""
+    key = Path(home).resolve()
+    if key not in _urls:
+        _urls[key] = _postgres().new_database()
+    return _urls[key]
+
+
+@pytest.fixture(autouse=True)
+def _store_backend(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # What a test starts without naming a store (a CLI, load_settings from the
+    # environment) gets the store of the conventional home, tmp_path / "home".
+    if ON_POSTGRES:
+        monkeypatch.setenv("TRIAGE__STORE__URL", store_url(tmp_path / "home"))
+
+
+def store_settings(home: Path) -> StoreSettings:
+    """The `store:` section for settings a test builds itself (``Settings(home=...)``)."""
+    return StoreSettings(url=store_url(home)) if ON_POSTGRES else StoreSettings()
+
+
+def store_environ(home: Path) -> dict[str, str]:
+    """The store's override for ``load_settings(..., home=home, environ=...)``."""
+    return {"TRIAGE__STORE__URL": store_url(home)} if ON_POSTGRES else {}
+
+
+def store_target(home: Path) -> Path | str:
+    """The store of the state directory ``home``: its SQLite file, or its PostgreSQL
+    database."""
+    return store_url(home) if ON_POSTGRES else home / "triage.db"
+
+
+def store_rows(home: Path, sql: str, params: list | tuple = (), *, dicts: bool = False) -> list:
+    """Rows of ``sql`` in the store of a daemon under test, opened read-only beside it:
+    tuples, or dicts by column name."""
+    db = store.connect(store_target(home), readonly=True)
+    try:
+        return list(db.query(sql, params)) if dicts else db.execute(sql, params).fetchall()
+    finally:
+        db.close()
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -67,7 +142,7 @@ class DaemonProcess:
         # The shipped config turns the DICOM receiver on at a fixed port; daemons under
         # test run without it unless a test sets TRIAGE__DICOM__PORT itself.
         self.env = {**os.environ, "TRIAGE_HOME": str(home), "TRIAGE__DICOM__PORT": "null",
-                    **env}
+                    **store_environ(home), **env}
         self.prefix = prefix
         self.proc: subprocess.Popen[bytes] | None = None
         self.log = home / "stderr.log"

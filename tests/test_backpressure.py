@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from conftest import make_image
+from conftest import make_image, store_environ
 
 from triage.config import load_settings
 from triage.daemon import Daemon
@@ -13,7 +13,8 @@ from triage.store import db as store
 
 
 def test_low_disk_pauses_ingestion_without_deleting_and_resumes(tmp_path: Path) -> None:
-    settings = load_settings(None, home=tmp_path / "home", environ={
+    home = tmp_path / "home"
+    settings = load_settings(None, home=home, environ={**store_environ(home),
         "TRIAGE__INGEST__SETTLE_SECONDS": "0.3", "TRIAGE__INGEST__MIN_FREE_BYTES": "1000000",
     })
     free = {"bytes": 10}
@@ -36,6 +37,6 @@ def test_low_disk_pauses_ingestion_without_deleting_and_resumes(tmp_path: Path) 
         assert daemon.registry.get_sample_value("triage_ingest_paused") == 0
     finally:
         daemon.stop()
-    db = store.connect(settings.path("database"), readonly=True)
+    db = store.connect(settings.database(), readonly=True)
     assert db.execute("SELECT state FROM files").fetchall() == [("archived",)]
     db.close()

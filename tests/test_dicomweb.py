@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import signal
-import sqlite3
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,7 +16,7 @@ import numpy as np
 import pydicom
 import pytest
 import requests
-from conftest import FAST_ENV, PHI, PHI_STRINGS, DaemonProcess
+from conftest import FAST_ENV, PHI, PHI_STRINGS, DaemonProcess, store_target
 from dicomweb_client.api import DICOMwebClient
 from prometheus_client.parser import text_string_to_metric_families
 from pydicom.uid import generate_uid
@@ -23,6 +24,7 @@ from pydicom.uid import generate_uid
 from triage.api.viewer import viewer_link
 from triage.dicomweb.multipart import MultipartParser, encode
 from triage.replay.dicom_writer import image_dataset, write_dataset
+from triage.store import db as store
 
 MAX_BYTES = 1_000_000
 ENV = {
@@ -54,8 +56,14 @@ class Server:
         headers = {"Authorization": f"Bearer {self.tokens[role]}"} if role else {}
         return httpx.Client(base_url=self.proc.url, headers=headers, timeout=30)
 
-    def db(self) -> sqlite3.Connection:
-        return sqlite3.connect(f"file:{self.proc.home / 'triage.db'}?mode=ro", uri=True)
+    @contextlib.contextmanager
+    def db(self) -> Iterator[store.Database]:
+        """The daemon's store, read-only, closed at the end of the block."""
+        db = store.connect(store_target(self.proc.home), readonly=True)
+        try:
+            yield db
+        finally:
+            db.close()
 
 
 def _token(proc: DaemonProcess, role: str, name: str) -> str:

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
+from conftest import store_environ
+
 from triage.config import load_settings
 from triage.daemon import Daemon
 from triage.ingest.assembly import StudyAssembler
@@ -29,10 +31,11 @@ def _instance(folder: Path, study_uid: str, number: int, modality: str) -> bytes
 def test_a_small_association_that_ended_after_a_large_one_is_read_and_completed_first(
     tmp_path: Path,
 ) -> None:
-    settings = load_settings(None, home=tmp_path / "home", environ=ANY_IMAGE)
+    home = tmp_path / "home"
+    settings = load_settings(None, home=home, environ={**store_environ(home), **ANY_IMAGE})
     for name in ("inbox", "archive", "quarantine", "models", "logs", "received"):
         settings.path(name).mkdir(parents=True, exist_ok=True)
-    store.connect(settings.path("database")).close()
+    store.connect(settings.database()).close()
     daemon = Daemon(settings)
     series, single = "2.25.1001", "2.25.1002"
     large = [daemon.received.accept(_instance(tmp_path / "src", series, i, "CT"),
@@ -41,7 +44,7 @@ def test_a_small_association_that_ended_after_a_large_one_is_read_and_completed_
                                     origin="dicom", sender="DXROOM")]
     daemon.association_ended(large)  # the long series ended first...
     daemon.association_ended(small)  # ...the single image just after it
-    db = store.connect(settings.path("database"))
+    db = store.connect(settings.database())
     ingestor = Ingestor(settings, db, daemon.metrics)
     assembler = StudyAssembler(db, daemon.metrics, 3600.0, time.time)
     completed_when: dict[str, int] = {}

@@ -259,7 +259,7 @@ def test_a_killed_workers_temporary_files_are_removed_with_its_run(tmp_path: Pat
     registering it left `models/.retrain-N.pt`, and one killed while re-scoring the queue
     after its promotion (the run already ended) its settings file, forever."""
     settings = Settings(home=tmp_path)
-    db = store.connect(settings.path("database"))
+    db = store.connect(settings.database())
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
     gone.wait()
     now = time.time()

@@ -11,6 +11,8 @@ import torch
 from prometheus_client import CollectorRegistry
 from pydicom.dataset import Dataset
 
+from conftest import store_settings
+
 from triage.config import ScopeSettings, Settings
 from triage.ingest.dicom import slice_position
 from triage.ingest.ingestor import Ingestor
@@ -62,9 +64,9 @@ def _write(folder: Path) -> dict[str, Path]:
 def _ingest(home: Path, source: dict[str, Path], order: list[str]
             ) -> tuple[list[str], torch.Tensor]:
     """Ingest the files in ``order``; the study's instances as ordered, and its images."""
-    settings = Settings(home=home, model=TINY, scope=CT_SCOPE)
+    settings = Settings(home=home, store=store_settings(home), model=TINY, scope=CT_SCOPE)
     settings.path("inbox").mkdir(parents=True)
-    db = store.connect(settings.path("database"))
+    db = store.connect(settings.database())
     ingestor = Ingestor(settings, db, build_metrics(CollectorRegistry()))
     for name in order:
         target = settings.path("inbox") / f"{name}.dcm"

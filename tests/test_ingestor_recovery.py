@@ -7,7 +7,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import make_image
+from conftest import make_image, store_environ
 from prometheus_client import CollectorRegistry
 
 from triage.config import load_settings
@@ -19,9 +19,9 @@ from triage.telemetry.metrics import build_metrics
 
 @pytest.fixture
 def setup(tmp_path: Path):
-    settings = load_settings(None, home=tmp_path / "home", environ={})
+    settings = load_settings(None, home=tmp_path / "home", environ=store_environ(tmp_path / "home"))
     settings.path("inbox").mkdir(parents=True)
-    db = store.connect(settings.path("database"))
+    db = store.connect(settings.database())
     yield settings, db, Ingestor(settings, db, build_metrics(CollectorRegistry()))
     db.close()
 

@@ -5,18 +5,18 @@ from __future__ import annotations
 
 import json
 import signal
-import sqlite3
 import time
 from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
-from conftest import FAST_ENV, DaemonProcess
+from conftest import FAST_ENV, DaemonProcess, store_rows, store_target
 from test_review_api import auth, make_token
 
 from triage.replay.datasets import find_data_dir, load_pneumoniamnist_dev
 from triage.replay.dicom_writer import image_dataset, write_dataset
+from triage.store import db as store
 
 LOOP_ENV = {
     **FAST_ENV,
@@ -42,13 +42,8 @@ LOOP_ENV = {
 }
 
 
-def _rows(proc: DaemonProcess, sql: str) -> list[sqlite3.Row]:
-    conn = sqlite3.connect(f"file:{proc.home / 'triage.db'}?mode=ro", uri=True)
-    conn.row_factory = sqlite3.Row
-    try:
-        return conn.execute(sql).fetchall()
-    finally:
-        conn.close()
+def _rows(proc: DaemonProcess, sql: str) -> list[dict]:
+    return store_rows(proc.home, sql, dicts=True)
 
 
 def _drop(proc: DaemonProcess, images: np.ndarray, start: int) -> list[str]:
@@ -143,14 +138,13 @@ def test_labels_retrain_promote_score_and_coverage(tmp_path: Path) -> None:
         assert 'triage_retrain_runs{result="promoted"} 1.0' in exposition
 
         # a promoted run routes the studies least like anything labelled, within the cap
-        conn = sqlite3.connect(proc.home / "triage.db")
-        with conn:
-            conn.execute(
-                "INSERT INTO retrain_runs (trigger, state, started_at, finished_at, "
-                "candidate_version) VALUES ('manual', 'promoted', ?, ?, ?)",
-                [time.time(), time.time(), version],
-            )
-        conn.close()
+        db = store.connect(store_target(proc.home))
+        db.execute(
+            "INSERT INTO retrain_runs (trigger, state, started_at, finished_at, "
+            "candidate_version) VALUES ('manual', 'promoted', ?, ?, ?)",
+            [time.time(), time.time(), version],
+        )
+        db.close()
         deadline = time.monotonic() + 20
         coverage = []
         while time.monotonic() < deadline and not coverage:

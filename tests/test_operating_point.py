@@ -17,7 +17,7 @@ import httpx
 import numpy as np
 import pytest
 import torch
-from conftest import FAST_ENV, REPO, DaemonProcess, make_image
+from conftest import FAST_ENV, REPO, DaemonProcess, make_image, store_target
 from training.conftest import SIZE, TINY_MODEL, Store
 from test_review_api import auth, make_token
 
@@ -86,7 +86,7 @@ def test_a_checkpoint_without_an_operating_point_scores_exactly_as_before(tmp_pa
 
 
 def test_registry_exposes_the_stored_point_and_refuses_a_bad_one(tmp_path: Path) -> None:
-    db = store.connect(tmp_path / "triage.db")
+    db = store.connect(store_target(tmp_path))
     try:
         registry = ModelRegistry(db, tmp_path / "models", TINY_MODEL)
         plain = registry.add(_save(tmp_path / "a.pt", TINY_MODEL, None), source="test")
@@ -205,7 +205,7 @@ def served(tmp_path_factory: pytest.TempPathFactory):
 
 
 def _decisions(proc: DaemonProcess) -> list[dict]:
-    db = store.connect(proc.home / "triage.db", readonly=True)
+    db = store.connect(store_target(proc.home), readonly=True)
     try:
         return [dict(row) for row in db.query("SELECT * FROM decisions ORDER BY id")]
     finally:
@@ -217,7 +217,7 @@ def test_stored_predictions_follow_each_models_operating_point(served) -> None:
     rows = _decisions(proc)
     assert [r["model_version"] for r in rows] == [v for v in POINTS for _ in range(PER_MODEL)]
     assert all(r["reason"] == "audit" and r["needs_label"] == 1 for r in rows)
-    db = store.connect(proc.home / "triage.db", readonly=True)
+    db = store.connect(store_target(proc.home), readonly=True)
     try:
         for row in rows:
             prediction = json.loads(row["prediction"])

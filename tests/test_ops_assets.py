@@ -67,7 +67,7 @@ def _promote_model(home: Path, auroc: float) -> str:
     checkpoint = save_checkpoint(home / "seed.pt", build_network(settings.model),
                                  build_loss_predictor(settings.model), settings.model,
                                  {"operating_point": {"temperature": 1.25, "threshold": 0.5}})
-    db = store.connect(settings.path("database"))
+    db = store.connect(settings.database())
     try:
         registry = ModelRegistry(db, settings.path("models"), settings.model)
         entry = registry.add(checkpoint, source="test", metrics={"validation": {"auroc": auroc}})

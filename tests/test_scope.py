@@ -9,14 +9,13 @@ from __future__ import annotations
 import hashlib
 import logging
 import shutil
-import sqlite3
 from pathlib import Path
 
 import httpx
 import numpy as np
 import pydicom
 import pytest
-from conftest import PHI_STRINGS, REPO, DaemonProcess, make_image
+from conftest import PHI_STRINGS, REPO, DaemonProcess, make_image, store_rows
 from prometheus_client import CollectorRegistry
 from pydicom.uid import generate_uid
 
@@ -43,7 +42,7 @@ class Home:
     def __init__(self, root: Path, settings: Settings | None = None) -> None:
         self.settings = settings or Settings(home=root, model=TINY)
         self.settings.path("inbox").mkdir(parents=True, exist_ok=True)
-        self.db = store.connect(self.settings.path("database"))
+        self.db = store.connect(self.settings.database())
         self.registry = CollectorRegistry()
         self.metrics = build_metrics(self.registry)
         self.now = 1_000_000.0
@@ -300,11 +299,7 @@ def test_the_pydicom_corpus_under_the_default_scope(home: Home, pydicom_files: P
 
 
 def _rows(proc: DaemonProcess, sql: str) -> list[tuple]:
-    conn = sqlite3.connect(f"file:{proc.home / 'triage.db'}?mode=ro", uri=True)
-    try:
-        return conn.execute(sql).fetchall()
-    finally:
-        conn.close()
+    return store_rows(proc.home, sql)
 
 
 def test_a_running_daemon_scores_only_what_is_in_scope(

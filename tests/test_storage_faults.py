@@ -105,7 +105,7 @@ class Routed:
 
     def __init__(self, home: Path) -> None:
         self.settings = load_settings(None, home=home, environ={})
-        self.db = store.connect(self.settings.path("database"))
+        self.db = store.connect(self.settings.database())
         self.now = 1_709_280_000.0
         with store.transaction(self.db):
             token = self.db.execute(
@@ -199,7 +199,7 @@ def test_claims_whose_lease_ran_out_while_down_are_released_at_start_up(
         assert (logged.items, logged.study_ids, logged.levelno) == (1, [dead], logging.WARNING)
     finally:
         daemon.stop()
-    db = store.connect(home.settings.path("database"), readonly=True)
+    db = store.connect(home.settings.database(), readonly=True)
     items = dict(db.execute("SELECT study_id, state FROM queue_items").fetchall())
     assert items == {dead: "pending", live: "claimed"}  # a live lease is kept
     trail = db.execute("SELECT actor, action, study_id FROM audit").fetchall()

@@ -2,18 +2,13 @@
 
 from __future__ import annotations
 
-import sqlite3
 import time
 
-from conftest import DaemonProcess, make_image
+from conftest import DaemonProcess, make_image, store_rows
 
 
 def _rows(daemon: DaemonProcess, sql: str) -> list[tuple]:
-    conn = sqlite3.connect(f"file:{daemon.home / 'triage.db'}?mode=ro", uri=True)
-    try:
-        return conn.execute(sql).fetchall()
-    finally:
-        conn.close()
+    return store_rows(daemon.home, sql)
 
 
 def test_study_completes_after_quiet_period_and_a_late_instance_rescores_it(

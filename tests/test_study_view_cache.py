@@ -17,6 +17,8 @@ from prometheus_client import CollectorRegistry
 from pydicom.multival import MultiValue
 from pydicom.valuerep import DSfloat
 
+from conftest import store_settings
+
 from triage.api.app import create_app
 from triage.config import ScopeSettings, Settings
 from triage.daemon import Daemon
@@ -59,9 +61,10 @@ class Viewed:
     """A study ingested by the real ingestor, routed to the queue, and the app to view it."""
 
     def __init__(self, home: Path) -> None:
-        self.settings = Settings(home=home, model=TINY, scope=CT_SCOPE)
+        self.settings = Settings(home=home, store=store_settings(home), model=TINY,
+                                 scope=CT_SCOPE)
         self.settings.path("inbox").mkdir(parents=True)
-        self.db = store.connect(self.settings.path("database"))
+        self.db = store.connect(self.settings.database())
         ingestor = Ingestor(self.settings, self.db, build_metrics(CollectorRegistry()))
         for k, (z, number) in enumerate(SLICES):
             path = two_window_ct(self.settings.path("inbox") / f"{k}.dcm", z=z, number=number,
@@ -134,7 +137,7 @@ def test_instances_stored_before_the_cache_are_read_once_then_served_from_it(
         home.db.execute(f"ALTER TABLE {table} DROP COLUMN {column}")
     home.db.execute("PRAGMA user_version = 7")
     home.db.close()
-    home.db = store.connect(home.settings.path("database"))
+    home.db = store.connect(home.settings.database())
     assert store.schema_version(home.db) == len(store.MIGRATIONS) == 10
     assert home.db.execute("SELECT SUM(view_cached) FROM instances").fetchone()[0] == 0
     first = home.view()  # reads the three headers and keeps what it needs

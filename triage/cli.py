@@ -16,6 +16,7 @@ from pathlib import Path
 from triage import __version__
 from triage.config import Settings, load_settings
 from triage.errors import ConfigError, TriageError
+from triage.store import db as store
 
 EXIT_RUNTIME = 1
 EXIT_CONFIG = 2
@@ -124,6 +125,9 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:
         print(f"triage: {exc.strerror or exc} ({exc.filename or ''})", file=sys.stderr)
         return EXIT_RUNTIME
+    except store.DATABASE_ERRORS as exc:
+        print(f"triage: {store.explain(exc, settings.database())}", file=sys.stderr)
+        return EXIT_RUNTIME
     return EXIT_CONFIG
 
 
@@ -157,9 +161,8 @@ def _status(settings: Settings, as_json: bool) -> int:
 
 def _models(settings: Settings, args: argparse.Namespace) -> int:
     from triage.model.registry import ModelRegistry
-    from triage.store import db as store
 
-    db = store.connect(settings.path("database"))
+    db = store.connect(settings.database())
     try:
         registry = ModelRegistry(db, settings.path("models"), settings.model)
         if args.models_command == "list":
@@ -210,10 +213,9 @@ def _print_operating_point(point: dict | None, labels: list[str]) -> None:
 def _token(settings: Settings, args: argparse.Namespace) -> int:
     from triage.review import audit
     from triage.review.auth import create_token, list_tokens, revoke_token
-    from triage.store import db as store
     from triage.store.db import transaction
 
-    db = store.connect(settings.path("database"))
+    db = store.connect(settings.database())
     try:
         if args.token_command == "create":
             token_id, secret = create_token(db, name=args.name, role=args.role)
@@ -239,10 +241,9 @@ def _token(settings: Settings, args: argparse.Namespace) -> int:
 
 def _audit(settings: Settings, args: argparse.Namespace) -> int:
     from triage.review import audit
-    from triage.store import db as store
 
     start = _parse_since(args.since)
-    db = store.connect(settings.path("database"))
+    db = store.connect(settings.database())
     try:
         for row in audit.since(db, start):
             if args.json:

@@ -32,7 +32,7 @@ from triage.gate.settings import GateSettings
 from triage.ingest.settings import DicomSettings, IngestSettings, ScopeSettings
 from triage.model.settings import ModelSettings
 from triage.review.settings import ReviewSettings
-from triage.store.settings import StudySettings
+from triage.store.settings import StoreSettings, StudySettings
 from triage.telemetry.settings import LogSettings
 from triage.training.settings import RetrainSettings
 
@@ -85,6 +85,7 @@ class Settings(_Section):
 
     home: Path = Path("var")
     paths: PathSettings = PathSettings()
+    store: StoreSettings = StoreSettings()
     ingest: IngestSettings = IngestSettings()
     studies: StudySettings = StudySettings()
     server: ServerSettings = ServerSettings()
@@ -99,6 +100,11 @@ class Settings(_Section):
     def path(self, name: str) -> Path:
         """Absolute path of a ``paths`` entry, resolved against ``home``."""
         return self.home / getattr(self.paths, name)
+
+    def database(self) -> Path | str:
+        """The store to open: ``store.url`` when set, else the SQLite file
+        ``paths.database``."""
+        return self.store.url or self.path("database")
 
 
 def load_settings(

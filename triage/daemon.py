@@ -98,11 +98,11 @@ class Daemon:
         self._receiver = None  # DicomReceiver, when dicom.port is set
 
     @property
-    def db_path(self) -> Path:
-        return self.settings.path("database")
+    def database(self) -> Path | str:
+        return self.settings.database()
 
     def _open_readonly(self):  # type: ignore[no-untyped-def]
-        return store.connect(self.db_path, readonly=True)
+        return store.connect(self.database, readonly=True)
 
     def start(self) -> None:
         """Lock the state directory, prepare the store and start both loops."""
@@ -114,7 +114,7 @@ class Daemon:
         for name in ("inbox", "archive", "quarantine", "models", "logs", "received"):
             self.settings.path(name).mkdir(parents=True, exist_ok=True)
         self._lock()
-        store.connect(self.db_path).close()  # create and migrate before the threads
+        store.connect(self.database).close()  # create and migrate before the threads
         self._recover_retrain()
         self._recover_queue()
         self.received.adopt_orphans()
@@ -214,14 +214,14 @@ class Daemon:
         candidates rejected (events `retrain_process_died`, `retrain_candidate_orphaned`),
         before anything reads the registry. A worker still alive keeps its run."""
         try:
-            RetrainScheduler(self.settings, self.db_path).check()
+            RetrainScheduler(self.settings, self.database).check()
         except Exception as exc:  # noqa: BLE001 - the retrain loop tries again
             event(log, "retrain_recovery_error", logging.ERROR, error_type=type(exc).__name__)
 
     def _recover_queue(self) -> None:
         """Start-up: queue items left claimed under an expired lease are released
         (event `queue_leases_recovered`), so no study stays held by a dead session."""
-        db = store.connect(self.db_path)
+        db = store.connect(self.database)
         try:
             recover_leases(db, time.time(), self.settings.review.lease_minutes * 60)
         finally:
@@ -245,7 +245,7 @@ class Daemon:
         self._heartbeats[name] = time.monotonic()
 
     def _ingest_loop(self) -> None:
-        db = store.connect(self.db_path)
+        db = store.connect(self.database)
         ingestor = Ingestor(self.settings, db, self.metrics)
         assembler = StudyAssembler(
             db, self.metrics, self.settings.studies.stable_age_seconds, time.time
@@ -365,7 +365,7 @@ class Daemon:
         return self._paused
 
     def _scoring_loop(self) -> None:
-        db = store.connect(self.db_path)
+        db = store.connect(self.database)
         scorer = GateScorer(self.settings, db, self.metrics)
         worker = ScoringWorker(db, scorer, self.metrics,
                                error_retry_seconds=self.settings.studies.error_retry_seconds)
@@ -388,7 +388,7 @@ class Daemon:
         db.close()
 
     def _retrain_loop(self) -> None:
-        scheduler = RetrainScheduler(self.settings, self.db_path)
+        scheduler = RetrainScheduler(self.settings, self.database)
         while not self._stop.is_set():
             self._beat("retrain")
             try:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import sqlite3
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -17,7 +16,7 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import FAST_ENV, DaemonProcess, free_port
+from conftest import FAST_ENV, DaemonProcess, free_port, store_rows
 from prometheus_client.parser import text_string_to_metric_families
 
 from triage.store.db import FINAL_FILE_STATES
@@ -53,11 +52,7 @@ class DicomDaemon(DaemonProcess):
 
     def query(self, sql: str, params: tuple | list = ()) -> list[tuple]:
         """Rows from the daemon's database, opened read-only beside it."""
-        db = sqlite3.connect(f"file:{self.home / 'triage.db'}?mode=ro", uri=True, timeout=10)
-        try:
-            return db.execute(sql, params).fetchall()
-        finally:
-            db.close()
+        return store_rows(self.home, sql, params)
 
     def metrics(self) -> str:
         return httpx.get(f"{self.url}/metrics", timeout=10).text

@@ -6,14 +6,13 @@ from __future__ import annotations
 
 import logging
 import socket
-import sqlite3
 import threading
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import free_port
+from conftest import free_port, store_environ
 from dicomnet_helpers import wait_until
 from prometheus_client import CollectorRegistry
 from pydicom.uid import ExplicitVRLittleEndian
@@ -34,8 +33,9 @@ def parts(tmp_path: Path):
     def make(**env: str):
         environ = {"TRIAGE__DICOM__PORT": str(free_port()), "TRIAGE__DICOM__HOST": "127.0.0.1",
                    "TRIAGE__INGEST__MIN_FREE_BYTES": "0", **env}
-        settings = load_settings(None, home=tmp_path, environ=environ)
-        store.connect(settings.path("database")).close()
+        settings = load_settings(None, home=tmp_path,
+                                 environ={**store_environ(tmp_path), **environ})
+        store.connect(settings.database()).close()
         settings.path("received").mkdir(parents=True, exist_ok=True)
         registry = CollectorRegistry()
         ended: list[list[int]] = []
@@ -63,8 +63,8 @@ def _store_while_the_database_is_held(settings, port: int, study_uid: str):
     ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
     assoc = ae.associate("127.0.0.1", port, ae_title="TRIAGE")
     assert assoc.is_established
-    blocker = sqlite3.connect(settings.path("database"), isolation_level=None)
-    blocker.execute("BEGIN IMMEDIATE")
+    blocker = store.connect(settings.database())
+    blocker.execute("BEGIN IMMEDIATE")  # on PostgreSQL: the store's write lock
     answers: list[int] = []
     ds = image_dataset(np.zeros((16, 16), np.int16), study_uid=study_uid)
     client = threading.Thread(target=lambda: answers.append(assoc.send_c_store(ds).Status))
@@ -94,7 +94,7 @@ def test_stop_lets_a_store_in_flight_answer_then_aborts(parts) -> None:
     assert not stopper.is_alive() and not client.is_alive()
     assert answers == [0x0000]  # answered before the association was aborted
     wait_until(lambda: assoc.is_aborted, 10, "the client to see the abort")
-    db = sqlite3.connect(settings.path("database"))
+    db = store.connect(settings.database())
     rows = db.execute("SELECT id, state, origin, sender FROM files").fetchall()
     db.close()
     assert rows == [(rows[0][0], "received", "dicom", "MODALITY")]

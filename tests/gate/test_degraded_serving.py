@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import sqlite3
 from pathlib import Path
 
 import pytest
@@ -48,12 +47,8 @@ def _events(caplog: pytest.LogCaptureFixture, name: str) -> list[logging.LogReco
     return [r for r in caplog.records if r.getMessage() == name]
 
 
-def _rows(home: Home, sql: str, params: list | None = None) -> list[sqlite3.Row]:
-    home.db.conn.row_factory = sqlite3.Row
-    try:
-        return home.db.execute(sql, params or []).fetchall()
-    finally:
-        home.db.conn.row_factory = None
+def _rows(home: Home, sql: str, params: list | None = None) -> list[dict]:
+    return list(home.db.query(sql, params or []))
 
 
 def test_a_corrupt_serving_checkpoint_falls_back_to_the_last_promoted_version(

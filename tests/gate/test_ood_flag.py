@@ -148,7 +148,7 @@ class Home:
         gate = GateSettings(daily_cap=10_000, window=20, warmup=3, label_rate=0.5)
         self.settings = Settings(home=root, model=SMALL, gate=gate)
         self.settings.path("inbox").mkdir(parents=True)
-        self.db = store.connect(self.settings.path("database"))
+        self.db = store.connect(self.settings.database())
         self.prometheus = CollectorRegistry()
         self.metrics = build_metrics(self.prometheus)
         models = ModelRegistry(self.db, self.settings.path("models"), SMALL)

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import logging
 import signal
-import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +15,9 @@ import httpx
 import numpy as np
 import pytest
 import torch
-from conftest import FAST_ENV, REPO, DaemonProcess, make_image
+from conftest import (
+    FAST_ENV, REPO, DaemonProcess, make_image, store_rows, store_settings,
+)
 from prometheus_client import CollectorRegistry
 from test_coldstart import synthetic_study
 
@@ -35,13 +36,8 @@ from triage.store.images import to_storage
 from triage.telemetry.metrics import build_metrics
 
 
-def _decisions(proc: DaemonProcess) -> list[sqlite3.Row]:
-    conn = sqlite3.connect(f"file:{proc.home / 'triage.db'}?mode=ro", uri=True)
-    conn.row_factory = sqlite3.Row
-    try:
-        return conn.execute("SELECT * FROM decisions ORDER BY id").fetchall()
-    finally:
-        conn.close()
+def _decisions(proc: DaemonProcess) -> list[dict]:
+    return store_rows(proc.home, "SELECT * FROM decisions ORDER BY id", dicts=True)
 
 
 def test_cold_start_routes_up_to_the_daily_cap(tmp_path: Path) -> None:
@@ -134,8 +130,10 @@ class Home:
 
     def __init__(self, path: Path, **gate: object) -> None:
         options = {"daily_cap": 10_000, "window": 20, "warmup": 5, **gate}
-        self.settings = Settings(home=path, model=TINY, gate=GateSettings(**options))
-        self.db = store.connect(self.settings.path("database"))
+        self.settings = Settings(home=path, store=store_settings(path), model=TINY,
+                                 gate=GateSettings(**options))
+        path.mkdir(parents=True, exist_ok=True)
+        self.db = store.connect(self.settings.database())
         self.prometheus = CollectorRegistry()
         self.metrics = build_metrics(self.prometheus)
         self.models = ModelRegistry(self.db, self.settings.path("models"), TINY)
@@ -177,22 +175,18 @@ class Home:
         self.models.promote(version)
         return version
 
-    def score(self, scorer: GateScorer, n: int) -> list[sqlite3.Row]:
+    def score(self, scorer: GateScorer, n: int) -> list[dict]:
         """Add ``n`` studies and score them through the worker; their decision rows."""
         worker = ScoringWorker(self.db, scorer, self.metrics, clock=lambda: self.now)
         ids = [self.add_study() for _ in range(n)]
         for study_id in ids:
             assert worker.run_once() == study_id
             self.now += 60
-        self.db.conn.row_factory = sqlite3.Row
-        try:
-            marks = ",".join("?" * len(ids))
-            return self.db.execute(
-                f"SELECT decisions.*, study_results.status FROM decisions JOIN study_results "
-                f"ON study_results.id = result_id WHERE decisions.study_id IN ({marks}) "
-                "ORDER BY decisions.id", ids).fetchall()
-        finally:
-            self.db.conn.row_factory = None
+        marks = ",".join("?" * len(ids))
+        return list(self.db.query(
+            f"SELECT decisions.*, study_results.status FROM decisions JOIN study_results "
+            f"ON study_results.id = result_id WHERE decisions.study_id IN ({marks}) "
+            "ORDER BY decisions.id", ids))
 
     def expected_scores(self, version: str, study_id: int) -> list[float]:
         """The gate's raw scores of a study under ``version``, computed directly."""
@@ -304,7 +298,7 @@ def test_cold_start_routes_at_the_label_rate_and_survives_a_restart(tmp_path: Pa
     scorer = two.scorer()
     restarted = two.score(scorer, 70) + two.score(two.scorer(), 50)
 
-    def summary(rows: list[sqlite3.Row]) -> list[tuple]:
+    def summary(rows: list[dict]) -> list[tuple]:
         return [(r["reason"], r["needs_label"], json.loads(r["scores"])["novelty"]) for r in rows]
 
     assert summary(restarted) == summary(straight)  # same studies, same decisions

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import PHI_STRINGS, make_image
+from conftest import PHI_STRINGS, make_image, store_settings
 from prometheus_client import CollectorRegistry
 
 from triage.config import Settings
@@ -30,9 +30,9 @@ class Pipeline:
     """Ingestor, assembler and scoring worker of the daemon on one store and clock."""
 
     def __init__(self, home: Path) -> None:
-        self.settings = Settings(home=home, model=TINY)
+        self.settings = Settings(home=home, store=store_settings(home), model=TINY)
         self.settings.path("inbox").mkdir(parents=True)
-        self.db = store.connect(self.settings.path("database"))
+        self.db = store.connect(self.settings.database())
         self.metrics = build_metrics(CollectorRegistry())
         self.now = time.time()  # the ingestor stamps instances with the wall clock
         self.ingestor = Ingestor(self.settings, self.db, self.metrics)

@@ -11,6 +11,8 @@ import pytest
 import sqlite_utils
 import torch
 
+from conftest import store_settings
+
 from triage.config import Settings
 from triage.model.settings import ModelSettings, TrainSettings
 from triage.replay.datasets import find_data_dir, images_to_tensor, load_pneumoniamnist_dev
@@ -30,7 +32,8 @@ def make_settings(home: Path, model: ModelSettings = TINY_MODEL, **retrain: obje
     """Settings with every path under ``home`` and a tiny network."""
     options = {"augment": False, "min_train_studies": 4, "min_validation_studies": 2,
                "validation_source": "mixed", **retrain}
-    return Settings(home=home, model=model, retrain=RetrainSettings(**options))
+    return Settings(home=home, store=store_settings(home), model=model,
+                    retrain=RetrainSettings(**options))
 
 
 class Store:
@@ -38,7 +41,7 @@ class Store:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.db: sqlite_utils.Database = store.connect(settings.path("database"))
+        self.db: sqlite_utils.Database = store.connect(settings.database())
         self._n = 0
         with store.transaction(self.db):
             self.token = self.db.execute(

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import store_environ
+
 from triage.config import load_settings
 from triage.training.runs import last_run
 
@@ -42,7 +44,8 @@ def _triage(*args: str, config: Path, home: Path) -> subprocess.CompletedProcess
     return subprocess.run(
         [sys.executable, "-m", "triage", *args, "--config", str(config), "--home", str(home)],
         capture_output=True, text=True, timeout=600,
-        env={k: v for k, v in os.environ.items() if not k.startswith("TRIAGE__")},
+        env={**{k: v for k, v in os.environ.items() if not k.startswith("TRIAGE__")},
+             **store_environ(home)},
     )
 
 

@@ -16,7 +16,7 @@ from .conftest import Store, make_settings
 
 def _scrape(st: Store) -> dict[str, float]:
     registry = CollectorRegistry()
-    path = st.settings.path("database")
+    path = st.settings.database()
     registry.register(RetrainCollector(lambda: store.connect(path, readonly=True),
                                        st.settings.model.labels))
     text = generate_latest(registry).decode()

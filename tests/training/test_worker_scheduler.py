@@ -55,7 +55,7 @@ def test_nan_loss_fails_the_run_and_keeps_the_serving_model(tmp_path, pneumonia)
     st.label(st.add_study(torch.full((1, 1, 28, 28), float("nan"))), "normal", "train")
     serving = _serve(st, tmp_path)
     before = _models(st)
-    scheduler = RetrainScheduler(st.settings, st.settings.path("database"))
+    scheduler = RetrainScheduler(st.settings, st.settings.database())
     run_id = scheduler.start("manual")
     _wait(scheduler, run_id)
     assert scheduler.processes[run_id].returncode == 1
@@ -71,7 +71,7 @@ def test_killed_worker_is_marked_failed_and_changes_nothing(tmp_path, pneumonia)
     _fill(st, pneumonia)
     serving = _serve(st, tmp_path)
     before = _models(st)
-    scheduler = RetrainScheduler(st.settings, st.settings.path("database"))
+    scheduler = RetrainScheduler(st.settings, st.settings.database())
     run_id = scheduler.start("manual")
     deadline = time.monotonic() + 60
     while "epoch" not in (last_run(st.db)["message"] or ""):  # training has begun
@@ -80,7 +80,7 @@ def test_killed_worker_is_marked_failed_and_changes_nothing(tmp_path, pneumonia)
     assert retrain_status(st.db)["running"] is True
     assert scheduler.due() is None  # not while one runs, even with labels waiting
     with pytest.raises(RetrainBusy, match="already running"):
-        RetrainScheduler(st.settings, st.settings.path("database")).start("manual")
+        RetrainScheduler(st.settings, st.settings.database()).start("manual")
     proc = scheduler.processes[run_id]
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait(timeout=30)
@@ -97,21 +97,21 @@ def test_dead_pid_is_detected_by_any_process(tmp_path):
     now = time.time()
     st.db.execute("INSERT INTO retrain_runs (trigger, state, started_at, pid) "
                   "VALUES ('labels', 'running', ?, ?)", [now - 5, gone.pid])
-    scheduler = RetrainScheduler(st.settings, st.settings.path("database"))
+    scheduler = RetrainScheduler(st.settings, st.settings.database())
     assert scheduler.check() == [1]
     assert last_run(st.db)["message"] == "process died"
     # a row whose process never got a pid is given a grace period, then failed
     st.db.execute("INSERT INTO retrain_runs (trigger, state, started_at) "
                   "VALUES ('labels', 'running', ?)", [now])
     assert scheduler.check() == []
-    late = RetrainScheduler(st.settings, st.settings.path("database"), clock=lambda: now + 120)
+    late = RetrainScheduler(st.settings, st.settings.database(), clock=lambda: now + 120)
     assert late.check() == [2]
 
 
 def test_due_by_label_count_and_by_hours(tmp_path):
     now = 1_000_000.0
     st = Store(make_settings(tmp_path, min_new_labels=3, every_hours=2, idle_minutes=600))
-    scheduler = RetrainScheduler(st.settings, st.settings.path("database"), clock=lambda: now)
+    scheduler = RetrainScheduler(st.settings, st.settings.database(), clock=lambda: now)
     studies = [st.add_study(torch.zeros(1, 1, 28, 28)) for _ in range(6)]
     st.label(studies[0], "normal", "train", created_at=now - 10)
     st.label(studies[1], "skip", None, created_at=now - 10)  # never counts
@@ -128,7 +128,7 @@ def test_due_by_label_count_and_by_hours(tmp_path):
     assert scheduler.due(now + 2 * 3600) == "schedule"
     assert retrain_status(st.db)["labels_since_last_run"] == 1
     off = make_settings(tmp_path, min_new_labels=1, enabled=False)
-    assert RetrainScheduler(off, off.path("database")).due(now) is None
+    assert RetrainScheduler(off, off.database()).due(now) is None
 
 
 def test_labels_of_a_quiet_stream_trigger_an_idle_run(tmp_path):
@@ -136,7 +136,7 @@ def test_labels_of_a_quiet_stream_trigger_an_idle_run(tmp_path):
     idle_minutes, and only then; labels older than the last run never count."""
     now = 1_000_000.0
     st = Store(make_settings(tmp_path, min_new_labels=50, every_hours=24, idle_minutes=30))
-    scheduler = RetrainScheduler(st.settings, st.settings.path("database"), clock=lambda: now)
+    scheduler = RetrainScheduler(st.settings, st.settings.database(), clock=lambda: now)
     studies = [st.add_study(torch.zeros(1, 1, 28, 28)) for _ in range(3)]
     st.db.execute("INSERT INTO retrain_runs (trigger, state, started_at, finished_at) "
                   "VALUES ('labels', 'promoted', ?, ?)", [now - 3600, now - 3500])
@@ -181,7 +181,7 @@ def test_daemon_start_up_recovers_a_dead_run_and_its_candidate(tmp_path, caplog)
     daemon = Daemon(settings)
     daemon.start()
     try:
-        db = store.connect(settings.path("database"), readonly=True)
+        db = store.connect(settings.database(), readonly=True)
         try:
             runs = db.execute("SELECT state, message FROM retrain_runs ORDER BY id").fetchall()
             models = dict(db.execute("SELECT version, status FROM models").fetchall())

@@ -18,7 +18,7 @@ def get_settings(request: Request) -> Settings:
 
 
 def get_db(request: Request) -> Iterator[sqlite_utils.Database]:
-    db = store.connect(request.app.state.settings.path("database"))
+    db = store.connect(request.app.state.settings.database())
     try:
         yield db
     finally:

@@ -210,7 +210,7 @@ def hourly_series(db: sqlite_utils.Database, now: float) -> dict[str, Any]:
     sources = {  # name: (table, time column, condition)
         "files_ingested": ("files", "finished_at", f"state IN ({ingested})"),
         "files_quarantined": ("files", "finished_at", "state = 'quarantined'"),
-        "decisions": ("decisions", "created_at", "1"),
+        "decisions": ("decisions", "created_at", "1 = 1"),
         "decisions_routed": ("decisions", "created_at", "needs_label = 1"),
         "labels": ("labels", "created_at", "is_correction = 0"),
     }
@@ -218,7 +218,7 @@ def hourly_series(db: sqlite_utils.Database, now: float) -> dict[str, Any]:
     for name, (table, column, condition) in sources.items():
         counts = [0] * HOURS
         rows = db.execute(
-            f"SELECT CAST(({column} - ?) / 3600 AS INTEGER) AS hour, COUNT(*) FROM {table} "
+            f"SELECT CAST(FLOOR(({column} - ?) / 3600.0) AS INTEGER) AS hour, COUNT(*) FROM {table} "
             f"WHERE {condition} AND {column} >= ? AND {column} < ? GROUP BY hour",
             [start, start, end],
         ).fetchall()

@@ -91,7 +91,8 @@ def parse_query(level: str, params: Mapping[str, str] | list[tuple[str, str]],
             continue  # universal matching: as if the key were not there
         if keyword == "ModalitiesInStudy" and level == "study":
             marks = ", ".join("?" * len(values))
-            query.having.append(f"SUM(instances.modality IN ({marks})) > 0")
+            query.having.append(
+                f"SUM(CASE WHEN instances.modality IN ({marks}) THEN 1 ELSE 0 END) > 0")
             query.having_args += values
         elif keyword in _MATCH[level]:
             if any("*" in v or "?" in v for v in values):

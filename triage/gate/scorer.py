@@ -425,7 +425,8 @@ def _recent_decisions(
     study id as key."""
     rows = db.execute(
         "SELECT decision, model_version, study_id FROM decisions WHERE id >= "
-        "(SELECT COALESCE(MIN(id), 0) FROM (SELECT id FROM decisions ORDER BY id DESC LIMIT ?)) "
+        "(SELECT COALESCE(MIN(id), 0) FROM "
+        "(SELECT id FROM decisions ORDER BY id DESC LIMIT ?) AS recent) "
         "OR created_at >= ? ORDER BY id",
         [2 * settings.gate.window, now - 2 * 86400],
     ).fetchall()

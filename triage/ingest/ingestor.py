@@ -135,7 +135,9 @@ class Ingestor:
         (``ingest.max_read_attempts``)."""
         only, params = "", []
         if among is not None:
-            only, params = " AND id IN (SELECT value FROM json_each(?))", [json.dumps(among)]
+            if not among:
+                return 0
+            only, params = f" AND id IN ({', '.join('?' * len(among))})", list(among)
         rows = self._db.execute(
             f"SELECT id, inbox_path, sha256 FROM files WHERE state = 'received'{only} "
             "ORDER BY id LIMIT ?", [*params, limit]

@@ -21,7 +21,6 @@ import hashlib
 import logging
 import os
 import shutil
-import sqlite3
 import threading
 import time
 import uuid
@@ -88,7 +87,7 @@ class ReceivedStore:
     def _connection(self):  # type: ignore[no-untyped-def]
         if self._db is None:
             self._dir.mkdir(parents=True, exist_ok=True)
-            db = store.connect(self._settings.path("database"))
+            db = store.connect(self._settings.database())
             # An acknowledged instance must survive a power cut, not only a crash: in WAL
             # mode NORMAL syncs at checkpoints only, FULL at every commit.
             if self._settings.ingest.fsync:
@@ -139,9 +138,9 @@ class ReceivedStore:
                         [name, sha, len(data), time.time(), origin, sender],
                     )
                 file_id = int(cursor.lastrowid)
-        except sqlite3.Error as exc:
+        except store.DATABASE_ERRORS as exc:
             path.unlink(missing_ok=True)
-            busy = "locked" in str(exc) or "busy" in str(exc)
+            busy = any(word in str(exc) for word in ("locked", "busy", "lock timeout"))
             raise StoreFailed(
                 "the database was busy for longer than dicom.store_timeout_seconds" if busy
                 else f"the database could not record the instance ({type(exc).__name__})",

@@ -6,6 +6,7 @@ Reads the store read-only, so it works beside a running daemon and after a crash
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from triage.model.serving import read_serving_status
@@ -21,15 +22,16 @@ def collect_status(settings: Settings) -> dict[str, Any]:
     """Counts from the store and the inbox, as a JSON-ready dict."""
     inbox = settings.path("inbox")
     waiting = sum(len(files) for _, _, files in os.walk(inbox)) if inbox.exists() else 0
-    db_path = settings.path("database")
+    database = settings.database()
+    exists = store.is_postgres_url(database) or Path(database).exists()
     files: dict[str, int] = {}
     studies: dict[str, int] = {}
     queue: dict[str, int] = {}
     retrain: dict[str, Any] | None = None
     serving: dict[str, Any] | None = None
     schema = 0
-    if db_path.exists():
-        db = store.connect(db_path, readonly=True)
+    if exists:
+        db = store.connect(database, readonly=True)
         try:
             schema = store.schema_version(db)
             if schema:
@@ -46,7 +48,7 @@ def collect_status(settings: Settings) -> dict[str, Any]:
     in_flight = sum(files.get(state, 0) for state in ("received", "reading", "moving"))
     return {
         "home": str(settings.home),
-        "database": str(db_path) if db_path.exists() else None,
+        "database": store.describe(database) if exists else None,
         "schema_version": schema,
         "files": {state: files.get(state, 0) for state in FINAL_FILE_STATES}
         | {"in_flight": in_flight, "total": sum(files.values())},

@@ -152,7 +152,8 @@ def audit_accuracy(db: sqlite_utils.Database, class_names: list[str]) -> AuditAc
         return AuditAccuracy(0, 0)
     marks = ", ".join("?" for _ in class_names)
     samples, correct = db.execute(
-        "SELECT COUNT(*), COALESCE(SUM(json_extract(d.prediction, '$.label') = l.label), 0) "
+        "SELECT COUNT(*), COALESCE(SUM(CASE WHEN json_extract(d.prediction, '$.label') "
+        "= l.label THEN 1 ELSE 0 END), 0) "
         "FROM queue_items q "
         "JOIN decisions d ON d.id = q.decision_id "
         "JOIN labels l ON l.study_id = q.study_id AND l.superseded_by IS NULL "

@@ -122,8 +122,9 @@ def _shorten_leases(db: sqlite_utils.Database, now: float, horizon: float) -> No
     ).fetchall()
     for item_id, _, _ in rows:
         db.execute(
-            "UPDATE queue_items SET lease_expires_at = ?, claimed_at = MIN(claimed_at, ?) "
-            "WHERE id = ?", [horizon, now, item_id],
+            "UPDATE queue_items SET lease_expires_at = ?, claimed_at = CASE WHEN "
+            "claimed_at IS NULL OR claimed_at < ? THEN claimed_at ELSE ? END WHERE id = ?",
+            [horizon, now, now, item_id],
         )
     if rows:
         event(log, "queue_leases_shortened", logging.WARNING, items=len(rows),

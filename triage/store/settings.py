@@ -1,6 +1,8 @@
-"""The `studies:` section of config.yaml: when a study counts as complete (ingest) and
-when one whose stored images could not be read is tried again (gate). It belongs to
-the study's life in the store, read by both stages; imports nothing from them.
+"""The store's sections of config.yaml. `store:`: where the database is (SQLite under
+`paths.database` by default, or a PostgreSQL server). `studies:`: when a study counts as
+complete (ingest) and when one whose stored images could not be read is tried again
+(gate); it belongs to the study's life in the store, read by both stages. Imports
+nothing from the stages.
 """
 
 from __future__ import annotations
@@ -10,6 +12,24 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class StoreSettings(_Section):
+    """Where the database is: unset, the SQLite file `paths.database`; a
+    ``postgresql://user[:password]@host[:port]/dbname`` URL names a PostgreSQL server
+    (the same schema and data; ``TRIAGE__STORE__URL`` sets it from the environment)."""
+
+    url: str | None = None
+
+    @field_validator("url")
+    @classmethod
+    def _postgres_url(cls, value: str | None) -> str | None:
+        if value is None or value == "":
+            return None
+        if not value.startswith(("postgresql://", "postgres://")):
+            raise ValueError("must be a postgresql:// URL, or unset for the SQLite file "
+                             "paths.database")
+        return value
 
 
 class StudySettings(_Section):

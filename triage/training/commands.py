@@ -28,7 +28,7 @@ def run_retrain_command(settings: Settings, *, background: bool) -> int:
     Raises:
         RetrainBusy: A run is already running.
     """
-    scheduler = RetrainScheduler(settings, settings.path("database"))
+    scheduler = RetrainScheduler(settings, settings.database())
     run_id = scheduler.start("manual")
     proc = scheduler.processes[run_id]
     if background:
@@ -61,7 +61,7 @@ def run_retrain_command(settings: Settings, *, background: bool) -> int:
 
 
 def _row(settings: Settings, run_id: int) -> dict:
-    db = store.connect(settings.path("database"), readonly=True)
+    db = store.connect(settings.database(), readonly=True)
     try:
         return next(db.query("SELECT * FROM retrain_runs WHERE id = ?", [run_id]))
     finally:

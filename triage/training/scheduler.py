@@ -71,15 +71,15 @@ class RetrainScheduler:
 
     Args:
         settings: The configuration (its `retrain` section and paths).
-        db_path: The SQLite store (the scheduler opens its own connection per call, so it
-            may be used from any one thread).
+        database: The store, as `Settings.database()` gives it (the scheduler opens its
+            own connection per call, so it may be used from any one thread).
         clock: Epoch seconds (tests pass a fake one).
     """
 
-    def __init__(self, settings: Settings, db_path: Path,
+    def __init__(self, settings: Settings, database: Path | str,
                  clock: Callable[[], float] = time.time) -> None:
         self._settings = settings
-        self._db_path = Path(db_path)
+        self._database = database
         self._clock = clock
         self._procs: dict[int, subprocess.Popen[bytes]] = {}
 
@@ -94,7 +94,7 @@ class RetrainScheduler:
         for run_id, proc in list(self._procs.items()):
             if proc.poll() is not None:  # reaped: no zombie keeps a dead pid "alive"
                 del self._procs[run_id]
-        db = store.connect(self._db_path)
+        db = store.connect(self._database)
         try:
             dead = reap_dead_runs(db, self._clock())
             orphans = reject_orphaned_candidates(db)
@@ -148,7 +148,7 @@ class RetrainScheduler:
             return None
         self.check()
         now = self._clock() if now is None else now
-        db = store.connect(self._db_path)
+        db = store.connect(self._database)
         try:
             last = last_run(db)
             if last is not None and last["state"] == "running":
@@ -173,7 +173,7 @@ class RetrainScheduler:
             RetrainBusy: A run is already running.
         """
         self.check()
-        db = store.connect(self._db_path)
+        db = store.connect(self._database)
         try:
             run_id = create_run(db, trigger, self._clock())
             folder = self._settings.home / "retrain"  # settings files for the worker

@@ -82,7 +82,8 @@ def assign_split(
     if label not in settings.model.labels or reason == AUDIT_REASON:
         return choose_split(label, reason, 0, 0, settings)
     n_total, n_val = db.execute(
-        "SELECT COUNT(*), COALESCE(SUM(split = 'validation'), 0) FROM labels "
+        "SELECT COUNT(*), COALESCE(SUM(CASE WHEN split = 'validation' THEN 1 ELSE 0 END), 0) "
+        "FROM labels "
         "WHERE superseded_by IS NULL AND label = ? AND split IS NOT NULL AND study_id != ?",
         [label, study_id],
     ).fetchone()

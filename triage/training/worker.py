@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     os.nice(settings.retrain.nice)
     torch.set_num_threads(settings.retrain.threads)
     set_track_meta(False)
-    db = store.connect(settings.path("database"))
+    db = store.connect(settings.database())
     try:
         row = db.execute("SELECT state FROM retrain_runs WHERE id = ?", [args.run_id]).fetchone()
         if row is None or row[0] != "running":
