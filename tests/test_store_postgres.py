@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import os
 import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
 
+import httpx
 import psycopg
 import pytest
 
@@ -25,6 +27,10 @@ from triage.store.postgres import postgres_ddl, redact, translate
 
 REPO = Path(__file__).resolve().parents[1]
 IDENTITY = store.IDENTITY_TABLES
+# They start servers of their own: once per `make test`, in its PostgreSQL pass.
+pytestmark = pytest.mark.skipif(
+    os.environ.get("TRIAGE_TEST_STORE", "sqlite") != "postgresql",
+    reason="PostgreSQL backend tests run in the TRIAGE_TEST_STORE=postgresql pass")
 
 
 def test_placeholders_become_psycopg_ones_outside_quotes_and_percent_signs_are_escaped():
@@ -139,8 +145,6 @@ def test_the_append_only_audit_trail_and_readonly_connections_hold(postgres_serv
 
 
 def _triage(*args: str, env: dict[str, str], home: Path) -> subprocess.CompletedProcess[str]:
-    import os
-
     return subprocess.run(
         [sys.executable, "-m", "triage", *args, "--config", str(REPO / "config.yaml"),
          "--home", str(home)],
@@ -176,3 +180,37 @@ def test_a_bad_store_url_names_the_key_and_an_unreachable_server_says_so(tmp_pat
     assert "Traceback" not in done.stderr
     assert f"postgresql://triage:***@127.0.0.1:{port}/triage" in done.stderr
     assert "pw@" not in done.stderr
+
+
+def test_a_running_daemon_goes_on_after_the_database_server_restarts(tmp_path):
+    """The server restarts (as after a crash or a failover) under a running daemon: its
+    loops meet dropped connections, back off, connect again, and what arrives after the
+    restart is ingested and accounted for like what arrived before."""
+    from conftest import FAST_ENV, DaemonProcess, make_image
+    from pg_server import PostgresServer, missing_reason
+
+    if missing_reason() is not None:
+        pytest.skip(missing_reason())
+    server = PostgresServer().start()  # its own server: the restart stays in this test
+    proc = None
+    try:
+        url = server.new_database()
+        proc = DaemonProcess(tmp_path / "home", {**FAST_ENV, "TRIAGE__STORE__URL": url},
+                             []).start()
+        make_image(proc.inbox / "before.dcm", study_uid="2.25.301")
+        proc.wait_for(lambda s: s["files"]["archived"] == 1, 60, "the first instance")
+        server.restart()
+        make_image(proc.inbox / "after.dcm", study_uid="2.25.302")
+        status = proc.wait_for(
+            lambda s: s["files"]["archived"] == 2
+            and s["studies"]["scored"] + s["studies"]["waiting_model"]
+            + s["studies"]["unscoreable"] == 2,
+            90, "the instance sent after the restart, and both studies decided")
+        assert status["files"]["total"] == 2 and status["files"]["in_flight"] == 0
+        assert proc.proc is not None and proc.proc.poll() is None
+        assert httpx.get(f"{proc.url}/healthz", timeout=5).status_code == 200
+        assert "Traceback" not in proc.log.read_text()
+    finally:
+        if proc is not None:
+            proc.stop()
+        server.stop()

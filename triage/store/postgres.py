@@ -36,7 +36,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -196,25 +196,48 @@ class Cursor:
 class _Connection:
     """What the code reads of a connection: whether a transaction is open."""
 
-    def __init__(self, conn: psycopg.Connection[Any]) -> None:
-        self._conn = conn
+    def __init__(self, db: PostgresDatabase) -> None:
+        self._db = db
 
     @property
     def in_transaction(self) -> bool:
-        return self._conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE
+        conn = self._db._conn  # noqa: SLF001 - the wrapper's own connection
+        return (not conn.broken and conn.info.transaction_status
+                != psycopg.pq.TransactionStatus.IDLE)
 
 
 class PostgresDatabase:
     """A store connection on PostgreSQL (autocommit; ``BEGIN IMMEDIATE`` opens a write
-    transaction). One per thread, as with SQLite."""
+    transaction). One per thread, as with SQLite.
 
-    def __init__(self, conn: psycopg.Connection[Any], identity: frozenset[str]) -> None:
-        self._conn = conn
+    A connection the server dropped (a restart, a failover, a network cut) fails the
+    statement that met it, and the transaction it was in; the next statement outside a
+    transaction connects again, with the session's settings, so a daemon's loops go on
+    after their usual back-off instead of failing every statement until a restart.
+    """
+
+    def __init__(self, connect: Callable[[], psycopg.Connection[Any]],
+                 identity: frozenset[str]) -> None:
+        self._connect = connect
         self._identity = identity
-        self.conn = _Connection(conn)
+        self._session: list[str] = []  # SET statements replayed on a new connection
+        self._conn = self._open()
+        self.conn = _Connection(self)
+
+    def _open(self) -> psycopg.Connection[Any]:
+        conn = self._connect()
         conn.adapters.register_loader("numeric", _NumericLoader)
+        for statement in self._session:
+            conn.execute(statement)
+        return conn
+
+    def _live(self) -> psycopg.Connection[Any]:
+        if self._conn.broken:
+            self._conn = self._open()
+        return self._conn
 
     def execute(self, sql: str, params: Sequence[Any] | None = None) -> Cursor:
+        self._live()
         pragma = _PRAGMA.match(sql)
         if pragma is not None:
             return self._pragma(pragma.group(1).lower(), pragma.group(2))
@@ -246,7 +269,7 @@ class PostgresDatabase:
 
     def query(self, sql: str, params: Sequence[Any] | None = None) -> Iterator[dict[str, Any]]:
         text, _ = translate(sql, self._identity)
-        with self._conn.cursor(row_factory=dict_row) as cursor:
+        with self._live().cursor(row_factory=dict_row) as cursor:
             cursor.execute(text, _bind(params))
             rows = cursor.fetchall() if cursor.description is not None else []
         yield from rows
@@ -264,7 +287,9 @@ class PostgresDatabase:
             self._conn.execute(f"INSERT INTO {SCHEMA_TABLE} (version) VALUES (%s)",
                                [int(value)])
         elif name == "busy_timeout" and value is not None:
-            self._conn.execute(f"SET lock_timeout = {int(value)}")
+            statement = f"SET lock_timeout = {int(value)}"
+            self._conn.execute(statement)
+            self._session.append(statement)
         elif name in ("synchronous", "foreign_keys", "journal_mode"):
             pass  # durable commits, enforced foreign keys: PostgreSQL's defaults
         else:
@@ -303,6 +328,9 @@ def open_postgres(url: str, identity: frozenset[str], *, readonly: bool,
     options = f"-c lock_timeout={lock_timeout_ms}"
     if readonly:
         options += " -c default_transaction_read_only=on"
-    conn = psycopg.connect(url, autocommit=True, cursor_factory=psycopg.ClientCursor,
-                           options=options, connect_timeout=10)
-    return PostgresDatabase(conn, identity)
+
+    def connect() -> psycopg.Connection[Any]:
+        return psycopg.connect(url, autocommit=True, cursor_factory=psycopg.ClientCursor,
+                               options=options, connect_timeout=10)
+
+    return PostgresDatabase(connect, identity)
