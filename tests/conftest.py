@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import atexit
 import json
 import os
 import signal
@@ -73,8 +72,16 @@ def _postgres():  # type: ignore[no-untyped-def]
         if reason is not None:
             pytest.skip(reason)
         _server = PostgresServer().start()
-        atexit.register(_server.stop)
     return _server
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Stop this process's PostgreSQL server (each xdist worker runs this hook; an atexit
+    handler does not run in a worker, and left the servers behind)."""
+    global _server
+    if _server is not None:
+        _server.stop()
+        _server = None
 
 
 @pytest.fixture(scope="session")
