@@ -25,11 +25,12 @@ from typing import TYPE_CHECKING, Union
 import psycopg
 import sqlite_utils
 
+from triage.store.settings import POSTGRES_SCHEMES
+
 if TYPE_CHECKING:
     from triage.store.postgres import PostgresDatabase
 
 BUSY_TIMEOUT_MS = 30_000
-POSTGRES_SCHEMES = ("postgresql://", "postgres://")
 DATABASE_ERRORS: tuple[type[Exception], ...] = (sqlite3.Error, psycopg.Error)
 """What a failing database raises, on either backend."""
 
@@ -374,10 +375,7 @@ def explain(exc: Exception, target: Path | str) -> str:
     why = type(exc).__name__
     if isinstance(exc, psycopg.OperationalError) and str(exc).strip():
         why = str(exc).strip().splitlines()[0]
-        if is_postgres_url(target):
-            from triage.store.postgres import redact
-
-            why = why.replace(str(target), redact(str(target)))
+        why = why.replace(str(target), describe(target))
     return f"the store {describe(target)} cannot be used: {why}"
 
 
@@ -424,9 +422,10 @@ def migrate(db: sqlite_utils.Database) -> int:
     it was before the other's steps (four processes on one empty database: 9 of 15
     trials applied step 1 twice without it, measured on 2026-12-04).
     """
-    _check_known(schema_version(db))
-    if schema_version(db) == len(MIGRATIONS):
-        return len(MIGRATIONS)
+    version = schema_version(db)
+    _check_known(version)
+    if version == len(MIGRATIONS):
+        return version
     if dialect(db) == "postgresql":
         # Taken before any transaction starts, so that each step's transaction, begun
         # after the previous migrator has finished, reads the catalog as it now is.

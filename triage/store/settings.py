@@ -14,6 +14,9 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+POSTGRES_SCHEMES = ("postgresql://", "postgres://")
+
+
 class StoreSettings(_Section):
     """Where the database is: unset, the SQLite file `paths.database`; a
     ``postgresql://user[:password]@host[:port]/dbname`` URL names a PostgreSQL server
@@ -26,7 +29,7 @@ class StoreSettings(_Section):
     def _postgres_url(cls, value: str | None) -> str | None:
         if value is None or value == "":
             return None
-        if not value.startswith(("postgresql://", "postgres://")):
+        if not value.startswith(POSTGRES_SCHEMES):
             raise ValueError("must be a postgresql:// URL, or unset for the SQLite file "
                              "paths.database")
         return value
