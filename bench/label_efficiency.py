@@ -73,6 +73,10 @@ ABLATIONS: dict[str, tuple[str, ...]] = {}
 # metrics compared per seed against a baseline arm
 PAIRED_METRICS = ("holdout_auroc", "fresh_holdout_auroc", "holdout_accuracy",
                   "served_minus_fresh")
+# differences within each run (another model of the same run minus the served one),
+# summarised with their 95% CI over seeds
+WITHIN_RUN = ("served_minus_fresh", "served_last2_minus_served", "served_last3_minus_served",
+              "fresh_ensemble_minus_served")
 # two-sided 95% t quantiles by degrees of freedom
 T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306,
        9: 2.262, 10: 2.228, 12: 2.179, 15: 2.131, 20: 2.086, 30: 2.042}
@@ -131,6 +135,7 @@ def _key(run: dict[str, Any], settings: str | None = None) -> tuple:
     """A stored run's identity: its spec and the fingerprint of the settings it ran."""
     return (run["stream"], float(run["budget"]), run["strategy"], int(run["seed"]),
             float(run.get("noise", 0.0)), run.get("length"), tuple(run.get("overrides") or ()),
+            int(run.get("fresh_seeds") or 1),
             settings if settings is not None else run.get("settings"))
 
 
@@ -164,12 +169,17 @@ def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
                                "noise": noise, "seeds": sorted(by_seed)}
         for metric in ("holdout_auroc", "holdout_accuracy", "fresh_holdout_auroc", "labels",
                        "seconds", "holdout_ece", "holdout_ece_uncalibrated",
-                       "served_minus_fresh"):
+                       "served_minus_fresh", "fresh_ensemble_holdout_auroc",
+                       "served_last2_holdout_auroc", "served_last3_holdout_auroc"):
             values = [r[metric] for r in by_seed.values() if r.get(metric) is not None]
             if values:
                 row[metric] = round(statistics.fmean(values), 4)
                 row[metric + "_sd"] = round(statistics.stdev(values), 4) if len(values) > 1 \
                     else None
+        for metric in WITHIN_RUN:
+            values = [r[metric] for r in by_seed.values() if r.get(metric) is not None]
+            if len(values) > 1:
+                row[metric + "_ci"] = paired(values)
         bases = {"random": random_runs} if not strategy.startswith("random ") and \
             strategy != "random" else {}
         other_coin = groups.get((stream, budget, "random_b" + suffix, noise), {})
@@ -387,7 +397,8 @@ def grid_specs(args: argparse.Namespace) -> list[RunSpec]:
                 for strategy in arms:
                     specs.append(RunSpec(stream, budget, strategy, seed, noise=args.noise,
                                          label_delay=args.delay, length=args.length,
-                                         overrides=tuple(args.overrides)))
+                                         overrides=tuple(args.overrides),
+                                         fresh_seeds=args.fresh_seeds))
     return sorted(specs, key=lambda s: (_tier(s.budget, s.strategy), s.seed, s.stream))
 
 
@@ -413,6 +424,10 @@ def main(argv: list[str] | None = None) -> int:
                       metavar="SECTION.KEY=VALUE",
                       help="config override for every run of the grid, repeatable; runs "
                            "are stored and summarised as their own arms")
+    grid.add_argument("--fresh-seeds", type=int, default=1, metavar="N",
+                      help="training seeds of each run's fresh model (its score is their "
+                           "mean; N > 1 also scores their ensemble and costs N - 1 "
+                           "trainings per run)")
     one = sub.add_parser("run", help="one run, printed as JSON")
     one.add_argument("--stream", default="uniform")
     one.add_argument("--budget", type=float, default=0.1)
@@ -423,6 +438,7 @@ def main(argv: list[str] | None = None) -> int:
     one.add_argument("--length", type=int, default=None)
     one.add_argument("--set", dest="overrides", action="append", default=[],
                      metavar="SECTION.KEY=VALUE", help="config override, repeatable")
+    one.add_argument("--fresh-seeds", type=int, default=1, metavar="N")
     summ = sub.add_parser("summarize", help="outputs again from the stored runs")
     summ.add_argument("--readme", action="store_true")
     summ.add_argument("--tag", default=None, help="a tagged grid's stored runs")
@@ -431,7 +447,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "run":
         spec = RunSpec(args.stream, args.budget, args.strategy, args.seed, noise=args.noise,
                        label_delay=args.delay, length=args.length,
-                       overrides=tuple(args.overrides))
+                       overrides=tuple(args.overrides), fresh_seeds=args.fresh_seeds)
         print(json.dumps(_run(spec), indent=1))
         return 0
     if args.command == "summarize":

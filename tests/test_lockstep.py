@@ -43,8 +43,9 @@ def _settings() -> Settings:
     )
 
 
-def _run(data: Data, seed: int, strategy: str = "default") -> Lockstep:
-    loop = Lockstep(_settings(), data, RunSpec("uniform", 0.2, strategy, seed, length=600))
+def _run(data: Data, seed: int, strategy: str = "default", fresh_seeds: int = 1) -> Lockstep:
+    loop = Lockstep(_settings(), data, RunSpec("uniform", 0.2, strategy, seed, length=600,
+                                               fresh_seeds=fresh_seeds))
     loop.result = loop.run()
     return loop
 
@@ -92,7 +93,7 @@ def test_a_quiet_stream_ends_with_an_idle_run_that_trains_on_every_label(data):
     """The labels still waiting when the stream ends start a final run (`idle`, or
     `labels` when min_new_labels of them came back at once); with the refit, the model
     served at the end trained on every label that came back."""
-    loop = _run(data, 3, "default+refit")  # refit is the default now; the variant says so
+    loop = _run(data, 3, "default+refit", fresh_seeds=2)  # refit is the default now
     result = loop.result
     final = result["retrains"][-1]
     assert final["at"] == 600 and final["state"] == "promoted", final  # after the stream
@@ -104,7 +105,32 @@ def test_a_quiet_stream_ends_with_an_idle_run_that_trains_on_every_label(data):
     # the served model is the fresh model then, and the run does not train it twice:
     # training the fresh model anyway gives the same holdout AUROC to the last digit
     assert result["fresh_is_served"]
-    assert loop._fresh_auroc() == result["fresh_holdout_auroc"] == result["holdout_auroc"]
+    first, second = result["fresh_holdout_auroc_members"]
+    assert loop._fresh_auroc() == first == result["holdout_auroc"]
+    # the fresh score is the mean over training seeds: the second one trained again here
+    assert loop._fresh_auroc(1) == second != first
+    assert result["fresh_holdout_auroc"] == pytest.approx((first + second) / 2)
+    assert result["fresh_ensemble_holdout_auroc"] is not None
+
+
+def test_a_run_scores_the_ensemble_of_its_last_promoted_models(data):
+    loop = _run(data, 5)
+    result = loop.result
+    assert result["promotions"] >= 3, result["retrains"]
+    served = [c for _, c in loop.serving]
+    probs = [loop._holdout_probabilities(c) for c in served[:3]]
+    y = data.holdout_labels
+    from triage.model.training import classifier_auroc
+
+    # the newest model alone is the served model; two and three average their probabilities
+    assert classifier_auroc(probs[0], y) == pytest.approx(result["holdout_auroc"])
+    for k in (2, 3):
+        expected = classifier_auroc(torch.stack(probs[:k]).mean(0), y)
+        assert result[f"served_last{k}_holdout_auroc"] == expected
+        assert result[f"served_last{k}_minus_served"] == pytest.approx(
+            expected - result["holdout_auroc"])
+    with pytest.raises(ValueError, match="fresh_seeds"):
+        Lockstep(_settings(), data, RunSpec("uniform", 0.2, "default", 0, fresh_seeds=0))
 
 
 def test_the_benchmark_applies_its_overrides_to_the_run_and_its_fresh_model():

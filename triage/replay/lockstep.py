@@ -60,6 +60,10 @@ STREAMS: tuple[str, ...] = ("uniform", "drift")
 START = datetime(2026, 1, 5, tzinfo=UTC).timestamp()
 TAIL_STUDIES = 200
 """`labels_returned_by_tail` counts the labels back before the last this many studies."""
+FRESH_SEED_OFFSET = 1000
+"""Fresh model j > 0 trains with the run's seeds plus j times this."""
+LAST_K = (2, 3)
+"""Ensembles of the last k promoted models scored at the end of a run."""
 
 
 @dataclass(frozen=True)
@@ -96,6 +100,9 @@ class RunSpec:
         length: Studies in the stream (None: all).
         overrides: ``section.key=value`` settings applied to the configuration before
             the run (`triage.config.override_environ`), recorded in the run's JSON.
+        fresh_seeds: Training seeds of the fresh model (`fresh_holdout_auroc` is the mean
+            over them, so that it measures the labels rather than one draw of the
+            training noise); more than one also scores their deep ensemble.
     """
 
     stream: str
@@ -106,6 +113,7 @@ class RunSpec:
     label_delay: int = 50
     length: int | None = None
     overrides: tuple[str, ...] = ()
+    fresh_seeds: int = 1
 
 
 @dataclass
@@ -232,6 +240,8 @@ class Lockstep:
             raise ValueError(f"budget must lie in (0, 1], got {spec.budget}")
         if not 0 <= spec.noise < 1:
             raise ValueError(f"noise must lie in [0, 1), got {spec.noise}")
+        if spec.fresh_seeds < 1:
+            raise ValueError(f"fresh_seeds must be at least 1, got {spec.fresh_seeds}")
         self.spec = spec
         self.settings = run_settings(base, spec)
         self.data = data
@@ -388,7 +398,7 @@ class Lockstep:
             "stream": spec.stream, "budget": spec.budget, "strategy": spec.strategy,
             "seed": spec.seed, "noise": spec.noise, "label_delay": spec.label_delay,
             "studies": len(self.order), "labels": len(self.routed),
-            "overrides": list(spec.overrides),
+            "overrides": list(spec.overrides), "fresh_seeds": spec.fresh_seeds,
         }
         reasons: dict[str, int] = {}
         for reason in self.routed.values():
@@ -400,13 +410,20 @@ class Lockstep:
                                   if final is not None else float("nan"))
         out.update(self._final_scores())
         out["fresh_is_served"] = self._served_is_fresh()
-        out["fresh_holdout_auroc"] = (out["holdout_auroc"] if out["fresh_is_served"]
-                                      else self._fresh_auroc())
+        out.update(self._fresh_scores(out["holdout_auroc"] if out["fresh_is_served"] else None))
+        out.update(self._last_k_scores())
         out["promotions"] = sum(r["state"] == "promoted" for r in self.runs)
         out["rejections"] = sum(r["state"] == "rejected" for r in self.runs)
         out["served_train_labels"] = self.served_train_labels
         out["labels_returned_by_tail"] = self.returned_by_tail
         out["served_minus_fresh"] = out["holdout_auroc"] - out["fresh_holdout_auroc"]
+        for k in LAST_K:
+            if out.get(f"served_last{k}_holdout_auroc") is not None:
+                out[f"served_last{k}_minus_served"] = (out[f"served_last{k}_holdout_auroc"]
+                                                       - out["holdout_auroc"])
+        if out.get("fresh_ensemble_holdout_auroc") is not None:
+            out["fresh_ensemble_minus_served"] = (out["fresh_ensemble_holdout_auroc"]
+                                                  - out["holdout_auroc"])
         out["retrains"] = self.runs
         out["curve"] = self.curve
         out["seconds"] = round(time.perf_counter() - started, 2)
@@ -446,23 +463,70 @@ class Lockstep:
                     and last["refit"]["studies"] == self.labelled.total
                     and not retrain.warm_start and not retrain.rebalance)
 
-    def _fresh_auroc(self) -> float:
-        """AUROC on the holdout of a model trained from scratch, with the run's own
-        network and training settings, on every label this run bought (both splits):
-        the quality of the labelled set apart from the chain of retrains."""
+    def _holdout_probabilities(self, checkpoint: Checkpoint) -> torch.Tensor:
+        x = self.data.holdout_images
+        return study_probabilities(checkpoint.network, x, torch.arange(x.shape[0]), x.shape[0])
+
+    def _fresh_checkpoint(self, member: int = 0) -> Checkpoint | None:
+        """A model trained from scratch, with the run's own network and training settings,
+        on every label this run bought (both splits): the quality of the labelled set
+        apart from the chain of retrains. `member` j > 0 shifts the initialisation and
+        training seeds by j * FRESH_SEED_OFFSET. None when a class is missing."""
         positions = self.labelled.positions["train"] + self.labelled.positions["validation"]
         labels = self.labelled.classes["train"] + self.labelled.classes["validation"]
         if len(set(labels)) < 2:
-            return float("nan")
+            return None
         model = self.settings.model
-        recipe = model.training
+        shift = member * FRESH_SEED_OFFSET
+        recipe = model.training.model_copy(update={"seed": model.training.seed + shift})
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.spec.seed)
+            torch.manual_seed(self.spec.seed + shift)
             net, loss_predictor = build_network(model), build_loss_predictor(model)
         fit(net, loss_predictor, self.images[positions], torch.tensor(labels), recipe,
             augment=make_augment(self.settings.retrain, model.input_size))
-        checkpoint = Checkpoint(model, net, loss_predictor)
+        return Checkpoint(model, net, loss_predictor)
+
+    def _fresh_auroc(self, member: int = 0) -> float:
+        """Holdout AUROC of fresh model `member` (`_fresh_checkpoint`); NaN without it."""
+        checkpoint = self._fresh_checkpoint(member)
+        if checkpoint is None:
+            return float("nan")
         return self._auroc(checkpoint, self.data.holdout_images, self.data.holdout_labels)
+
+    def _fresh_scores(self, served_auroc: float | None) -> dict[str, Any]:
+        """`fresh_holdout_auroc`: the mean over `spec.fresh_seeds` fresh models, each
+        member's AUROC, and with several members the AUROC of their mean probabilities
+        (a deep ensemble on the run's labels). `served_auroc`: given when the served model
+        already is fresh member 0, which is then not trained again."""
+        nan = float("nan")
+        y = self.data.holdout_labels
+        probs = []
+        for member in range(self.spec.fresh_seeds):
+            checkpoint = (self._checkpoint() if member == 0 and served_auroc is not None
+                          else self._fresh_checkpoint(member))
+            if checkpoint is None:
+                return {"fresh_holdout_auroc": nan}
+            probs.append(self._holdout_probabilities(checkpoint))
+        members = [classifier_auroc(p, y) for p in probs]
+        if served_auroc is not None:  # the same ranks; the stored figure to the last digit
+            members[0] = served_auroc
+        out: dict[str, Any] = {"fresh_holdout_auroc": float(np.mean(members))}
+        if len(members) > 1:
+            out["fresh_holdout_auroc_members"] = members
+            out["fresh_ensemble_holdout_auroc"] = classifier_auroc(
+                torch.stack(probs).mean(0), y)
+        return out
+
+    def _last_k_scores(self) -> dict[str, float]:
+        """Holdout AUROC of the mean eval-mode probabilities of the last k promoted models
+        (the serving one included), for each k in LAST_K that the run promoted."""
+        out: dict[str, float] = {}
+        probs = [self._holdout_probabilities(c) for _, c in self.serving[: max(LAST_K)]]
+        for k in LAST_K:
+            if len(probs) >= k:
+                out[f"served_last{k}_holdout_auroc"] = classifier_auroc(
+                    torch.stack(probs[:k]).mean(0), self.data.holdout_labels)
+        return out
 
 
 def run_one(base: Settings, data: Data, spec: RunSpec) -> dict[str, Any]:
