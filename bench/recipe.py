@@ -93,13 +93,16 @@ def random_picks(n_stream: int, seed: int, n_labels: int) -> torch.Tensor:
 
 
 def train_model(settings, images: torch.Tensor, labels: torch.Tensor, train_seed: int,
-                **fit_options: Any):
+                after_epoch=None, **fit_options: Any):
     """One network of `settings`' recipe trained from scratch (`fit_options` go to `fit`,
-    e.g. unlabelled images); (network, seconds)."""
+    e.g. unlabelled images; `after_epoch(net, epoch)` is called after each epoch, e.g.
+    to keep snapshots); (network, seconds)."""
     model = settings.model
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(train_seed)
         net, loss_predictor = build_network(model), build_loss_predictor(model)
+    if after_epoch is not None:
+        fit_options["on_epoch_end"] = lambda epoch, _record: after_epoch(net, epoch)
     started = time.perf_counter()
     fit(net, loss_predictor, images, labels, model.training,
         augment=make_augment(settings.retrain, model.input_size), **fit_options)

@@ -1,5 +1,6 @@
 """Loss predictor, ranking loss and joint training."""
 
+import math
 import numpy as np
 import pytest
 import torch
@@ -137,6 +138,27 @@ def test_fit_runs_any_short_one_cycle_schedule(num_images):
     history = fit(net, lossnet, images, labels, settings)
     assert len(history.epochs) == 1
     assert np.isfinite(history.last["loss"])
+
+
+def test_the_restarts_schedule_runs_its_cycles_back_to_the_peak():
+    """`restarts`: each of `cycles` equal cycles starts at the peak learning rate and
+    ends near 1/1000 of it (snapshot ensembles take a model at each cycle's end)."""
+    torch.manual_seed(0)
+    net, lossnet = build_network(TINY), build_loss_predictor(TINY)
+    images, labels = torch.rand(32, 1, 16, 16), torch.arange(32) % 2
+    settings = TrainSettings(epochs=8, min_steps=0, batch_size=8, learning_rate=1e-2,
+                             schedule="restarts", cycles=2)  # 4 steps per epoch, 16 per cycle
+    history = fit(net, lossnet, images, labels, settings)
+    # the rate for the step after each epoch: a cosine from the peak over 16 steps, back
+    # to the peak after steps 16 and 32
+    expected = [1e-5 + (1e-2 - 1e-5) * (1 + math.cos(math.pi * (4 * (e + 1) % 16) / 16)) / 2
+                for e in range(8)]
+    assert [e["lr"] for e in history.epochs] == pytest.approx(expected)
+    assert expected[3] == expected[7] == pytest.approx(1e-2) and expected[2] < 2e-3
+    one_cycle = fit(build_network(TINY), build_loss_predictor(TINY), images, labels,
+                    settings.model_copy(update={"schedule": "onecycle"}))
+    assert all(b <= a for a, b in zip([e["lr"] for e in one_cycle.epochs][2:],
+                                      [e["lr"] for e in one_cycle.epochs][3:], strict=False))
 
 
 def _strong(batch: torch.Tensor, generator: torch.Generator) -> torch.Tensor:

@@ -21,7 +21,11 @@ class TrainSettings(BaseModel):
             BatchNorm statistics.
         schedule: Learning-rate schedule of the run: `onecycle` (warm-up to
             `learning_rate`, cosine decay to 1/1000 of it; one optimiser for the whole
-            run) or `constant`.
+            run), `constant`, or `restarts`: `cycles` cosine cycles of equal length, each
+            from `learning_rate` down to 1/1000 of it (the schedule of snapshot ensembles,
+            Huang et al. 2017; the final weights are served, bench/ensemble.py measures
+            the cycles' snapshots as an ensemble).
+        cycles: Cycles of the `restarts` schedule (ignored by the others).
         batch_size: Images per optimiser step; the ranking loss pairs the two halves of
             each batch, so it must be even.
         learning_rate: AdamW learning rate.
@@ -43,7 +47,8 @@ class TrainSettings(BaseModel):
 
     epochs: int = Field(20, ge=1, le=10_000)
     min_steps: int = Field(100, ge=0, le=10_000_000)
-    schedule: Literal["onecycle", "constant"] = "onecycle"
+    schedule: Literal["onecycle", "constant", "restarts"] = "onecycle"
+    cycles: int = Field(1, ge=1, le=1000)
     batch_size: int = Field(64, ge=2, le=65_536)
     learning_rate: float = Field(2e-3, gt=0, le=1)
     weight_decay: float = Field(1e-4, ge=0, le=1)

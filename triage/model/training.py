@@ -140,6 +140,11 @@ def _scheduler(optimiser: torch.optim.Optimizer, settings: TrainSettings, total_
                ) -> torch.optim.lr_scheduler.LRScheduler | None:
     if settings.schedule == "constant":
         return None
+    if settings.schedule == "restarts":
+        return torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(
+            optimiser, T_0=max(1, total_steps // settings.cycles),
+            eta_min=settings.learning_rate / 1000,
+        )
     # OneCycleLR divides by the length of its warm-up phase, pct_start * total_steps - 1
     # steps: zero at 4 steps (a retrain on a handful of labels crashed on it), negative
     # below. At least 8 planned steps keep both phases at least one step long; a shorter
@@ -294,7 +299,8 @@ def fit(
                 optimiser.zero_grad(set_to_none=True)
                 loss.backward()
                 optimiser.step()
-                if schedule is not None and schedule.last_epoch + 1 < schedule.total_steps:
+                if schedule is not None and schedule.last_epoch + 1 < getattr(
+                        schedule, "total_steps", math.inf):
                     schedule.step()
                 sums["loss"] += float(loss.detach())
                 sums["ce"] += float(ce.detach())
