@@ -93,14 +93,20 @@ def random_picks(n_stream: int, seed: int, n_labels: int) -> torch.Tensor:
 
 
 def train_model(settings, images: torch.Tensor, labels: torch.Tensor, train_seed: int,
-                after_epoch=None, **fit_options: Any):
+                after_epoch=None, init=None, **fit_options: Any):
     """One network of `settings`' recipe trained from scratch (`fit_options` go to `fit`,
     e.g. unlabelled images; `after_epoch(net, epoch)` is called after each epoch, e.g.
-    to keep snapshots); (network, seconds)."""
+    to keep snapshots; `init`: a state dict of the network's stages loaded over the
+    random initialisation, e.g. a pretrained trunk); (network, seconds)."""
     model = settings.model
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(train_seed)
         net, loss_predictor = build_network(model), build_loss_predictor(model)
+    if init is not None:
+        missing, unexpected = net.load_state_dict(init, strict=False)
+        if unexpected or any(not k.startswith("fc.") for k in missing):
+            raise ValueError(f"init must hold the network's stages: missing {missing}, "
+                             f"unexpected {unexpected}")
     if after_epoch is not None:
         fit_options["on_epoch_end"] = lambda epoch, _record: after_epoch(net, epoch)
     started = time.perf_counter()

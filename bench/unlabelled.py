@@ -23,10 +23,21 @@ and training seed:
   the bought labels' own images as the "unlabelled" ones, i.e. the strong views without
   the pool.
 
+- `simclr` (self-supervised pretraining, Chen et al. 2020): before any seed, the
+  network's stages and a projection head are pretrained without labels on every dev
+  `train` image (the archive the daemon holds; no label is read) with the NT-Xent loss
+  (MONAI's `ContrastiveLoss`) between two strong views of each image, for
+  `--simclr-epochs` epochs; each seed then trains the shipped recipe from that trunk
+  (the classifier's last layer freshly initialised). `lightly` would supply the loss
+  and heads, but it requires torchvision, which this environment does not have; the
+  loop here is about 30 lines over MONAI's loss.
+
 Arms are scored on dev `val` (where a choice is made) and, as final figures, on the
 holdout, which is never used to choose.
 
     .venv/bin/python bench/unlabelled.py --seeds 0 1 2 3 4 --jobs 2
+    .venv/bin/python bench/unlabelled.py --arms simclr --simclr-epochs 40 \
+        --out bench/results/unlabelled.simclr.json
 """
 
 from __future__ import annotations
@@ -51,6 +62,7 @@ from recipe import (  # noqa: E402
     arm_settings, bench_meta, probabilities, random_picks, score, train_model, write_result,
 )
 
+from triage.model.network import build_network  # noqa: E402
 from triage.model.training import Consistency  # noqa: E402
 from triage.training.augment import make_strong_augment  # noqa: E402
 
@@ -70,7 +82,64 @@ ARMS: dict[str, tuple[str, dict[str, Any]]] = {
     "teacher_40epochs": ("teacher", {"overrides": LONGER}),
     "consistency_40epochs": ("consistency", {"overrides": LONGER,
                                              "against": "teacher_40epochs"}),
+    "simclr": ("simclr", {}),
 }
+SIMCLR_BATCH = 256
+SIMCLR_PROJECTION = 64
+SIMCLR_TEMPERATURE = 0.5
+SIMCLR_LEARNING_RATE = 1e-3
+_PRETRAINED: dict[str, torch.Tensor] | None = None
+
+
+def pretrain_simclr(images: torch.Tensor, epochs: int, seed: int = 0
+                    ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:  # fmt: skip
+    """SimCLR on `images` (no labels): the shipped network's stages and pooled features,
+    a 2-layer projection head, NT-Xent between two strong views of each image, AdamW
+    under a one-cycle schedule. Returns the stages' state dict (without `fc`) and a
+    record of the losses and seconds."""
+    from monai.losses import ContrastiveLoss
+    from torch import nn
+
+    settings = arm_settings((), seed)
+    model = settings.model
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        net = build_network(model)
+        width = net.fc.in_features
+        head = nn.Sequential(nn.Linear(width, width), nn.ReLU(),
+                             nn.Linear(width, SIMCLR_PROJECTION))
+    loss_fn = ContrastiveLoss(temperature=SIMCLR_TEMPERATURE)
+    view = make_strong_augment(model.input_size)
+    params = [*net.parameters(), *head.parameters()]
+    optimiser = torch.optim.AdamW(params, lr=SIMCLR_LEARNING_RATE, weight_decay=1e-4)
+    steps = epochs * (images.shape[0] // SIMCLR_BATCH)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, SIMCLR_LEARNING_RATE,
+                                                   total_steps=steps)
+    generator = torch.Generator().manual_seed(seed)
+    losses, started = [], time.perf_counter()
+    net.train()
+    head.train()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for _ in range(epochs):
+            order = torch.randperm(images.shape[0], generator=generator)
+            total = 0.0
+            for first in range(0, order.shape[0] - SIMCLR_BATCH + 1, SIMCLR_BATCH):
+                x = images[order[first:first + SIMCLR_BATCH]]
+                a, b = view(x, generator), view(x, generator)
+                za = head(net.trunk(a, "head")[0])
+                zb = head(net.trunk(b, "head")[0])
+                loss = loss_fn(za, zb)
+                optimiser.zero_grad(set_to_none=True)
+                loss.backward()
+                optimiser.step()
+                schedule.step()
+                total += float(loss.detach())
+            losses.append(round(total / (images.shape[0] // SIMCLR_BATCH), 4))
+    net.eval()
+    state = {k: v for k, v in net.state_dict().items() if not k.startswith("fc.")}
+    return state, {"epochs": epochs, "images": int(images.shape[0]), "losses": losses,
+                   "seconds": round(time.perf_counter() - started, 1)}
 
 
 def balanced_confident(probs: torch.Tensor, threshold: float, prior: np.ndarray
@@ -124,6 +193,8 @@ def run_seed(task: tuple[int, tuple[str, ...], int]) -> list[dict[str, Any]]:
 
         if kind == "teacher":
             out.append(scored(arm, *train(x, y), overrides=list(overrides)))
+        elif kind == "simclr":
+            out.append(scored(arm, *train(x, y, init=_PRETRAINED)))
         elif kind == "pseudo":
             positions, classes = balanced_confident(pool_probs, options["threshold"], prior)
             truth = data.stream_labels[pool][positions].numpy()
@@ -178,10 +249,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--labels", type=int, default=469)
     parser.add_argument("--jobs", type=int, default=2)
+    parser.add_argument("--simclr-epochs", type=int, default=40,
+                        help="epochs of the label-free pretraining of the `simclr` arm")
     parser.add_argument("--out", type=Path, default=OUT)
     args = parser.parse_args(argv)
     tasks = [(seed, tuple(args.arms), args.labels) for seed in args.seeds]
     started = time.time()
+    pretraining = None
+    if "simclr" in args.arms:  # once, before the workers fork: label-free, seed-independent
+        global _PRETRAINED
+        torch.set_num_threads(args.jobs)
+        _PRETRAINED, pretraining = pretrain_simclr(load_data().stream_images,
+                                                   args.simclr_epochs)
+        print(f"SimCLR pretraining: {pretraining}", file=sys.stderr, flush=True)
     runs: list[dict[str, Any]] = []
     with multiprocessing.get_context("fork").Pool(args.jobs) as pool:
         for done, out in enumerate(pool.imap_unordered(run_seed, tasks), 1):
@@ -190,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
                   + ", ".join(f"{r['arm']} val {r['val_auroc']:.4f}" for r in out)
                   + f" ({time.time() - started:.0f} s elapsed)", file=sys.stderr, flush=True)
     return write_result(args.out, bench_meta("unlabelled.py", argv, labels=args.labels,
-                                              seeds=args.seeds),
+                                              seeds=args.seeds, simclr=pretraining),
                         summarize(runs), sorted(runs, key=lambda r: (r["arm"], r["seed"])))
 
 
