@@ -13,6 +13,7 @@ from triage.model.measures import (
     margin,
     predictive_entropy,
     variation_ratio,
+    vote_entropy,
 )
 
 ROWS = [
@@ -73,6 +74,28 @@ def test_variation_ratio_counts_votes():
     votes = [0, 0, 0, 1, 2]  # modal class 0 has 3 of 5 votes
     p = torch.nn.functional.one_hot(torch.tensor(votes), 3).float()[:, None, :] * 0.8 + 0.2 / 3
     assert float(variation_ratio(p)[0]) == pytest.approx(0.4)
+
+
+def test_vote_entropy_is_the_entropy_of_the_votes():
+    votes = [0, 0, 0, 1, 2, 2]  # shares 1/2, 1/6, 1/3
+    p = torch.nn.functional.one_hot(torch.tensor(votes), 3).float()[:, None, :] * 0.6 + 0.4 / 3
+    expected = -sum(s * math.log2(s) for s in (1 / 2, 1 / 6, 1 / 3))
+    assert float(vote_entropy(p)[0]) == pytest.approx(expected)
+    assert float(vote_entropy(p.numpy())[0]) == pytest.approx(expected)
+    assert torch.equal(vote_entropy(torch.tensor([0.4, 0.6]).expand(7, 3, 2)), torch.zeros(3))
+
+
+def test_the_committee_measures_that_are_entropy_and_bald():
+    """With the MC samples as the committee, consensus entropy (the entropy of the
+    members' mean) is `entropy`, and the members' mean KL divergence from that mean
+    (maximum disagreement, McCallum & Nigam 1998) is `bald`."""
+    rng = np.random.default_rng(2)
+    p = rng.dirichlet([0.7, 0.7, 0.7], size=(15, 8))
+    consensus = p.mean(0)
+    kl = (p * (np.log2(p) - np.log2(consensus))).sum(-1).mean(0)
+    measures = all_measures(p)
+    np.testing.assert_allclose(measures["bald"], kl, atol=1e-12)
+    np.testing.assert_allclose(measures["entropy"], predictive_entropy(consensus), atol=1e-12)
 
 
 def test_all_measures_match_torch_and_numpy():

@@ -18,8 +18,8 @@ class GateSettings(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     strategy: str = "combined"
-    """Strategy, the score of each study (`triage.gate.strategies`): random, entropy,
-    bald, predicted_loss or combined."""
+    """Strategy, the score of each study (`triage.gate.strategies.STRATEGIES`): random,
+    entropy, bald, margin, least_confidence, vote_entropy, predicted_loss or combined."""
     budget_manager: str | None = None
     """How scores become routes under the budget (`triage.gate.budget_managers`):
     `quantile` routes a study whose combined score passes the window quantile that keeps
@@ -27,7 +27,7 @@ class GateSettings(BaseModel):
     scores (no cold-start selection, no coverage queries). None: the strategy's own
     (`coin` for random, `quantile` for the others)."""
     uncertainty_measure: Literal[
-        "entropy", "bald", "variation_ratio", "least_confidence", "margin"
+        "entropy", "bald", "variation_ratio", "least_confidence", "margin", "vote_entropy"
     ] = "entropy"
     """MC uncertainty measure of the `combined` strategy. Entropy of the MC-averaged
     prediction: at the default `head` scope it flags the classifier's own errors better

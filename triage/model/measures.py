@@ -21,7 +21,9 @@ if TYPE_CHECKING:
 else:
     Array = TypeVar("Array")
 
-MEASURES: tuple[str, ...] = ("entropy", "bald", "variation_ratio", "least_confidence", "margin")
+MEASURES: tuple[str, ...] = (
+    "entropy", "bald", "variation_ratio", "least_confidence", "margin", "vote_entropy",
+)
 """All measures. All grow with uncertainty except `margin`, which shrinks."""
 
 _TINY = 1e-12
@@ -100,6 +102,23 @@ def variation_ratio(samples: Array) -> Array:
     return 1.0 - votes.max(-1) / samples.shape[0]
 
 
+def vote_entropy(samples: Array) -> Array:
+    """Vote entropy in bits of a committee's samples [T, ..., C] -> [...] (Dagan &
+    Engelson 1995): the entropy of the shares of members whose most likely class is
+    each class. 0 when every member votes alike, however unsure each one is; at most
+    log2(min(T, C)). It counts votes only: two classes split 50/50 among the members
+    give 1 bit whether the members are certain or barely past 0.5."""
+    _check(samples, "samples", 2)
+    num_classes, members = samples.shape[-1], samples.shape[0]
+    if _is_tensor(samples):
+        import torch
+
+        votes = torch.nn.functional.one_hot(samples.argmax(-1), num_classes).sum(0)
+        return predictive_entropy(votes.to(samples.dtype) / members)
+    votes = (samples.argmax(-1)[..., None] == np.arange(num_classes)).sum(0)
+    return predictive_entropy(votes / members)
+
+
 def all_measures(samples: Array) -> dict[str, Array]:
     """Every measure of `MEASURES` from MC samples [T, ..., C], each [...].
 
@@ -119,4 +138,5 @@ def all_measures(samples: Array) -> dict[str, Array]:
         "variation_ratio": variation_ratio(samples),
         "least_confidence": least_confidence(mean),
         "margin": margin(mean),
+        "vote_entropy": vote_entropy(samples),
     }

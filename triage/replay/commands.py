@@ -33,13 +33,14 @@ from typing import TYPE_CHECKING, Any
 
 from triage.config import Settings, load_settings, override_environ
 from triage.errors import ConfigError, TriageError
+from triage.gate.strategies import STRATEGIES as GATE_STRATEGIES
 
 if TYPE_CHECKING:  # the rest loads numpy, torch, pydicom: only when a replay runs
     from triage.replay.oracle import Oracle
     from triage.replay.stream import StreamWriter
 
 ORDERS = ("shuffled", "drift")  # triage.replay.stream.ORDERS
-STRATEGIES = ("random", "entropy", "bald", "predicted_loss", "combined")
+STRATEGIES = tuple(sorted(GATE_STRATEGIES))
 # a replay writes each study at once: there is no need to wait 30 s for late instances
 SPAWN_DEFAULTS = {
     "TRIAGE__INGEST__SETTLE_SECONDS": "1.0",

@@ -18,9 +18,15 @@ from triage.gate.strategies.base import (
     uncertainty_score,
 )
 from triage.gate.strategies.combined import CombinedStrategy
+from triage.gate.strategies.committee import VoteEntropyStrategy
 from triage.gate.strategies.predicted_loss import PredictedLossStrategy
 from triage.gate.strategies.random import RandomStrategy
-from triage.gate.strategies.uncertainty import BaldStrategy, EntropyStrategy
+from triage.gate.strategies.uncertainty import (
+    BaldStrategy,
+    EntropyStrategy,
+    LeastConfidenceStrategy,
+    MarginStrategy,
+)
 
 STRATEGIES: Mapping[str, type[Strategy]] = MappingProxyType(
     {
@@ -29,6 +35,9 @@ STRATEGIES: Mapping[str, type[Strategy]] = MappingProxyType(
             RandomStrategy,
             EntropyStrategy,
             BaldStrategy,
+            MarginStrategy,
+            LeastConfidenceStrategy,
+            VoteEntropyStrategy,
             PredictedLossStrategy,
             CombinedStrategy,
         )
@@ -56,10 +65,13 @@ __all__ = [
     "BaldStrategy",
     "CombinedStrategy",
     "EntropyStrategy",
+    "LeastConfidenceStrategy",
+    "MarginStrategy",
     "PredictedLossStrategy",
     "RandomStrategy",
     "Strategy",
     "StrategyOptions",
+    "VoteEntropyStrategy",
     "make_strategy",
     "midranks",
     "uncertainty_score",
