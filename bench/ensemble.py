@@ -39,7 +39,6 @@ from __future__ import annotations
 import argparse
 import copy
 import math
-import multiprocessing
 import statistics
 import sys
 import time
@@ -55,7 +54,7 @@ sys.path.insert(0, str(REPO / "bench"))
 
 from label_efficiency import load_data, paired  # noqa: E402
 from recipe import (  # noqa: E402
-    arm_settings, bench_meta, probabilities, random_picks, train_model, write_result,
+    arm_settings, bench_meta, pool_runs, probabilities, random_picks, train_model, write_result,
 )
 
 from triage.model.training import classifier_auroc  # noqa: E402
@@ -246,14 +245,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.members < 2:
         parser.error("--members must be at least 2")
     tasks = [(seed, member, args.labels) for seed in args.seeds for member in range(args.members)]
-    started = time.time()
-    runs = []
-    with multiprocessing.get_context("fork").Pool(args.jobs) as pool:
-        for done, run in enumerate(pool.imap_unordered(train_member, tasks), 1):
-            runs.append(run)
-            print(f"[{done}/{len(tasks)}] seed {run['seed']} member {run['member']}: "
-                  f"{run['train_seconds']} s ({time.time() - started:.0f} s elapsed)",
-                  file=sys.stderr, flush=True)
+    runs = pool_runs(train_member, tasks, args.jobs,
+                     lambda r: f"seed {r['seed']} member {r['member']}: {r['train_seconds']} s")
     data = load_data()
     labels = {"val": data.val_labels.numpy(), "holdout": data.holdout_labels.numpy()}
     return write_result(args.out, bench_meta("ensemble.py", argv, labels=args.labels),
@@ -266,14 +259,8 @@ def snapshots_main(args: argparse.Namespace, argv: list[str] | None) -> int:
     if "onecycle_last5" not in arms:
         arms.insert(0, "onecycle_last5")  # the shipped recipe: what every arm is paired with
     tasks = [(seed, name, args.labels) for seed in args.seeds for name in arms]
-    started = time.time()
-    runs = []
-    with multiprocessing.get_context("fork").Pool(args.jobs) as pool:
-        for done, run in enumerate(pool.imap_unordered(train_snapshots, tasks), 1):
-            runs.append(run)
-            print(f"[{done}/{len(tasks)}] seed {run['seed']} {run['arm']}: "
-                  f"{run['train_seconds']} s ({time.time() - started:.0f} s elapsed)",
-                  file=sys.stderr, flush=True)
+    runs = pool_runs(train_snapshots, tasks, args.jobs,
+                     lambda r: f"seed {r['seed']} {r['arm']}: {r['train_seconds']} s")
     data = load_data()
     labels = {"val": data.val_labels.numpy(), "holdout": data.holdout_labels.numpy()}
     return write_result(args.out, bench_meta("ensemble.py", argv, labels=args.labels),

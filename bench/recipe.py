@@ -145,6 +145,19 @@ def write_result(out: Path, meta: dict[str, Any], summary: Any, runs: list[dict[
     return 0
 
 
+def pool_runs(function, tasks: list, jobs: int, describe) -> list[dict[str, Any]]:
+    """`function` over `tasks` in `jobs` forked processes; each result as it finishes,
+    with `describe(result)` printed to stderr beside the elapsed time."""
+    started = time.time()
+    runs = []
+    with multiprocessing.get_context("fork").Pool(jobs) as pool:
+        for done, run in enumerate(pool.imap_unordered(function, tasks), 1):
+            runs.append(run)
+            print(f"[{done}/{len(tasks)}] {describe(run)} ({time.time() - started:.0f} s "
+                  "elapsed)", file=sys.stderr, flush=True)
+    return runs
+
+
 def train_one(task: tuple[str, tuple[str, ...], int, int, int, bool]) -> dict[str, Any]:
     """Train arm `name` on the seed's labels; scores on dev val (and the holdout)."""
     name, overrides, seed, train_seed, n_labels, holdout = task
@@ -214,14 +227,9 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_null:
         tasks += [(f"base@seed+{NULL_OFFSET}", (), seed, seed + NULL_OFFSET, args.labels,
                    "base" in args.holdout) for seed in args.seeds]
-    started = time.time()
-    runs = []
-    with multiprocessing.get_context("fork").Pool(args.jobs) as pool:
-        for done, run in enumerate(pool.imap_unordered(train_one, tasks), 1):
-            runs.append(run)
-            print(f"[{done}/{len(tasks)}] {run['arm']} seed {run['seed']}: val AUROC "
-                  f"{run['val_auroc']:.4f}, {run['train_seconds']} s "
-                  f"({time.time() - started:.0f} s elapsed)", file=sys.stderr, flush=True)
+    runs = pool_runs(train_one, tasks, args.jobs,
+                     lambda r: f"{r['arm']} seed {r['seed']}: val AUROC {r['val_auroc']:.4f}, "
+                               f"{r['train_seconds']} s")
     return write_result(args.out, bench_meta("recipe.py", argv, labels=args.labels,
                                               seeds=args.seeds),
                         summarize(runs), sorted(runs, key=lambda r: (r["arm"], r["seed"])))
