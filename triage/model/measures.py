@@ -89,17 +89,23 @@ def bald(samples: Array) -> Array:
     return np.maximum(result, 0.0)
 
 
-def variation_ratio(samples: Array) -> Array:
-    """1 - (share of MC samples voting for the modal class), [T, ..., C] -> [...]."""
-    _check(samples, "samples", 2)
+def _votes(samples: Array) -> Array:
+    """Members voting for each class (their argmax) in samples [T, ..., C] -> [..., C]."""
     num_classes = samples.shape[-1]
     if _is_tensor(samples):
         import torch
 
         votes = torch.nn.functional.one_hot(samples.argmax(-1), num_classes).sum(0)
-        return 1.0 - votes.max(-1).values.to(samples.dtype) / samples.shape[0]
-    votes = (samples.argmax(-1)[..., None] == np.arange(num_classes)).sum(0)
-    return 1.0 - votes.max(-1) / samples.shape[0]
+        return votes.to(samples.dtype)
+    return (samples.argmax(-1)[..., None] == np.arange(num_classes)).sum(0)
+
+
+def variation_ratio(samples: Array) -> Array:
+    """1 - (share of MC samples voting for the modal class), [T, ..., C] -> [...]."""
+    _check(samples, "samples", 2)
+    votes = _votes(samples)
+    top = votes.max(-1) if isinstance(votes, np.ndarray) else votes.max(-1).values
+    return 1.0 - top / samples.shape[0]
 
 
 def vote_entropy(samples: Array) -> Array:
@@ -109,14 +115,7 @@ def vote_entropy(samples: Array) -> Array:
     log2(min(T, C)). It counts votes only: two classes split 50/50 among the members
     give 1 bit whether the members are certain or barely past 0.5."""
     _check(samples, "samples", 2)
-    num_classes, members = samples.shape[-1], samples.shape[0]
-    if _is_tensor(samples):
-        import torch
-
-        votes = torch.nn.functional.one_hot(samples.argmax(-1), num_classes).sum(0)
-        return predictive_entropy(votes.to(samples.dtype) / members)
-    votes = (samples.argmax(-1)[..., None] == np.arange(num_classes)).sum(0)
-    return predictive_entropy(votes / members)
+    return predictive_entropy(_votes(samples) / samples.shape[0])
 
 
 def all_measures(samples: Array) -> dict[str, Array]:
@@ -132,11 +131,13 @@ def all_measures(samples: Array) -> dict[str, Array]:
         mutual = mutual.clamp_min(0.0)
     else:
         mutual = np.maximum(mutual, 0.0)
+    shares = _votes(samples) / samples.shape[0]  # counted once for both vote measures
+    top = shares.max(-1) if isinstance(shares, np.ndarray) else shares.max(-1).values
     return {
         "entropy": total,
         "bald": mutual,
-        "variation_ratio": variation_ratio(samples),
+        "variation_ratio": 1.0 - top,
         "least_confidence": least_confidence(mean),
         "margin": margin(mean),
-        "vote_entropy": vote_entropy(samples),
+        "vote_entropy": predictive_entropy(shares),
     }
