@@ -104,7 +104,7 @@ def _flag(trained, images: torch.Tensor) -> bool | None:
 def test_the_threshold_is_the_held_out_quantile_and_is_stored(trained, tmp_path: Path) -> None:
     head = trained["head"]
     assert head.ood_threshold_source == "validation"
-    scores = head.ood(pooled_features(trained["net"], trained["val_x"])).double()
+    scores = head.ood(pooled_features(trained["net"], trained["val_x"]), trained["val_x"]).double()
     assert head.ood_threshold == pytest.approx(float(torch.quantile(scores, OOD_QUANTILE)),
                                                rel=1e-5)
     path = save_checkpoint(tmp_path / "m.pt", trained["net"], trained["lossnet"], SMALL,
@@ -112,6 +112,9 @@ def test_the_threshold_is_the_held_out_quantile_and_is_stored(trained, tmp_path:
     loaded = load_checkpoint(path, SMALL).epistemic
     assert loaded.ood_threshold == head.ood_threshold
     assert loaded.ood_threshold_source == "validation"
+    assert loaded.quality is not None
+    assert torch.equal(loaded.ood(pooled_features(trained["net"], trained["val_x"]),
+                                  trained["val_x"]), scores.float())
 
 
 def test_ct_frames_and_noise_are_flagged_most_unseen_val_images_are_not(trained) -> None:
@@ -125,6 +128,48 @@ def test_ct_frames_and_noise_are_flagged_most_unseen_val_images_are_not(trained)
     noise = torch.rand(50, 1, SMALL.input_size, SMALL.input_size,
                        generator=torch.Generator().manual_seed(0))
     assert all(_flag(trained, image[None]) for image in noise)
+
+
+def _blurred(pixels: np.ndarray, sigma: float = 2.5) -> np.ndarray:
+    """A uint8 28 px film blurred by a Gaussian of `sigma` pixels: heavily out of focus
+    (this model flags about 17 % of films at sigma 1, 73 % at 1.5, 98 % at 2)."""
+    taps = np.arange(-4, 5)
+    kernel = np.exp(-(taps**2) / (2 * sigma**2))
+    kernel /= kernel.sum()
+    padded = np.pad(pixels.astype(np.float64), 4, mode="reflect")
+    rows = np.apply_along_axis(np.convolve, 1, padded, kernel, "valid")
+    both = np.apply_along_axis(np.convolve, 0, rows, kernel, "valid")
+    return np.clip(np.rint(both), 0, 255).astype(np.uint8)
+
+
+def test_blurred_films_are_flagged_for_their_sharpness(trained) -> None:
+    """The density alone does not see blur (its features look typical); the input
+    quality term does, and names it."""
+    unseen = trained["unseen"][:60]
+    blurred = images_to_tensor(np.stack([_blurred(p) for p in unseen]), SMALL.input_size)
+    results = [score_study(trained["net"], trained["lossnet"], image[None], SMALL, seed=0,
+                           epistemic=trained["head"]) for image in blurred]  # fmt: skip
+    flags = [trained["head"].unlike_training(r.ood) for r in results]
+    assert sum(flags) >= 0.9 * len(flags), f"{sum(flags)} of {len(flags)} blurred flagged"
+    assert {r.ood_term for r, flag in zip(results, flags, strict=True) if flag} == {"sharpness"}
+    clean = images_to_tensor(unseen, SMALL.input_size)
+    clean_results = [score_study(trained["net"], trained["lossnet"], image[None], SMALL, seed=0,
+                                 epistemic=trained["head"]) for image in clean]  # fmt: skip
+    assert sum(trained["head"].unlike_training(r.ood) for r in clean_results) <= 2
+    assert all(r.ood_term in ("features", "sharpness", "contrast", "brightness")
+               for r in clean_results)
+
+
+def test_a_head_without_the_quality_term_scores_the_density_alone(trained) -> None:
+    """Heads saved before the quality term existed: `ood` is the density, as before."""
+    old = replace(trained["head"], quality=None, ood_center=None, ood_scale=None)
+    assert not any(key.startswith("quality") for key in old.state())
+    image = images_to_tensor(trained["unseen"][:1], SMALL.input_size)
+    result = score_study(trained["net"], trained["lossnet"], image, SMALL, seed=0,
+                         epistemic=old)
+    features = pooled_features(trained["net"], image)
+    assert result.ood == pytest.approx(float(old.density(features)[0]), rel=1e-5)
+    assert result.ood_term is None
 
 
 def test_a_checkpoint_without_a_threshold_gives_no_flag(trained, tmp_path: Path) -> None:
@@ -219,13 +264,15 @@ def test_scored_studies_carry_the_flag_routing_ignores_it_and_readers_see_it(
     noise = np.random.default_rng(0).integers(0, 256, (28, 28)).astype(np.uint8)
     home.add("noise", noise, FULL_RANGE)
     home.add("ct_as_dx", *_ct_pixels())
+    home.add("blurred", _blurred(trained["unseen"][8]), FULL_RANGE)
     decisions = home.score_all()
     flags = {name: d["uncertainty"]["ood_flag"] for name, d in decisions.items()}
     assert all("ood" in d["uncertainty"] for d in decisions.values())
     flagged = home.prometheus.get_sample_value("triage_studies_ood_flagged_total")
     events = {r.study_id: r for r in caplog.records if r.getMessage() == "study_scored"}
+    assert decisions["blurred"]["uncertainty"]["ood_term"] == "sharpness"
     if with_threshold:
-        assert flags["noise"] is True and flags["ct_as_dx"] is True
+        assert flags["noise"] is True and flags["ct_as_dx"] is True and flags["blurred"] is True
         assert sum(flags[f"val{k}"] for k in range(8)) <= 1
         assert flagged == sum(flags.values())
         assert events[home.studies["noise"]].ood_flag is True
@@ -240,6 +287,10 @@ def test_scored_studies_carry_the_flag_routing_ignores_it_and_readers_see_it(
     view = client.get(f"/api/studies/{home.studies['noise']}")
     assert view.status_code == 200, view.text
     assert view.json()["unlike_training_data"] is (True if with_threshold else None)
+    blurred = client.get(f"/api/studies/{home.studies['blurred']}").json()
+    assert blurred["unlike_training_term"] == ("sharpness" if with_threshold else None)
+    assert items[home.studies["blurred"]]["unlike_training_term"] == blurred[
+        "unlike_training_term"]
 
 
 def test_the_flag_does_not_change_routing(trained, tmp_path: Path) -> None:

@@ -4,6 +4,9 @@ Queue items and the study view carry ``unlike_training_data``: whether the model
 made the study's decision found its images unlike its training data (the feature-density
 flag, `triage.gate.scorer`): true or false, or null when unknown (cold start, or a model
 without a density threshold). It is for the reader; routing never depends on it.
+With it, ``unlike_training_term`` says what was unlike, for a flagged study of a model
+with an input-quality term: ``features`` (what the image shows), ``sharpness`` (blurred,
+or magnified), ``contrast`` (washed out) or ``brightness``; null otherwise.
 """
 
 from __future__ import annotations
@@ -68,8 +71,7 @@ def list_queue(
 ) -> dict[str, Any]:
     items = _queue(db, settings).list(state=state, reason=reason, limit=limit)
     flags = _ood_flags(db, [item["study_id"] for item in items])
-    return {"items": [{**item, "unlike_training_data": flags.get(item["study_id"])}
-                      for item in items]}
+    return {"items": [{**item, **_unlike(flags, item["study_id"])} for item in items]}
 
 
 @router.post("/queue/next", summary="Claim the next study (204 when the queue is empty)",
@@ -121,7 +123,7 @@ def correct(study_id: int, body: LabelIn, who: Admin, db: DbDep, settings: Setti
 def get_study(study_id: int, who: Reader, db: DbDep, settings: SettingsDep,
               request: Request) -> dict[str, Any]:
     view = study_view(db, settings, study_id, who, client_address(request))
-    view["unlike_training_data"] = _ood_flags(db, [study_id]).get(study_id)
+    view.update(_unlike(_ood_flags(db, [study_id]), study_id))
     return view
 
 
@@ -136,9 +138,16 @@ def label_history(study_id: int, who: Anyone, db: DbDep, settings: SettingsDep) 
     return {"labels": _queue(db, settings).history(study_id), "at": time.time()}
 
 
-def _ood_flags(db: Any, study_ids: list[int]) -> dict[int, bool | None]:
-    """The ``ood_flag`` stored with each queued study's decision (None: unknown)."""
-    flags: dict[int, bool | None] = {}
+def _unlike(flags: dict[int, tuple[bool | None, str | None]], study_id: int
+            ) -> dict[str, Any]:  # fmt: skip
+    flag, term = flags.get(study_id, (None, None))
+    return {"unlike_training_data": flag, "unlike_training_term": term if flag else None}
+
+
+def _ood_flags(db: Any, study_ids: list[int]) -> dict[int, tuple[bool | None, str | None]]:
+    """The ``ood_flag`` stored with each queued study's decision (None: unknown) and the
+    ``ood_term`` that gave its score (None: the model has no input-quality term)."""
+    flags: dict[int, tuple[bool | None, str | None]] = {}
     for start in range(0, len(study_ids), 500):  # within SQLite's bound-parameter limit
         chunk = study_ids[start:start + 500]
         marks = ", ".join("?" * len(chunk))
@@ -147,6 +156,8 @@ def _ood_flags(db: Any, study_ids: list[int]) -> dict[int, bool | None]:
             "JOIN decisions ON decisions.id = queue_items.decision_id "
             f"WHERE queue_items.study_id IN ({marks})", chunk,
         ).fetchall():
-            flag = json.loads(stored).get("ood_flag") if stored else None
-            flags[int(study_id)] = flag if isinstance(flag, bool) else None
+            found = json.loads(stored) if stored else {}
+            flag, term = found.get("ood_flag"), found.get("ood_term")
+            flags[int(study_id)] = (flag if isinstance(flag, bool) else None,
+                                    term if isinstance(term, str) else None)
     return flags

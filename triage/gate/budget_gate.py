@@ -210,9 +210,10 @@ class BudgetGate:
     def realised_rate(self) -> float | None:
         """Routed fraction of the window's non-cap-blocked studies (None if none)."""
         eligible = self._eligible[: self._filled]
-        if not eligible.any():
+        count = np.count_nonzero(eligible)
+        if not count:
             return None
-        return float(self._routed[: self._filled][eligible].mean())
+        return np.count_nonzero(self._routed[: self._filled] & eligible) / count
 
     def decide(
         self,

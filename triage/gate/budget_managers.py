@@ -126,16 +126,16 @@ class QuantileBudget(BudgetManager):
         n = window.shape[1]
         if n < self.warmup:
             return Route(draw < score_rate, "warmup")
+        ordered = np.sort(window, axis=1)
+        twice = 2.0 * n
         member_q = np.empty_like(window)
         new_q = np.empty(len(self.keys))
         for j, key in enumerate(self.keys):
-            order = np.argsort(window[j])
-            ordered = window[j][order]
-            # mid-rank of each member (ties averaged); sorted queries keep this fast
-            left = np.searchsorted(ordered, ordered, "left")
-            member_q[j, order] = (left + np.searchsorted(ordered, ordered, "right")) / (2.0 * n)
-            below = np.searchsorted(ordered, scores[key], "left")
-            new_q[j] = (below + np.searchsorted(ordered, scores[key], "right")) / (2.0 * n)
+            # mid-rank of each member and of the new study (ties averaged)
+            row, values, value = ordered[j], window[j], scores[key]
+            member_q[j] = (row.searchsorted(values, "left") + row.searchsorted(values, "right")
+                           ) / twice  # fmt: skip
+            new_q[j] = (row.searchsorted(value, "left") + row.searchsorted(value, "right")) / twice
         total = self.weights.sum()
         member_c = self.weights @ member_q / total
         combined = float(self.weights @ new_q / total)

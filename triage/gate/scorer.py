@@ -405,10 +405,13 @@ def _uncertainty(result: StudyResult | None, ood_flag: bool | None = None
                  ) -> dict[str, Any] | None:  # fmt: skip
     """The stored uncertainty: every measure, the T samples' source, and, when the model
     has a feature density, its `ood` score and `ood_flag` (above the model's threshold:
-    unlike the training data; null when the model has no threshold)."""
+    unlike the training data; null when the model has no threshold), and with an
+    input-quality reference `ood_term`, the term that gave the score."""
     if result is None:
         return None
     extra = {"ood": result.ood, "ood_flag": ood_flag} if result.ood is not None else {}
+    if result.ood_term is not None:
+        extra["ood_term"] = result.ood_term
     return {**result.uncertainty, **extra, "sampler": result.sampler}
 
 

@@ -24,8 +24,18 @@ small matrix product per study instead:
   `EpistemicHead.unlike_training` compares a study's score (max over its scored images)
   with it. Heads fitted before the threshold existed have none: the flag is unknown
   (None). The flag is shown to readers; it does not change routing.
+* **Input quality** (`triage.model.quality`): the density misses heavily blurred films,
+  whose features look typical. A head fitted with images (`fit_epistemic`) also holds
+  the training images' sharpness, contrast and brightness; its `ood` score is then the
+  larger of two terms, each scaled on the held-out images so that 0 is their median and
+  1 their 99th percentile: the density, and the Mahalanobis distance of the image's
+  quality terms from the training images' (`ood_terms`). `ood_term` names what was
+  unlike (`OOD_TERMS`: `features`, or the quality term that departs most: a blurred
+  film shows as `sharpness`). Heads fitted on features alone, or saved before the
+  quality term existed, score the density alone, as before.
 
-Both need only the features the deterministic pass computes anyway.
+The density and the Laplace samples need only the features the deterministic pass
+computes anyway; the quality terms one 3x3 convolution of the input.
 """
 
 import math
@@ -34,10 +44,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+import numpy as np
 import torch
 
 from triage.model.mc_dropout import McOutput, mc_dropout_mode
 from triage.model.network import TriageNet
+from triage.model.quality import QUALITY_TERMS, QualityReference, image_quality_array
 
 PRIOR_PRECISIONS: tuple[float, ...] = tuple(10.0**e for e in range(-6, 5))
 """Grid of prior precisions lambda tried by `fit_epistemic`."""
@@ -45,6 +57,8 @@ _NLL_DRAWS = 500
 OOD_QUANTILE = 0.99
 """Quantile of the held-out images' `ood` scores that is the flag threshold: about 1 % of
 in-distribution images score above it (their 1st percentile of log-density)."""
+OOD_TERMS: tuple[str, ...] = ("features", *QUALITY_TERMS)
+"""What a quality-aware `ood` score can name as unlike the training data (`ood_term`)."""
 
 
 @dataclass(frozen=True)
@@ -62,6 +76,11 @@ class EpistemicHead:
             `OOD_QUANTILE` quantile of the held-out scores); None: not fitted (older
             files), the flag is unknown.
         ood_threshold_source: Whose scores gave it: `validation` or `training`.
+        quality: The training images' input-quality reference, or None (fitted on
+            features alone, or an older file): then `ood` is the density alone.
+        ood_center, ood_scale: With `quality`: the median and (99th percentile - median)
+            of the held-out images' density scores and quality distances, [2]; each
+            column of `ood_terms` is (raw - center) / scale.
     """
 
     weights: torch.Tensor
@@ -72,13 +91,25 @@ class EpistemicHead:
     log_norm: torch.Tensor
     ood_threshold: float | None = None
     ood_threshold_source: str | None = None
+    quality: QualityReference | None = None
+    ood_center: torch.Tensor | None = None
+    ood_scale: torch.Tensor | None = None
     _flat: torch.Tensor = field(init=False, repr=False, compare=False)
+    _np: dict[str, Any] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         # [F + 1, T * C]: one plain matrix product per study instead of T batched ones
         samples, rows, classes = self.weights.shape
         flat = self.weights.permute(1, 0, 2).reshape(rows, samples * classes).contiguous()
         object.__setattr__(self, "_flat", flat)
+        # numpy copies for single studies: on a [1, F] input a numpy operation costs a
+        # fraction of a torch one, and the `ood` path is a dozen of them
+        arrays = {"means": self.means, "whiten": self.whiten, "log_norm": self.log_norm}
+        if self.quality is not None and self.ood_center is not None and self.ood_scale is not None:
+            arrays.update(q_mean=self.quality.mean, q_whiten=self.quality.whiten,
+                          q_scale=self.quality.scale, center=self.ood_center,
+                          scale=self.ood_scale)  # fmt: skip
+        object.__setattr__(self, "_np", {k: v.detach().float().numpy() for k, v in arrays.items()})
 
     @property
     def samples(self) -> int:
@@ -91,13 +122,55 @@ class EpistemicHead:
         logits = logits.view(features.shape[0], self.samples, -1).transpose(0, 1)
         return torch.softmax(logits / temperature, dim=-1)
 
-    def ood(self, features: torch.Tensor) -> torch.Tensor:
+    def density(self, features: torch.Tensor) -> torch.Tensor:
         """-max_c log(pi_c N(phi | mu_c, Sigma_c)) of features [N, F] -> [N]."""
-        log_density = [
-            self.log_norm[c] - 0.5 * ((features - self.means[c]) @ self.whiten[c]).square().sum(-1)
-            for c in range(self.means.shape[0])
-        ]
-        return -torch.stack(log_density).max(0).values
+        return torch.from_numpy(self._density(_numpy(features)))
+
+    def _density(self, features: np.ndarray) -> np.ndarray:
+        centred = features[None] - self._np["means"][:, None]  # [C, N, F]
+        distance = np.square(np.matmul(centred, self._np["whiten"])).sum(-1)  # [C, N]
+        return -(self._np["log_norm"][:, None] - 0.5 * distance).max(0)
+
+    def ood(self, features: torch.Tensor, images: torch.Tensor | None = None) -> torch.Tensor:
+        """How unlike the training data each image is, [N]: the density of its features
+        [N, F], or, for a head with a quality reference, the larger of `ood_terms`
+        (then `images` [N, 1, S, S], the network's input, are needed)."""
+        if self.quality is None:
+            return self.density(features)
+        return self.ood_terms(features, images).max(1).values
+
+    def ood_terms(self, features: torch.Tensor, images: torch.Tensor | None) -> torch.Tensor:
+        """The scaled density and quality distance of each image, [N, 2]: 0 is the
+        held-out images' median, 1 their 99th percentile.
+
+        Raises:
+            ValueError: The head has no quality reference, or `images` is None.
+        """
+        return torch.from_numpy(self._ood_terms(features, images)[0])
+
+    def ood_term(self, features: torch.Tensor, images: torch.Tensor) -> tuple[float, str]:
+        """A study's `ood` score (max over its images [K, 1, S, S] and features [K, F])
+        and the `OOD_TERMS` entry that gave it; for a head with a quality reference."""
+        terms, measured = self._ood_terms(features, images)
+        image, column = divmod(int(terms.argmax()), terms.shape[1])
+        if column == 0:
+            name = "features"
+        else:
+            z = np.abs((measured[image] - self._np["q_mean"]) / self._np["q_scale"])
+            name = QUALITY_TERMS[int(z.argmax())]
+        return float(terms[image, column]), name
+
+    def _ood_terms(self, features: torch.Tensor, images: torch.Tensor | None
+                   ) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+        if "center" not in self._np:
+            raise ValueError("this head has no input-quality reference")
+        if images is None:
+            raise ValueError("this head scores input quality: the images are needed")
+        measured = image_quality_array(images)
+        distance = np.sqrt(np.square((measured - self._np["q_mean"]) @ self._np["q_whiten"]
+                                     ).sum(1))  # fmt: skip
+        raw = np.stack([self._density(_numpy(features)), distance], axis=1)
+        return (raw - self._np["center"]) / self._np["scale"], measured
 
     def unlike_training(self, score: float | None) -> bool | None:
         """Whether an `ood` score (a study's: the max over its scored images) is above the
@@ -120,13 +193,24 @@ class EpistemicHead:
         if self.ood_threshold is not None:
             state["ood_threshold"] = self.ood_threshold
             state["ood_threshold_source"] = self.ood_threshold_source or ""
+        if self.quality is not None:
+            state["quality_mean"] = self.quality.mean
+            state["quality_whiten"] = self.quality.whiten
+            state["quality_scale"] = self.quality.scale
+            state["ood_center"] = self.ood_center
+            state["ood_scale"] = self.ood_scale
         return state
 
     @classmethod
     def from_state(cls, state: Mapping[str, Any]) -> "EpistemicHead":
         """Inverse of `state` (KeyError/TypeError on a damaged mapping); a state saved
-        before the flag threshold existed loads without one."""
+        before the flag threshold or the quality term existed loads without it."""
         threshold = state.get("ood_threshold")
+        quality = None
+        if "quality_mean" in state:
+            quality = QualityReference(mean=state["quality_mean"].float(),
+                                       whiten=state["quality_whiten"].float(),
+                                       scale=state["quality_scale"].float())  # fmt: skip
         return cls(
             weights=state["weights"].float(), prior_precision=float(state["prior_precision"]),
             validation_nll=float(state["validation_nll"]), means=state["means"].float(),
@@ -134,7 +218,14 @@ class EpistemicHead:
             ood_threshold=float(threshold) if threshold is not None else None,
             ood_threshold_source=(str(state.get("ood_threshold_source") or "") or None
                                   if threshold is not None else None),
+            quality=quality,
+            ood_center=state["ood_center"].float() if quality is not None else None,
+            ood_scale=state["ood_scale"].float() if quality is not None else None,
         )  # fmt: skip
+
+
+def _numpy(features: torch.Tensor) -> np.ndarray:
+    return features.detach().cpu().float().numpy()
 
 
 def laplace_predict(
@@ -247,22 +338,45 @@ def fit_epistemic(
     samples: int = 20,
     seed: int = 0,
 ) -> EpistemicHead:
-    """Fit the last-layer Laplace posterior, the feature density and its flag threshold.
+    """Fit the last-layer Laplace posterior, the feature density, the input-quality
+    reference and the flag threshold.
 
     Args:
         net: The trained classifier (its `fc` is the posterior mean).
         train_images, train_labels: The training images [N, 1, S, S] and labels [N].
         validation_images, validation_labels: Where the prior precision is chosen, and
-            whose `ood` scores give the flag threshold (`OOD_QUANTILE`; the training
-            images' when there is no validation image).
+            whose `ood` terms give their scales and the flag threshold (`OOD_QUANTILE`;
+            the training images' when there is no validation image).
         samples: Weight samples T drawn from the posterior.
         seed: Seed of the draws: the same fit gives the same samples.
     """
-    return fit_epistemic_features(
-        net.fc, pooled_features(net, train_images), train_labels,
-        pooled_features(net, validation_images), validation_labels,
-        samples=samples, seed=seed,
-    )  # fmt: skip
+    train_features = pooled_features(net, train_images)
+    val_features = pooled_features(net, validation_images)
+    head = fit_epistemic_features(net.fc, train_features, train_labels, val_features,
+                                  validation_labels, samples=samples, seed=seed)  # fmt: skip
+    held_features, held_images = ((val_features, validation_images) if len(val_features)
+                                  else (train_features, train_images))  # fmt: skip
+    return with_quality(head, QualityReference.fit(train_images), held_features, held_images)
+
+
+def with_quality(head: EpistemicHead, quality: QualityReference, held_features: torch.Tensor,
+                 held_images: torch.Tensor) -> EpistemicHead:  # fmt: skip
+    """`head` with the input-quality term: each `ood` term scaled on held-out images of
+    the training distribution (features [M, F] and images [M, 1, S, S], M >= 1), and the
+    flag threshold recomputed on the combined score."""
+    if len(held_images) == 0 or len(held_images) != len(held_features):
+        raise ValueError("the held-out images and their features must match, M >= 1")
+    with torch.inference_mode():
+        raw = torch.stack([head.density(held_features.float()),
+                           quality.distance(held_images)]).double()  # fmt: skip
+    raw = torch.where(torch.isfinite(raw), raw, torch.nan)
+    center = raw.nanmedian(dim=1).values
+    top = torch.stack([torch.nanquantile(row, OOD_QUANTILE) for row in raw])
+    scale = (top - center).nan_to_num(1.0).clamp_min(1e-6)
+    fitted = replace(head, quality=quality, ood_center=center.nan_to_num(0.0).float(),
+                     ood_scale=scale.float())  # fmt: skip
+    return replace(fitted, ood_threshold=ood_threshold(fitted, held_features.float(),
+                                                       images=held_images))
 
 
 def fit_epistemic_features(
@@ -317,12 +431,13 @@ def fit_epistemic_features(
     return replace(head, ood_threshold=threshold, ood_threshold_source=source)
 
 
-def ood_threshold(head: EpistemicHead, features: torch.Tensor,
-                  quantile: float = OOD_QUANTILE) -> float | None:  # fmt: skip
-    """The `quantile` quantile of the `ood` scores of features [N, F] (held-out images
-    of the training distribution); None without a finite score."""
+def ood_threshold(head: EpistemicHead, features: torch.Tensor, quantile: float = OOD_QUANTILE,
+                  *, images: torch.Tensor | None = None) -> float | None:  # fmt: skip
+    """The `quantile` quantile of the `ood` scores of features [N, F] (and their images,
+    for a head with a quality reference): held-out images of the training distribution;
+    None without a finite score."""
     with torch.inference_mode():
-        scores = head.ood(features).double()
+        scores = head.ood(features, images).double()
     scores = scores[torch.isfinite(scores)]
     if len(scores) == 0:
         return None

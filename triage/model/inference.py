@@ -35,9 +35,12 @@ class StudyResult:
         predicted: Predicted class index at the model's operating point (threshold on
             the calibrated probability of class 1 for two classes, else argmax); None
             means argmax of `probs`.
-        ood: How unlike the training data the study looks: the feature-density score
-            of `triage.model.epistemic` (larger = less like it), max over images; None
-            for a model without a fitted density.
+        ood: How unlike the training data the study looks (larger = less like it), max
+            over images: the `EpistemicHead.ood` score of `triage.model.epistemic` (the
+            feature density, and the input quality where the head has its reference);
+            None for a model without a fitted density.
+        ood_term: Which of `OOD_TERMS` gave `ood` (`features`, `sharpness`, `contrast`
+            or `brightness`); None for a head without the quality reference.
         sampler: Where the T samples came from: `mc_dropout` or `laplace`.
     """
 
@@ -49,6 +52,7 @@ class StudyResult:
     durations: dict[str, float] = field(default_factory=dict)
     predicted: int | None = None
     ood: float | None = None
+    ood_term: str | None = None
     sampler: str = "mc_dropout"
 
     @property
@@ -133,19 +137,21 @@ def score_study(
             temperature=temperature,
             with_pooled=epistemic is not None,
         )
-    ood = None
+    ood = ood_term = None
     if epistemic is not None:
         start = time.perf_counter()
         with torch.inference_mode():
-            ood = float(epistemic.ood(out.pooled).max())
+            if epistemic.quality is None:
+                ood = float(epistemic.ood(out.pooled).max())
+            else:
+                ood, ood_term = epistemic.ood_term(out.pooled, images)
         out = replace(out, mc_seconds=out.mc_seconds + time.perf_counter() - start)
     start = time.perf_counter()
     predicted_loss = None
     if loss_predictor is not None:
         # no dropout or BatchNorm in the loss predictor: its train/eval mode is irrelevant
-        with torch.inference_mode():
-            losses = loss_predictor(out.stage_maps)
-            reduced = losses.max() if settings.image_reduction == "max" else losses.mean()
+        losses = loss_predictor.predict(out.stage_maps)
+        reduced = losses.max() if settings.image_reduction == "max" else losses.mean()
         predicted_loss = float(reduced)
     lossnet_seconds = time.perf_counter() - start
 
@@ -175,6 +181,7 @@ def score_study(
         },
         predicted=predicted,
         ood=ood,
+        ood_term=ood_term,
         sampler="laplace" if laplace else "mc_dropout",
     )
 

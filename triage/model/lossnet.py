@@ -9,6 +9,7 @@ is meaningful.
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -45,6 +46,29 @@ class LossPredictor(nn.Module):
             for branch, m in zip(self.branches, maps, strict=True)
         ]
         return F.linear(torch.cat(pooled, dim=1), self.out.weight, self.out.bias).squeeze(1)
+
+    def predict(self, maps: Sequence[torch.Tensor]) -> np.ndarray:
+        """`forward` without autograd, in numpy, for scoring: [N] float32.
+
+        On a single study the dozen torch calls of `forward` cost about 0.1 ms of
+        per-call overhead; the same arithmetic on numpy views of the same tensors costs a
+        fraction of that. The weights are read at each call, so a model trained further
+        predicts with its current weights.
+        """
+        if len(maps) != len(self.branches):
+            raise ValueError(f"maps must hold {len(self.branches)} stage maps, got {len(maps)}")
+        with torch.no_grad():
+            hidden = [
+                np.maximum(_np(m).mean(axis=(2, 3)) @ _np(branch[0].weight).T
+                           + _np(branch[0].bias), 0.0)
+                for branch, m in zip(self.branches, maps, strict=True)
+            ]  # fmt: skip
+            out = np.concatenate(hidden, axis=1) @ _np(self.out.weight)[0] + _np(self.out.bias)
+        return out.astype(np.float32, copy=False)
+
+
+def _np(tensor: torch.Tensor) -> np.ndarray:
+    return tensor.detach().numpy()
 
 
 def build_loss_predictor(settings: ModelSettings) -> LossPredictor:
