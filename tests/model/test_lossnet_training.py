@@ -21,17 +21,21 @@ def test_loss_predictor_shape():
         lossnet(maps[:1])
 
 
-def test_numpy_prediction_matches_forward_and_follows_training():
-    """The scoring path's `predict` is `forward` in numpy, with the current weights."""
+def test_fused_prediction_matches_forward_and_follows_training():
+    """The scoring path's fused `predict` is `forward`, with the current weights."""
     torch.manual_seed(0)
     lossnet = LossPredictor([4, 8], width=16)
     with torch.inference_mode():  # the scorer's stage maps are inference tensors
         maps = [torch.rand(5, 4, 8, 8), torch.rand(5, 8, 4, 4)]
         expected = lossnet(maps).numpy()
-    assert np.allclose(lossnet.predict(maps), expected, rtol=1e-5, atol=1e-6)
+        assert np.allclose(lossnet.predict(maps).numpy(), expected, rtol=1e-5, atol=1e-6)
     with torch.no_grad():
         lossnet.out.bias += 1.0  # an optimizer step changes weights in place
-    assert np.allclose(lossnet.predict(maps), expected + 1.0, rtol=1e-5, atol=1e-6)
+        lossnet.branches[1][0].weight.mul_(2.0)
+    with torch.inference_mode():
+        assert np.allclose(lossnet.predict(maps).numpy(), lossnet(maps).numpy(),
+                           rtol=1e-5, atol=1e-6)
+        assert not np.allclose(lossnet.predict(maps).numpy(), expected + 1.0)
     with pytest.raises(ValueError, match="maps"):
         lossnet.predict(maps[:1])
 

@@ -150,8 +150,9 @@ def score_study(
     predicted_loss = None
     if loss_predictor is not None:
         # no dropout or BatchNorm in the loss predictor: its train/eval mode is irrelevant
-        losses = loss_predictor.predict(out.stage_maps)
-        reduced = losses.max() if settings.image_reduction == "max" else losses.mean()
+        with torch.inference_mode():
+            losses = loss_predictor.predict(out.stage_maps)
+            reduced = losses.max() if settings.image_reduction == "max" else losses.mean()
         predicted_loss = float(reduced)
     lossnet_seconds = time.perf_counter() - start
 
