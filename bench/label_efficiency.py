@@ -192,6 +192,9 @@ def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
                     if random_runs[s].get(m) is not None and other_coin[s].get(m) is not None}
                 for s in random_runs if s in other_coin}
         name = strategy.split(" [")[0]
+        if not _variant(strategy) and strategy not in ("random", "random_b", "default"):
+            # another strategy: also against the shipped default (does it replace it?)
+            bases["default"] = groups.get((stream, budget, "default", noise), {})
         if "+" in name or suffix:  # an ablation: also against the configuration it changes
             bases["base"] = groups.get((stream, budget, name.split("+")[0], noise), {})
         if "+" in name and not name.startswith("random"):  # and random with the same change
@@ -210,9 +213,15 @@ def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
+def _variant(strategy: str) -> bool:
+    """Whether an arm is a variant (`default+refit`) or has `--set` overrides."""
+    return "+" in strategy or " [" in strategy
+
+
 def _planned(row: dict[str, Any]) -> bool:
-    """Whether a summary row is an arm of the plan (main table) rather than an ablation."""
-    return row["strategy"] in PLAN.get(row["budget"], ())
+    """Whether a summary row belongs in the main table (an arm of the plan, or a plain
+    strategy of `STRATEGIES`) rather than among the ablations."""
+    return row["strategy"] in PLAN.get(row["budget"], ()) or not _variant(row["strategy"])
 
 
 def markdown(summary: list[dict[str, Any]], meta: dict[str, Any]) -> str:
@@ -222,14 +231,16 @@ def markdown(summary: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         f"label delay {meta['label_delay']} studies, median {meta['median_seconds']} s per run.",
         "Holdout AUROC and accuracy (at its stored operating point) of the final serving "
         "model (mean ± sd over seeds); Δ = paired difference on the same seeds, with its "
-        "95% CI, against `random`, and against both coins (the per-seed mean of `random` "
-        "and `random_b`, where the null ran); `random_b` − `random` is the null. "
+        "95% CI, against `random`, against both coins (the per-seed mean of `random` "
+        "and `random_b`, where the null ran; `random_b` − `random` is the null), and, for "
+        "a strategy other than the shipped one, against `default`. "
         "served − fresh: the served model against one trained from scratch on every label "
         "the run bought.",
         "",
         "| stream | budget | strategy | seeds | labels | holdout AUROC | Δ vs random (95% CI) "
-        "| Δ vs both coins | accuracy | Δ accuracy vs random | served − fresh | s per run |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| Δ vs both coins | Δ vs default | accuracy | Δ accuracy vs random | served − fresh "
+        "| s per run |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
 
     def cell(row: dict[str, Any], key: str) -> str:
@@ -245,7 +256,7 @@ def markdown(summary: list[dict[str, Any]], meta: dict[str, Any]) -> str:
             f"{len(row['seeds'])} | {row.get('labels', 0):.0f} | "
             f"{row.get('holdout_auroc', math.nan):.4f} ± "
             f"{row.get('holdout_auroc_sd') or 0:.4f} | {cell(row, 'holdout_auroc_vs_random')} | "
-            f"{cell(row, 'holdout_auroc_vs_coins')} | "
+            f"{cell(row, 'holdout_auroc_vs_coins')} | {cell(row, 'holdout_auroc_vs_default')} | "
             f"{row.get('holdout_accuracy', math.nan):.3f} | "
             f"{cell(row, 'holdout_accuracy_vs_random')} | "
             f"{row.get('served_minus_fresh', math.nan):+.4f} | "

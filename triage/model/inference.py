@@ -1,7 +1,7 @@
 """Study-level scoring: MC dropout, uncertainty and predicted loss of one study."""
 
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import torch
 
@@ -138,23 +138,23 @@ def score_study(
             with_pooled=epistemic is not None,
         )
     ood = ood_term = None
-    if epistemic is not None:
-        start = time.perf_counter()
-        with torch.inference_mode():
+    mc_seconds = out.mc_seconds
+    predicted_loss = None
+    with torch.inference_mode():
+        if epistemic is not None:
+            start = time.perf_counter()
             if epistemic.quality is None:
                 ood = float(epistemic.ood(out.pooled).max())
             else:
                 ood, ood_term = epistemic.ood_term(out.pooled, images)
-        out = replace(out, mc_seconds=out.mc_seconds + time.perf_counter() - start)
-    start = time.perf_counter()
-    predicted_loss = None
-    if loss_predictor is not None:
-        # no dropout or BatchNorm in the loss predictor: its train/eval mode is irrelevant
-        with torch.inference_mode():
+            mc_seconds += time.perf_counter() - start
+        start = time.perf_counter()
+        if loss_predictor is not None:
+            # no dropout or BatchNorm in the loss predictor: its train/eval mode is irrelevant
             losses = loss_predictor.predict(out.stage_maps)
             reduced = losses.max() if settings.image_reduction == "max" else losses.mean()
-        predicted_loss = float(reduced)
-    lossnet_seconds = time.perf_counter() - start
+            predicted_loss = float(reduced)
+        lossnet_seconds = time.perf_counter() - start
 
     samples = out.probs.numpy()  # [T, K, C]; numpy is faster than torch on tiny arrays
     measures = all_measures(samples)
@@ -177,7 +177,7 @@ def score_study(
         num_images_total=total,
         durations={
             "trunk": out.trunk_seconds,
-            "mc": out.mc_seconds,
+            "mc": mc_seconds,
             "lossnet": lossnet_seconds,
         },
         predicted=predicted,

@@ -64,8 +64,8 @@ class LossPredictor(nn.Module):
 
     def _fused(self) -> tuple[torch.Tensor, torch.Tensor]:
         linears = [branch[0] for branch in self.branches]
-        stamp = tuple((p._version, p.data_ptr()) for layer in linears
-                      for p in (layer.weight, layer.bias))  # fmt: skip
+        params = [p for layer in linears for p in (layer.weight, layer.bias)]
+        stamp = [p._version for p in params] + [p.data_ptr() for p in params]
         cached = self.__dict__.get("_fused_cache")
         if cached is None or cached[0] != stamp:
             with torch.no_grad():
