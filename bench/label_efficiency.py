@@ -106,17 +106,34 @@ def base_settings(spec: RunSpec):
     return load_settings(REPO / "config.yaml", environ=override_environ(spec.overrides))
 
 
+# Settings added after runs were stored, with the value that reproduces the behaviour
+# from before they existed: at that value a setting is left out of the digest, so runs
+# stored before it was added are still reused. Another value is part of the digest.
+ADDED_SETTINGS: dict[tuple[str, ...], Any] = {
+    ("model", "training", "cycles"): 1,  # 2026-12-04; read only by schedule: restarts
+}
+
+
 def fingerprint(spec: RunSpec, base=None) -> str:
     """A digest of every setting the run's loop reads (model, gate and retrain sections
     after the strategy, variant and `--set` overrides are applied to config.yaml).
 
     Part of a stored run's key: when config.yaml's defaults change, runs stored under
-    the old ones are not reused for an arm of the same name. (A change of code rather
-    than settings is not seen: measure it under a new `--tag`.) `base`: the run's
+    the old ones are not reused for an arm of the same name; a setting added later is
+    left out at the value of `ADDED_SETTINGS` that reproduces the older behaviour. (A
+    change of code rather than settings is not seen: measure it under a new `--tag`.)
+    `base`: the run's
     `base_settings`, when the caller already loaded them."""
     settings = run_settings(base if base is not None else base_settings(spec), spec)
     parts = {name: getattr(settings, name).model_dump(mode="json")
              for name in ("model", "gate", "retrain")}
+    for path, neutral in ADDED_SETTINGS.items():
+        *parents, leaf = path
+        holder = parts
+        for key in parents:
+            holder = holder.get(key, {})
+        if leaf in holder and holder[leaf] == neutral:
+            del holder[leaf]
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:12]
 
 

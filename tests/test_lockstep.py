@@ -163,6 +163,14 @@ def test_the_benchmark_applies_its_overrides_to_the_run_and_its_fresh_model():
     stored = {**plain.__dict__, "settings": bench.fingerprint(plain)}
     assert bench._key(stored) == bench._key(plain.__dict__, bench.fingerprint(plain))
     assert bench._key({**stored, "settings": "0" * 12}) != bench._key(stored)
+    # a setting added later is left out of the digest at its neutral value only
+    (path, neutral), = [(p, v) for p, v in bench.ADDED_SETTINGS.items()
+                        if p == ("model", "training", "cycles")]
+    other = RunSpec("uniform", 0.1, "default", 4,
+                    overrides=(f"model.training.cycles={neutral + 1}",))
+    assert bench.fingerprint(other) != bench.fingerprint(plain)
+    again = RunSpec("uniform", 0.1, "default", 4, overrides=(f"model.training.cycles={neutral}",))
+    assert bench.fingerprint(again) == bench.fingerprint(plain)
     with pytest.raises(ConfigError, match="model.training.epochs"):
         bench.base_settings(RunSpec("uniform", 0.1, "default", 0,
                                     overrides=("model.training.epochs=0",)))
