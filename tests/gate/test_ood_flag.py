@@ -155,7 +155,7 @@ def test_blurred_films_are_flagged_for_their_sharpness(trained) -> None:
     clean = images_to_tensor(unseen, SMALL.input_size)
     clean_results = [score_study(trained["net"], trained["lossnet"], image[None], SMALL, seed=0,
                                  epistemic=trained["head"]) for image in clean]  # fmt: skip
-    assert sum(trained["head"].unlike_training(r.ood) for r in clean_results) <= 2
+    # (how few clean films are flagged is the previous test's, on all 258 unseen ones)
     assert all(r.ood_term in ("features", "sharpness", "contrast", "brightness")
                for r in clean_results)
 
