@@ -35,7 +35,7 @@ small matrix product per study instead:
   quality term existed, score the density alone, as before.
 
 The density and the Laplace samples need only the features the deterministic pass
-computes anyway; the quality terms one 3x3 convolution of the input.
+computes anyway; the quality terms one 3x3 Laplacian of the input.
 """
 
 import math
@@ -49,7 +49,12 @@ import torch
 
 from triage.model.mc_dropout import McOutput, mc_dropout_mode
 from triage.model.network import TriageNet
-from triage.model.quality import QUALITY_TERMS, QualityReference, image_quality_array
+from triage.model.quality import (
+    QUALITY_TERMS,
+    QualityReference,
+    cholesky_with_jitter,
+    image_quality_array,
+)
 
 PRIOR_PRECISIONS: tuple[float, ...] = tuple(10.0**e for e in range(-6, 5))
 """Grid of prior precisions lambda tried by `fit_epistemic`."""
@@ -106,9 +111,7 @@ class EpistemicHead:
         # fraction of a torch one, and the `ood` path is a dozen of them
         arrays = {"means": self.means, "whiten": self.whiten, "log_norm": self.log_norm}
         if self.quality is not None and self.ood_center is not None and self.ood_scale is not None:
-            arrays.update(q_mean=self.quality.mean, q_whiten=self.quality.whiten,
-                          q_scale=self.quality.scale, center=self.ood_center,
-                          scale=self.ood_scale)  # fmt: skip
+            arrays.update(center=self.ood_center, scale=self.ood_scale)
         object.__setattr__(self, "_np", {k: v.detach().float().numpy() for k, v in arrays.items()})
 
     @property
@@ -148,28 +151,26 @@ class EpistemicHead:
         """
         return torch.from_numpy(self._ood_terms(features, images)[0])
 
-    def ood_term(self, features: torch.Tensor, images: torch.Tensor) -> tuple[float, str]:
+    def ood_term(self, features: torch.Tensor, images: torch.Tensor) -> tuple[float, str | None]:
         """A study's `ood` score (max over its images [K, 1, S, S] and features [K, F])
-        and the `OOD_TERMS` entry that gave it; for a head with a quality reference."""
+        and the `OOD_TERMS` entry that gave it; the term is None for a head without a
+        quality reference, whose score is the density alone."""
+        if self.quality is None:
+            return float(self._density(_numpy(features)).max()), None
         terms, measured = self._ood_terms(features, images)
         image, column = divmod(int(terms.argmax()), terms.shape[1])
-        if column == 0:
-            name = "features"
-        else:
-            z = np.abs((measured[image] - self._np["q_mean"]) / self._np["q_scale"])
-            name = QUALITY_TERMS[int(z.argmax())]
+        name = "features" if column == 0 else self.quality.term_of(measured[image : image + 1])[0]
         return float(terms[image, column]), name
 
     def _ood_terms(self, features: torch.Tensor, images: torch.Tensor | None
                    ) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
-        if "center" not in self._np:
+        if self.quality is None or "center" not in self._np:
             raise ValueError("this head has no input-quality reference")
         if images is None:
             raise ValueError("this head scores input quality: the images are needed")
         measured = image_quality_array(images)
-        distance = np.sqrt(np.square((measured - self._np["q_mean"]) @ self._np["q_whiten"]
-                                     ).sum(1))  # fmt: skip
-        raw = np.stack([self._density(_numpy(features)), distance], axis=1)
+        raw = np.stack([self._density(_numpy(features)), self.quality.distance_of(measured)],
+                       axis=1)  # fmt: skip
         return (raw - self._np["center"]) / self._np["scale"], measured
 
     def unlike_training(self, score: float | None) -> bool | None:
@@ -315,11 +316,8 @@ def _class_gaussians(features: torch.Tensor, labels: torch.Tensor, num_classes: 
             raise ValueError(f"class {c} has no training studies: cannot fit its density")
         mu = x.mean(0)
         cov = torch.cov(x.T) if len(x) > 1 else pooled
-        for jitter in (0.0, 1e-10, 1e-8, 1e-6, 1e-4, 1e-2, 1.0):
-            root, info = torch.linalg.cholesky_ex(cov + jitter * eye)
-            if int(info) == 0:
-                break
-        else:
+        root = cholesky_with_jitter(cov)
+        if root is None:
             raise ValueError(f"class {c}: feature covariance is not positive definite")
         whitens.append(torch.linalg.solve_triangular(root, eye, upper=False).T)
         means.append(mu)
@@ -373,10 +371,12 @@ def with_quality(head: EpistemicHead, quality: QualityReference, held_features: 
     center = raw.nanmedian(dim=1).values
     top = torch.stack([torch.nanquantile(row, OOD_QUANTILE) for row in raw])
     scale = (top - center).nan_to_num(1.0).clamp_min(1e-6)
-    fitted = replace(head, quality=quality, ood_center=center.nan_to_num(0.0).float(),
-                     ood_scale=scale.float())  # fmt: skip
-    return replace(fitted, ood_threshold=ood_threshold(fitted, held_features.float(),
-                                                       images=held_images))
+    center = center.nan_to_num(0.0)
+    center, scale = center.float(), scale.float()
+    # the held-out images' `ood` scores, from the raw terms already at hand
+    combined = ((raw.float() - center[:, None]) / scale[:, None]).max(0).values
+    return replace(head, quality=quality, ood_center=center, ood_scale=scale,
+                   ood_threshold=_quantile_of(combined))
 
 
 def fit_epistemic_features(
@@ -437,7 +437,12 @@ def ood_threshold(head: EpistemicHead, features: torch.Tensor, quantile: float =
     for a head with a quality reference): held-out images of the training distribution;
     None without a finite score."""
     with torch.inference_mode():
-        scores = head.ood(features, images).double()
+        return _quantile_of(head.ood(features, images), quantile)
+
+
+def _quantile_of(scores: torch.Tensor, quantile: float = OOD_QUANTILE) -> float | None:
+    """The `quantile` quantile of the finite scores; None without one."""
+    scores = scores.double()
     scores = scores[torch.isfinite(scores)]
     if len(scores) == 0:
         return None

@@ -143,10 +143,7 @@ def score_study(
     with torch.inference_mode():
         if epistemic is not None:
             start = time.perf_counter()
-            if epistemic.quality is None:
-                ood = float(epistemic.ood(out.pooled).max())
-            else:
-                ood, ood_term = epistemic.ood_term(out.pooled, images)
+            ood, ood_term = epistemic.ood_term(out.pooled, images)
             mc_seconds += time.perf_counter() - start
         start = time.perf_counter()
         if loss_predictor is not None:

@@ -27,7 +27,7 @@ The network's epistemic head combines the distance with the density
 Cost: one 3x3 Laplacian and three sums per image, about 0.05 ms at 64 px.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -70,6 +70,17 @@ def image_quality_array(images: torch.Tensor) -> np.ndarray:
     return np.stack([np.log(high + _EPS), np.log(std + _EPS), mean], axis=1).astype(np.float32)
 
 
+def cholesky_with_jitter(cov: torch.Tensor) -> torch.Tensor | None:
+    """Lower Cholesky factor of a covariance [D, D] with the smallest diagonal jitter of a
+    fixed ladder that makes it positive definite (as in DDU); None if none does."""
+    eye = torch.eye(cov.shape[0], dtype=cov.dtype)
+    for jitter in (0.0, 1e-10, 1e-8, 1e-6, 1e-4, 1e-2, 1.0):
+        root, info = torch.linalg.cholesky_ex(cov + jitter * eye)
+        if int(info) == 0:
+            return root
+    return None
+
+
 @dataclass(frozen=True)
 class QualityReference:
     """Mean and covariance of the quality terms over the training images.
@@ -85,22 +96,27 @@ class QualityReference:
     mean: torch.Tensor
     whiten: torch.Tensor
     scale: torch.Tensor
+    _np: tuple[np.ndarray, np.ndarray, np.ndarray] = field(init=False, repr=False,
+                                                           compare=False)  # fmt: skip
+
+    def __post_init__(self) -> None:
+        # the scoring path works on numpy terms (`image_quality_array`) of one study
+        arrays = tuple(t.detach().float().numpy() for t in (self.mean, self.whiten, self.scale))
+        object.__setattr__(self, "_np", arrays)
 
     @classmethod
     def fit(cls, images: torch.Tensor, batch: int = 1024) -> "QualityReference":
         """The reference of training images [N, 1, S, S] (N >= 1)."""
         if len(images) == 0:
             raise ValueError("cannot fit a quality reference on no images")
-        terms = torch.cat([image_quality(images[i : i + batch])
-                           for i in range(0, len(images), batch)]).double()  # fmt: skip
+        terms = torch.from_numpy(np.concatenate([
+            image_quality_array(images[i : i + batch]) for i in range(0, len(images), batch)
+        ])).double()  # fmt: skip
         eye = torch.eye(terms.shape[1], dtype=terms.dtype)
         cov = torch.cov(terms.T) if len(terms) > 1 else eye
         cov = torch.where(torch.isfinite(cov), cov, eye)
-        for jitter in (0.0, 1e-10, 1e-8, 1e-6, 1e-4, 1e-2, 1.0):
-            root, info = torch.linalg.cholesky_ex(cov + jitter * eye)
-            if int(info) == 0:
-                break
-        else:  # pragma: no cover - cov + I is positive definite
+        root = cholesky_with_jitter(cov)
+        if root is None:  # pragma: no cover - cov + I is positive definite
             raise ValueError("quality covariance is not positive definite")
         whiten = torch.linalg.solve_triangular(root, eye, upper=False).T
         scale = torch.diagonal(cov).clamp_min(1e-12).sqrt().clamp_min(1e-6)
@@ -109,18 +125,19 @@ class QualityReference:
     def distance(self, images: torch.Tensor) -> torch.Tensor:
         """Mahalanobis distance of each image's quality terms from the training images'
         [N, 1, S, S] -> [N]."""
-        return self.distance_of(image_quality(images))
+        return torch.from_numpy(self.distance_of(image_quality_array(images)))
 
-    def distance_of(self, terms: torch.Tensor) -> torch.Tensor:
-        """`distance` of terms [N, 3] already computed by `image_quality`."""
-        return ((terms - self.mean) @ self.whiten).norm(dim=1)
+    def distance_of(self, terms: np.ndarray) -> np.ndarray:
+        """`distance` of terms [N, 3] already computed by `image_quality_array`."""
+        mean, whiten, _ = self._np
+        return np.sqrt(np.square((terms - mean) @ whiten).sum(axis=1))
 
     def term(self, images: torch.Tensor) -> list[str]:
         """For each image, the `QUALITY_TERMS` entry furthest from the training mean in
         its own standard deviations (what the reader is told is unusual)."""
-        return self.term_of(image_quality(images))
+        return self.term_of(image_quality_array(images))
 
-    def term_of(self, terms: torch.Tensor) -> list[str]:
-        """`term` of terms [N, 3] already computed by `image_quality`."""
-        z = ((terms - self.mean) / self.scale).abs()
-        return [QUALITY_TERMS[int(i)] for i in z.argmax(dim=1)]
+    def term_of(self, terms: np.ndarray) -> list[str]:
+        """`term` of terms [N, 3] already computed by `image_quality_array`."""
+        mean, _, scale = self._np
+        return [QUALITY_TERMS[int(i)] for i in np.abs((terms - mean) / scale).argmax(axis=1)]
