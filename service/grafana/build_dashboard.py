@@ -188,7 +188,9 @@ ROWS: list[tuple[str, list[dict[str, Any]]]] = [
                [q(f"sum by (reason) (increase(triage_gate_fallback_total{{{JOB}}}[1h]))",
                   "{{reason}}")],
                description="no_loss_predictor: the model has no loss predictor, so the "
-                           "uncertainty stood in for the predicted loss."),
+                           "uncertainty stood in for the predicted loss. no_epistemic_head: "
+                           "the model has no epistemic head, so the uncertainty stood in "
+                           "for the embedding score of badge, emoc or alfa_mix."),
         series("Window rescore time (new serving model)",
                quantiles("triage_gate_rescore_seconds", window="1h"), unit="s"),
     ]),

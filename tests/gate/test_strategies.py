@@ -22,7 +22,8 @@ def result(bald=0.1, entropy=0.5, margin=0.4, loss=1.0):
 
 def test_registry_names():
     assert set(STRATEGIES) == {"random", "entropy", "bald", "margin", "least_confidence",
-                               "vote_entropy", "predicted_loss", "combined"}
+                               "vote_entropy", "consensus_entropy", "max_disagreement",
+                               "badge", "alfa_mix", "emoc", "predicted_loss", "combined"}
     for name, cls in STRATEGIES.items():
         assert issubclass(cls, Strategy) and cls.name == name
 
@@ -35,6 +36,8 @@ def test_registry_names():
         ("margin", {"uncertainty": pytest.approx(0.6)}),  # 1 - margin: larger = less sure
         ("least_confidence", {"uncertainty": 0.3}),
         ("vote_entropy", {"uncertainty": 0.2}),
+        ("consensus_entropy", {"uncertainty": 0.5}),  # the committee mean's entropy
+        ("max_disagreement", {"uncertainty": 0.1}),  # the members' mean KL: BALD
         ("predicted_loss", {"predicted_loss": 1.0}),
         ("combined", {"uncertainty": 0.5, "predicted_loss": 1.0}),  # entropy by default
         ("random", {}),

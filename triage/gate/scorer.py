@@ -18,7 +18,9 @@ No loss predictor: a model without one gives no predicted loss; the uncertainty 
 in for it (`Strategy.components_with_fallback`), so such a model ranks by
 uncertainty alone instead of failing every study. The first such study of a version
 logs a WARNING event `gate_fallback_uncertainty`; the counter
-`triage_gate_fallback_total{reason="no_loss_predictor"}` counts the studies.
+`triage_gate_fallback_total{reason="no_loss_predictor"}` counts the studies. The same
+for a strategy that scores the study's embedding (`badge`, `emoc`, `alfa_mix`) and a
+model without an epistemic head: reason `no_epistemic_head`.
 
 Degraded serving (`triage.model.serving.ServingLoader`): when the serving checkpoint cannot be
 loaded, the most recently promoted version that loads serves instead; when none loads,

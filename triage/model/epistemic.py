@@ -42,6 +42,7 @@ import math
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 from typing import Any
 
 import numpy as np
@@ -118,6 +119,40 @@ class EpistemicHead:
     def samples(self) -> int:
         """Number of weight samples T."""
         return int(self.weights.shape[0])
+
+    @property
+    def anchors(self) -> np.ndarray:
+        """The class means of the training features, [C, F], numpy (read-only view)."""
+        return self._np["means"]
+
+    @cached_property
+    def feature_moment(self) -> np.ndarray:
+        """Second moment E[a a^T] of the augmented training features a = [phi, 1],
+        [F + 1, F + 1], float64, from the class Gaussians: sum_c pi_c E_c[a a^T], with
+        Sigma_c = (whiten_c whiten_c^T)^-1 and pi_c recovered from `log_norm` (the
+        covariance includes the jitter the fit added). Derived, not stored: every head
+        saved since the density existed has it."""
+        means = self.means.double().numpy()
+        whiten = self.whiten.double().numpy()
+        classes, features = means.shape
+        # log_norm = log pi_c - log det(Sigma_c) / 2 - F/2 log(2 pi); whiten_c = L_c^-T,
+        # so log det(Sigma_c) / 2 = -sum log |diag whiten_c|
+        half_logdet = -np.log(np.abs(np.diagonal(whiten, axis1=1, axis2=2))).sum(1)
+        log_prior = (self.log_norm.double().numpy() + half_logdet
+                     + 0.5 * features * math.log(2 * math.pi))  # fmt: skip
+        prior = np.exp(log_prior - log_prior.max())
+        prior /= prior.sum()
+        moment = np.zeros((features + 1, features + 1))
+        for c in range(classes):
+            cov = np.linalg.inv(whiten[c] @ whiten[c].T)
+            mu = means[c]
+            block = np.empty_like(moment)
+            block[:features, :features] = cov + np.outer(mu, mu)
+            block[:features, features] = block[features, :features] = mu
+            block[features, features] = 1.0
+            moment += prior[c] * block
+        moment.setflags(write=False)
+        return moment
 
     def probs(self, features: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
         """Predictive distributions of the T weight samples, [T, N, C], for features [N, F]."""

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 import torch
 
 from triage.model.calibration import OperatingPoint
+from triage.model.embedding import FeatureSpace, StudyEmbedding
 from triage.model.epistemic import EpistemicHead, laplace_predict
 from triage.model.lossnet import LossPredictor
 from triage.model.mc_dropout import mc_predict
@@ -42,6 +43,9 @@ class StudyResult:
         ood_term: Which of `OOD_TERMS` gave `ood` (`features`, `sharpness`, `contrast`
             or `brightness`); None for a head without the quality reference.
         sampler: Where the T samples came from: `mc_dropout` or `laplace`.
+        embedding: The scored images' pooled features with the model's last layer and
+            training-feature summary (`triage.model.embedding`), for the strategies that
+            score by them; None for a model without an epistemic head.
     """
 
     probs: tuple[float, ...]
@@ -54,6 +58,7 @@ class StudyResult:
     ood: float | None = None
     ood_term: str | None = None
     sampler: str = "mc_dropout"
+    embedding: StudyEmbedding | None = field(default=None, compare=False, repr=False)
 
     @property
     def predicted_index(self) -> int:
@@ -181,6 +186,8 @@ def score_study(
         ood=ood,
         ood_term=ood_term,
         sampler="laplace" if laplace else "mc_dropout",
+        embedding=(None if epistemic is None or out.pooled is None else
+                   StudyEmbedding(out.pooled.numpy(), FeatureSpace.of(net.fc, epistemic))),
     )
 
 

@@ -296,7 +296,8 @@ class Lockstep:
             self.settings.model, seed=position * SEED_FACTOR,
             operating_point=checkpoint.operating_point, epistemic=checkpoint.epistemic,
         )
-        return self.gate.strategy.components(result)
+        # as the daemon's scorer: the uncertainty stands in for what the model lacks
+        return self.gate.strategy.components_with_fallback(result)[0]
 
     def _decide(self, i: int, now: float) -> None:
         when = datetime.fromtimestamp(now, UTC)

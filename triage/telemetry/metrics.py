@@ -181,7 +181,8 @@ def build_metrics(registry: CollectorRegistry) -> Metrics:
         gate_fallback=Counter(
             "triage_gate_fallback",
             "Studies the gate scored with a stand-in component, by reason "
-            "(no_loss_predictor: the uncertainty stood in for the predicted loss).",
+            "(no_loss_predictor: the uncertainty stood in for the predicted loss; "
+            "no_epistemic_head: for the embedding an embedding strategy scores).",
             ["reason"],
             registry=registry,
         ),
@@ -291,6 +292,7 @@ def build_metrics(registry: CollectorRegistry) -> Metrics:
     # So are these (the load failures' reasons are set by the scorer's ServingLoader).
     for reason in ("missing", "unknown", "revoked", "throttled"):
         metrics.auth_failures.labels(reason)
-    metrics.gate_fallback.labels("no_loss_predictor")
+    for reason in ("no_loss_predictor", "no_epistemic_head"):
+        metrics.gate_fallback.labels(reason)
     return metrics
 

@@ -8,7 +8,10 @@ scored studies are routed is the budget manager's part (`triage.gate.budget_mana
 from collections.abc import Mapping
 from types import MappingProxyType
 
+from triage.gate.strategies.alfa_mix import AlfaMixStrategy
+from triage.gate.strategies.badge import BadgeStrategy
 from triage.gate.strategies.base import (
+    NO_EPISTEMIC_HEAD,
     NO_LOSS_PREDICTOR,
     PREDICTED_LOSS,
     UNCERTAINTY,
@@ -18,7 +21,12 @@ from triage.gate.strategies.base import (
     uncertainty_score,
 )
 from triage.gate.strategies.combined import CombinedStrategy
-from triage.gate.strategies.committee import VoteEntropyStrategy
+from triage.gate.strategies.committee import (
+    ConsensusEntropyStrategy,
+    MaxDisagreementStrategy,
+    VoteEntropyStrategy,
+)
+from triage.gate.strategies.emoc import EmocStrategy
 from triage.gate.strategies.predicted_loss import PredictedLossStrategy
 from triage.gate.strategies.random import RandomStrategy
 from triage.gate.strategies.uncertainty import (
@@ -38,6 +46,11 @@ STRATEGIES: Mapping[str, type[Strategy]] = MappingProxyType(
             MarginStrategy,
             LeastConfidenceStrategy,
             VoteEntropyStrategy,
+            ConsensusEntropyStrategy,
+            MaxDisagreementStrategy,
+            BadgeStrategy,
+            AlfaMixStrategy,
+            EmocStrategy,
             PredictedLossStrategy,
             CombinedStrategy,
         )
@@ -58,15 +71,21 @@ def make_strategy(options: StrategyOptions) -> Strategy:
 
 
 __all__ = [
+    "NO_EPISTEMIC_HEAD",
     "NO_LOSS_PREDICTOR",
     "PREDICTED_LOSS",
     "STRATEGIES",
     "UNCERTAINTY",
+    "AlfaMixStrategy",
+    "BadgeStrategy",
     "BaldStrategy",
     "CombinedStrategy",
+    "ConsensusEntropyStrategy",
+    "EmocStrategy",
     "EntropyStrategy",
     "LeastConfidenceStrategy",
     "MarginStrategy",
+    "MaxDisagreementStrategy",
     "PredictedLossStrategy",
     "RandomStrategy",
     "Strategy",

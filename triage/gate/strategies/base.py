@@ -8,8 +8,9 @@ ranks) serve offline ranking. A new function is one file: subclass
 `Strategy`, then add the class to `triage.gate.strategies.STRATEGIES`.
 
 `components` needs every input its components use (a model without a loss
-predictor gives no predicted loss). `components_with_fallback`, which the daemon's
-scorer uses, lets the uncertainty stand in for a missing predicted loss instead.
+predictor gives no predicted loss, one without an epistemic head no embedding).
+`components_with_fallback`, which the daemon's scorer uses, lets the uncertainty stand
+in for a missing predicted loss or embedding instead.
 """
 
 from __future__ import annotations
@@ -28,6 +29,10 @@ UNCERTAINTY = "uncertainty"
 PREDICTED_LOSS = "predicted_loss"
 NO_LOSS_PREDICTOR = "no_loss_predictor"
 """Fallback reason: the model has no loss predictor, the uncertainty stands in."""
+NO_EPISTEMIC_HEAD = "no_epistemic_head"
+"""Fallback reason: a strategy that scores the study's embedding
+(`StudyResult.embedding`) met a model without an epistemic head; the uncertainty stands
+in."""
 
 
 class StrategyOptions(Protocol):
@@ -67,12 +72,14 @@ class Strategy(ABC):
             which only a budget manager that ignores scores can serve.
         default_budget_manager: The budget manager used when `gate.budget_manager` is
             not set.
+        needs_embedding: True for a strategy that scores `StudyResult.embedding`.
         fallback_measure: Uncertainty measure that stands in for a missing predicted
-            loss in `components_with_fallback`.
+            loss or embedding in `components_with_fallback`.
     """
 
     name: ClassVar[str]
     has_scores: ClassVar[bool] = True
+    needs_embedding: ClassVar[bool] = False
     default_budget_manager: ClassVar[str] = "quantile"
     fallback_measure: str = "entropy"
 
@@ -91,18 +98,24 @@ class Strategy(ABC):
         """Weight of each component (keys as in `components`), non-negative."""
 
     def components_with_fallback(self, result: StudyResult) -> tuple[dict[str, float], str | None]:
-        """`components`, with the uncertainty standing in for a missing predicted loss.
+        """`components`, with the uncertainty standing in for a missing predicted loss
+        or embedding.
 
         A model without a loss predictor gives `predicted_loss` None, which would make
         every study a scoring error for a function with a predicted-loss component.
         The component then takes the study's uncertainty instead (`fallback_measure`,
         oriented as in `uncertainty_score`), so the study is ranked by uncertainty
-        alone: with `combined`, both components are the same uncertainty.
+        alone: with `combined`, both components are the same uncertainty. Likewise
+        every component of a strategy that `needs_embedding`, for a model without an
+        epistemic head.
 
         Returns:
-            The components and the fallback reason: `NO_LOSS_PREDICTOR` when the
-            uncertainty stood in, else None.
+            The components and the fallback reason: `NO_LOSS_PREDICTOR` or
+            `NO_EPISTEMIC_HEAD` when the uncertainty stood in, else None.
         """
+        if self.needs_embedding and result.embedding is None:
+            stand_in = uncertainty_score(result, self.fallback_measure)
+            return dict.fromkeys(self.weights, stand_in), NO_EPISTEMIC_HEAD
         if result.predicted_loss is None and PREDICTED_LOSS in self.weights:
             stand_in = uncertainty_score(result, self.fallback_measure)
             return self.components(replace(result, predicted_loss=stand_in)), NO_LOSS_PREDICTOR
