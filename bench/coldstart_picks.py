@@ -52,6 +52,8 @@ def main() -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4, 5])
     parser.add_argument("--studies", type=int, default=1200)
     parser.add_argument("--rate", type=float, default=0.08)
+    parser.add_argument("--neighbours", type=int, default=20,
+                        help="k of the typicality-weighted selector (`typical` arm)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     dev = load_pneumoniamnist_dev()
@@ -60,17 +62,19 @@ def main() -> int:
     rows = []
     for seed in args.seeds:
         order = np.random.default_rng(seed).permutation(len(y))[: args.studies]
-        selector, coverage = ColdStartSelector(args.rate, seed), []
-        for sequence, i in enumerate(order):
-            embedding = coldstart_embedding(x[i : i + 1])
-            wanted = selector.wants(embedding, sequence)
-            selector.commit(embedding, wanted)
-            if wanted:
-                coverage.append(int(i))
+        picked = {}
+        for name, k in (("coverage", 0), ("typical", args.neighbours)):
+            selector, picked[name] = ColdStartSelector(args.rate, seed, typical_neighbours=k), []
+            for sequence, i in enumerate(order):
+                embedding = coldstart_embedding(x[i : i + 1])
+                wanted = selector.wants(embedding, sequence)
+                selector.commit(embedding, wanted)
+                if wanted:
+                    picked[name].append(int(i))
         coin = np.random.default_rng(seed + 99).random(len(order)) < args.rate
         random = [int(i) for i in order[coin]]
         row = {"seed": seed}
-        for name, picks in (("coverage", coverage), ("random", random)):
+        for name, picks in (*picked.items(), ("random", random)):
             index = torch.tensor(picks)
             row[name] = {"studies": len(picks),
                          "normal_share": round(1 - float(y[index].float().mean()), 3),
@@ -78,14 +82,18 @@ def main() -> int:
                                                                  seed), 4)}
         rows.append(row)
         print(json.dumps(row), file=sys.stderr, flush=True)
-    diffs = [r["coverage"]["dev_val_auroc"] - r["random"]["dev_val_auroc"] for r in rows]
     summary = {
         name: {"mean_auroc": round(statistics.fmean(r[name]["dev_val_auroc"] for r in rows), 4),
                "sd_auroc": round(statistics.stdev(r[name]["dev_val_auroc"] for r in rows), 4),
                "normal_share": round(statistics.fmean(r[name]["normal_share"] for r in rows), 3)}
-        for name in ("coverage", "random")
+        for name in ("coverage", "typical", "random")
     }
-    summary["paired_difference"] = round(statistics.fmean(diffs), 4)
+    for a, b in (("coverage", "random"), ("typical", "random"), ("typical", "coverage")):
+        diffs = [r[a]["dev_val_auroc"] - r[b]["dev_val_auroc"] for r in rows]
+        half = 2.571 if len(diffs) == 6 else 1.96  # t(5) for the default six seeds
+        summary[f"{a}_minus_{b}"] = {
+            "mean": round(statistics.fmean(diffs), 4),
+            "ci95_half": round(half * statistics.stdev(diffs) / len(diffs) ** 0.5, 4)}
     print(json.dumps({"runs": rows, "summary": summary,
                       "stream_normal_share": round(1 - float(y.float().mean()), 3)}))
     return 0

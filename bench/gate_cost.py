@@ -20,6 +20,7 @@ images. The flag's score is the model's `ood` (feature density and input quality
 triage/model/quality.py); the density alone and the quality alone are reported beside
 it. `full_gate_ratio` (the default path's full gate over one deterministic pass) and
 `ood_auroc` (the flag's score, per set and `all`) are the issue's two figures.
+`strategy_gate_ratio`: the same full gate under each strategy of `gate.strategy`.
 
     .venv/bin/python bench/gate_cost.py [--epochs N] [--repeats N] [--quick] [--out PATH]
 """
@@ -47,7 +48,7 @@ from triage.replay.datasets import (  # noqa: E402
     load_pneumoniamnist_dev,
 )
 from triage.gate import BudgetGate, GateSettings  # noqa: E402
-from triage.gate.strategies import midranks  # noqa: E402
+from triage.gate.strategies import STRATEGIES, midranks  # noqa: E402
 from triage.ingest.dicom import read_instance  # noqa: E402
 from triage.ingest.preprocess import preprocess  # noqa: E402
 from triage.model.epistemic import fit_epistemic, pooled_features  # noqa: E402
@@ -108,6 +109,40 @@ def time_costs(net, lossnet, head, settings, images, repeats):
                     stage[path][key].append(value)
     med = {k: statistics.median(v) for k, v in samples.items()}
     return med, {s: {k: statistics.median(v) for k, v in d.items()} for s, d in stage.items()}
+
+
+def time_strategies(net, lossnet, head, settings, images, repeats):
+    """Median seconds per single-image study of the full gate at the default path under
+    each strategy of `STRATEGIES` (its own budget manager), interleaved over repeats,
+    and of one deterministic pass: [name] -> seconds, with "deterministic"."""
+    start = datetime(2024, 1, 1, tzinfo=UTC)
+    gates = {}
+    for name in STRATEGIES:
+        gate = BudgetGate(GateSettings(strategy=name))
+        for i in range(gate.settings.window):  # steady state: a full window
+            result = score_study(net, lossnet, images[i % len(images)][None], settings,
+                                 epistemic=head)  # fmt: skip
+            gate.commit(gate.decide(gate.strategy.components(result), start))
+        gates[name] = gate
+    samples = {"deterministic": [], **{name: [] for name in STRATEGIES}}
+    net.eval()
+    for r in range(repeats + 10):
+        x = images[r % len(images)][None]
+        now = start + timedelta(seconds=r)
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            net(x)
+        elapsed = time.perf_counter() - t0
+        if r >= 10:
+            samples["deterministic"].append(elapsed)
+        for name, gate in gates.items():
+            t0 = time.perf_counter()
+            result = score_study(net, lossnet, x, settings, epistemic=head)
+            gate.commit(gate.decide(gate.strategy.components(result), now))
+            elapsed = time.perf_counter() - t0
+            if r >= 10:
+                samples[name].append(elapsed)
+    return {k: statistics.median(v) for k, v in samples.items()}
 
 
 def dicom_frames(size):
@@ -291,6 +326,7 @@ def main(argv=None):
     # loss predictor, the measures and the gate's decision, which every path shares
     estimator = {path: round((stages[path]["trunk"] + stages[path]["mc"]) / det, 3)
                  for path in PATHS}
+    per_strategy = time_strategies(net, lossnet, head, settings, val_x, repeats)
     found = quality(net, lossnet, head, settings, val_x, val_y)
     full_gate_ratio = ratios[settings.mc_scope if settings.epistemic == "mc_dropout" else "laplace"]
     laplace_bald = found["estimators"]["laplace"]["error_auroc"]["bald"]
@@ -324,6 +360,11 @@ def main(argv=None):
         "target_laplace_estimator_ratio_le_1_5_and_bald_error_auroc_ge_0_93": (
             estimator["laplace"] <= 1.5 and laplace_bald >= 0.93),
         "full_gate_ratio": full_gate_ratio,
+        # the full gate at the default path under each strategy, over its own
+        # deterministic pass (a second interleaved timing loop)
+        "strategy_cost_ms": {k: round(v * 1e3, 4) for k, v in per_strategy.items()},
+        "strategy_gate_ratio": {k: round(v / per_strategy["deterministic"], 3)
+                                for k, v in per_strategy.items() if k != "deterministic"},
         "ood_auroc": found["ood"]["auroc"]["ood"],
         "target_full_gate_ratio_le_1_5": full_gate_ratio <= 1.5,
         "target_ood_auroc_ge_0_95_every_set_and_all": min(

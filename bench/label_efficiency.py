@@ -111,6 +111,7 @@ def base_settings(spec: RunSpec):
 # stored before it was added are still reused. Another value is part of the digest.
 ADDED_SETTINGS: dict[tuple[str, ...], Any] = {
     ("model", "training", "cycles"): 1,  # 2026-12-04; read only by schedule: restarts
+    ("gate", "cold_start_neighbours"): 0,  # 2026-12-04 (third session): coverage cold start
 }
 
 

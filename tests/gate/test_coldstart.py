@@ -179,3 +179,41 @@ def test_bad_embeddings_and_commits_are_refused():
         selector.commit(None, False)
     with pytest.raises(ValueError, match="novelty"):
         selector.commit(np.zeros(EMBEDDING_SIZE), False, novelty=math.nan)
+
+
+def test_typicality_weighting_passes_over_outliers_that_coverage_takes():
+    """A dense stream of the four patterns with isolated outliers (a pattern of their own
+    each, far from everything): farthest-first coverage takes the outliers first, the
+    typicality-weighted selector (k nearest recent studies) leaves most of them and
+    still covers every pattern, the rare one included."""
+    rng = np.random.default_rng(5)
+    clusters, embeddings = stream(1200, seed=5)
+    clusters = clusters.copy()
+    outliers = rng.choice(np.arange(100, 1200), size=24, replace=False)
+    for i in outliers:
+        embeddings[i] = rng.normal(0, 1, EMBEDDING_SIZE)  # noise: unlike any pattern
+        embeddings[i] = (embeddings[i] - embeddings[i].mean()) / embeddings[i].std()
+        clusters[i] = -1
+    coverage = np.array(select(embeddings, 0.1))
+    typical = np.array(select(embeddings, 0.1, typical_neighbours=20))
+    for routed in (coverage, typical):  # the rate holds either way
+        assert abs(routed.mean() - 0.1) <= 0.2 * 0.1
+    taken = {name: int((clusters[routed] == -1).sum())
+             for name, routed in (("coverage", coverage), ("typical", typical))}
+    assert taken["coverage"] >= 18 and taken["typical"] <= 4, taken
+    assert set(clusters[typical]) >= set(range(len(MIX)))
+
+
+def test_typicality_spread_is_the_mean_distance_to_the_nearest_recent_studies():
+    selector = ColdStartSelector(0.2, seed=0, window=5, warmup=0, typical_neighbours=2)
+    points = [np.full(EMBEDDING_SIZE, v) for v in (0.0, 1.0, 3.0, 10.0, 20.0, 30.0)]
+    for p in points:
+        selector.commit(p, False, novelty=1.0)  # the window keeps the last five seen
+    query = np.full(EMBEDDING_SIZE, 2.0)
+    # nearest of 1, 3, 10, 20, 30 are 1 and 3: distances 1 and 1 per value, 8 values
+    assert selector.spread(query) == pytest.approx(8.0)
+    assert ColdStartSelector(0.2, seed=0).spread(query) is None  # off by default
+    selector.add_selected(points[0])
+    assert selector.value(query) == pytest.approx(selector.novelty(query) / 8.0, rel=1e-6)
+    with pytest.raises(ValueError, match="typical_neighbours"):
+        ColdStartSelector(0.2, seed=0, typical_neighbours=-1)

@@ -290,8 +290,11 @@ def test_a_model_without_loss_predictor_ranks_by_uncertainty(
     assert warning.levelno == logging.WARNING and warning.model == version
 
 
-def test_cold_start_routes_at_the_label_rate_and_survives_a_restart(tmp_path: Path) -> None:
-    gate = {"label_rate": 0.2, "window": 50, "warmup": 20, "daily_cap": 40}
+@pytest.mark.parametrize("neighbours", [0, 5])  # coverage, and typicality-weighted
+def test_cold_start_routes_at_the_label_rate_and_survives_a_restart(
+        tmp_path: Path, neighbours: int) -> None:  # fmt: skip
+    gate = {"label_rate": 0.2, "window": 50, "warmup": 20, "daily_cap": 40,
+            "cold_start_neighbours": neighbours}
     one = Home(tmp_path / "one", **gate)
     straight = one.score(one.scorer(), 120)
     two = Home(tmp_path / "two", **gate)

@@ -66,7 +66,9 @@ ROUTED_REASONS = (
 )  # fmt: skip
 SKIPPED_REASONS = ("below_threshold", "not_sampled", "cap_reached", "budget_offset")
 NOVELTY = "novelty"
-"""The only score of a cold-start decision: its `ColdStartSelector` novelty."""
+"""The only score of a cold-start decision: its `ColdStartSelector` novelty (the value
+its threshold compares: divided by the typicality spread with
+`gate.cold_start_neighbours`)."""
 STATE_VERSION = 2
 """Version of `state_dict()`; 2 added the window's keys (version 1 is still read)."""
 

@@ -90,6 +90,11 @@ class ColdStartSelector:
         warmup: Studies routed at random (probability label_rate) before novelty is used,
             0 <= warmup <= window.
         feedback_gain: Gain of the correction from the realised routed fraction (>= 0).
+        typical_neighbours: 0 (the default): farthest-first on novelty alone. k >= 1:
+            typicality-weighted, the value compared with the threshold is novelty divided
+            by the study's mean distance to its k nearest neighbours among the last
+            `window` studies seen (Hacohen et al. 2022's typicality, inverted), so that
+            an outlier, far from everything, is not mistaken for new ground.
     """
 
     def __init__(
@@ -99,6 +104,7 @@ class ColdStartSelector:
         window: int = 500,
         warmup: int = 50,
         feedback_gain: float = 8.0,
+        typical_neighbours: int = 0,
     ) -> None:
         if not isinstance(label_rate, Real) or not 0 < label_rate <= 1:
             raise ValueError(f"label_rate must be in (0, 1], got {label_rate!r}")
@@ -117,6 +123,11 @@ class ColdStartSelector:
         self.window = int(window)
         self.warmup = int(warmup)
         self.feedback_gain = float(feedback_gain)
+        if (isinstance(typical_neighbours, bool) or not isinstance(typical_neighbours, Integral)
+                or typical_neighbours < 0):
+            raise ValueError(f"typical_neighbours must be an int >= 0, got {typical_neighbours!r}")
+        self.typical_neighbours = int(typical_neighbours)
+        self._recent: deque[np.ndarray] = deque(maxlen=self.window)
         self._selected = np.zeros((64, EMBEDDING_SIZE))
         self._count = 0
         self._novelty: deque[float] = deque(maxlen=self.window)
@@ -141,6 +152,26 @@ class ColdStartSelector:
             return NOVELTY_CAP
         distances = np.sqrt(((self._selected[: self._count] - e) ** 2).sum(axis=1))
         return min(float(distances.min()), NOVELTY_CAP)
+
+    def spread(self, embedding: np.ndarray) -> float | None:
+        """Mean distance from `embedding` to its `typical_neighbours` nearest among the
+        recent studies seen (small in a dense, typical region); None when off or while
+        fewer have been seen."""
+        k = self.typical_neighbours
+        if k == 0 or len(self._recent) < k:
+            return None
+        e = self._check(embedding)
+        distances = np.sqrt(((np.stack(self._recent) - e) ** 2).sum(axis=1))
+        return float(np.partition(distances, k - 1)[:k].mean())
+
+    def value(self, embedding: np.ndarray) -> float:
+        """What the threshold is compared with: `novelty`, divided by `spread` when
+        typicality-weighted (and it is known)."""
+        novelty = self.novelty(embedding)
+        spread = self.spread(embedding)
+        if spread is None or novelty >= NOVELTY_CAP:
+            return novelty
+        return novelty / (spread + _EPS)
 
     def realised_rate(self) -> float | None:
         """Routed fraction of the window's studies not blocked by the cap (None if none)."""
@@ -172,7 +203,7 @@ class ColdStartSelector:
             embedding: The study's `coldstart_embedding`.
             sequence: The decision's sequence number (seeds the warm-up draw).
         """
-        novelty = self.novelty(embedding)
+        novelty = self.value(embedding)
         threshold = self.threshold()
         if threshold is None:
             return uniform_pair(self.seed, sequence)[1] < self.label_rate
@@ -200,11 +231,13 @@ class ColdStartSelector:
         if novelty is None:
             if embedding is None:
                 raise ValueError("embedding or novelty must be given")
-            novelty = self.novelty(embedding)
+            novelty = self.value(embedding)
         elif not math.isfinite(novelty) or novelty < 0:
             raise ValueError(f"novelty must be finite and >= 0, got {novelty!r}")
         if routed and embedding is not None:
             self.add_selected(embedding)
+        if embedding is not None and self.typical_neighbours:
+            self._recent.append(self._check(embedding))
         self._novelty.append(float(novelty))
         self._routed.append(bool(routed))
         self._eligible.append(bool(eligible))

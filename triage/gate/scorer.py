@@ -187,7 +187,7 @@ class GateScorer:
         """No usable model: the cold-start selector chooses, within the gate's cap."""
         selector = self._cold_start_selector()
         embedding = coldstart_embedding(study.images)
-        novelty = selector.novelty(embedding)
+        novelty = selector.value(embedding)  # typicality-weighted when configured
         wanted = selector.wants(embedding, self._gate.sequence)
         decision = self._gate.decide(
             None, now, key=study.study_id, cold_start=wanted, novelty=novelty
@@ -269,13 +269,15 @@ class GateScorer:
         The last ``window`` of them are replayed with their stored novelty and outcome
         (only whether ``warmup`` <= ``window`` studies were seen matters, so older ones
         need not be counted); every routed one adds its embedding, recomputed from the
-        study's current images. Decisions stored before the selector have no novelty:
+        study's current images (with `gate.cold_start_neighbours`, every one of the
+        window's studies, whose embeddings the typicality is measured among). Decisions stored before the selector have no novelty:
         their routed studies only join the routed set.
         """
         gate = self._settings.gate
         selector = ColdStartSelector(max(self._gate.score_rate, 1e-6), gate.seed,
                                      window=gate.window,
-                                     warmup=gate.warmup, feedback_gain=gate.feedback_gain)
+                                     warmup=gate.warmup, feedback_gain=gate.feedback_gain,
+                                     typical_neighbours=gate.cold_start_neighbours)
         recent = self._db.execute(
             "SELECT id, study_id, needs_label, reason, scores FROM decisions "
             "WHERE model_version IS NULL ORDER BY id DESC LIMIT ?",
@@ -292,7 +294,9 @@ class GateScorer:
                 selector.add_selected(embedding)
         for _, study_id, needs_label, reason, scores in recent:
             novelty = json.loads(scores).get(NOVELTY) if scores else None
-            embedding = self._stored_embedding(study_id) if needs_label else None
+            # typicality needs every recent study's embedding, coverage the routed ones
+            wanted = needs_label or selector.typical_neighbours
+            embedding = self._stored_embedding(study_id) if wanted else None
             if novelty is None:
                 if embedding is not None:
                     selector.add_selected(embedding)

@@ -19,7 +19,8 @@ class GateSettings(BaseModel):
 
     strategy: str = "combined"
     """Strategy, the score of each study (`triage.gate.strategies.STRATEGIES`): random,
-    entropy, bald, margin, least_confidence, vote_entropy, predicted_loss or combined."""
+    entropy, bald, margin, least_confidence, vote_entropy, consensus_entropy,
+    max_disagreement, badge, alfa_mix, emoc, predicted_loss or combined."""
     budget_manager: str | None = None
     """How scores become routes under the budget (`triage.gate.budget_managers`):
     `quantile` routes a study whose combined score passes the window quantile that keeps
@@ -55,6 +56,11 @@ class GateSettings(BaseModel):
     """Gain of the correction from the realised routed fraction (0 disables it). With the
     window-long realised rate, a high gain is needed on drifting score streams: 8 keeps
     500-study blocks within about 2 points of label_rate on the drift tests."""
+    cold_start_neighbours: int = Field(0, ge=0, le=500)
+    """Before the first model: 0 picks the studies farthest from those already routed
+    (coverage); k >= 1 weights that distance by typicality, dividing it by the study's
+    mean distance to its k nearest recent studies, so outliers are not taken for new
+    ground (`triage.gate.coldstart`)."""
     seed: int = 0
     """Seed of the exploration, warm-up and random-strategy draws."""
     timezone: str = "UTC"

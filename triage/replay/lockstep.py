@@ -252,7 +252,8 @@ class Lockstep:
         gate = self.settings.gate
         self.cold = ColdStartSelector(max(self.gate.score_rate, 1e-6), gate.seed,
                                       window=gate.window, warmup=gate.warmup,
-                                      feedback_gain=gate.feedback_gain)
+                                      feedback_gain=gate.feedback_gain,
+                                      typical_neighbours=gate.cold_start_neighbours)
         self.labelled = _Labelled()
         self.serving: list[tuple[str, Checkpoint]] = []  # newest first
         self.window_version: str | None = None
