@@ -150,7 +150,7 @@ def test_pneumoniamnist_source_is_dev_only() -> None:
 
 
 # -- the whole replay through a real daemon ------------------------------------------------
-SCALE = {"n": 600, "rate": 8, "cap": 300} if FULL_SCALE else {"n": 240, "rate": 6, "cap": 130}
+SCALE = {"n": 600, "rate": 8, "cap": 300} if FULL_SCALE else {"n": 240, "rate": 10, "cap": 130}
 TINY = [
     "model.input_size=32", "model.channels=[8, 16]", "model.subunits=1", "model.mc_samples=5",
     "model.training.epochs=4", "model.training.min_steps=0", "model.training.batch_size=16",

@@ -1,16 +1,20 @@
-"""Strategies that score a study's embedding: `badge`, `emoc`, `alfa_mix`.
+"""Strategies that score a study's embedding: `badge`, `emoc`, `alfa_mix`, `dal`.
 
 Each is checked against its definition computed the long way (an autograd gradient, an
 explicit gradient step, an explicit mix of the features), on planted features with a
 real fitted epistemic head, so the outcome does not depend on training."""
+
+from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
 
 from triage.gate import GateSettings
-from triage.gate.strategies import NO_EPISTEMIC_HEAD, make_strategy
+from triage.gate.strategies import NO_DISCRIMINATOR, NO_EPISTEMIC_HEAD, make_strategy
 from triage.gate.strategies.alfa_mix import flip_distance
+from triage.model.checkpoint import load_checkpoint, save_checkpoint
+from triage.model.discriminator import Discriminator, fit_discriminator
 from triage.model.embedding import FeatureSpace, StudyEmbedding
 from triage.model.epistemic import fit_epistemic, fit_epistemic_features, pooled_features
 from triage.model.inference import StudyResult, score_study
@@ -141,8 +145,49 @@ def test_alfa_mix_scores_how_small_a_mix_toward_an_anchor_flips_the_prediction(s
             1.0, abs=1e-4)
 
 
+def test_dal_scores_how_surely_a_study_is_unlike_the_labelled_set(space, tmp_path):
+    space, fc, train = space
+    generator = torch.Generator().manual_seed(4)
+    unlabelled = train[:400] + torch.tensor([0, 0, 0, 4.0, 0, 0])  # shifted along feature 3
+    found = fit_discriminator(train, unlabelled)
+    assert (found.labelled, found.unlabelled) == (3000, 400)
+    again = fit_discriminator(train, unlabelled)
+    assert torch.equal(found.weight, again.weight) and found.bias == again.bias  # deterministic
+    assert abs(float(found.weight[3])) == float(found.weight.abs().max())  # the shifted one
+    head = replace(space.head, discriminator=found)
+    dal = _strategy("dal")
+    inside = torch.randn(50, FEATURES, generator=generator) * 0.1 + train[:50]
+    outside = inside + torch.tensor([0, 0, 0, 4.0, 0, 0])
+    with_dal = FeatureSpace(space.weight, space.bias, head)
+    score = [dal.components(_result(StudyEmbedding(p.numpy()[None], with_dal)))["dal"]
+             for p in (inside[0], outside[0])]
+    assert score[1] > 0.5 > score[0]
+    probs = found.prob_unlabelled(outside.numpy())
+    assert probs.mean() > found.prob_unlabelled(inside.numpy()).mean() + 0.5
+    # it travels in the head of a saved model (weights_only loading)
+    model = ModelSettings(input_size=16, channels=(4, 8), subunits=1)
+    net = build_network(model).eval()
+    features = torch.randn(60, 8, generator=generator)
+    classes = torch.arange(60) % 2
+    own = fit_epistemic_features(net.fc, features, classes, features[:10], classes[:10],
+                                 samples=2)  # fmt: skip
+    fitted = fit_discriminator(features, features[:20] + 3.0)
+    path = save_checkpoint(tmp_path / "m.pt", net, None, model,
+                           epistemic=replace(own, discriminator=fitted))
+    loaded = load_checkpoint(path, model).epistemic.discriminator
+    np.testing.assert_allclose(loaded.prob_unlabelled(features.numpy()),
+                               fitted.prob_unlabelled(features.numpy()), rtol=1e-6)
+    assert (loaded.labelled, loaded.unlabelled) == (60, 20)
+    # a head without the classifier: the uncertainty stands in, by its own reason
+    scores, reason = dal.components_with_fallback(_result(_embedding(space, inside[0].numpy())))
+    assert reason == NO_DISCRIMINATOR and scores == {"dal": 0.7}
+    with pytest.raises(ValueError, match="empty|labelled and unlabelled"):
+        fit_discriminator(train, train[:0])
+    assert isinstance(Discriminator.from_state(found.state()), Discriminator)
+
+
 def test_a_model_without_an_epistemic_head_falls_back_to_the_uncertainty():
-    for name in ("badge", "emoc", "alfa_mix"):
+    for name in ("badge", "emoc", "alfa_mix", "dal"):
         strategy = _strategy(name)
         scores, reason = strategy.components_with_fallback(_result(None))
         assert reason == NO_EPISTEMIC_HEAD and scores == {name: 0.7}  # entropy stands in

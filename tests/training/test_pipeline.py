@@ -178,6 +178,30 @@ def test_promoted_run_chooses_its_coverage_queries_in_the_worker(tmp_path, pneum
     assert len(picks) == 3 and set(picks) <= set(pool)
 
 
+def test_a_retrain_under_dal_fits_the_labelled_versus_unlabelled_classifier(tmp_path, pneumonia):
+    """`gate.strategy: dal`: the promoted model's head holds a classifier fitted on every
+    labelled image against the unlabelled pool; under other strategies it has none."""
+    from triage.gate.settings import GateSettings
+    from triage.model.epistemic import pooled_features
+
+    st = _store(tmp_path, pneumonia)
+    x, _ = subset(pneumonia, "val", 30, seed=7)
+    inverted = 1.0 - x  # an unlabelled pool unlike anything labelled
+    for i in range(30):
+        st.add_study(inverted[i : i + 1])
+    dal = st.settings.model_copy(update={"gate": GateSettings(strategy="dal")})
+    assert _run(st, dal) == "promoted"
+    checkpoint = _registry(st).load(_registry(st).serving().version)
+    found = checkpoint.epistemic.discriminator
+    assert found is not None and (found.labelled, found.unlabelled) == (340, 30)
+    train_x, _ = subset(pneumonia, "train", 240)
+    p_pool = found.prob_unlabelled(pooled_features(checkpoint.network, inverted).numpy())
+    p_labelled = found.prob_unlabelled(pooled_features(checkpoint.network, train_x).numpy())
+    assert p_pool.mean() > 0.9 > 0.1 > p_labelled.mean()
+    assert _run(st) == "promoted"  # the default strategy: no classifier is fitted
+    assert _registry(st).load(_registry(st).serving().version).epistemic.discriminator is None
+
+
 def test_delong_promotion_test_records_the_noise_it_allowed(tmp_path, pneumonia):
     st = _store(tmp_path, pneumonia)
     assert _run(st) == "promoted"

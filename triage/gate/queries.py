@@ -50,6 +50,35 @@ def study_embeddings(
     return kept, torch.stack(rows)
 
 
+def unlabelled_pool(db: sqlite_utils.Database, settings: Settings) -> list[int]:
+    """The unlabelled scored studies retraining looks at: state `scored`, never labelled,
+    not in the queue, the most recent `retrain.pool_max`, newest first."""
+    return [row[0] for row in db.execute(
+        "SELECT id FROM studies s WHERE state = 'scored' "
+        "AND NOT EXISTS (SELECT 1 FROM labels l WHERE l.study_id = s.id) "
+        "AND NOT EXISTS (SELECT 1 FROM queue_items q WHERE q.study_id = s.id) "
+        "ORDER BY completed_at DESC, id DESC LIMIT ?",
+        [settings.retrain.pool_max],
+    ).fetchall()]
+
+
+def unlabelled_pool_images(db: sqlite_utils.Database, settings: Settings) -> torch.Tensor:
+    """The scored images (at most `model.max_images_per_study` per study, evenly spaced)
+    of the `unlabelled_pool`, [M, 1, S, S]; studies whose images are gone or of another
+    size are left out."""
+    size = settings.model.input_size
+    parts = []
+    for study_id in unlabelled_pool(db, settings):
+        try:
+            images = load_study_images(db, study_id)
+        except Exception:  # noqa: BLE001 - an unreadable study is left out of the pool
+            continue
+        if images.shape[0] == 0 or tuple(images.shape[2:]) != (size, size):
+            continue
+        parts.append(images[pick_images(images.shape[0], settings.model.max_images_per_study)])
+    return torch.cat(parts) if parts else torch.zeros(0, 1, size, size)
+
+
 def coverage_queries(
     db: sqlite_utils.Database, checkpoint: Checkpoint, settings: Settings, budget: int
 ) -> list[int]:
@@ -73,13 +102,7 @@ def coverage_queries(
         raise ValueError(f"budget must be an int >= 0, got {budget!r}")
     if budget == 0:
         return []
-    pool = [row[0] for row in db.execute(
-        "SELECT id FROM studies s WHERE state = 'scored' "
-        "AND NOT EXISTS (SELECT 1 FROM labels l WHERE l.study_id = s.id) "
-        "AND NOT EXISTS (SELECT 1 FROM queue_items q WHERE q.study_id = s.id) "
-        "ORDER BY completed_at DESC, id DESC LIMIT ?",
-        [settings.retrain.pool_max],
-    ).fetchall()]
+    pool = unlabelled_pool(db, settings)
     if not pool:
         return []
     centres = [row[0] for row in db.execute(

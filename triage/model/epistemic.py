@@ -48,6 +48,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from triage.model.discriminator import Discriminator
 from triage.model.mc_dropout import McOutput, mc_dropout_mode
 from triage.model.network import TriageNet
 from triage.model.quality import (
@@ -87,6 +88,9 @@ class EpistemicHead:
         ood_center, ood_scale: With `quality`: the median and (99th percentile - median)
             of the held-out images' density scores and quality distances, [2]; each
             column of `ood_terms` is (raw - center) / scale.
+        discriminator: The labelled-versus-unlabelled classifier of the `dal` strategy
+            (`triage.model.discriminator`), fitted at promotion when that strategy is
+            configured; None otherwise.
     """
 
     weights: torch.Tensor
@@ -100,6 +104,7 @@ class EpistemicHead:
     quality: QualityReference | None = None
     ood_center: torch.Tensor | None = None
     ood_scale: torch.Tensor | None = None
+    discriminator: Discriminator | None = None
     _flat: torch.Tensor = field(init=False, repr=False, compare=False)
     _np: dict[str, Any] = field(init=False, repr=False, compare=False)
 
@@ -235,6 +240,8 @@ class EpistemicHead:
             state["quality_scale"] = self.quality.scale
             state["ood_center"] = self.ood_center
             state["ood_scale"] = self.ood_scale
+        if self.discriminator is not None:
+            state["discriminator"] = self.discriminator.state()
         return state
 
     @classmethod
@@ -257,6 +264,8 @@ class EpistemicHead:
             quality=quality,
             ood_center=state["ood_center"].float() if quality is not None else None,
             ood_scale=state["ood_scale"].float() if quality is not None else None,
+            discriminator=(Discriminator.from_state(state["discriminator"])
+                           if state.get("discriminator") is not None else None),
         )  # fmt: skip
 
 

@@ -34,6 +34,7 @@ import torch
 from triage.gate import BudgetGate, uniform_pair
 from triage.gate.coldstart import ColdStartSelector, coldstart_embedding
 from triage.gate.queries import SEED_FACTOR, pick_coverage
+from triage.gate.strategies import STRATEGIES
 from triage.model.checkpoint import Checkpoint
 from triage.model.inference import score_study
 from triage.model.lossnet import build_loss_predictor
@@ -347,7 +348,8 @@ class Lockstep:
         record: dict[str, Any] = {"at": i, "trigger": trigger, "train": train.num_studies,
                                   "validation": validation.num_studies}
         try:
-            judged = train_and_judge(train, validation, self.settings, references)
+            judged = train_and_judge(train, validation, self.settings, references,
+                                     unlabelled=self._unlabelled_images())
         except TrainingFailed as exc:
             self.runs.append({**record, "state": "failed", "why": str(exc)})
             return
@@ -369,12 +371,22 @@ class Lockstep:
         if i < len(self.order):  # the final idle run has no stream left to query
             self._coverage_queries(i, now, checkpoint)
 
+    def _unlabelled_pool(self) -> list[int]:
+        """Stream positions of the recent scored studies not routed (`unlabelled_pool`)."""
+        return [p for p in self.scored_unrouted[-self.settings.retrain.pool_max :]
+                if p not in self.routed]
+
+    def _unlabelled_images(self) -> torch.Tensor | None:
+        """The pool's images when the strategy needs `dal`'s classifier, else None."""
+        if not STRATEGIES[self.settings.gate.strategy].fits_discriminator:
+            return None
+        return self.images[self._unlabelled_pool()]
+
     def _coverage_queries(self, i: int, now: float, checkpoint: Checkpoint) -> None:
         budget = self.settings.retrain.coverage_queries
         if budget < 1 or not self.gate.manager.uses_scores:  # the random baseline: a coin
             return
-        pool = [p for p in self.scored_unrouted[-self.settings.retrain.pool_max :]
-                if p not in self.routed]
+        pool = self._unlabelled_pool()
         centres = sorted(self.routed)
         if not pool:
             return

@@ -182,7 +182,8 @@ def build_metrics(registry: CollectorRegistry) -> Metrics:
             "triage_gate_fallback",
             "Studies the gate scored with a stand-in component, by reason "
             "(no_loss_predictor: the uncertainty stood in for the predicted loss; "
-            "no_epistemic_head: for the embedding an embedding strategy scores).",
+            "no_epistemic_head: for the embedding an embedding strategy scores; "
+            "no_discriminator: for dal's classifier, before a model promoted under dal).",
             ["reason"],
             registry=registry,
         ),
@@ -292,7 +293,7 @@ def build_metrics(registry: CollectorRegistry) -> Metrics:
     # So are these (the load failures' reasons are set by the scorer's ServingLoader).
     for reason in ("missing", "unknown", "revoked", "throttled"):
         metrics.auth_failures.labels(reason)
-    for reason in ("no_loss_predictor", "no_epistemic_head"):
+    for reason in ("no_loss_predictor", "no_epistemic_head", "no_discriminator"):
         metrics.gate_fallback.labels(reason)
     return metrics
 

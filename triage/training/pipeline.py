@@ -31,10 +31,12 @@ import numpy as np
 import sqlite_utils
 import torch
 
-from triage.gate.queries import coverage_queries, rescore_pending
+from triage.gate.queries import coverage_queries, rescore_pending, unlabelled_pool_images
+from triage.gate.strategies import STRATEGIES
 from triage.model.calibration import OperatingPoint, fit_operating_point
 from triage.model.checkpoint import Checkpoint, save_checkpoint
-from triage.model.epistemic import EpistemicHead, fit_epistemic
+from triage.model.discriminator import fit_discriminator
+from triage.model.epistemic import EpistemicHead, fit_epistemic, pooled_features
 from triage.model.inference import embed
 from triage.model.lossnet import LossPredictor, build_loss_predictor
 from triage.model.network import TriageNet, build_network
@@ -127,6 +129,7 @@ def train_and_judge(
     settings: Settings,
     references: list[tuple[str, Checkpoint]],
     on_epoch: EpochCallback | None = None,
+    unlabelled: torch.Tensor | None = None,
 ) -> Judgement:
     """Train a candidate on `train` and judge it on `validation` against `references`.
 
@@ -138,6 +141,9 @@ def train_and_judge(
             promoted ancestors; empty for a first model. The serving model embeds the
             training images for rebalancing and is the warm start.
         on_epoch: Progress callback.
+        unlabelled: Images of the recent unlabelled studies [M, 1, S, S] when the gate's
+            strategy needs the labelled-versus-unlabelled classifier (`dal`): a promoted
+            model's head then holds one fitted on every labelled image and these.
     """
     check_labels(train, validation, settings)
     retrain = settings.retrain
@@ -167,7 +173,23 @@ def train_and_judge(
                        reference_version, promote, reason, coverage, epistemic)
     if promote and retrain.refit_on_all_labels:
         judged = _refit(judged, train, validation, settings, champion)
+    if promote and unlabelled is not None:
+        judged = _with_discriminator(judged, train.plus(validation), unlabelled)
     return judged
+
+
+def _with_discriminator(judged: Judgement, labelled: LabeledSet,
+                        unlabelled: torch.Tensor) -> Judgement:  # fmt: skip
+    """The judged model with `dal`'s classifier in its head, fitted on the pooled
+    features of every labelled image against the unlabelled images'; unchanged (a
+    warning) when either set is empty or the model has no head."""
+    if judged.epistemic is None or len(unlabelled) == 0 or len(labelled.images) == 0:
+        event(log, "retrain_discriminator_skipped", logging.WARNING,
+              head=judged.epistemic is not None, unlabelled=len(unlabelled))
+        return judged
+    discriminator = fit_discriminator(pooled_features(judged.network, labelled.images),
+                                      pooled_features(judged.network, unlabelled))
+    return replace(judged, epistemic=replace(judged.epistemic, discriminator=discriminator))
 
 
 def _train(train: LabeledSet, settings: Settings, champion: Checkpoint | None,
@@ -251,8 +273,10 @@ def run_retrain(settings: Settings, db: sqlite_utils.Database, run_id: int) -> s
         event(log, "retrain_epoch", run_id=run_id, epoch=epoch + 1, planned=planned,
               loss=round(record["loss"], 5))
 
+    unlabelled = (unlabelled_pool_images(db, settings)
+                  if STRATEGIES[settings.gate.strategy].fits_discriminator else None)
     update_progress(db, run_id, 0.045, "training")
-    judged = train_and_judge(train, validation, settings, references, on_epoch)
+    judged = train_and_judge(train, validation, settings, references, on_epoch, unlabelled)
     if judged.coverage.get("rebalanced"):
         event(log, "retrain_coverage", run_id=run_id, radius=round(judged.coverage["radius"], 4),
               cells=judged.coverage["cells"])

@@ -11,6 +11,8 @@ from types import MappingProxyType
 from triage.gate.strategies.alfa_mix import AlfaMixStrategy
 from triage.gate.strategies.badge import BadgeStrategy
 from triage.gate.strategies.base import (
+    FALLBACK_REASONS,
+    NO_DISCRIMINATOR,
     NO_EPISTEMIC_HEAD,
     NO_LOSS_PREDICTOR,
     PREDICTED_LOSS,
@@ -26,6 +28,7 @@ from triage.gate.strategies.committee import (
     MaxDisagreementStrategy,
     VoteEntropyStrategy,
 )
+from triage.gate.strategies.dal import DalStrategy
 from triage.gate.strategies.emoc import EmocStrategy
 from triage.gate.strategies.predicted_loss import PredictedLossStrategy
 from triage.gate.strategies.random import RandomStrategy
@@ -51,6 +54,7 @@ STRATEGIES: Mapping[str, type[Strategy]] = MappingProxyType(
             BadgeStrategy,
             AlfaMixStrategy,
             EmocStrategy,
+            DalStrategy,
             PredictedLossStrategy,
             CombinedStrategy,
         )
@@ -71,6 +75,8 @@ def make_strategy(options: StrategyOptions) -> Strategy:
 
 
 __all__ = [
+    "FALLBACK_REASONS",
+    "NO_DISCRIMINATOR",
     "NO_EPISTEMIC_HEAD",
     "NO_LOSS_PREDICTOR",
     "PREDICTED_LOSS",
@@ -81,6 +87,7 @@ __all__ = [
     "BaldStrategy",
     "CombinedStrategy",
     "ConsensusEntropyStrategy",
+    "DalStrategy",
     "EmocStrategy",
     "EntropyStrategy",
     "LeastConfidenceStrategy",

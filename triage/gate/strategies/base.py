@@ -33,6 +33,11 @@ NO_EPISTEMIC_HEAD = "no_epistemic_head"
 """Fallback reason: a strategy that scores the study's embedding
 (`StudyResult.embedding`) met a model without an epistemic head; the uncertainty stands
 in."""
+NO_DISCRIMINATOR = "no_discriminator"
+"""Fallback reason: `dal` met a model whose head has no labelled-versus-unlabelled
+classifier (fitted only when a retrain under `dal` promoted it); the uncertainty stands
+in."""
+FALLBACK_REASONS: tuple[str, ...] = (NO_LOSS_PREDICTOR, NO_EPISTEMIC_HEAD, NO_DISCRIMINATOR)
 
 
 class StrategyOptions(Protocol):
@@ -73,6 +78,8 @@ class Strategy(ABC):
         default_budget_manager: The budget manager used when `gate.budget_manager` is
             not set.
         needs_embedding: True for a strategy that scores `StudyResult.embedding`.
+        fits_discriminator: True for a strategy whose models need the labelled-versus-
+            unlabelled classifier in their head (`dal`): retraining then fits it.
         fallback_measure: Uncertainty measure that stands in for a missing predicted
             loss or embedding in `components_with_fallback`.
     """
@@ -80,6 +87,7 @@ class Strategy(ABC):
     name: ClassVar[str]
     has_scores: ClassVar[bool] = True
     needs_embedding: ClassVar[bool] = False
+    fits_discriminator: ClassVar[bool] = False
     default_budget_manager: ClassVar[str] = "quantile"
     fallback_measure: str = "entropy"
 
@@ -110,16 +118,24 @@ class Strategy(ABC):
         epistemic head.
 
         Returns:
-            The components and the fallback reason: `NO_LOSS_PREDICTOR` or
-            `NO_EPISTEMIC_HEAD` when the uncertainty stood in, else None.
+            The components and the fallback reason (`FALLBACK_REASONS`) when the
+            uncertainty stood in, else None.
         """
-        if self.needs_embedding and result.embedding is None:
+        missing = self.missing_input(result)
+        if missing is not None:
             stand_in = uncertainty_score(result, self.fallback_measure)
-            return dict.fromkeys(self.weights, stand_in), NO_EPISTEMIC_HEAD
+            return dict.fromkeys(self.weights, stand_in), missing
         if result.predicted_loss is None and PREDICTED_LOSS in self.weights:
             stand_in = uncertainty_score(result, self.fallback_measure)
             return self.components(replace(result, predicted_loss=stand_in)), NO_LOSS_PREDICTOR
         return self.components(result), None
+
+    def missing_input(self, result: StudyResult) -> str | None:
+        """The fallback reason when the result lacks what every component needs
+        (`NO_EPISTEMIC_HEAD` for a strategy that `needs_embedding`), else None."""
+        if self.needs_embedding and result.embedding is None:
+            return NO_EPISTEMIC_HEAD
+        return None
 
     def score(self, result: StudyResult) -> float:
         """Weighted sum of the raw components (exact for one component; use `score_pool`
