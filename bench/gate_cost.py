@@ -71,60 +71,25 @@ def path_settings(settings, path):
     return settings.model_copy(update={"epistemic": "mc_dropout", "mc_scope": path})
 
 
-def time_costs(net, lossnet, head, settings, images, repeats):
-    """Median seconds per single-image study of each path, interleaved over repeats."""
-    gate_settings = GateSettings()
-    start = datetime(2024, 1, 1, tzinfo=UTC)
-    gates, settings_of = {}, {}
-    for path in PATHS:
-        settings_of[path] = path_settings(settings, path)
-        gate = BudgetGate(gate_settings)
-        for i in range(gate_settings.window):  # steady state: a full window
-            result = score_study(net, lossnet, images[i % len(images)][None], settings_of[path],
-                                 epistemic=head)  # fmt: skip
-            gate.commit(gate.decide(gate.strategy.components(result), start))
-        gates[path] = gate
-    samples = {"deterministic": [], **{path: [] for path in PATHS}}
-    stage = {path: {"trunk": [], "mc": [], "lossnet": []} for path in PATHS}
-    net.eval()
-    for r in range(repeats + 10):
-        x = images[r % len(images)][None]
-        now = start + timedelta(seconds=r)
-        t0 = time.perf_counter()
-        with torch.inference_mode():
-            net(x)
-        elapsed = time.perf_counter() - t0
-        if r >= 10:
-            samples["deterministic"].append(elapsed)
-        for path in PATHS:
-            gate = gates[path]
-            t0 = time.perf_counter()
-            result = score_study(net, lossnet, x, settings_of[path], epistemic=head)
-            decision = gate.decide(gate.strategy.components(result), now)
-            gate.commit(decision)
-            elapsed = time.perf_counter() - t0
-            if r >= 10:
-                samples[path].append(elapsed)
-                for key, value in result.durations.items():
-                    stage[path][key].append(value)
-    med = {k: statistics.median(v) for k, v in samples.items()}
-    return med, {s: {k: statistics.median(v) for k, v in d.items()} for s, d in stage.items()}
+def time_gates(net, lossnet, head, configs, images, repeats):
+    """Median seconds per single-image study of one deterministic pass and of the full
+    gate (score_study, strategy, decide + commit) under each configuration, interleaved
+    over repeats, and each configuration's stage medians.
 
-
-def time_strategies(net, lossnet, head, settings, images, repeats):
-    """Median seconds per single-image study of the full gate at the default path under
-    each strategy of `STRATEGIES` (its own budget manager), interleaved over repeats,
-    and of one deterministic pass: [name] -> seconds, with "deterministic"."""
+    Args:
+        configs: name -> (model settings, gate settings).
+    """
     start = datetime(2024, 1, 1, tzinfo=UTC)
     gates = {}
-    for name in STRATEGIES:
-        gate = BudgetGate(GateSettings(strategy=name))
-        for i in range(gate.settings.window):  # steady state: a full window
-            result = score_study(net, lossnet, images[i % len(images)][None], settings,
+    for name, (model, gate_settings) in configs.items():
+        gate = BudgetGate(gate_settings)
+        for i in range(gate_settings.window):  # steady state: a full window
+            result = score_study(net, lossnet, images[i % len(images)][None], model,
                                  epistemic=head)  # fmt: skip
             gate.commit(gate.decide(gate.strategy.components(result), start))
         gates[name] = gate
-    samples = {"deterministic": [], **{name: [] for name in STRATEGIES}}
+    samples = {"deterministic": [], **{name: [] for name in configs}}
+    stage = {name: {"trunk": [], "mc": [], "lossnet": []} for name in configs}
     net.eval()
     for r in range(repeats + 10):
         x = images[r % len(images)][None]
@@ -137,12 +102,28 @@ def time_strategies(net, lossnet, head, settings, images, repeats):
             samples["deterministic"].append(elapsed)
         for name, gate in gates.items():
             t0 = time.perf_counter()
-            result = score_study(net, lossnet, x, settings, epistemic=head)
+            result = score_study(net, lossnet, x, configs[name][0], epistemic=head)
             gate.commit(gate.decide(gate.strategy.components(result), now))
             elapsed = time.perf_counter() - t0
             if r >= 10:
                 samples[name].append(elapsed)
-    return {k: statistics.median(v) for k, v in samples.items()}
+                for key, value in result.durations.items():
+                    stage[name][key].append(value)
+    med = {k: statistics.median(v) for k, v in samples.items()}
+    return med, {s: {k: statistics.median(v) for k, v in d.items()} for s, d in stage.items()}
+
+
+def time_costs(net, lossnet, head, settings, images, repeats):
+    """`time_gates` of each gate path (`PATHS`) under the default strategy."""
+    configs = {path: (path_settings(settings, path), GateSettings()) for path in PATHS}
+    return time_gates(net, lossnet, head, configs, images, repeats)
+
+
+def time_strategies(net, lossnet, head, settings, images, repeats):
+    """`time_gates` medians of the default path under each strategy of `STRATEGIES` (its
+    own budget manager), with "deterministic"."""
+    configs = {name: (settings, GateSettings(strategy=name)) for name in STRATEGIES}
+    return time_gates(net, lossnet, head, configs, images, repeats)[0]
 
 
 def dicom_frames(size):
