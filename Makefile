@@ -41,9 +41,11 @@ system-deps:
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
 	elif [ -n "$$missing" ]; then echo "not installed:$$missing (tests that need them will skip)"; fi
 
-# Two pytest workers (one test file each at a time, so module fixtures are built once),
+# Two pytest workers (one test file each at a time, so module fixtures are built once;
+# the slowest files first, tests/conftest.py `SLOWEST_FILES`),
 # then the tests marked `serial`, which measure the daemon under a load of their own, alone.
-PYTEST_PARALLEL := $(BIN)/pytest -q -p no:cacheprovider -n 2 --dist loadfile -m "not serial"
+PYTEST_PARALLEL := $(BIN)/pytest -q -p no:cacheprovider -n 2 --dist loadfile --no-loadscope-reorder \
+	-m "not serial"
 PYTEST_SERIAL   := $(BIN)/pytest -q -p no:cacheprovider -m serial
 
 # Then the store- and daemon-level tests again on PostgreSQL (TRIAGE_TEST_STORE: each
@@ -52,10 +54,10 @@ PYTEST_SERIAL   := $(BIN)/pytest -q -p no:cacheprovider -m serial
 PG_TESTS := tests/test_store_postgres.py tests/test_review_api.py \
 	tests/test_dicomweb.py tests/test_ops_status.py tests/test_model_registry.py \
 	tests/test_ingestor_recovery.py tests/test_ended_associations.py tests/test_backpressure.py \
-	tests/gate/test_scorer.py tests/gate/test_worker_faults.py tests/gate/test_degraded_serving.py \
+	tests/gate/test_worker_faults.py tests/gate/test_degraded_serving.py \
 	tests/training/test_worker_scheduler.py tests/training/test_splits.py \
 	tests/training/test_sampling_queries.py tests/dicomnet/test_receiver_inprocess.py
-PG_TESTS_FULL := $(PG_TESTS) tests/test_ingest_daemon.py tests/test_studies.py tests/test_operating_point.py \
+PG_TESTS_FULL := $(PG_TESTS) tests/gate/test_scorer.py tests/test_ingest_daemon.py tests/test_studies.py tests/test_operating_point.py \
 	tests/test_learning_loop.py tests/test_study_view_cache.py tests/test_image_order.py \
 	tests/test_scope.py tests/training/test_cli_end_to_end.py tests/training/test_pipeline.py \
 	tests/dicomnet/test_receiver_pynetdicom.py

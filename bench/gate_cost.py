@@ -32,6 +32,7 @@ import platform
 import statistics
 import sys
 import time
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -51,6 +52,7 @@ from triage.gate import BudgetGate, GateSettings  # noqa: E402
 from triage.gate.strategies import STRATEGIES, midranks  # noqa: E402
 from triage.ingest.dicom import read_instance  # noqa: E402
 from triage.ingest.preprocess import preprocess  # noqa: E402
+from triage.model.discriminator import fit_discriminator  # noqa: E402
 from triage.model.epistemic import fit_epistemic, pooled_features  # noqa: E402
 from triage.model.inference import score_study  # noqa: E402
 from triage.model.lossnet import build_loss_predictor  # noqa: E402
@@ -300,6 +302,10 @@ def main(argv=None):
     head = fit_epistemic(net, train_x, train_y, prior_x, prior_y, samples=settings.mc_samples,
                          seed=settings.training.seed)  # fmt: skip
     epistemic_seconds = time.perf_counter() - t0
+    # `dal` scores with the classifier a retrain under it fits: here the training
+    # images against the held-out ones stand in for labelled and unlabelled
+    head = replace(head, discriminator=fit_discriminator(pooled_features(net, train_x),
+                                                         pooled_features(net, prior_x)))
     med, stages = time_costs(net, lossnet, head, settings, val_x, repeats)
     det = med["deterministic"]
     ratios = {path: round(med[path] / det, 3) for path in PATHS}
