@@ -28,6 +28,16 @@ if TYPE_CHECKING:
 SEED_FACTOR = 1009  # MC-dropout seed = study_id * 1009 + round, as the gate scorer does
 
 
+def scored_images(db: sqlite_utils.Database, study_id: int, size: int,
+                  max_images: int) -> torch.Tensor | None:  # fmt: skip
+    """The images of a study the scorer would score: at most `max_images`, evenly spaced,
+    [K, 1, S, S]; None when it has none of the model's `size`."""
+    images = load_study_images(db, study_id)
+    if images.shape[0] == 0 or tuple(images.shape[2:]) != (size, size):
+        return None
+    return images[pick_images(images.shape[0], max_images)]
+
+
 def study_embeddings(
     db: sqlite_utils.Database, checkpoint: Checkpoint, study_ids: list[int], max_images: int
 ) -> tuple[list[int], torch.Tensor]:
@@ -39,10 +49,9 @@ def study_embeddings(
     size = checkpoint.settings.input_size
     kept, rows = [], []
     for study_id in study_ids:
-        images = load_study_images(db, study_id)
-        if images.shape[0] == 0 or tuple(images.shape[2:]) != (size, size):
+        images = scored_images(db, study_id, size, max_images)
+        if images is None:
             continue
-        images = images[pick_images(images.shape[0], max_images)]
         rows.append(embed(checkpoint.network, images).mean(dim=0))
         kept.append(int(study_id))
     if not rows:
@@ -70,12 +79,11 @@ def unlabelled_pool_images(db: sqlite_utils.Database, settings: Settings) -> tor
     parts = []
     for study_id in unlabelled_pool(db, settings):
         try:
-            images = load_study_images(db, study_id)
+            images = scored_images(db, study_id, size, settings.model.max_images_per_study)
         except Exception:  # noqa: BLE001 - an unreadable study is left out of the pool
             continue
-        if images.shape[0] == 0 or tuple(images.shape[2:]) != (size, size):
-            continue
-        parts.append(images[pick_images(images.shape[0], settings.model.max_images_per_study)])
+        if images is not None:
+            parts.append(images)
     return torch.cat(parts) if parts else torch.zeros(0, 1, size, size)
 
 
