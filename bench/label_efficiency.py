@@ -112,6 +112,8 @@ def base_settings(spec: RunSpec):
 ADDED_SETTINGS: dict[tuple[str, ...], Any] = {
     ("model", "training", "cycles"): 1,  # 2026-12-04; read only by schedule: restarts
     ("gate", "cold_start_neighbours"): 0,  # 2026-12-04 (third session): coverage cold start
+    # 2026-12-04 (fourth session): read by `auto` only
+    ("gate", "auto_strategies"): ["combined", "entropy", "alfa_mix", "badge", "emoc"],
 }
 
 
@@ -198,6 +200,15 @@ def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
             values = [r[metric] for r in by_seed.values() if r.get(metric) is not None]
             if len(values) > 1:
                 row[metric + "_ci"] = paired(values)
+        mixes = [r["auto_mix"] for r in by_seed.values() if r.get("auto_mix")]
+        if mixes:  # `auto`: its final mix and the routes by candidate, mean over seeds
+            row["auto_mix"] = {k: round(statistics.fmean(m[k] for m in mixes), 3)
+                               for k in mixes[0]}
+            row["routed_by_expert"] = {
+                k: round(statistics.fmean(r.get("routed_by_expert", {}).get(k, 0)
+                                          for r in by_seed.values()), 1) for k in mixes[0]}
+            row["auto_audits"] = round(statistics.fmean(r.get("auto_audits", 0)
+                                                        for r in by_seed.values()), 1)
         bases = {"random": random_runs} if not strategy.startswith("random ") and \
             strategy != "random" else {}
         other_coin = groups.get((stream, budget, "random_b" + suffix, noise), {})
@@ -257,9 +268,10 @@ def markdown(summary: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         "",
         "| stream | budget | strategy | seeds | labels | holdout AUROC | Δ vs random (95% CI) "
         "| Δ vs both coins | Δ vs default | accuracy | Δ accuracy vs random | served − fresh "
-        "| s per run |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| s per run | gate cost (× one pass) | gate ms per study |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+    costs = _gate_costs()
 
     def cell(row: dict[str, Any], key: str) -> str:
         d = row.get(key)
@@ -278,8 +290,9 @@ def markdown(summary: list[dict[str, Any]], meta: dict[str, Any]) -> str:
             f"{row.get('holdout_accuracy', math.nan):.3f} | "
             f"{cell(row, 'holdout_accuracy_vs_random')} | "
             f"{row.get('served_minus_fresh', math.nan):+.4f} | "
-            f"{row.get('seconds', math.nan):.0f} |"
+            f"{row.get('seconds', math.nan):.0f} | {costs(row['strategy'])} |"
         )
+    lines += _auto_lines(summary)
     ablations = [r for r in summary if not _planned(r)]
     if ablations:
         lines += [
@@ -300,6 +313,53 @@ def markdown(summary: list[dict[str, Any]], meta: dict[str, Any]) -> str:
                 f"{cell(row, 'fresh_holdout_auroc_vs_base')} |"
             )
     return "\n".join(lines)
+
+
+def _gate_costs():
+    """The cells `gate cost | gate ms` of a strategy, from bench/gate_cost.py's stored
+    run (`strategy_gate_ratio`, `strategy_cost_ms`: the full gate under that strategy,
+    decision included, on one study, against one deterministic pass)."""
+    path = RESULTS / "gate_cost.json"
+    stored = json.loads(path.read_text()) if path.exists() else {}
+    ratios, ms = stored.get("strategy_gate_ratio", {}), stored.get("strategy_cost_ms", {})
+    shipped = load_settings(REPO / "config.yaml", environ={}).gate.strategy
+
+    def cells(strategy: str) -> str:
+        name = {"default": shipped, "random_b": "random"}.get(strategy, strategy)
+        if name not in ratios:
+            return "— | —"
+        return f"{ratios[name]:.2f} | {ms.get(name, math.nan):.2f}"
+
+    return cells
+
+
+def _auto_lines(summary: list[dict[str, Any]]) -> list[str]:
+    """`auto` against the best single strategy of its stream and budget (by mean holdout
+    AUROC among the plain strategies that ran there), and its final mix."""
+    lines: list[str] = []
+    for row in sorted((r for r in summary if r["strategy"] == "auto"),
+                      key=lambda r: (r["stream"], r["budget"])):
+        if not lines:
+            lines += ["", "`auto` (the gate's online choice) beside the best single strategy "
+                      "of its stream and budget, and its final mix (mean over seeds; routes: "
+                      "studies routed by each candidate's ranking, mean per run).", "",
+                      "| stream | budget | auto AUROC | best single | its AUROC | auto − best "
+                      "| audits counted | final mix | routes by candidate |",
+                      "|---|---|---|---|---|---|---|---|---|"]
+        singles = [r for r in summary if r["stream"] == row["stream"]
+                   and r["budget"] == row["budget"] and not _variant(r["strategy"])
+                   and r["strategy"] not in ("auto", "random", "random_b")
+                   and len(r["seeds"]) >= len(row["seeds"])]
+        best = max(singles, key=lambda r: r.get("holdout_auroc", -1.0), default=None)
+        mix = ", ".join(f"{k} {v:.2f}" for k, v in row["auto_mix"].items())
+        routes = ", ".join(f"{k} {v:.0f}" for k, v in row["routed_by_expert"].items())
+        gap = (f"{row['holdout_auroc'] - best['holdout_auroc']:+.4f}" if best else "—")
+        lines.append(
+            f"| {row['stream']} | {row['budget']:.0%} | {row['holdout_auroc']:.4f} | "
+            f"{best['strategy'] if best else '—'} | "
+            f"{best['holdout_auroc'] if best else math.nan:.4f} | {gap} | "
+            f"{row['auto_audits']:.0f} | {mix} | {routes} |")
+    return lines
 
 
 def plot(runs: list[dict[str, Any]], summary: list[dict[str, Any]], path: Path) -> None:

@@ -19,6 +19,7 @@ import pytest
 import torch
 from conftest import FAST_ENV, REPO, DaemonProcess, make_image, store_target
 from training.conftest import SIZE, TINY_MODEL, Store
+from test_ops_status import CHROMIUM, CHROMIUM_ARGS, _browser
 from test_review_api import auth, make_token
 
 import triage.gate.queries as queries
@@ -173,12 +174,15 @@ def _cli(proc: DaemonProcess, *args: str) -> subprocess.CompletedProcess[str]:
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory):
     """Three studies scored by each of the three models, promoted one after the other
-    while the daemon runs; every study is routed (as `audit`), predictions are shown."""
+    while the daemon runs; every study is routed (as `audit`), predictions are shown.
+    The gate runs `auto` over `combined` and `bald` with a one-study warm-up, so every
+    audit after the first keeps the candidates' quantiles (its reward)."""
     root = tmp_path_factory.mktemp("operating_point")
     settings = load_settings(REPO / "config.yaml", environ={})
     env = {**FAST_ENV, "TRIAGE__GATE__LABEL_RATE": "1.0",
            "TRIAGE__GATE__EXPLORATION_RATE": "1.0", "TRIAGE__RETRAIN__ENABLED": "false",
-           "TRIAGE__REVIEW__SHOW_PREDICTION": "true"}
+           "TRIAGE__REVIEW__SHOW_PREDICTION": "true", "TRIAGE__GATE__STRATEGY": "auto",
+           "TRIAGE__GATE__AUTO_STRATEGIES": "[combined, bald]", "TRIAGE__GATE__WARMUP": "1"}
     proc = DaemonProcess(root / "home", env, [])
     proc.home.mkdir(parents=True)
     files = {version: _save(root / f"{version}.pt", settings.model, point)
@@ -300,3 +304,75 @@ def test_audit_accuracy_counts_the_stored_thresholded_labels(served) -> None:
     summary = client.get("/api/ops/summary", headers=auth(tokens["ops"])).json()
     assert summary["model"]["audit_samples"] == 2
     assert summary["model"]["audit_accuracy"] == 0.5
+
+
+def test_auto_mix_follows_the_labelled_audits(served) -> None:
+    """Every audit labelled: the status summary's mix is the probability that `combined`
+    catches more of the served models' loss than `bald` (computed here from the stored
+    decisions and labels), and the scorer publishes the same mix before its next study."""
+    proc, settings, _, client, tokens = served
+    reader = auth(tokens["radiologist"])
+    gate = settings.gate
+    experts = {"combined": {"uncertainty": gate.uncertainty_weight,
+                            "predicted_loss": gate.loss_weight}, "bald": {"uncertainty": 1.0}}
+    db = store.connect(store_target(proc.home), readonly=True)
+    try:
+        labelled = {row[0] for row in db.execute("SELECT study_id FROM labels")}
+    finally:
+        db.close()
+    rows = _decisions(proc)
+    for n, row in enumerate(rows):
+        if row["study_id"] in labelled:
+            continue
+        study = row["study_id"]
+        assert client.post(f"/api/studies/{study}/claim", headers=reader).status_code == 200
+        label = settings.model.labels[n % 2]
+        assert client.post(f"/api/studies/{study}/label", json={"label": label},
+                           headers=reader).status_code == 201
+    db = store.connect(store_target(proc.home), readonly=True)
+    try:
+        current = dict(db.execute("SELECT study_id, label FROM labels "
+                                  "WHERE superseded_by IS NULL").fetchall())
+    finally:
+        db.close()
+    differences = []
+    for row in rows:
+        assert row["strategy"] == "auto" and row["reason"] == "audit"
+        if row["quantiles"] is None:  # the first study: nothing to rank it against
+            continue
+        quantiles = json.loads(row["quantiles"])
+        p = json.loads(row["prediction"])["probabilities"][current[row["study_id"]]]
+        loss = min(-np.log(max(p, 1e-300)), np.log(100)) / np.log(100)
+        caught = {name: sum(w * quantiles[f"{name}.{k}"] for k, w in weights.items())
+                  / sum(weights.values()) for name, weights in experts.items()}
+        differences.append(loss * (caught["combined"] - caught["bald"]))
+    assert len(differences) == len(rows) - 1 >= 7
+    d = np.array(differences)
+    z = d.mean() / (d.std(ddof=1) / np.sqrt(len(d)))
+    expected = 0.5 * (1 + float(torch.erf(torch.tensor(z / np.sqrt(2)))))
+    summary = client.get("/api/ops/summary", headers=auth(tokens["ops"])).json()
+    mix = summary["gate"]["auto_mix"]
+    assert summary["gate"]["strategy"] == "auto" and set(mix) == {"combined", "bald"}
+    assert mix["combined"] == pytest.approx(expected, abs=0.01)
+    assert mix["combined"] + mix["bald"] == pytest.approx(1)
+    # the scorer reads the same audits before its next study and publishes that mix
+    make_image(proc.inbox / "after-labels.dcm", study_uid="2.25.9199", seed=99)
+    proc.wait_for(lambda s: s["studies"]["scored"] == len(rows) + 1, 60, "one more study")
+    metrics = client.get("/metrics").text
+    for name, share in mix.items():
+        assert f'triage_gate_auto_mix{{strategy="{name}"}} {share}' in metrics
+    # and the status page shows it
+    sync_playwright = _browser()
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page()
+            page.goto(f"{proc.url}/status")
+            page.fill("#token", tokens["ops"])
+            page.click("#sign-in button[type=submit]")
+            page.wait_for_selector("body[data-loaded=true]", timeout=15000)
+            shown = page.text_content('[data-k="strategy"]')
+        finally:
+            browser.close()
+    assert shown == (f"auto: combined {100 * mix['combined']:.0f} %, "
+                     f"bald {100 * mix['bald']:.0f} %")

@@ -156,12 +156,13 @@ def test_status_page_signs_in_and_shows_the_figures(server, tmp_path: Path) -> N
             text = {key: page.text_content(f'[data-k="{key}"]') for key in (
                 "files.archived", "files.quarantined", "queue.pending", "queue.labeled",
                 "serving_version", "ingest_state", "label_rate_target", "decisions_total",
-                "operating_point")}
+                "operating_point", "strategy")}
             assert text == {
                 "files.archived": "3", "files.quarantined": "1", "queue.pending": "2",
                 "queue.labeled": "1", "serving_version": "none (cold start)",
                 "ingest_state": "running", "label_rate_target": "100.0 %",
-                "decisions_total": "3 (3 routed)", "operating_point": "–"}
+                "decisions_total": "3 (3 routed)", "operating_point": "–",
+                "strategy": "combined"}
             assert page.text_content("#who-name") == "ops user (ops)"
             assert "cold_start" in page.text_content("#reasons")
             assert page.text_content('[data-k="routed_fraction"]') == "– (cold start)"

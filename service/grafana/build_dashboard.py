@@ -190,9 +190,16 @@ ROWS: list[tuple[str, list[dict[str, Any]]]] = [
                description="no_loss_predictor: the model has no loss predictor, so the "
                            "uncertainty stood in for the predicted loss. no_epistemic_head: "
                            "the model has no epistemic head, so the uncertainty stood in "
-                           "for the embedding score of badge, emoc or alfa_mix."),
+                           "for the embedding score of badge, emoc or alfa_mix. "
+                           "no_discriminator: dal before a model promoted under it."),
         series("Window rescore time (new serving model)",
                quantiles("triage_gate_rescore_seconds", window="1h"), unit="s"),
+        series("auto: mix of candidate strategies",
+               [q(f"triage_gate_auto_mix{{{JOB}}}", "{{strategy}}")],
+               unit="percentunit", defaults={"min": 0, "max": 1},
+               description="Under gate.strategy auto: the probability that a study is "
+                           "ranked by each candidate, learnt from the labelled audits "
+                           "(empty under any other strategy)."),
     ]),
     ("Review queue", [
         series("Queue items by state", [q(f"triage_queue_items{{{JOB}}}", "{{state}}")]),

@@ -23,7 +23,8 @@ def result(bald=0.1, entropy=0.5, margin=0.4, loss=1.0):
 def test_registry_names():
     assert set(STRATEGIES) == {"random", "entropy", "bald", "margin", "least_confidence",
                                "vote_entropy", "consensus_entropy", "max_disagreement",
-                               "badge", "alfa_mix", "emoc", "dal", "predicted_loss", "combined"}
+                               "badge", "alfa_mix", "emoc", "dal", "predicted_loss", "combined",
+                               "auto"}
     for name, cls in STRATEGIES.items():
         assert issubclass(cls, Strategy) and cls.name == name
 

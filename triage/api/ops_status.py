@@ -21,6 +21,7 @@ from prometheus_client.metrics import MetricWrapperBase
 
 from triage.api.deps import DbDep, SettingsDep, require
 from triage.config import Settings
+from triage.gate.queries import auto_mix
 from triage.ops.summary import audit_accuracy, quarantined_by_reason, served_model
 from triage.review.auth import Principal
 from triage.store.db import FINAL_FILE_STATES, STUDY_STATES, count_by
@@ -106,6 +107,10 @@ def build_summary(db: sqlite_utils.Database, settings: Settings,
             "routed_fraction_24h": routed_24h / total_24h if total_24h else None,
             "threshold": live.get("threshold"),
             "daily_cap": settings.gate.daily_cap,
+            "strategy": settings.gate.strategy,
+            # under `auto`: each candidate's share of the studies it ranks, from the
+            # labelled audits (None under another strategy)
+            "auto_mix": auto_mix(db, settings),
         },
         "decisions_24h": {
             "total": int(total_24h), "routed": int(routed_24h),

@@ -21,6 +21,12 @@ study with scores:
    its combined within-window quantile passes the threshold that keeps r_s, with
    feedback from the realised rate, after a `warmup` of random routes; `coin` routes
    it with probability r_s (reason `random`).
+   Under `auto` (`triage.gate.strategies.auto`) the strategy's components are every
+   candidate's; one candidate (expert) is drawn for the study from the current mix
+   (`set_mix`; a seeded draw), and the manager ranks by that expert's weights alone,
+   against the window's combined scores under the same weights, so every expert routes
+   r_s and any mix keeps the budget. The decision keeps the expert, and an audit keeps
+   every component's quantile: the audits' rewards from which the caller sets the mix.
 3. Cap: at most `daily_cap` routed studies (all reasons) per calendar day in
    `timezone`; a study that would be routed beyond it gets `cap_reached`.
 
@@ -60,6 +66,7 @@ import numpy as np
 from triage.gate.budget_managers import BUDGET_MANAGERS
 from triage.gate.settings import GateSettings
 from triage.gate.strategies import make_strategy
+from triage.gate.strategies.auto import SEPARATOR
 
 ROUTED_REASONS = (
     "uncertainty", "predicted_loss", "both", "audit", "cold_start", "warmup", "random",
@@ -74,6 +81,7 @@ STATE_VERSION = 2
 
 
 _MASK64 = (1 << 64) - 1
+_EXPERT_SALT = 0x5DEECE66D  # the `auto` expert draw's own stream of (seed, sequence)
 
 
 def _splitmix64(x: int) -> int:
@@ -107,6 +115,8 @@ class Decision:
         threshold: Threshold `combined` had to exceed (None likewise).
         key: The caller's key of the study (the daemon's study id), kept with the
             window entry so `rescore` can find it; None in decisions stored before keys.
+        expert: Under `auto`, the candidate strategy drawn from the mix whose ranking
+            decided the study (None for audits, warm-up and every other strategy).
     """
 
     sequence: int
@@ -120,6 +130,7 @@ class Decision:
     combined: float | None = None
     threshold: float | None = None
     key: int | None = None
+    expert: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict for storage."""
@@ -158,8 +169,49 @@ class BudgetGate:
         self._sequence = 0
         self._day_counts: dict[str, int] = {}
         self._offset = 0  # external routes (coverage) still to offset against the budget
+        experts = self.strategy.experts or {}
+        self._experts = {
+            name: np.array([weights.get(k, 0.0) for k in self._keys], dtype=np.float64)
+            for name, weights in experts.items()
+        }
+        self._mix = {name: 1.0 / len(experts) for name in experts}
         score_share = settings.label_rate - settings.exploration_rate
         self._score_rate = score_share / (1 - settings.exploration_rate) if score_share else 0.0
+
+    @property
+    def mix(self) -> dict[str, float] | None:
+        """Under `auto`: the probability of each candidate being drawn for a study
+        (uniform until `set_mix`); None for every other strategy."""
+        return dict(self._mix) if self._experts else None
+
+    def set_mix(self, mix: Mapping[str, float]) -> None:
+        """Set the `auto` mix (the caller's `AutoStrategy.mix` of the labelled audits).
+
+        Raises:
+            ValueError: Not `auto`, or `mix` does not give every candidate a finite,
+                non-negative probability with a positive sum (it is normalised).
+        """
+        if not self._experts:
+            raise ValueError(f"strategy {self.settings.strategy!r} has no mix")
+        if set(mix) != set(self._experts):
+            raise ValueError(f"mix must give {sorted(self._experts)}, got {sorted(mix)}")
+        values = {k: float(v) for k, v in mix.items()}
+        if any(not math.isfinite(v) or v < 0 for v in values.values()) or not sum(
+            values.values()
+        ):
+            raise ValueError(f"mix must be finite, non-negative, not all 0: {values}")
+        total = sum(values.values())
+        self._mix = {k: values[k] / total for k in self._experts}
+
+    def _draw_expert(self) -> str:
+        """The expert for the next study: drawn from the mix by (seed, sequence)."""
+        u = uniform_pair(self.settings.seed ^ _EXPERT_SALT, self._sequence)[0]
+        cumulative = 0.0
+        for name, p in self._mix.items():
+            cumulative += p
+            if u < cumulative:
+                return name
+        return next(reversed(self._mix))
 
     @property
     def score_rate(self) -> float:
@@ -267,16 +319,27 @@ class BudgetGate:
                 base, cap_open, cold_start, novelty, audit, "random" if coin else None
             )
         clean = self._check_scores(scores)
-        quantiles = combined = threshold = None
+        quantiles = combined = threshold = expert = None
+        window = self._values[:, : self._filled]
         if u_audit < self.settings.exploration_rate:
             want, reason = True, "audit"
+            if self._experts:  # every expert's quantiles: the audit's reward (`auto`)
+                route = self.manager.route(clean, window, None, u_sample, self._score_rate)
+                quantiles = route.quantiles
         else:
+            weights = None
+            if self._experts:
+                expert = self._draw_expert()
+                weights = self._experts[expert]
             route = self.manager.route(
-                clean, self._values[:, : self._filled], self.realised_rate(), u_sample,
-                self._score_rate,
+                clean, window, self.realised_rate(), u_sample, self._score_rate, weights
             )  # fmt: skip
             want, reason = route.want, route.reason
             quantiles, combined, threshold = route.quantiles, route.combined, route.threshold
+            if expert is not None and route.quantiles is None:
+                expert = None  # warm-up: no expert ranked the study
+            if expert is not None and want:
+                reason = reason.partition(SEPARATOR)[2] or reason  # the expert's own
         if not want:
             reason = "below_threshold" if combined is not None else "not_sampled"
         elif not cap_open:
@@ -285,7 +348,7 @@ class BudgetGate:
             want, reason = False, "budget_offset"
         return Decision(
             **base, needs_label=bool(want), reason=reason, scores=clean,
-            quantiles=quantiles, combined=combined, threshold=threshold,
+            quantiles=quantiles, combined=combined, threshold=threshold, expert=expert,
         )  # fmt: skip
 
     @staticmethod

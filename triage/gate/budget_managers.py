@@ -86,6 +86,7 @@ class BudgetManager(ABC):
         realised: float | None,
         draw: float,
         score_rate: float,
+        weights: np.ndarray | None = None,
     ) -> Route:
         """Decide for one study that is not an audit.
 
@@ -95,6 +96,8 @@ class BudgetManager(ABC):
             realised: Routed fraction of the window's non-cap-blocked studies, or None.
             draw: A uniform draw in [0, 1) reserved for this study.
             score_rate: r_s, the share of non-audit studies to route.
+            weights: Weights [K] for this study instead of the manager's own (`auto`:
+                the drawn expert's, zero for the other experts' components).
         """
 
 
@@ -104,7 +107,9 @@ class CoinBudget(BudgetManager):
     name: ClassVar[str] = "coin"
     uses_scores: ClassVar[bool] = False
 
-    def route(self, scores, window, realised, draw, score_rate) -> Route:  # noqa: D102
+    def route(  # noqa: D102
+        self, scores, window, realised, draw, score_rate, weights=None
+    ) -> Route:
         return Route(draw < score_rate, "random")
 
 
@@ -122,7 +127,9 @@ class QuantileBudget(BudgetManager):
 
     name: ClassVar[str] = "quantile"
 
-    def route(self, scores, window, realised, draw, score_rate) -> Route:  # noqa: D102
+    def route(  # noqa: D102
+        self, scores, window, realised, draw, score_rate, weights=None
+    ) -> Route:
         n = window.shape[1]
         if n < self.warmup:
             return Route(draw < score_rate, "warmup")
@@ -136,16 +143,18 @@ class QuantileBudget(BudgetManager):
             member_q[j] = (row.searchsorted(values, "left") + row.searchsorted(values, "right")
                            ) / twice  # fmt: skip
             new_q[j] = (row.searchsorted(value, "left") + row.searchsorted(value, "right")) / twice
-        total = self.weights.sum()
-        member_c = self.weights @ member_q / total
-        combined = float(self.weights @ new_q / total)
+        w = self.weights if weights is None else np.asarray(weights, dtype=np.float64)
+        total = w.sum()
+        member_c = w @ member_q / total
+        combined = float(w @ new_q / total)
         rate = score_rate
         if realised is not None:
             rate += self.feedback_gain * (self.label_rate - realised)
         rate = min(max(rate, 0.0), 1.0)
         threshold = _quantile(np.sort(member_c), 1.0 - rate)
         quantiles = dict(zip(self.keys, new_q.tolist(), strict=True))
-        above = [k for k in self.keys if quantiles[k] > threshold]
+        above = [k for k, wk in zip(self.keys, w, strict=True)
+                 if wk > 0 and quantiles[k] > threshold]
         reason = above[0] if len(above) == 1 else "both"
         return Route(combined > threshold, reason, quantiles, combined, threshold)
 

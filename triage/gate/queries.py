@@ -6,17 +6,23 @@
   only its dense regions, and a handful of corrupt or exotic studies cannot take them.
 * :func:`rescore_pending`: after a promotion, pending queue items are scored with the new
   model and their priority replaced, so the queue re-orders.
+* :func:`audit_outcomes` and :func:`auto_mix`: what the labelled audits tell `auto`'s
+  candidates, and the mix it draws them from (the scorer, the status page and the
+  metric read the same function).
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+import json
+
 import sqlite_utils
 import torch
 
 from triage.coreset import robust_centres
 from triage.gate import make_strategy
+from triage.gate.strategies import AuditOutcome, AutoStrategy
 from triage.model.checkpoint import Checkpoint
 from triage.model.inference import embed, pick_images, score_study
 from triage.store.db import transaction
@@ -57,6 +63,49 @@ def study_embeddings(
     if not rows:
         return [], torch.zeros(0, checkpoint.network.stage_channels[-1])
     return kept, torch.stack(rows)
+
+
+_AUDITS = (
+    "FROM queue_items q JOIN decisions d ON d.id = q.decision_id "
+    "JOIN labels l ON l.study_id = q.study_id AND l.superseded_by IS NULL "
+    "WHERE q.reason = 'audit' AND d.strategy = 'auto' AND d.quantiles IS NOT NULL "
+    "AND d.prediction IS NOT NULL"
+)
+
+
+def audit_signature(db: sqlite_utils.Database) -> tuple[int, int]:
+    """(count, newest label id) of the labelled `auto` audits: changes whenever an audit
+    label arrives or is corrected, so the scorer recomputes the mix only then."""
+    count, newest = db.execute(f"SELECT COUNT(*), COALESCE(MAX(l.id), 0) {_AUDITS}").fetchone()
+    return int(count), int(newest)
+
+
+def audit_outcomes(db: sqlite_utils.Database, class_names: list[str]) -> list[AuditOutcome]:
+    """The labelled audits decided under `auto`, oldest first: every component's window
+    quantile at the decision, and the served model's probability of the reader's current
+    label (one of `class_names`; `skip` and `not-diagnostic` do not count). Audits are the
+    uniform sample of scored studies, so these are unbiased for the stream."""
+    rows = db.execute(
+        f"SELECT d.quantiles, d.prediction, l.label {_AUDITS} ORDER BY d.id"
+    ).fetchall()
+    out = []
+    for quantiles, prediction, label in rows:
+        if label not in class_names:
+            continue
+        probabilities = json.loads(prediction).get("probabilities", {})
+        if label not in probabilities:
+            continue
+        out.append(AuditOutcome(json.loads(quantiles), float(probabilities[label])))
+    return out
+
+
+def auto_mix(db: sqlite_utils.Database, settings: Settings) -> dict[str, float] | None:
+    """The mix `gate.strategy: auto` draws its candidates from, after every labelled
+    audit in the store; None under another strategy."""
+    strategy = make_strategy(settings.gate)
+    if not isinstance(strategy, AutoStrategy):
+        return None
+    return strategy.mix(audit_outcomes(db, settings.model.labels))
 
 
 def unlabelled_pool(db: sqlite_utils.Database, settings: Settings) -> list[int]:

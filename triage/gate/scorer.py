@@ -34,6 +34,12 @@ result's detail, counted by `triage_studies_ood_flagged_total` and logged with t
 study's `study_scored` event. It is for the reader (the review API shows it as
 `unlike_training_data`); it never changes routing.
 
+Online choice (`gate.strategy: auto`): before each scored study the mix among the
+candidates is recomputed from the labelled audits when one has come back or been
+corrected since (`triage.gate.queries.auto_mix`; event `gate_mix_updated`, gauge
+`triage_gate_auto_mix{strategy}`). The mix is a function of the store, so a restart
+resumes it.
+
 Cold start: while no version was ever promoted, `triage.gate.coldstart.ColdStartSelector` chooses
 the studies to route, at `gate.label_rate` and for coverage of the stream (farthest
 first on a label-free thumbnail embedding); the gate routes them as `cold_start` within
@@ -61,7 +67,7 @@ import torch
 
 from triage.gate import NOVELTY, BudgetGate, Decision
 from triage.gate.coldstart import ColdStartSelector, coldstart_embedding
-from triage.gate.queries import coverage_queries
+from triage.gate.queries import audit_signature, auto_mix, coverage_queries
 from triage.gate.worker import ScoreResult, StudyToScore
 from triage.model.checkpoint import Checkpoint
 from triage.model.inference import StudyResult, score_study
@@ -118,6 +124,7 @@ class GateScorer:
         self._serving = ServingLoader(db, self._registry, metrics, clock)
         self._selector: ColdStartSelector | None = None  # built when first needed
         self._fallback_logged: set[str] = set()
+        self._audits_seen: tuple[int, int] | None = None  # `auto`: audits the mix counts
         metrics.gate_label_rate_target.set(settings.gate.label_rate)
 
     @property
@@ -155,6 +162,8 @@ class GateScorer:
         for stage, seconds in result.durations.items():
             self._metrics.inference_seconds.labels(stage).observe(seconds)
         scores = self._components(result, version, count=True)
+        if self._gate.mix is not None:
+            self._refresh_mix()
         decision = self._gate.decide(scores, now, key=study.study_id)
         ood_flag = (checkpoint.epistemic.unlike_training(result.ood)
                     if checkpoint.epistemic is not None else None)
@@ -182,6 +191,22 @@ class GateScorer:
         realised = self._gate.realised_rate()
         if realised is not None:
             self._metrics.gate_routed_fraction.set(realised)
+
+    def _refresh_mix(self) -> None:
+        """`auto`: recompute the mix from the labelled audits when one arrived or was
+        corrected since the last study (`auto_mix`), and publish it."""
+        seen = audit_signature(self._db)
+        if seen == self._audits_seen:
+            return
+        mix = auto_mix(self._db, self._settings)
+        if mix is None:
+            return
+        self._gate.set_mix(mix)
+        self._audits_seen = seen
+        for name, p in mix.items():
+            self._metrics.gate_auto_mix.labels(name).set(p)
+        event(log, "gate_mix_updated", audits=seen[0],
+              mix={name: round(p, 4) for name, p in mix.items()})
 
     def _score_cold_start(self, study: StudyToScore, now: datetime) -> ScoreResult:
         """No usable model: the cold-start selector chooses, within the gate's cap."""

@@ -20,7 +20,8 @@ class GateSettings(BaseModel):
     strategy: str = "combined"
     """Strategy, the score of each study (`triage.gate.strategies.STRATEGIES`): random,
     entropy, bald, margin, least_confidence, vote_entropy, consensus_entropy,
-    max_disagreement, badge, alfa_mix, emoc, predicted_loss or combined."""
+    max_disagreement, badge, alfa_mix, emoc, dal, predicted_loss, combined, or auto (the
+    gate chooses among `auto_strategies` from the audits, `triage.gate.strategies.auto`)."""
     budget_manager: str | None = None
     """How scores become routes under the budget (`triage.gate.budget_managers`):
     `quantile` routes a study whose combined score passes the window quantile that keeps
@@ -61,6 +62,9 @@ class GateSettings(BaseModel):
     (coverage); k >= 1 weights that distance by typicality, dividing it by the study's
     mean distance to its k nearest recent studies, so outliers are not taken for new
     ground (`triage.gate.coldstart`)."""
+    auto_strategies: tuple[str, ...] = ("combined", "entropy", "alfa_mix", "badge", "emoc")
+    """The candidates `strategy: auto` chooses among (two or more scoring strategies, not
+    random, dal or auto itself)."""
     seed: int = 0
     """Seed of the exploration, warm-up and random-strategy draws."""
     timezone: str = "UTC"
@@ -71,6 +75,19 @@ class GateSettings(BaseModel):
     def _known_strategy(cls, value: str) -> str:
         if value not in STRATEGIES:
             raise ValueError(f"strategy must be one of {sorted(STRATEGIES)}, got {value!r}")
+        return value
+
+    @field_validator("auto_strategies")
+    @classmethod
+    def _known_candidates(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        allowed = sorted(n for n, c in STRATEGIES.items()
+                         if c.has_scores and not c.fits_discriminator and n != "auto")
+        unknown = [n for n in value if n not in allowed]
+        if unknown:
+            raise ValueError(f"auto_strategies must be taken from {allowed}, got {unknown}")
+        if len(value) < 2 or len(set(value)) != len(value):
+            raise ValueError(f"auto_strategies must name two or more distinct strategies, "
+                             f"got {list(value)}")
         return value
 
     @field_validator("budget_manager")

@@ -34,7 +34,7 @@ import torch
 from triage.gate import BudgetGate, uniform_pair
 from triage.gate.coldstart import ColdStartSelector, coldstart_embedding
 from triage.gate.queries import SEED_FACTOR, pick_coverage
-from triage.gate.strategies import STRATEGIES
+from triage.gate.strategies import STRATEGIES, AuditOutcome
 from triage.model.checkpoint import Checkpoint
 from triage.model.inference import score_study
 from triage.model.lossnet import build_loss_predictor
@@ -267,6 +267,11 @@ class Lockstep:
         self.last_start: float | None = None
         self.returned_by_tail = 0
         self.served_train_labels = 0
+        # `auto`: each audit's quantiles and served probabilities until its label is back,
+        # then what it told the experts (the store's `audit_outcomes`)
+        self.audit_context: dict[int, tuple[dict[str, float], list[float]]] = {}
+        self.audit_outcomes: list[AuditOutcome] = []
+        self.routed_by_expert: dict[str, int] = {}
 
     # -- the stream ------------------------------------------------------------------
 
@@ -293,13 +298,18 @@ class Lockstep:
         return self.serving[0][1] if self.serving else None
 
     def _score(self, position: int, checkpoint: Checkpoint) -> dict[str, float]:
+        return self._score_result(position, checkpoint)[0]
+
+    def _score_result(self, position: int, checkpoint: Checkpoint
+                      ) -> tuple[dict[str, float], list[float]]:  # fmt: skip
+        """The gate's components of one study and the served probabilities."""
         result = score_study(
             checkpoint.network, checkpoint.loss_predictor, self.images[position : position + 1],
             self.settings.model, seed=position * SEED_FACTOR,
             operating_point=checkpoint.operating_point, epistemic=checkpoint.epistemic,
         )
         # as the daemon's scorer: the uncertainty stands in for what the model lacks
-        return self.gate.strategy.components_with_fallback(result)[0]
+        return self.gate.strategy.components_with_fallback(result)[0], list(result.probs)
 
     def _decide(self, i: int, now: float) -> None:
         when = datetime.fromtimestamp(now, UTC)
@@ -315,7 +325,13 @@ class Lockstep:
                 keys = self.gate.window_keys()
                 self.gate.rescore({k: self._score(k, checkpoint) for k in keys})
                 self.window_version = version
-            decision = self.gate.decide(self._score(i, checkpoint), when, key=i)
+            scores, probs = self._score_result(i, checkpoint)
+            decision = self.gate.decide(scores, when, key=i)
+            if decision.reason == "audit" and decision.quantiles and self.gate.mix is not None:
+                self.audit_context[i] = (decision.quantiles, probs)
+            if decision.needs_label and decision.expert is not None:
+                self.routed_by_expert[decision.expert] = (
+                    self.routed_by_expert.get(decision.expert, 0) + 1)
         self.gate.commit(decision)
         if decision.needs_label:
             self._route(i, decision.reason)
@@ -333,6 +349,10 @@ class Lockstep:
                            len(self.settings.model.labels))
             self.labelled.add(position, label, reason, self.settings)
             self.new_labels += 1
+            if position in self.audit_context:  # `auto`: the mix moves with each audit
+                quantiles, probs = self.audit_context.pop(position)
+                self.audit_outcomes.append(AuditOutcome(quantiles, probs[label]))
+                self.gate.set_mix(self.gate.strategy.mix(self.audit_outcomes))
 
     # -- retraining ------------------------------------------------------------------
 
@@ -365,9 +385,12 @@ class Lockstep:
         checkpoint = judged.checkpoint(self.settings.model)
         self.serving.insert(0, (version, checkpoint))
         labels_bought = len(self.routed)
-        self.curve.append({"studies": i, "labels": labels_bought,
-                           "val_auroc": self._auroc(checkpoint, self.data.val_images,
-                                                    self.data.val_labels)})
+        point = {"studies": i, "labels": labels_bought,
+                 "val_auroc": self._auroc(checkpoint, self.data.val_images,
+                                          self.data.val_labels)}
+        if self.gate.mix is not None:
+            point["mix"] = self.gate.mix
+        self.curve.append(point)
         if i < len(self.order):  # the final idle run has no stream left to query
             self._coverage_queries(i, now, checkpoint)
 
@@ -438,6 +461,10 @@ class Lockstep:
         if out.get("fresh_ensemble_holdout_auroc") is not None:
             out["fresh_ensemble_minus_served"] = (out["fresh_ensemble_holdout_auroc"]
                                                   - out["holdout_auroc"])
+        if self.gate.mix is not None:
+            out["auto_mix"] = self.gate.mix
+            out["auto_audits"] = len(self.audit_outcomes)
+            out["routed_by_expert"] = dict(sorted(self.routed_by_expert.items()))
         out["retrains"] = self.runs
         out["curve"] = self.curve
         out["seconds"] = round(time.perf_counter() - started, 2)

@@ -49,6 +49,7 @@ class Metrics:
     gate_threshold: Gauge
     gate_routed_fraction: Gauge
     gate_label_rate_target: Gauge
+    gate_auto_mix: Gauge
     inference_seconds: Histogram
     labels: Counter
     label_turnaround_seconds: Histogram
@@ -185,6 +186,13 @@ def build_metrics(registry: CollectorRegistry) -> Metrics:
             "no_epistemic_head: for the embedding an embedding strategy scores; "
             "no_discriminator: for dal's classifier, before a model promoted under dal).",
             ["reason"],
+            registry=registry,
+        ),
+        gate_auto_mix=Gauge(
+            "triage_gate_auto_mix",
+            "Under gate.strategy auto: the probability that a study is ranked by each "
+            "candidate strategy, from the labelled audits (absent under other strategies).",
+            ["strategy"],
             registry=registry,
         ),
         gate_rescore_seconds=Histogram(

@@ -229,6 +229,10 @@ function render(s) {
   set("routed_fraction_24h", percent(s.gate.routed_fraction_24h),
       off(s.gate.routed_fraction_24h) ? "warn" : "");
   set("label_rate_target", percent(target));
+  // under `auto`, the mix the gate draws its candidates from (learnt from the audits)
+  const mix = s.gate.auto_mix;
+  set("strategy", mix ? `auto: ${Object.entries(mix).map(([k, v]) => `${k} ${percent(v, 0)}`)
+    .join(", ")}` : s.gate.strategy);
   set("threshold", scoring && s.gate.threshold !== null ? s.gate.threshold.toFixed(3) : "–");
   set("decisions_total",
       `${count(s.decisions_24h.total)} (${count(s.decisions_24h.routed)} routed)`);

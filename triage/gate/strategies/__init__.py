@@ -9,6 +9,7 @@ from collections.abc import Mapping
 from types import MappingProxyType
 
 from triage.gate.strategies.alfa_mix import AlfaMixStrategy
+from triage.gate.strategies.auto import AuditOutcome, AutoStrategy, audit_mix
 from triage.gate.strategies.badge import BadgeStrategy
 from triage.gate.strategies.base import (
     FALLBACK_REASONS,
@@ -57,6 +58,7 @@ STRATEGIES: Mapping[str, type[Strategy]] = MappingProxyType(
             DalStrategy,
             PredictedLossStrategy,
             CombinedStrategy,
+            AutoStrategy,
         )
     }
 )
@@ -83,6 +85,8 @@ __all__ = [
     "STRATEGIES",
     "UNCERTAINTY",
     "AlfaMixStrategy",
+    "AuditOutcome",
+    "AutoStrategy",
     "BadgeStrategy",
     "BaldStrategy",
     "CombinedStrategy",
@@ -98,6 +102,7 @@ __all__ = [
     "Strategy",
     "StrategyOptions",
     "VoteEntropyStrategy",
+    "audit_mix",
     "make_strategy",
     "midranks",
     "uncertainty_score",

@@ -48,6 +48,7 @@ class StrategyOptions(Protocol):
     uncertainty_weight: float
     loss_weight: float
     seed: int
+    auto_strategies: tuple[str, ...]
 
 
 def uncertainty_score(result: StudyResult, measure: str) -> float:
@@ -104,6 +105,13 @@ class Strategy(ABC):
     @abstractmethod
     def weights(self) -> dict[str, float]:
         """Weight of each component (keys as in `components`), non-negative."""
+
+    @property
+    def experts(self) -> dict[str, dict[str, float]] | None:
+        """For a strategy that chooses among others (`auto`): each expert's weights over
+        the components; the gate routes each study by one expert drawn from its mix.
+        None for a strategy that routes by its own `weights`."""
+        return None
 
     def components_with_fallback(self, result: StudyResult) -> tuple[dict[str, float], str | None]:
         """`components`, with the uncertainty standing in for a missing predicted loss
