@@ -224,6 +224,11 @@ def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if not _variant(strategy) and strategy not in ("random", "random_b", "default"):
             # another strategy: also against the shipped default (does it replace it?)
             bases["default"] = groups.get((stream, budget, "default", noise), {})
+        if strategy == "auto":  # the online choice: against every single strategy
+            for (g_stream, g_budget, other, g_noise), other_runs in groups.items():
+                if (g_stream, g_budget, g_noise) == (stream, budget, noise) and \
+                        not _variant(other) and other not in ("auto", "random", "random_b"):
+                    bases[f"single_{other}"] = other_runs
         if "+" in name or suffix:  # an ablation: also against the configuration it changes
             bases["base"] = groups.get((stream, budget, name.split("+")[0], noise), {})
         if "+" in name and not name.startswith("random"):  # and random with the same change
@@ -344,7 +349,7 @@ def _auto_lines(summary: list[dict[str, Any]]) -> list[str]:
                       "of its stream and budget, and its final mix (mean over seeds; routes: "
                       "studies routed by each candidate's ranking, mean per run).", "",
                       "| stream | budget | auto AUROC | best single | its AUROC | auto − best "
-                      "| audits counted | final mix | routes by candidate |",
+                      "(95% CI) | audits counted | final mix | routes by candidate |",
                       "|---|---|---|---|---|---|---|---|---|"]
         singles = [r for r in summary if r["stream"] == row["stream"]
                    and r["budget"] == row["budget"] and not _variant(r["strategy"])
@@ -353,7 +358,9 @@ def _auto_lines(summary: list[dict[str, Any]]) -> list[str]:
         best = max(singles, key=lambda r: r.get("holdout_auroc", -1.0), default=None)
         mix = ", ".join(f"{k} {v:.2f}" for k, v in row["auto_mix"].items())
         routes = ", ".join(f"{k} {v:.0f}" for k, v in row["routed_by_expert"].items())
-        gap = (f"{row['holdout_auroc'] - best['holdout_auroc']:+.4f}" if best else "—")
+        paired_gap = row.get(f"holdout_auroc_vs_single_{best['strategy']}") if best else None
+        gap = (f"{paired_gap['mean']:+.4f} ± {paired_gap['ci95']:.4f}" if paired_gap
+               else "—")
         lines.append(
             f"| {row['stream']} | {row['budget']:.0%} | {row['holdout_auroc']:.4f} | "
             f"{best['strategy'] if best else '—'} | "

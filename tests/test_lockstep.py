@@ -72,6 +72,21 @@ def test_strategies_share_the_stream_and_the_budget(data):
     assert {"cold_start", "audit"} <= reasons and reasons & {"uncertainty", "both"}
 
 
+def test_auto_learns_its_mix_from_the_audits_the_run_labels(data):
+    loop = _run(data, 3, "auto")
+    result = loop.result
+    audits = [p for p, reason in loop.routed.items() if reason == "audit"]
+    # every audit ranked by a model came back with its reward, and nothing else did
+    assert 0 < len(loop.audit_outcomes) == result["auto_audits"] <= len(audits)
+    assert result["auto_mix"] == loop.gate.strategy.mix(loop.audit_outcomes)
+    assert result["auto_mix"] != pytest.approx(dict.fromkeys(result["auto_mix"], 0.2))
+    share = len(loop.routed) / 600
+    assert 0.14 <= share <= 0.26, share  # any mix keeps the budget
+    ranked = sum(result["routed_by_expert"].values())
+    assert ranked == sum(1 for r in loop.routed.values()
+                         if r not in ("audit", "cold_start", "warmup", "coverage"))
+
+
 def test_drift_stream_holds_the_rarer_class_back():
     labels = torch.tensor([0] * 250 + [1] * 750)
     order = stream_order(labels, RunSpec("drift", 0.1, "random", 0))
