@@ -211,9 +211,26 @@ def test_warmup_then_scores():
     assert all(d.combined is not None for d in decisions[30:])
 
 
+def test_scikit_activeml_biqf_keeps_the_budget_and_routes_high_scores():
+    """scikit-activeml's BIQF behind the gate, on the combined score: the routed share
+    tracks label_rate (audits counted as spent), routed studies score higher, and the
+    stored threshold explains each decision as the library made it."""
+    settings = GateSettings(budget_manager="biqf", label_rate=0.1, daily_cap=10_000,
+                            window=300)
+    _, decisions = run(settings, stream(2500, seed=4))
+    after = decisions[settings.window :]
+    assert abs(np.mean([d.needs_label for d in after]) - 0.1) <= 0.02
+    ranked = [d for d in after if d.combined is not None]
+    routed = [d.combined for d in ranked if d.needs_label]
+    assert np.mean(routed) > np.mean([d.combined for d in ranked if not d.needs_label]) + 0.3
+    for d in ranked:
+        assert d.needs_label == (d.combined >= d.threshold), d  # the library's >=
+
+
 @pytest.mark.parametrize("use_state_dict", [True, False])
-def test_restart_restores_identical_decisions(use_state_dict):
-    settings = GateSettings(window=200, warmup=20, daily_cap=30)
+@pytest.mark.parametrize("manager", ["quantile", "biqf"])
+def test_restart_restores_identical_decisions(use_state_dict, manager):
+    settings = GateSettings(window=200, warmup=20, daily_cap=30, budget_manager=manager)
     scores = stream(900, seed=5)
     gate, decisions = run(settings, scores[:600])
     if use_state_dict:

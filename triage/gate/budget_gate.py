@@ -320,11 +320,15 @@ class BudgetGate:
             )
         clean = self._check_scores(scores)
         quantiles = combined = threshold = expert = None
-        window = self._values[:, : self._filled]
+        window, routed = self._values[:, : self._filled], None
+        if self.manager.ordered:  # oldest first, with the routed flags
+            order = self._order()
+            window, routed = self._values[:, order], self._routed[order]
         if u_audit < self.settings.exploration_rate:
             want, reason = True, "audit"
             if self._experts:  # every expert's quantiles: the audit's reward (`auto`)
-                route = self.manager.route(clean, window, None, u_sample, self._score_rate)
+                route = self.manager.route(clean, window, None, u_sample, self._score_rate,
+                                           routed=routed)
                 quantiles = route.quantiles
         else:
             weights = None
@@ -332,7 +336,8 @@ class BudgetGate:
                 expert = self._draw_expert()
                 weights = self._experts[expert]
             route = self.manager.route(
-                clean, window, self.realised_rate(), u_sample, self._score_rate, weights
+                clean, window, self.realised_rate(), u_sample, self._score_rate, weights,
+                routed,
             )  # fmt: skip
             want, reason = route.want, route.reason
             quantiles, combined, threshold = route.quantiles, route.combined, route.threshold

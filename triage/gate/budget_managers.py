@@ -62,6 +62,9 @@ class BudgetManager(ABC):
 
     name: ClassVar[str]
     uses_scores: ClassVar[bool] = True
+    ordered: ClassVar[bool] = False
+    """Whether `route` needs the window oldest first with its routed flags (a manager
+    whose state is a function of the sequence, rebuilt from the window each time)."""
 
     def __init__(
         self,
@@ -87,6 +90,7 @@ class BudgetManager(ABC):
         draw: float,
         score_rate: float,
         weights: np.ndarray | None = None,
+        routed: np.ndarray | None = None,
     ) -> Route:
         """Decide for one study that is not an audit.
 
@@ -98,6 +102,9 @@ class BudgetManager(ABC):
             score_rate: r_s, the share of non-audit studies to route.
             weights: Weights [K] for this study instead of the manager's own (`auto`:
                 the drawn expert's, zero for the other experts' components).
+            routed: Whether each window study was routed (any reason) or its slot went
+                to a coverage query, [n]; given, with the window oldest first, to a
+                manager that is `ordered`.
         """
 
 
@@ -108,7 +115,7 @@ class CoinBudget(BudgetManager):
     uses_scores: ClassVar[bool] = False
 
     def route(  # noqa: D102
-        self, scores, window, realised, draw, score_rate, weights=None
+        self, scores, window, realised, draw, score_rate, weights=None, routed=None
     ) -> Route:
         return Route(draw < score_rate, "random")
 
@@ -128,11 +135,23 @@ class QuantileBudget(BudgetManager):
     name: ClassVar[str] = "quantile"
 
     def route(  # noqa: D102
-        self, scores, window, realised, draw, score_rate, weights=None
+        self, scores, window, realised, draw, score_rate, weights=None, routed=None
     ) -> Route:
         n = window.shape[1]
         if n < self.warmup:
             return Route(draw < score_rate, "warmup")
+        ranked = self._rank(scores, window, weights)
+        rate = score_rate
+        if realised is not None:
+            rate += self.feedback_gain * (self.label_rate - realised)
+        rate = min(max(rate, 0.0), 1.0)
+        threshold = _quantile(np.sort(ranked.members), 1.0 - rate)
+        return ranked.route(ranked.combined > threshold, threshold)
+
+    def _rank(self, scores, window, weights) -> "_Ranked":
+        """Each component's mid-rank quantile of the study and of every window member
+        within the window, and their weighted combinations."""
+        n = window.shape[1]
         ordered = np.sort(window, axis=1)
         twice = 2.0 * n
         member_q = np.empty_like(window)
@@ -145,18 +164,86 @@ class QuantileBudget(BudgetManager):
             new_q[j] = (row.searchsorted(value, "left") + row.searchsorted(value, "right")) / twice
         w = self.weights if weights is None else np.asarray(weights, dtype=np.float64)
         total = w.sum()
-        member_c = w @ member_q / total
-        combined = float(w @ new_q / total)
-        rate = score_rate
-        if realised is not None:
-            rate += self.feedback_gain * (self.label_rate - realised)
-        rate = min(max(rate, 0.0), 1.0)
-        threshold = _quantile(np.sort(member_c), 1.0 - rate)
-        quantiles = dict(zip(self.keys, new_q.tolist(), strict=True))
-        above = [k for k, wk in zip(self.keys, w, strict=True)
-                 if wk > 0 and quantiles[k] > threshold]
+        return _Ranked(self.keys, w, dict(zip(self.keys, new_q.tolist(), strict=True)),
+                       float(w @ new_q / total), w @ member_q / total)
+
+
+@dataclass(frozen=True)
+class _Ranked:
+    """A study ranked in its window: component quantiles, combined score, and the window
+    members' combined scores under the same weights."""
+
+    keys: tuple[str, ...]
+    weights: np.ndarray
+    quantiles: dict[str, float]
+    combined: float
+    members: np.ndarray
+
+    def route(self, want: bool, threshold: float) -> Route:
+        """The route, its reason the component(s) whose quantile passed `threshold`."""
+        above = [k for k, wk in zip(self.keys, self.weights, strict=True)
+                 if wk > 0 and self.quantiles[k] > threshold]
         reason = above[0] if len(above) == 1 else "both"
-        return Route(combined > threshold, reason, quantiles, combined, threshold)
+        return Route(bool(want), reason, self.quantiles, self.combined, threshold)
+
+
+class LibraryBudget(QuantileBudget):
+    """Base of the scikit-activeml stream budget managers behind the gate's interface.
+
+    The study's utility is its combined quantile score, as `quantile` ranks it; the
+    library's manager is built for each study from the window, oldest first (its
+    members' combined scores and routed flags are the library's history), and asked
+    whether the study's utility is worth a label. So its state is the window's, which
+    the gate keeps across restarts, and a restored gate decides as before. Its budget is
+    `label_rate`: audits are routed studies of the window too, and count as spent.
+    Imported on first use (scikit-learn is slow to import).
+    """
+
+    ordered: ClassVar[bool] = True
+
+    def route(  # noqa: D102
+        self, scores, window, realised, draw, score_rate, weights=None, routed=None
+    ) -> Route:
+        n = window.shape[1]
+        if n < self.warmup:
+            return Route(draw < score_rate, "warmup")
+        if routed is None or len(routed) != n:
+            raise ValueError(f"{self.name} needs the window's routed flags")
+        ranked = self._rank(scores, window, weights)
+        want, threshold = self._ask(ranked.members, np.flatnonzero(routed), ranked.combined)
+        return ranked.route(want, threshold)
+
+    @abstractmethod
+    def _ask(self, history: np.ndarray, queried: np.ndarray, utility: float
+             ) -> tuple[bool, float]:  # fmt: skip
+        """The library's answer for `utility` after the window's `history` of utilities,
+        `queried` at those positions, and the threshold it compared against."""
+
+
+class BiqfBudget(LibraryBudget):
+    """scikit-activeml's Balanced Incremental Quantile Filter (Kottke et al. 2015): the
+    (1 - budget) quantile of the last w utilities, lowered by the utility range times
+    (acquisitions left / w_tol), acquisitions left = budget * seen - queried. Here w is
+    the window, seen and queried are the window's, and w_tol is the library's default
+    (50)."""
+
+    name: ClassVar[str] = "biqf"
+    w_tol: ClassVar[int] = 50
+
+    def _ask(self, history, queried, utility):  # noqa: D102
+        from skactiveml.stream.budgetmanager import BalancedIncrementalQuantileFilter
+
+        n = history.shape[0]
+        manager = BalancedIncrementalQuantileFilter(w=n, w_tol=self.w_tol,
+                                                    budget=self.label_rate)
+        manager.update(np.zeros((n, 1)), queried, history)
+        want = bool(manager.query_by_utility(np.array([utility])))
+        # the threshold it compared against, for the decision's explanation: its history
+        # of the last w utilities (the oldest leaves as the study's enters) and counts
+        seen = [*list(manager.history_sorted_)[1:], utility]
+        theta = float(np.quantile(seen, 1 - manager.budget_))
+        left = manager.budget_ * (manager.observed_samples_ + 1) - manager.queried_samples_
+        return want, theta - (max(seen) - min(seen)) * left / self.w_tol
 
 
 def _quantile(ordered: np.ndarray, level: float) -> float:
@@ -168,6 +255,6 @@ def _quantile(ordered: np.ndarray, level: float) -> float:
 
 
 BUDGET_MANAGERS: Mapping[str, type[BudgetManager]] = MappingProxyType(
-    {cls.name: cls for cls in (QuantileBudget, CoinBudget)}
+    {cls.name: cls for cls in (QuantileBudget, CoinBudget, BiqfBudget)}
 )
 """Budget manager classes by name (read-only)."""

@@ -25,7 +25,8 @@ class GateSettings(BaseModel):
     budget_manager: str | None = None
     """How scores become routes under the budget (`triage.gate.budget_managers`):
     `quantile` routes a study whose combined score passes the window quantile that keeps
-    `label_rate`; `coin` routes each study with probability `label_rate` whatever its
+    `label_rate`; `biqf` is scikit-activeml's balanced incremental quantile filter on
+    the same combined score; `coin` routes each study with probability `label_rate` whatever its
     scores (no cold-start selection, no coverage queries). None: the strategy's own
     (`coin` for random, `quantile` for the others)."""
     uncertainty_measure: Literal[
