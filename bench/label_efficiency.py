@@ -271,10 +271,11 @@ def markdown(summary: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         "served − fresh: the served model against one trained from scratch on every label "
         "the run bought.",
         "",
-        "| stream | budget | strategy | seeds | labels | holdout AUROC | Δ vs random (95% CI) "
-        "| Δ vs both coins | Δ vs default | accuracy | Δ accuracy vs random | served − fresh "
-        "| s per run | gate cost (× one pass) | gate ms per study |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| stream | budget | strategy | seeds | labels | holdout AUROC | fresh AUROC "
+        "| Δ vs random (95% CI) | Δ vs both coins | Δ vs default | accuracy "
+        "| Δ accuracy vs random | served − fresh | s per run | gate cost (× one pass) "
+        "| gate ms per study |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     costs = _gate_costs()
 
@@ -290,7 +291,9 @@ def markdown(summary: list[dict[str, Any]], meta: dict[str, Any]) -> str:
             f"| {row['stream']} | {row['budget']:.0%} | {row['strategy']} | "
             f"{len(row['seeds'])} | {row.get('labels', 0):.0f} | "
             f"{row.get('holdout_auroc', math.nan):.4f} ± "
-            f"{row.get('holdout_auroc_sd') or 0:.4f} | {cell(row, 'holdout_auroc_vs_random')} | "
+            f"{row.get('holdout_auroc_sd') or 0:.4f} | "
+            f"{row.get('fresh_holdout_auroc', math.nan):.4f} | "
+            f"{cell(row, 'holdout_auroc_vs_random')} | "
             f"{cell(row, 'holdout_auroc_vs_coins')} | {cell(row, 'holdout_auroc_vs_default')} | "
             f"{row.get('holdout_accuracy', math.nan):.3f} | "
             f"{cell(row, 'holdout_accuracy_vs_random')} | "
@@ -450,7 +453,9 @@ def _meta(runs: list[dict[str, Any]], command: str) -> dict[str, Any]:
 def write_outputs(runs: list[dict[str, Any]], command: str, readme: bool,
                   tag: str | None = None) -> dict[str, Any]:
     """JSON, plot and table of `runs`: `label_efficiency.*`, or `label_efficiency.<tag>.*`
-    for a grid of other arms (never the README table)."""
+    for a grid of other arms; with `readme`, the table also replaces the README's between
+    the markers `<!-- label-efficiency:start/end -->` (a tag's:
+    `<!-- label-efficiency:<tag>:start/end -->`)."""
     summary = summarize(runs)
     meta = _meta(runs, command)
     result = {"meta": meta, "summary": summary, "runs": runs}
@@ -460,13 +465,15 @@ def write_outputs(runs: list[dict[str, Any]], command: str, readme: bool,
     plot(runs, summary, RESULTS / f"{stem}.png")
     table = markdown(summary, meta)
     (RESULTS / f"{stem}.md").write_text(table + "\n")
-    readme = readme and not tag
-    if readme:
+    if readme:  # a tag's table goes between its own markers
+        start, end = ((MARK_START, MARK_END) if not tag else
+                      (f"<!-- label-efficiency:{tag}:start -->",
+                       f"<!-- label-efficiency:{tag}:end -->"))
         text = README.read_text()
-        if MARK_START in text and MARK_END in text:
-            head, rest = text.split(MARK_START, 1)
-            _, tail = rest.split(MARK_END, 1)
-            README.write_text(f"{head}{MARK_START}\n{table}\n{MARK_END}{tail}")
+        if start in text and end in text:
+            head, rest = text.split(start, 1)
+            _, tail = rest.split(end, 1)
+            README.write_text(f"{head}{start}\n{table}\n{end}{tail}")
     return result
 
 

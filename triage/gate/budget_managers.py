@@ -140,7 +140,11 @@ class QuantileBudget(BudgetManager):
         n = window.shape[1]
         if n < self.warmup:
             return Route(draw < score_rate, "warmup")
-        ranked = self._rank(scores, window, weights)
+        return self._decide(self._rank(scores, window, weights), realised, score_rate, routed)
+
+    def _decide(self, ranked: "_Ranked", realised: float | None, score_rate: float,
+                routed: np.ndarray | None) -> Route:  # fmt: skip
+        """The route of a study ranked in a warm window."""
         rate = score_rate
         if realised is not None:
             rate += self.feedback_gain * (self.label_rate - realised)
@@ -201,15 +205,9 @@ class LibraryBudget(QuantileBudget):
 
     ordered: ClassVar[bool] = True
 
-    def route(  # noqa: D102
-        self, scores, window, realised, draw, score_rate, weights=None, routed=None
-    ) -> Route:
-        n = window.shape[1]
-        if n < self.warmup:
-            return Route(draw < score_rate, "warmup")
-        if routed is None or len(routed) != n:
+    def _decide(self, ranked, realised, score_rate, routed) -> Route:  # noqa: D102
+        if routed is None or len(routed) != len(ranked.members):
             raise ValueError(f"{self.name} needs the window's routed flags")
-        ranked = self._rank(scores, window, weights)
         want, threshold = self._ask(ranked.members, np.flatnonzero(routed), ranked.combined)
         return ranked.route(want, threshold)
 
