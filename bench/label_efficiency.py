@@ -114,6 +114,7 @@ ADDED_SETTINGS: dict[tuple[str, ...], Any] = {
     ("gate", "cold_start_neighbours"): 0,  # 2026-12-04 (third session): coverage cold start
     # 2026-12-04 (fourth session): read by `auto` only
     ("gate", "auto_strategies"): ["combined", "entropy", "alfa_mix", "badge", "emoc"],
+    ("retrain", "unforgettable_weight"): 1.0,  # 2026-12-04 (fourth session)
 }
 
 

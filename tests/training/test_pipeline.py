@@ -250,3 +250,58 @@ def test_without_refit_the_served_model_is_the_judged_one(tmp_path, pneumonia):
     entry = _registry(st).serving()
     assert "served_train" not in entry.data_summary and "refit" not in entry.metrics
     assert _registry(st).load(entry.version).judge is None
+
+
+def test_forgetting_counter_counts_correct_to_wrong_transitions():
+    from triage.model.training import ForgettingCounter
+
+    counter = ForgettingCounter(4)
+    # example 0: right, wrong, right, wrong, right -> 2 events; 1: wrong throughout ->
+    # never learned; 2: wrong, right, right -> 0 events, learned; 3: never presented
+    for index, correct in (([0, 1, 2], [1, 0, 0]), ([0, 1, 2], [0, 0, 1]),
+                           ([2, 0, 1], [1, 1, 0]), ([0, 0], [0, 1])):
+        counter.update(torch.tensor(index), torch.tensor(correct, dtype=torch.bool))
+    # the last batch drew example 0 twice: wrong (an event after right), then right
+    assert counter.events.tolist() == [2, 0, 0, 0]
+    assert counter.learned.tolist() == [True, False, True, False]
+
+
+def test_each_retrain_records_the_forgetting_of_every_study_it_trained(tmp_path, pneumonia):
+    """The served network's run (the refit on every label) stores each study's
+    forgetting events; a study's figures add up over runs, the study view reads them,
+    and with `retrain.unforgettable_weight` below 1 the studies never forgotten are
+    drawn less."""
+    from triage.training.runs import forgetting_of, unforgettable_studies
+
+    st = _store(tmp_path, pneumonia)
+    assert _run(st) == "promoted"
+    rows = st.db.execute("SELECT run_id, study_id, events, learned FROM forgetting").fetchall()
+    labelled = {row[0] for row in st.db.execute("SELECT study_id FROM labels")}
+    assert len(rows) == 340 and {row[1] for row in rows} == labelled
+    assert all(row[2] >= 0 and row[3] in (0, 1) for row in rows)
+    assert sum(row[3] for row in rows) >= 300  # a trained model gets most films right
+    second = st.settings.model_copy(update={"retrain": st.settings.retrain.model_copy(
+        update={"unforgettable_weight": 0.05})})
+    never = unforgettable_studies(st.db)
+    assert never == {row[1] for row in rows if row[2] == 0 and row[3] == 1} and never
+    _run(st, second)
+    run = last_run(st.db)
+    train = load_split(st.db, "train", st.settings.model)
+    expected = sum(1 for g in train.groups.tolist() if train.study_ids[g] in never)
+    assert run["metrics"]["coverage"]["unforgettable_images"] == expected > 0
+    by_study: dict[int, list[tuple[int, int]]] = {}
+    for _, study, events, learned in st.db.execute(
+            "SELECT run_id, study_id, events, learned FROM forgetting").fetchall():
+        by_study.setdefault(study, []).append((events, learned))
+    for study, runs in list(by_study.items())[:20]:
+        assert forgetting_of(st.db, study) == {
+            "trainings": len(runs), "events": sum(e for e, _ in runs),
+            "never_learned": sum(1 - k for _, k in runs)}
+    assert forgetting_of(st.db, 10**9) is None
+    # the reader's study view shows the same figures
+    from triage.api.study_view import study_view
+    from triage.review.auth import Principal
+
+    study = next(iter(by_study))
+    view = study_view(st.db, st.settings, study, Principal(1, "reader", "radiologist"), None)
+    assert view["forgetting"] == forgetting_of(st.db, study)

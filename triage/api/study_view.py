@@ -20,6 +20,7 @@ from triage.review.queue import QueueError, explain
 from triage.store.db import transaction
 from triage.store.images import INSTANCE_ORDER
 from triage.telemetry.logs import event
+from triage.training.runs import forgetting_of
 
 log = logging.getLogger("triage.api")
 
@@ -48,6 +49,9 @@ def study_view(db: sqlite_utils.Database, settings: Settings, study_id: int,
         "images": images,
         "modalities": sorted({row["modality"] or "?" for row in instances}),
         "description": (instances[0]["study_description"] or "") if instances else "",
+        # forgetting events of its images over the retrains that trained on its label
+        # (None before one did)
+        "forgetting": forgetting_of(db, study_id),
     }
     if settings.review.show_prediction:
         # the label stored with the decision: calibrated and thresholded at the model's

@@ -66,14 +66,56 @@ class History:
             (share of unlabelled images above its threshold), and, with validation
             tensors, `val_ce`, `val_accuracy`, `val_auroc` and `val_loss_auroc` (AUROC of
             the predicted loss at flagging misclassified validation images).
+        forgetting: Forgetting events of each training image [N] (Toneva et al., ICLR
+            2019): presentations at which the image was misclassified after being
+            classified correctly at its previous presentation (the training forward pass
+            of its batch, before the step).
+        learned: Whether each image was classified correctly at some presentation [N].
     """
 
     epochs: list[dict[str, float]] = field(default_factory=list)
+    forgetting: torch.Tensor | None = None
+    learned: torch.Tensor | None = None
 
     @property
     def last(self) -> dict[str, float]:
         """The last epoch's record."""
         return self.epochs[-1]
+
+
+class ForgettingCounter:
+    """Forgetting events per training example (Toneva et al., ICLR 2019), counted from
+    the classification of each presentation: an event is a presentation misclassified
+    right after one classified correctly.
+
+    Args:
+        n: Number of training examples.
+    """
+
+    def __init__(self, n: int) -> None:
+        self._last = [-1] * n  # -1: not presented yet, else 1 correct / 0 not
+        self._events = [0] * n
+        self._learned = [False] * n
+
+    def update(self, index: torch.Tensor, correct: torch.Tensor) -> None:
+        """Record one batch: example `index[i]` was classified correctly iff `correct[i]`
+        (an example drawn twice in a batch counts as presented in order)."""
+        last, events, learned = self._last, self._events, self._learned
+        for i, ok in zip(index.tolist(), correct.tolist(), strict=True):
+            if last[i] == 1 and not ok:
+                events[i] += 1
+            last[i] = 1 if ok else 0
+            learned[i] = learned[i] or ok
+
+    @property
+    def events(self) -> torch.Tensor:
+        """Forgetting events of each example, long [n]."""
+        return torch.tensor(self._events, dtype=torch.long)
+
+    @property
+    def learned(self) -> torch.Tensor:
+        """Whether each example was ever classified correctly, bool [n]."""
+        return torch.tensor(self._learned, dtype=torch.bool)
 
 
 def class_weights(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -261,6 +303,7 @@ def fit(
     schedule = _scheduler(optimiser, settings, epochs * steps_per_epoch)
     detach_from = int(np.ceil(settings.detach_after_fraction * epochs))
     history = History()
+    counter = ForgettingCounter(images.shape[0])
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(settings.seed)
         generator = torch.Generator().manual_seed(settings.seed)
@@ -286,6 +329,7 @@ def fit(
                     x = augment(x, generator)
                 logits, maps = net.forward_with_features(x)
                 per_sample = F.cross_entropy(logits, labels[index], weight=weight, reduction="none")
+                counter.update(index, logits.detach().argmax(dim=1) == labels[index])
                 ce = per_sample.mean()
                 if detach:
                     maps = [m.detach() for m in maps]
@@ -317,4 +361,5 @@ def fit(
                 on_epoch_end(epoch, record)
     net.eval()
     loss_predictor.eval()
+    history.forgetting, history.learned = counter.events, counter.learned
     return history

@@ -272,6 +272,8 @@ class Lockstep:
         self.audit_context: dict[int, tuple[dict[str, float], list[float]]] = {}
         self.audit_outcomes: list[AuditOutcome] = []
         self.routed_by_expert: dict[str, int] = {}
+        # forgetting events of each labelled position in each run (the store's table)
+        self.forgetting: dict[int, list[tuple[int, bool]]] = {}
 
     # -- the stream ------------------------------------------------------------------
 
@@ -369,10 +371,13 @@ class Lockstep:
                                   "validation": validation.num_studies}
         try:
             judged = train_and_judge(train, validation, self.settings, references,
-                                     unlabelled=self._unlabelled_images())
+                                     unlabelled=self._unlabelled_images(),
+                                     unforgettable=self._unforgettable())
         except TrainingFailed as exc:
             self.runs.append({**record, "state": "failed", "why": str(exc)})
             return
+        for position, events, learned in judged.forgetting:
+            self.forgetting.setdefault(position, []).append((events, learned))
         record.update(state="promoted" if judged.promote else "rejected",
                       val_auroc=judged.candidate["auroc"], reason=judged.reason,
                       refit={"studies": judged.refit["studies"]} if judged.refit else None)
@@ -393,6 +398,14 @@ class Lockstep:
         self.curve.append(point)
         if i < len(self.order):  # the final idle run has no stream left to query
             self._coverage_queries(i, now, checkpoint)
+
+    def _unforgettable(self) -> set[int]:
+        """Positions every earlier run learned and never forgot (`unforgettable_studies`),
+        when `retrain.unforgettable_weight` uses them."""
+        if self.settings.retrain.unforgettable_weight >= 1:
+            return set()
+        return {p for p, runs in self.forgetting.items()
+                if all(events == 0 and learned for events, learned in runs)}
 
     def _unlabelled_pool(self) -> list[int]:
         """Stream positions of the recent scored studies not routed (`unlabelled_pool`)."""
@@ -465,6 +478,10 @@ class Lockstep:
             out["auto_mix"] = self.gate.mix
             out["auto_audits"] = len(self.audit_outcomes)
             out["routed_by_expert"] = dict(sorted(self.routed_by_expert.items()))
+        trained = len(self.forgetting)
+        out["unforgettable_share"] = (sum(
+            all(e == 0 and k for e, k in runs) for runs in self.forgetting.values()) / trained
+            if trained else None)
         out["retrains"] = self.runs
         out["curve"] = self.curve
         out["seconds"] = round(time.perf_counter() - started, 2)

@@ -301,6 +301,20 @@ MIGRATIONS: tuple[str, ...] = (
     """
     ALTER TABLE instances ADD COLUMN scope_reason TEXT;
     """,
+    # 11: forgetting events (Toneva et al. 2019) of each labelled study in each retrain
+    # run that trained the model it registered: the presentations at which one of its
+    # images went from classified correctly to misclassified, and whether every image
+    # was classified correctly at some presentation (`learned`).
+    """
+    CREATE TABLE forgetting (
+        run_id INTEGER NOT NULL REFERENCES retrain_runs(id),
+        study_id INTEGER NOT NULL REFERENCES studies(id),
+        events INTEGER NOT NULL,
+        learned INTEGER NOT NULL,
+        PRIMARY KEY (run_id, study_id)
+    );
+    CREATE INDEX forgetting_study ON forgetting(study_id);
+    """,
 )
 
 

@@ -24,6 +24,7 @@ import copy
 import logging
 import math
 import time
+from collections.abc import Collection
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
@@ -46,7 +47,12 @@ from triage.telemetry.logs import event
 from triage.training.dataset import LabeledSet, load_split
 from triage.training.delong import paired_auroc_difference
 from triage.training.evaluate import image_logits, study_probabilities, validation_metrics
-from triage.training.runs import finish_run, update_progress
+from triage.training.runs import (
+    finish_run,
+    record_forgetting,
+    unforgettable_studies,
+    update_progress,
+)
 from triage.training.sampling import coverage_plan
 from triage.training.train import EpochCallback, TrainingFailed, TrainOutcome, train_candidate
 
@@ -80,6 +86,9 @@ class Judgement:
         judge: With `retrain.refit_on_all_labels` and a promotion: the candidate that was
             judged, while `network` is its refit on the training and validation labels.
         refit: What the refit did (`studies`, `seconds`), empty without one.
+        forgetting: (study id, forgetting events, learned) of each study the served
+            network trained on, from its run (the refit's, else the candidate's):
+            `TrainOutcome.per_study`.
     """
 
     network: TriageNet
@@ -95,6 +104,7 @@ class Judgement:
     epistemic: EpistemicHead | None = None
     judge: TriageNet | None = None
     refit: dict[str, Any] = field(default_factory=dict)
+    forgetting: list[tuple[int, int, bool]] = field(default_factory=list)
 
     def checkpoint(self, settings: ModelSettings) -> Checkpoint:
         """The model to serve as an in-memory checkpoint (operating point, epistemic
@@ -130,6 +140,7 @@ def train_and_judge(
     references: list[tuple[str, Checkpoint]],
     on_epoch: EpochCallback | None = None,
     unlabelled: torch.Tensor | None = None,
+    unforgettable: Collection[int] = frozenset(),
 ) -> Judgement:
     """Train a candidate on `train` and judge it on `validation` against `references`.
 
@@ -144,11 +155,15 @@ def train_and_judge(
         unlabelled: Images of the recent unlabelled studies [M, 1, S, S] when the gate's
             strategy needs the labelled-versus-unlabelled classifier (`dal`): a promoted
             model's head then holds one fitted on every labelled image and these.
+        unforgettable: Study ids learned and never forgotten in every earlier run that
+            trained on them: with `retrain.unforgettable_weight` below 1 their images are
+            drawn that much less often.
     """
     check_labels(train, validation, settings)
     retrain = settings.retrain
     champion = references[0][1] if references else None
-    net, loss_predictor, outcome, coverage = _train(train, settings, champion, on_epoch)
+    net, loss_predictor, outcome, coverage = _train(train, settings, champion, on_epoch,
+                                                    unforgettable)
     point = fit_operating_point(image_logits(net, validation.images), validation.labels)
     epistemic = _epistemic(net, train, validation, settings)
     args = (validation.images, validation.groups, validation.study_labels)
@@ -170,9 +185,10 @@ def train_and_judge(
     if reference_version is not None:
         reason = f"{reason} (reference {reference_version})"
     judged = Judgement(net, loss_predictor, outcome, point, candidate, reference,
-                       reference_version, promote, reason, coverage, epistemic)
+                       reference_version, promote, reason, coverage, epistemic,
+                       forgetting=outcome.per_study(train))
     if promote and retrain.refit_on_all_labels:
-        judged = _refit(judged, train, validation, settings, champion)
+        judged = _refit(judged, train, validation, settings, champion, unforgettable)
     if promote and unlabelled is not None:
         judged = _with_discriminator(judged, train.plus(validation), unlabelled)
     return judged
@@ -193,10 +209,12 @@ def _with_discriminator(judged: Judgement, labelled: LabeledSet,
 
 
 def _train(train: LabeledSet, settings: Settings, champion: Checkpoint | None,
-           on_epoch: EpochCallback | None = None
+           on_epoch: EpochCallback | None = None, unforgettable: Collection[int] = ()
            ) -> tuple[TriageNet, LossPredictor, TrainOutcome, dict[str, Any]]:  # fmt: skip
     """One training run on `train` (rebalanced with the champion's embeddings when
-    `retrain.rebalance`): network, loss predictor, records, what rebalancing did."""
+    `retrain.rebalance`; the `unforgettable` studies' images drawn
+    `retrain.unforgettable_weight` times as often): network, loss predictor, records,
+    what rebalancing did."""
     retrain = settings.retrain
     plan, coverage = None, {"rebalanced": False}
     if retrain.rebalance and champion is not None:
@@ -209,9 +227,16 @@ def _train(train: LabeledSet, settings: Settings, champion: Checkpoint | None,
         coverage = {"rebalanced": True, **plan.to_json()}
     elif retrain.rebalance:
         coverage["why"] = "no serving model to embed with"
+    image_weights = None
+    if retrain.unforgettable_weight < 1 and unforgettable:
+        keep = set(unforgettable)
+        image_weights = torch.tensor([retrain.unforgettable_weight
+                                      if train.study_ids[g] in keep else 1.0
+                                      for g in train.groups.tolist()], dtype=torch.float64)
+        coverage["unforgettable_images"] = int((image_weights < 1).sum())
     net, loss_predictor = _initial_model(settings, champion)
     outcome = train_candidate(net, loss_predictor, train, settings.model, retrain, plan,
-                              on_epoch)
+                              on_epoch, image_weights)
     return net, loss_predictor, outcome, coverage
 
 
@@ -227,7 +252,7 @@ def _epistemic(net: TriageNet, train: LabeledSet, validation: LabeledSet,
 
 
 def _refit(judged: Judgement, train: LabeledSet, validation: LabeledSet, settings: Settings,
-           champion: Checkpoint | None) -> Judgement:
+           champion: Checkpoint | None, unforgettable: Collection[int] = ()) -> Judgement:
     """The promoted candidate trained again, same recipe and seed, on every label.
 
     The operating point stays the candidate's (fitted on held-out labels). The refit's
@@ -237,11 +262,13 @@ def _refit(judged: Judgement, train: LabeledSet, validation: LabeledSet, setting
     """
     started = time.monotonic()
     both = train.plus(validation)
-    net, loss_predictor, _, _ = _train(both, settings, champion)
+    net, loss_predictor, outcome, _ = _train(both, settings, champion,
+                                             unforgettable=unforgettable)
     refit = {"studies": both.num_studies, "seconds": round(time.monotonic() - started, 2)}
     event(log, "retrain_refit", **refit)
     return replace(judged, network=net, loss_predictor=loss_predictor, judge=judged.network,
-                   epistemic=_epistemic(net, both, validation, settings), refit=refit)
+                   epistemic=_epistemic(net, both, validation, settings), refit=refit,
+                   forgetting=outcome.per_study(both))
 
 
 def run_retrain(settings: Settings, db: sqlite_utils.Database, run_id: int) -> str:
@@ -275,8 +302,10 @@ def run_retrain(settings: Settings, db: sqlite_utils.Database, run_id: int) -> s
 
     unlabelled = (unlabelled_pool_images(db, settings)
                   if STRATEGIES[settings.gate.strategy].fits_discriminator else None)
+    unforgettable = unforgettable_studies(db) if retrain.unforgettable_weight < 1 else set()
     update_progress(db, run_id, 0.045, "training")
-    judged = train_and_judge(train, validation, settings, references, on_epoch, unlabelled)
+    judged = train_and_judge(train, validation, settings, references, on_epoch, unlabelled,
+                             unforgettable)
     if judged.coverage.get("rebalanced"):
         event(log, "retrain_coverage", run_id=run_id, radius=round(judged.coverage["radius"], 4),
               cells=judged.coverage["cells"])
@@ -303,6 +332,7 @@ def run_retrain(settings: Settings, db: sqlite_utils.Database, run_id: int) -> s
     entry = _register(settings, registry, net, loss_predictor, run_id, parent,
                       model_metrics, summary, judged.operating_point, judged.epistemic,
                       judged.judge)
+    record_forgetting(db, run_id, judged.forgetting)
     update_progress(db, run_id, 0.9, "deciding", candidate_version=entry.version)
     run_metrics = {**outcome.summary(), "candidate": candidate, "champion": champion_metrics,
                    "decision": reason, "coverage": judged.coverage, "version": entry.version,

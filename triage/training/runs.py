@@ -217,3 +217,31 @@ def retrain_status(db: sqlite_utils.Database, class_names: list[str] | None = No
         "labels_since_last_run": labels_since_last_run(db, names),
         "serving_version": serving[0] if serving else None,
     }
+
+
+def record_forgetting(db: sqlite_utils.Database, run_id: int,
+                      rows: list[tuple[int, int, bool]]) -> None:  # fmt: skip
+    """Store each trained study's (study id, forgetting events, learned) of run `run_id`."""
+    with transaction(db):
+        for study_id, events, learned in rows:
+            db.execute("INSERT INTO forgetting (run_id, study_id, events, learned) "
+                       "VALUES (?, ?, ?, ?)", [run_id, study_id, events, int(learned)])
+
+
+def forgetting_of(db: sqlite_utils.Database, study_id: int) -> dict[str, int] | None:
+    """A study's forgetting events over every run that trained on it: `trainings` (runs),
+    `events` (their sum) and `never_learned` (runs in which an image of it was never
+    classified correctly); None when no run trained on it yet."""
+    runs, events, missed = db.execute(
+        "SELECT COUNT(*), COALESCE(SUM(events), 0), COALESCE(SUM(1 - learned), 0) "
+        "FROM forgetting WHERE study_id = ?", [study_id]).fetchone()
+    if not runs:
+        return None
+    return {"trainings": int(runs), "events": int(events), "never_learned": int(missed)}
+
+
+def unforgettable_studies(db: sqlite_utils.Database) -> set[int]:
+    """Studies every run that trained on them learned and never forgot."""
+    return {int(row[0]) for row in db.execute(
+        "SELECT study_id FROM forgetting GROUP BY study_id "
+        "HAVING SUM(events) = 0 AND MIN(learned) = 1").fetchall()}

@@ -73,6 +73,10 @@ class RetrainSettings(BaseModel):
             served model about 0.02 holdout AUROC on both benchmark streams (README,
             "The served model"), and without it the served model is the model a fresh
             training on the same labels gives.
+        unforgettable_weight: Sampling weight, in each run's draws, of the images of a
+            study that every earlier run learned and never forgot (Toneva et al. 2019:
+            such examples can be dropped with little loss); 1 (the default) draws every
+            image alike, as a plain shuffle. Measured under Benchmarks.
         coverage_power: Exponent p of the coverage weights |cell|^-p (1: equal mass per cell).
         coverage_cells: Number of k-center cells (default ceil(sqrt(n))).
         coverage_outlier_fraction: Share of the points (training images for the cells,
@@ -108,6 +112,7 @@ class RetrainSettings(BaseModel):
     shift_fraction: float = Field(0.05, ge=0, lt=0.5)
     intensity: float = Field(0.1, ge=0, lt=1)
     rebalance: bool = False
+    unforgettable_weight: float = Field(1.0, gt=0, le=1)
     coverage_power: float = Field(1.0, ge=0, le=4)
     coverage_cells: int | None = Field(None, ge=1)
     coverage_outlier_fraction: float = Field(0.02, ge=0, lt=1)

@@ -20,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
 from triage.errors import TriageError
@@ -47,12 +48,29 @@ class TrainOutcome:
     Attributes:
         epochs: One `fit` record per epoch run (with `epoch` added).
         steps: Optimiser steps taken.
+        forgetting: Forgetting events of each training image in this run [N]
+            (`History.forgetting`).
+        learned: Whether each training image was ever classified correctly [N].
     """
 
     network: TriageNet
     loss_predictor: LossPredictor
     epochs: list[dict[str, float]] = field(default_factory=list)
     steps: int = 0
+    forgetting: torch.Tensor | None = None
+    learned: torch.Tensor | None = None
+
+    def per_study(self, train: LabeledSet) -> list[tuple[int, int, bool]]:
+        """(study id, forgetting events of its images, all its images learned) for each
+        study of `train`, the set this run trained on."""
+        if self.forgetting is None or self.learned is None:
+            return []
+        m = train.num_studies
+        events = torch.zeros(m, dtype=torch.long).index_add_(0, train.groups, self.forgetting)
+        missed = torch.zeros(m, dtype=torch.long).index_add_(0, train.groups,
+                                                             (~self.learned).long())
+        return [(int(study), int(e), not int(k)) for study, e, k
+                in zip(train.study_ids, events.tolist(), missed.tolist(), strict=True)]
 
     def summary(self) -> dict[str, Any]:
         return {"epochs": self.epochs, "epochs_run": len(self.epochs), "steps": self.steps}
@@ -66,6 +84,7 @@ def train_candidate(
     retrain: RetrainSettings,
     plan: CoveragePlan | None = None,
     on_epoch: EpochCallback | None = None,
+    image_weights: torch.Tensor | None = None,
 ) -> TrainOutcome:
     """Train `net` and `loss_predictor` in place on `train` (one run, last epoch kept).
 
@@ -77,6 +96,9 @@ def train_candidate(
         retrain: The augmentation settings.
         plan: Coverage weights of `train`'s images, or None for the raw set.
         on_epoch: Progress callback.
+        image_weights: Further sampling weights of `train`'s images [N] (the
+            down-weighting of studies never forgotten in earlier runs), multiplied with
+            the plan's; None: all 1.
 
     Raises:
         TrainingFailed: Fewer than 2 images, or the training loss was not finite.
@@ -87,11 +109,17 @@ def train_candidate(
         raise TrainingFailed(f"training needs at least 2 images, got {n}")
     if plan is not None and plan.weights.shape[0] != n:
         raise ValueError("plan.weights must have one weight per training image")
+    if image_weights is not None and image_weights.shape != (n,):
+        raise ValueError("image_weights must have one weight per training image")
     planned = planned_epochs(n, settings)
     sampler = None
-    if plan is not None:
+    weights = None if plan is None else np.asarray(plan.weights, dtype=np.float64)
+    if image_weights is not None:
+        extra = image_weights.double().numpy()
+        weights = extra if weights is None else weights * extra
+    if weights is not None:
         def sampler(epoch: int, generator: torch.Generator) -> torch.Tensor:
-            return draw(plan.weights, n, generator)
+            return draw(weights, n, generator)
 
     outcome = TrainOutcome(net, loss_predictor)
 
@@ -103,8 +131,9 @@ def train_candidate(
         if on_epoch is not None:
             on_epoch(epoch, planned, record)
 
-    fit(net, loss_predictor, train.images, train.labels, settings,
-        augment=make_augment(retrain, model.input_size), sampler=sampler,
-        on_epoch_end=on_epoch_end)
+    history = fit(net, loss_predictor, train.images, train.labels, settings,
+                  augment=make_augment(retrain, model.input_size), sampler=sampler,
+                  on_epoch_end=on_epoch_end)
+    outcome.forgetting, outcome.learned = history.forgetting, history.learned
     outcome.steps = planned * math.ceil(n / settings.batch_size)
     return outcome

@@ -218,6 +218,13 @@ function renderStudy() {
     for (const [name, q] of Object.entries(why.quantiles)) row(`${name} quantile`, q.toFixed(2));
   }
   row("model", why.model_version || "none yet");
+  // once a label trained a model: how often its images were forgotten in training
+  const forgetting = study.forgetting;
+  if (forgetting) {
+    const runs = `${forgetting.trainings} training${forgetting.trainings === 1 ? "" : "s"}`;
+    const never = forgetting.never_learned ? `, never learned in ${forgetting.never_learned}` : "";
+    row("forgotten in training", `${forgetting.events}× over ${runs}${never}`);
+  }
   const prediction = study.prediction;
   $("prediction-card").hidden = !(state.config.show_prediction && prediction);
   if (prediction) {
