@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from conftest import FAST_ENV, REPO, DaemonProcess, make_image
+from conftest import FAST_ENV, REPO, DaemonProcess, make_image, store_target
 from test_review_api import auth, make_token
 
 from triage.replay.dicom_writer import image_dataset, write_dataset
@@ -45,6 +45,9 @@ def test_sign_in_read_and_label_with_the_keyboard(
         proc.wait_for(lambda s: s["queue"]["pending"] == 1, 40, "the CT queued")
         make_image(proc.inbox / "second.dcm", study_uid="2.25.301", seed=1, size=256)
         proc.wait_for(lambda s: s["queue"]["pending"] == 2, 40, "two studies queued")
+        # two retrains trained on the second study: forgotten twice in one, never learned
+        # in the other (what the retrain worker stores)
+        second = _forgotten(proc.home, "2.25.301", [(2, True), (1, False)])
         token = make_token(proc, "radiologist", "Dr Reader")
         page = browser.new_page(viewport={"width": 1366, "height": 768})
         outside = []
@@ -75,8 +78,13 @@ def test_sign_in_read_and_label_with_the_keyboard(
         if os.environ.get("TRIAGE_SCREENSHOTS"):  # refresh the README's picture on request
             shutil.copyfile(tmp_path / "review.png", REPO / "docs" / "screenshot-review.png")
         assert page.input_value("#ww") == "400" and page.input_value("#wc") == "40"
+        assert "forgotten in training" not in page.inner_text("#why-numbers")  # never trained
         page.keyboard.press("2")  # pneumonia
         page.wait_for_function(f"() => state.study && state.study.study_id !== {first}")
+        assert json.loads(page.evaluate("() => JSON.stringify(state.study.study_id)")) == second
+        numbers = page.inner_text("#why-numbers")
+        assert "forgotten in training" in numbers
+        assert "3× over 2 trainings, never learned in 1" in numbers
         page.wait_for_selector("#tally:has-text('Today: 1 labeled')")
         history = httpx.get(f"{proc.url}/api/studies/{first}/labels",
                             headers=auth(token), timeout=5).json()["labels"]
@@ -86,6 +94,26 @@ def test_sign_in_read_and_label_with_the_keyboard(
         assert outside == [], f"the page requested other hosts: {outside}"
     finally:
         proc.stop(signal.SIGKILL)
+
+
+def _forgotten(home: Path, study_uid: str, runs: list[tuple[int, bool]]) -> int:
+    """Store forgetting events of the study `study_uid` for one retrain run each."""
+    import time
+
+    from triage.store import db as store
+    from triage.training.runs import create_run, finish_run, record_forgetting
+
+    db = store.connect(store_target(home))
+    try:
+        (study,) = db.execute("SELECT id FROM studies WHERE study_uid = ?",
+                              [study_uid]).fetchone()
+        for events, learned in runs:
+            run_id = create_run(db, "manual", time.time())
+            finish_run(db, run_id, "rejected", "for the test", {})
+            record_forgetting(db, run_id, [(study, events, learned)])
+    finally:
+        db.close()
+    return int(study)
 
 
 STUDY_TEXT = "<script>window.__pwned = 'study'</script>"
