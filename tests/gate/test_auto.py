@@ -191,3 +191,27 @@ def test_outcomes_without_every_experts_quantile_are_not_counted():
 def test_audit_loss_is_clipped_cross_entropy(p, loss):
     expected = math.log(2) / LOSS_CAP if loss is None else loss
     assert AuditOutcome({}, p).loss == pytest.approx(expected)
+
+
+def test_why_names_the_candidate_that_ranked_a_study(tmp_path):
+    """A reader asking why a study was routed under `auto` learns which candidate's
+    ranking routed it (stored with the decision as `expert`)."""
+    import json as json_
+
+    import torch
+    from training.conftest import Store, make_settings
+
+    from triage.review.queue import explain
+
+    st = Store(make_settings(tmp_path))
+    ranked, plain = (st.add_study(torch.zeros(1, 1, 8, 8)) for _ in range(2))
+    st.enqueue(ranked, reason="emoc")
+    st.enqueue(plain, reason="uncertainty")
+    st.db.execute("UPDATE decisions SET decision = ? WHERE study_id = ?",
+                  [json_.dumps({"expert": "emoc"}), ranked])
+    why = explain(st.db, ranked)
+    assert why["expert"] == "emoc"
+    assert why["explanation"] == ("its label would change the model's outputs most (expected "
+                                  "output change); ranked by emoc, drawn from the gate's auto mix")
+    assert explain(st.db, plain)["expert"] is None
+    assert "auto mix" not in explain(st.db, plain)["explanation"]

@@ -372,11 +372,20 @@ def explain(db: sqlite_utils.Database, study_id: int) -> dict[str, Any]:
         "warmup": "the gate is warming up: routed at random at the label rate",
         "random": "random routing at the label rate (baseline strategy)",
         "coverage": "unlike anything labeled so far (core-set coverage query)",
+        "badge": "its label would move the model's last layer most (BADGE gradient norm)",
+        "emoc": "its label would change the model's outputs most (expected output change)",
+        "alfa_mix": "a small mix toward a labeled class flips its prediction (ALFA-Mix)",
+        "dal": "it looks least like the studies labeled so far (discriminative AL)",
     }
     reason = row["routed_for"]  # `coverage` items keep the study's last gate decision
+    expert = json.loads(row["decision"]).get("expert") if row["decision"] else None
+    explanation = words.get(reason, reason)
+    if expert is not None and reason != "coverage":
+        explanation += f"; ranked by {expert}, drawn from the gate's auto mix"
     return {
         "reason": reason,
-        "explanation": words.get(reason, reason),
+        "explanation": explanation,
+        "expert": expert,
         "model_version": row["model_version"],
         "decided_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(row["created_at"])),
         "strategy": row["strategy"],

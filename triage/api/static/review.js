@@ -218,6 +218,7 @@ function renderStudy() {
     for (const [name, q] of Object.entries(why.quantiles)) row(`${name} quantile`, q.toFixed(2));
   }
   row("model", why.model_version || "none yet");
+  if (why.expert) row("ranked by", `${why.expert} (gate strategy auto)`);
   // once a label trained a model: how often its images were forgotten in training
   const forgetting = study.forgetting;
   if (forgetting) {
