@@ -270,7 +270,9 @@ def markdown(summary: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         "and `random_b`, where the null ran; `random_b` − `random` is the null), and, for "
         "a strategy other than the shipped one, against `default`. "
         "served − fresh: the served model against one trained from scratch on every label "
-        "the run bought.",
+        "the run bought. Gate cost: the full gate under the strategy (scoring, strategy, "
+        "decision) against one deterministic pass, and its time per single-image study, "
+        "which is that study's decision latency (bench/gate_cost.py's stored run).",
         "",
         "| stream | budget | strategy | seeds | labels | holdout AUROC | fresh AUROC "
         "| Δ vs random (95% CI) | Δ vs both coins | Δ vs default | accuracy "
