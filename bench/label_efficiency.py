@@ -308,16 +308,17 @@ def markdown(summary: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     if ablations:
         lines += [
             "",
-            "Ablations (10% budget): each against the configuration it changes "
-            "(`default` or `random`), paired on the same seeds.",
+            "Ablations: each against the configuration it changes (`default` or "
+            "`random`) at the same budget, paired on the same seeds.",
             "",
-            "| stream | ablation | seeds | holdout AUROC | Δ vs base (95% CI) | accuracy "
-            "| fresh AUROC | Δ fresh vs base |",
-            "|---|---|---|---|---|---|---|---|",
+            "| stream | budget | ablation | seeds | holdout AUROC | Δ vs base (95% CI) "
+            "| accuracy | fresh AUROC | Δ fresh vs base |",
+            "|---|---|---|---|---|---|---|---|---|",
         ]
-        for row in sorted(ablations, key=lambda r: (r["stream"], r["strategy"])):
+        for row in sorted(ablations, key=lambda r: (r["stream"], r["budget"], r["strategy"])):
             lines.append(
-                f"| {row['stream']} | {row['strategy']} | {len(row['seeds'])} | "
+                f"| {row['stream']} | {row['budget']:.0%} | {row['strategy']} | "
+                f"{len(row['seeds'])} | "
                 f"{row.get('holdout_auroc', math.nan):.4f} | {cell(row, 'holdout_auroc_vs_base')} "
                 f"| {row.get('holdout_accuracy', math.nan):.3f} | "
                 f"{row.get('fresh_holdout_auroc', math.nan):.4f} | "
