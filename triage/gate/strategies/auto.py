@@ -129,7 +129,7 @@ def audit_mix(
 
 
 class AutoStrategy(Strategy):
-    """Online choice among candidate strategies, by Hedge on the audits' losses.
+    """Online choice among candidate strategies, by probability matching on the audits.
 
     Args:
         candidates: The candidate strategies (at least two, with scores, distinct names).
