@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _status(settings: Settings, as_json: bool) -> int:
-    from triage.daemon import running_node
+    from triage.ops.node import running_node
     from triage.ops.status import collect_status, format_status
 
     status = collect_status(settings)

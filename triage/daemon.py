@@ -40,6 +40,7 @@ from triage.ingest.ingestor import Ingestor
 from triage.ingest.received import ReceivedStore
 from triage.ingest.watcher import InboxWatcher
 from triage.ops.collectors import StoreCollector
+from triage.ops.node import LOCK_FILE, NODE_FILE
 from triage.ops.summary import OpsCollector
 from triage.review.queue import recover_leases
 from triage.store import db as store
@@ -57,14 +58,6 @@ _COVERAGE_CHECK_SECONDS = 5.0
 _RETRAIN_CHECK_SECONDS = 5.0
 _SENDING_GAP_SECONDS = 0.25
 _ENDED_BATCH = 8  # instances of an ended association read between completion checks
-LOCK_FILE = "triage.lock"
-"""Held (flock) by the daemon running on a state directory; records its pid."""
-NODE_FILE = "triage.node.json"
-"""Written in the state directory while a daemon runs: its pid and the DICOM node it
-actually serves (the environment of the shell that started it may differ from the one
-that asks). Read by ``triage status``."""
-
-
 class AlreadyRunning(TriageError):
     """Another daemon holds the state directory."""
 
@@ -402,22 +395,3 @@ class Daemon:
             self._stop.wait(_RETRAIN_CHECK_SECONDS)
 
 
-def running_node(home: Path) -> dict[str, object] | None:
-    """What the daemon running on `home` serves (its :data:`NODE_FILE`), or None when no
-    daemon runs there. A file left by a killed daemon is ignored: its pid must be alive
-    and hold the state directory's lock file (which records the holder's pid); the lock
-    itself is not probed, so asking never races a daemon that is starting."""
-    try:
-        node = json.loads((home / NODE_FILE).read_text())
-        holder = int((home / LOCK_FILE).read_text().strip() or 0)
-    except (OSError, ValueError):
-        return None
-    if not isinstance(node, dict) or node.get("pid") != holder or holder <= 0:
-        return None
-    try:
-        os.kill(holder, 0)
-    except ProcessLookupError:
-        return None
-    except PermissionError:
-        pass  # alive, another user's
-    return node

@@ -24,7 +24,8 @@ from triage.model.checkpoint import save_checkpoint
 from triage.model.lossnet import build_loss_predictor
 from triage.model.network import build_network
 from triage.model.registry import ModelError
-from triage.model.serving import LOAD_FAILURE_REASONS, RETRY_SECONDS, failure_reason, read_serving_status
+from triage.model.serving import LOAD_FAILURE_REASONS, RETRY_SECONDS, failure_reason
+from triage.model.serving_state import read_serving_status
 from triage.model.settings import ModelSettings
 from triage.ops.status import collect_status, format_status
 from triage.review.auth import create_token

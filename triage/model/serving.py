@@ -26,15 +26,15 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
-from typing import Any
+from dataclasses import replace
 
 import sqlite_utils
 
 from triage.errors import TriageError
 from triage.model.checkpoint import Checkpoint
 from triage.model.registry import ModelError, ModelRegistry
-from triage.store.db import schema_version, transaction
+from triage.model.serving_state import ServingStatus, read_serving_status
+from triage.store.db import transaction
 from triage.telemetry.logs import event
 from triage.telemetry.metrics import Metrics
 
@@ -43,44 +43,11 @@ log = logging.getLogger("triage.serving")
 RETRY_SECONDS = 60.0
 LOAD_FAILURE_REASONS = ("missing", "corrupt", "incompatible", "error")
 """``reason`` label values of the load-failure counter (a closed set)."""
-_SERVING_STATE_SCHEMA = 7
 
 
 class ModelUnavailable(TriageError):
     """Models were promoted but none loads now: the study must wait, not be cold-started
     (that would route random studies up to the daily cap)."""
-
-
-@dataclass(frozen=True)
-class ServingStatus:
-    """What the scorer serves, against what the registry says.
-
-    Attributes:
-        registry_version: The registry's ``serving`` version (None: none).
-        served_version: The version the scorer uses (None: cold start or none loads).
-        ok: The scorer serves the registry's version (or there is none yet: cold start).
-        reason: Why not: the load-failure reason of the registry's version (or of the
-            last version tried when none loads); None when ok.
-        detail: One line for operators, e.g. "v0003 cannot be loaded (corrupt,
-            ValueError); serving v0002"; None when ok.
-        since: When this status began (Unix seconds).
-    """
-
-    registry_version: str | None
-    served_version: str | None
-    ok: bool
-    reason: str | None = None
-    detail: str | None = None
-    since: float = 0.0
-
-    def to_json(self) -> dict[str, Any]:
-        return {"registry_version": self.registry_version,
-                "served_version": self.served_version, "ok": self.ok,
-                "reason": self.reason, "detail": self.detail, "since": self.since}
-
-    def same(self, other: ServingStatus | None) -> bool:
-        """Same situation (``since`` aside)."""
-        return other is not None and replace(self, since=0.0) == replace(other, since=0.0)
 
 
 def failure_reason(exc: BaseException) -> str:
@@ -93,19 +60,6 @@ def failure_reason(exc: BaseException) -> str:
     if isinstance(exc, ModelError):
         return "incompatible"  # settings, format version, weights or operating point
     return "error"
-
-
-def read_serving_status(db: sqlite_utils.Database) -> ServingStatus | None:
-    """The stored status, or None before the scorer wrote one (or on an older store)."""
-    if schema_version(db) < _SERVING_STATE_SCHEMA:
-        return None
-    row = db.execute(
-        "SELECT registry_version, served_version, ok, reason, detail, since "
-        "FROM serving_state WHERE id = 1"
-    ).fetchone()
-    if row is None:
-        return None
-    return ServingStatus(row[0], row[1], bool(row[2]), row[3], row[4], float(row[5]))
 
 
 def _promoted(db: sqlite_utils.Database) -> list[tuple[str, str]]:

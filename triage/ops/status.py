@@ -9,7 +9,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from triage.model.serving import read_serving_status
+from triage.model.serving_state import read_serving_status
 from triage.store import db as store
 from triage.store.db import FINAL_FILE_STATES, STUDY_STATES, count_by
 from triage.training.runs import retrain_status

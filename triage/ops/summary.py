@@ -26,7 +26,7 @@ from prometheus_client.registry import Collector
 
 from triage.model.calibration import OperatingPoint
 from triage.model.registry import model_operating_point
-from triage.model.serving import ServingStatus, read_serving_status
+from triage.model.serving_state import ServingStatus, read_serving_status
 
 
 @dataclass(frozen=True)
