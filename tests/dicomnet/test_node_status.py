@@ -50,3 +50,19 @@ def test_a_killed_daemons_node_file_is_not_believed(tmp_path: Path) -> None:
     status = _status(proc, TRIAGE__DICOM__PORT="null")
     assert status["daemon"] == {"running": False}
     assert status["dicom"]["port"] is None and status["dicom"]["source"] == "config"
+
+
+def test_status_loads_no_model_code(tmp_path: Path) -> None:
+    """`triage status` reads files and the store only: no torch, no MONAI, so it answers
+    in about half a second (an admin's first command, and what every wait on a daemon in
+    these tests polls)."""
+    probe = (
+        "import sys; from triage.cli import main; "
+        f"code = main(['status', '--json', '--config', {str(REPO / 'config.yaml')!r}, "
+        f"'--home', {str(tmp_path / 'home')!r}]); "
+        "heavy = sorted(m for m in ('torch', 'monai', 'triage.daemon') if m in sys.modules); "
+        "print('LOADED', heavy); sys.exit(code)"
+    )
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                            check=True)
+    assert "LOADED []" in result.stdout, result.stdout
