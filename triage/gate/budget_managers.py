@@ -191,57 +191,43 @@ class _Ranked:
         return Route(bool(want), reason, self.quantiles, self.combined, threshold)
 
 
-class LibraryBudget(QuantileBudget):
-    """Base of the scikit-activeml stream budget managers behind the gate's interface.
+class BiqfBudget(QuantileBudget):
+    """scikit-activeml's Balanced Incremental Quantile Filter (Kottke et al. 2015) behind
+    the gate's interface: the (1 - budget) quantile of the last w utilities, lowered by
+    the utility range times (acquisitions left / w_tol), acquisitions left = budget *
+    seen - queried.
 
     The study's utility is its combined quantile score, as `quantile` ranks it; the
-    library's manager is built for each study from the window, oldest first (its
-    members' combined scores and routed flags are the library's history), and asked
-    whether the study's utility is worth a label. So its state is the window's, which
-    the gate keeps across restarts, and a restored gate decides as before. Its budget is
-    `label_rate`: audits are routed studies of the window too, and count as spent.
-    Imported on first use (scikit-learn is slow to import).
+    library's filter is built for each study from the window, oldest first (w is the
+    window, its members' combined scores and routed flags are the library's history and
+    counts), and asked whether the study's utility is worth a label. So its state is the
+    window's, which the gate keeps across restarts, and a restored gate decides as
+    before. Its budget is `label_rate`: audits are routed studies of the window too, and
+    count as spent. w_tol is the library's default (50). Imported on first use
+    (scikit-learn is slow to import).
     """
 
-    ordered: ClassVar[bool] = True
-
-    def _decide(self, ranked, realised, score_rate, routed) -> Route:  # noqa: D102
-        if routed is None or len(routed) != len(ranked.members):
-            raise ValueError(f"{self.name} needs the window's routed flags")
-        want, threshold = self._ask(ranked.members, np.flatnonzero(routed), ranked.combined)
-        return ranked.route(want, threshold)
-
-    @abstractmethod
-    def _ask(self, history: np.ndarray, queried: np.ndarray, utility: float
-             ) -> tuple[bool, float]:  # fmt: skip
-        """The library's answer for `utility` after the window's `history` of utilities,
-        `queried` at those positions, and the threshold it compared against."""
-
-
-class BiqfBudget(LibraryBudget):
-    """scikit-activeml's Balanced Incremental Quantile Filter (Kottke et al. 2015): the
-    (1 - budget) quantile of the last w utilities, lowered by the utility range times
-    (acquisitions left / w_tol), acquisitions left = budget * seen - queried. Here w is
-    the window, seen and queried are the window's, and w_tol is the library's default
-    (50)."""
-
     name: ClassVar[str] = "biqf"
+    ordered: ClassVar[bool] = True
     w_tol: ClassVar[int] = 50
 
-    def _ask(self, history, queried, utility):  # noqa: D102
+    def _decide(self, ranked, realised, score_rate, routed) -> Route:  # noqa: D102
         from skactiveml.stream.budgetmanager import BalancedIncrementalQuantileFilter
 
+        history, utility = ranked.members, ranked.combined
         n = history.shape[0]
+        if routed is None or len(routed) != n:
+            raise ValueError(f"{self.name} needs the window's routed flags")
         manager = BalancedIncrementalQuantileFilter(w=n, w_tol=self.w_tol,
                                                     budget=self.label_rate)
-        manager.update(np.zeros((n, 1)), queried, history)
+        manager.update(np.zeros((n, 1)), np.flatnonzero(routed), history)
         want = bool(manager.query_by_utility(np.array([utility])))
         # the threshold it compared against, for the decision's explanation: its history
         # of the last w utilities (the oldest leaves as the study's enters) and counts
         seen = [*list(manager.history_sorted_)[1:], utility]
         theta = float(np.quantile(seen, 1 - manager.budget_))
         left = manager.budget_ * (manager.observed_samples_ + 1) - manager.queried_samples_
-        return want, theta - (max(seen) - min(seen)) * left / self.w_tol
+        return ranked.route(want, theta - (max(seen) - min(seen)) * left / self.w_tol)
 
 
 def _quantile(ordered: np.ndarray, level: float) -> float:

@@ -13,9 +13,8 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import json
+from typing import TYPE_CHECKING
 
 import sqlite_utils
 import torch

@@ -36,7 +36,7 @@ study's `study_scored` event. It is for the reader (the review API shows it as
 
 Online choice (`gate.strategy: auto`): before each scored study the mix among the
 candidates is recomputed from the labelled audits when one has come back or been
-corrected since (`triage.gate.queries.auto_mix`; event `gate_mix_updated`, gauge
+corrected since (`triage.gate.queries.audit_outcomes`; event `gate_mix_updated`, gauge
 `triage_gate_auto_mix{strategy}`). The mix is a function of the store, so a restart
 resumes it.
 
@@ -67,7 +67,7 @@ import torch
 
 from triage.gate import NOVELTY, BudgetGate, Decision
 from triage.gate.coldstart import ColdStartSelector, coldstart_embedding
-from triage.gate.queries import audit_signature, auto_mix, coverage_queries
+from triage.gate.queries import audit_outcomes, audit_signature, coverage_queries
 from triage.gate.worker import ScoreResult, StudyToScore
 from triage.model.checkpoint import Checkpoint
 from triage.model.inference import StudyResult, score_study
@@ -194,13 +194,11 @@ class GateScorer:
 
     def _refresh_mix(self) -> None:
         """`auto`: recompute the mix from the labelled audits when one arrived or was
-        corrected since the last study (`auto_mix`), and publish it."""
+        corrected since the last study (`audit_outcomes`), and publish it."""
         seen = audit_signature(self._db)
         if seen == self._audits_seen:
             return
-        mix = auto_mix(self._db, self._settings)
-        if mix is None:
-            return
+        mix = self._gate.strategy.mix(audit_outcomes(self._db, self._settings.model.labels))
         self._gate.set_mix(mix)
         self._audits_seen = seen
         for name, p in mix.items():
@@ -295,8 +293,9 @@ class GateScorer:
         (only whether ``warmup`` <= ``window`` studies were seen matters, so older ones
         need not be counted); every routed one adds its embedding, recomputed from the
         study's current images (with `gate.cold_start_neighbours`, every one of the
-        window's studies, whose embeddings the typicality is measured among). Decisions stored before the selector have no novelty:
-        their routed studies only join the routed set.
+        window's studies, whose embeddings the typicality is measured among). Decisions
+        stored before the selector have no novelty: their routed studies only join the
+        routed set.
         """
         gate = self._settings.gate
         selector = ColdStartSelector(max(self._gate.score_rate, 1e-6), gate.seed,

@@ -399,13 +399,14 @@ class Lockstep:
         if i < len(self.order):  # the final idle run has no stream left to query
             self._coverage_queries(i, now, checkpoint)
 
-    def _unforgettable(self) -> set[int]:
-        """Positions every earlier run learned and never forgot (`unforgettable_studies`),
-        when `retrain.unforgettable_weight` uses them."""
-        if self.settings.retrain.unforgettable_weight >= 1:
-            return set()
+    def _never_forgotten(self) -> set[int]:
+        """Positions every earlier run learned and never forgot (`unforgettable_studies`)."""
         return {p for p, runs in self.forgetting.items()
                 if all(events == 0 and learned for events, learned in runs)}
+
+    def _unforgettable(self) -> set[int]:
+        """`_never_forgotten` when `retrain.unforgettable_weight` uses them, else none."""
+        return self._never_forgotten() if self.settings.retrain.unforgettable_weight < 1 else set()
 
     def _unlabelled_pool(self) -> list[int]:
         """Stream positions of the recent scored studies not routed (`unlabelled_pool`)."""
@@ -479,9 +480,8 @@ class Lockstep:
             out["auto_audits"] = len(self.audit_outcomes)
             out["routed_by_expert"] = dict(sorted(self.routed_by_expert.items()))
         trained = len(self.forgetting)
-        out["unforgettable_share"] = (sum(
-            all(e == 0 and k for e, k in runs) for runs in self.forgetting.values()) / trained
-            if trained else None)
+        out["unforgettable_share"] = (len(self._never_forgotten()) / trained if trained
+                                      else None)
         out["retrains"] = self.runs
         out["curve"] = self.curve
         out["seconds"] = round(time.perf_counter() - started, 2)

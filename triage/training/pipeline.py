@@ -230,9 +230,9 @@ def _train(train: LabeledSet, settings: Settings, champion: Checkpoint | None,
     image_weights = None
     if retrain.unforgettable_weight < 1 and unforgettable:
         keep = set(unforgettable)
-        image_weights = torch.tensor([retrain.unforgettable_weight
-                                      if train.study_ids[g] in keep else 1.0
-                                      for g in train.groups.tolist()], dtype=torch.float64)
+        image_weights = np.array([retrain.unforgettable_weight
+                                  if train.study_ids[g] in keep else 1.0
+                                  for g in train.groups.tolist()])
         coverage["unforgettable_images"] = int((image_weights < 1).sum())
     net, loss_predictor = _initial_model(settings, champion)
     outcome = train_candidate(net, loss_predictor, train, settings.model, retrain, plan,

@@ -84,7 +84,7 @@ def train_candidate(
     retrain: RetrainSettings,
     plan: CoveragePlan | None = None,
     on_epoch: EpochCallback | None = None,
-    image_weights: torch.Tensor | None = None,
+    image_weights: np.ndarray | None = None,
 ) -> TrainOutcome:
     """Train `net` and `loss_predictor` in place on `train` (one run, last epoch kept).
 
@@ -113,10 +113,9 @@ def train_candidate(
         raise ValueError("image_weights must have one weight per training image")
     planned = planned_epochs(n, settings)
     sampler = None
-    weights = None if plan is None else np.asarray(plan.weights, dtype=np.float64)
+    weights = None if plan is None else plan.weights
     if image_weights is not None:
-        extra = image_weights.double().numpy()
-        weights = extra if weights is None else weights * extra
+        weights = image_weights if weights is None else weights * image_weights
     if weights is not None:
         def sampler(epoch: int, generator: torch.Generator) -> torch.Tensor:
             return draw(weights, n, generator)
