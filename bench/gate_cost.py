@@ -1,7 +1,8 @@
 """Cost and quality of the needs-label gate; prints ONE JSON object to stdout.
 
-Cost: median per-study wall time (single-image studies, one study at a time, default
-torch threads) of one deterministic forward pass, of the full gate (T predictive
+Cost: median per-study wall time (single-image studies, one study at a time, with one
+torch intra-op thread and a seed per study, as the daemon scores; `--threads` to change
+the threads) of one deterministic forward pass, of the full gate (T predictive
 samples, loss predictor, `ood` (density + input quality), measures, strategy, decide +
 commit)
 with MC dropout at each scope, and with the last-layer Laplace samples
@@ -22,7 +23,8 @@ it. `full_gate_ratio` (the default path's full gate over one deterministic pass)
 `ood_auroc` (the flag's score, per set and `all`) are the issue's two figures.
 `strategy_gate_ratio`: the same full gate under each strategy of `gate.strategy`.
 
-    .venv/bin/python bench/gate_cost.py [--epochs N] [--repeats N] [--quick] [--out PATH]
+    .venv/bin/python bench/gate_cost.py [--epochs N] [--repeats N] [--threads N] [--quick]
+        [--out PATH]
 """
 
 import argparse
@@ -75,8 +77,8 @@ def path_settings(settings, path):
 
 def time_gates(net, lossnet, head, configs, images, repeats):
     """Median seconds per single-image study of one deterministic pass and of the full
-    gate (score_study, strategy, decide + commit) under each configuration, interleaved
-    over repeats, and each configuration's stage medians.
+    gate (score_study with a per-study seed, strategy, decide + commit) under each
+    configuration, interleaved over repeats, and each configuration's stage medians.
 
     Args:
         configs: name -> (model settings, gate settings).
@@ -104,7 +106,9 @@ def time_gates(net, lossnet, head, configs, images, repeats):
             samples["deterministic"].append(elapsed)
         for name, gate in gates.items():
             t0 = time.perf_counter()
-            result = score_study(net, lossnet, x, configs[name][0], epistemic=head)
+            # seeded per study as the daemon's scorer seeds (study id * 1009 + round)
+            result = score_study(net, lossnet, x, configs[name][0], epistemic=head,
+                                 seed=r * 1009)  # fmt: skip
             gate.commit(gate.decide(gate.strategy.components(result), now))
             elapsed = time.perf_counter() - t0
             if r >= 10:
@@ -271,6 +275,9 @@ def main(argv=None):
     parser.add_argument("--epochs", type=int, default=None,
                         help="training epochs (default: the model's default recipe)")
     parser.add_argument("--repeats", type=int, default=None, help="timing repeats (default 300)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch intra-op threads while timing (default 1: the daemon "
+                             "scores with one, triage/daemon.py); training uses the default")
     parser.add_argument("--quick", action="store_true", help="1 epoch on 1000 images, 50 repeats")
     parser.add_argument("--out", type=Path, default=None,
                         help="also write the JSON here (bench/results/gate_cost.json)")
@@ -306,6 +313,8 @@ def main(argv=None):
     # images against the held-out ones stand in for labelled and unlabelled
     head = replace(head, discriminator=fit_discriminator(pooled_features(net, train_x),
                                                          pooled_features(net, prior_x)))
+    training_threads = torch.get_num_threads()
+    torch.set_num_threads(args.threads)
     med, stages = time_costs(net, lossnet, head, settings, val_x, repeats)
     det = med["deterministic"]
     ratios = {path: round(med[path] / det, 3) for path in PATHS}
@@ -314,6 +323,7 @@ def main(argv=None):
     estimator = {path: round((stages[path]["trunk"] + stages[path]["mc"]) / det, 3)
                  for path in PATHS}
     per_strategy = time_strategies(net, lossnet, head, settings, val_x, repeats)
+    torch.set_num_threads(training_threads)
     found = quality(net, lossnet, head, settings, val_x, val_y)
     full_gate_ratio = ratios[settings.mc_scope if settings.epistemic == "mc_dropout" else "laplace"]
     laplace_bald = found["estimators"]["laplace"]["error_auroc"]["bald"]
@@ -322,7 +332,8 @@ def main(argv=None):
         "command": "bench/gate_cost.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "machine": {
             "cpu_count": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(),
+            "torch_threads": args.threads,
+            "torch_threads_training": training_threads,
             "torch": torch.__version__,
             "python": platform.python_version(),
             "processor": platform.machine(),

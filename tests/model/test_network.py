@@ -61,6 +61,10 @@ def test_mc_predict_seed_is_reproducible_and_leaves_global_rng():
     b = mc_predict(net, x, samples=5, seed=9).probs
     assert torch.equal(a, b)
     assert torch.equal(torch.get_rng_state(), state)
+    # the seed means what torch's own seed means for the CPU generator, and seeds differ
+    torch.manual_seed(9)
+    assert torch.equal(mc_predict(net, x, samples=5).probs, a)
+    assert not torch.equal(mc_predict(net, x, samples=5, seed=10).probs, a)
 
 
 def test_head_scope_leaves_trunk_deterministic():

@@ -63,7 +63,7 @@ from zoneinfo import ZoneInfo
 
 import numpy as np
 
-from triage.gate.budget_managers import BUDGET_MANAGERS
+from triage.gate.budget_managers import BUDGET_MANAGERS, update_ranks, window_ranks
 from triage.gate.settings import GateSettings
 from triage.gate.strategies import make_strategy
 from triage.gate.strategies.auto import SEPARATOR
@@ -161,6 +161,8 @@ class BudgetGate:
             feedback_gain=settings.feedback_gain,
         )  # fmt: skip
         self._values = np.zeros((len(self._keys), settings.window))
+        # `window_ranks` of the window's members, kept current by `_apply` in O(n)
+        self._ranks = np.zeros((len(self._keys), settings.window), dtype=np.int64)
         self._routed = np.zeros(settings.window, dtype=bool)
         self._eligible = np.zeros(settings.window, dtype=bool)
         self._window_keys: list[int | None] = [None] * settings.window
@@ -321,14 +323,15 @@ class BudgetGate:
         clean = self._check_scores(scores)
         quantiles = combined = threshold = expert = None
         window, routed = self._values[:, : self._filled], None
+        ranks = self._ranks[:, : self._filled]
         if self.manager.ordered:  # oldest first, with the routed flags
             order = self._order()
-            window, routed = self._values[:, order], self._routed[order]
+            window, routed, ranks = self._values[:, order], self._routed[order], ranks[:, order]
         if u_audit < self.settings.exploration_rate:
             want, reason = True, "audit"
             if self._experts:  # every expert's quantiles: the audit's reward (`auto`)
                 route = self.manager.route(clean, window, None, u_sample, self._score_rate,
-                                           routed=routed)
+                                           routed=routed, ranks=ranks)  # fmt: skip
                 quantiles = route.quantiles
         else:
             weights = None
@@ -337,7 +340,7 @@ class BudgetGate:
                 weights = self._experts[expert]
             route = self.manager.route(
                 clean, window, self.realised_rate(), u_sample, self._score_rate, weights,
-                routed,
+                routed, ranks,
             )  # fmt: skip
             want, reason = route.want, route.reason
             quantiles, combined, threshold = route.quantiles, route.combined, route.threshold
@@ -407,7 +410,12 @@ class BudgetGate:
         scores = decision.scores
         if scores is not None and self.enters_window(decision):
             i = self._next
+            full = self._filled == self.settings.window  # then slot i's member leaves
+            old = self._values[:, i].copy() if full else None
             self._values[:, i] = [scores[k] for k in self._keys]
+            members = self._filled if full else self._filled + 1  # i == _filled if not full
+            update_ranks(self._ranks[:, :members], self._values[:, :members], i,
+                         self._values[:, i], old)  # fmt: skip
             self._window_keys[i] = decision.key
             # a budget_offset study's slot went to an external route: for the feedback it
             # counts as routed, so the threshold does not drop to make up for it
@@ -472,6 +480,7 @@ class BudgetGate:
         self._values, self._routed, self._eligible = values, routed, eligible
         self._window_keys = keys
         self._filled = len(keep)
+        self._ranks[:, : self._filled] = window_ranks(values[:, : self._filled])
         self._next = len(keep) % window
         return len(keep)
 
@@ -522,6 +531,7 @@ class BudgetGate:
             gate._window_keys[i] = None if key is None else int(key)
             gate._next = (i + 1) % settings.window
             gate._filled = min(gate._filled + 1, settings.window)
+        gate._ranks[:, : gate._filled] = window_ranks(gate._values[:, : gate._filled])
         gate._sequence = int(state["sequence"])
         gate._day_counts = {str(k): int(v) for k, v in state["day_counts"].items()}
         gate._offset = int(state.get("pending_offset", 0))  # absent before it was kept

@@ -9,8 +9,8 @@ its manager for the rest, one study at a time. A new manager is one `BudgetManag
 subclass here and one line in `BUDGET_MANAGERS`.
 
 Managers are pure and stateless between calls: all the state they may use (the window's
-raw scores, its realised routed rate) is passed in by the gate, so a restored gate
-decides exactly as before its restart.
+raw scores, their ranks within it, its realised routed rate) is passed in by the gate,
+so a restored gate decides exactly as before its restart.
 """
 
 import math
@@ -91,6 +91,7 @@ class BudgetManager(ABC):
         score_rate: float,
         weights: np.ndarray | None = None,
         routed: np.ndarray | None = None,
+        ranks: np.ndarray | None = None,
     ) -> Route:
         """Decide for one study that is not an audit.
 
@@ -105,6 +106,8 @@ class BudgetManager(ABC):
             routed: Whether each window study was routed (any reason) or its slot went
                 to a coverage query, [n]; given, with the window oldest first, to a
                 manager that is `ordered`.
+            ranks: `window_ranks(window)`, columns as `window`'s, when the caller keeps
+                them up to date (the gate does, at O(n) a study); computed if None.
         """
 
 
@@ -115,7 +118,7 @@ class CoinBudget(BudgetManager):
     uses_scores: ClassVar[bool] = False
 
     def route(  # noqa: D102
-        self, scores, window, realised, draw, score_rate, weights=None, routed=None
+        self, scores, window, realised, draw, score_rate, weights=None, routed=None, ranks=None
     ) -> Route:
         return Route(draw < score_rate, "random")
 
@@ -135,12 +138,13 @@ class QuantileBudget(BudgetManager):
     name: ClassVar[str] = "quantile"
 
     def route(  # noqa: D102
-        self, scores, window, realised, draw, score_rate, weights=None, routed=None
+        self, scores, window, realised, draw, score_rate, weights=None, routed=None, ranks=None
     ) -> Route:
         n = window.shape[1]
         if n < self.warmup:
             return Route(draw < score_rate, "warmup")
-        return self._decide(self._rank(scores, window, weights), realised, score_rate, routed)
+        ranked = self._rank(scores, window, weights, ranks)
+        return self._decide(ranked, realised, score_rate, routed)
 
     def _decide(self, ranked: "_Ranked", realised: float | None, score_rate: float,
                 routed: np.ndarray | None) -> Route:  # fmt: skip
@@ -152,24 +156,57 @@ class QuantileBudget(BudgetManager):
         threshold = _quantile(np.sort(ranked.members), 1.0 - rate)
         return ranked.route(ranked.combined > threshold, threshold)
 
-    def _rank(self, scores, window, weights) -> "_Ranked":
+    def _rank(self, scores, window, weights, ranks=None) -> "_Ranked":
         """Each component's mid-rank quantile of the study and of every window member
         within the window, and their weighted combinations."""
-        n = window.shape[1]
-        ordered = np.sort(window, axis=1)
-        twice = 2.0 * n
-        member_q = np.empty_like(window)
-        new_q = np.empty(len(self.keys))
-        for j, key in enumerate(self.keys):
-            # mid-rank of each member and of the new study (ties averaged)
-            row, values, value = ordered[j], window[j], scores[key]
-            member_q[j] = (row.searchsorted(values, "left") + row.searchsorted(values, "right")
-                           ) / twice  # fmt: skip
-            new_q[j] = (row.searchsorted(value, "left") + row.searchsorted(value, "right")) / twice
+        twice = 2.0 * window.shape[1]
+        member_q = (window_ranks(window) if ranks is None else ranks) / twice
+        value = np.array([scores[key] for key in self.keys])[:, None]
+        new_q = (np.count_nonzero(window < value, axis=1)
+                 + np.count_nonzero(window <= value, axis=1)) / twice  # fmt: skip
         w = self.weights if weights is None else np.asarray(weights, dtype=np.float64)
         total = w.sum()
         return _Ranked(self.keys, w, dict(zip(self.keys, new_q.tolist(), strict=True)),
                        float(w @ new_q / total), w @ member_q / total)
+
+
+def window_ranks(window: np.ndarray) -> np.ndarray:
+    """Twice the mid-rank of each member of `window` [K, n] within its row, [K, n] int:
+    #(row < value) + #(row <= value), so that a member's quantile is it / (2 n)."""
+    ordered = np.sort(window, axis=1)
+    ranks = np.empty(window.shape, dtype=np.int64)
+    for j in range(window.shape[0]):
+        row = ordered[j]
+        ranks[j] = row.searchsorted(window[j], "left") + row.searchsorted(window[j], "right")
+    return ranks
+
+
+def update_ranks(ranks: np.ndarray, window: np.ndarray, slot: int,
+                 new: np.ndarray, old: np.ndarray | None) -> None:  # fmt: skip
+    """Keep `window_ranks` current, in place, as member `slot` of `window` [K, n] changes
+    from `old` (None: it is new, and `window`'s last column) to `new`: O(n) per row
+    instead of a sort.
+
+    Args:
+        ranks: The ranks [K, n] of the window before the change (its first n - 1 columns
+            when `old` is None); updated to those of `window`.
+        window: The window after the change ([:, slot] is `new`).
+        slot: The changed member's column.
+        new: Its values [K].
+        old: Its previous values [K], or None when the member entered a window that was
+            not full.
+    """
+    new = new[:, None]
+    if old is not None:  # the leaving value no longer counts for the others
+        ranks -= (old[:, None] < window).view(np.int8)
+        ranks -= (old[:, None] <= window).view(np.int8)
+    below, within = new < window, new <= window
+    ranks += below.view(np.int8)  # the entering value counts for the others
+    ranks += within.view(np.int8)
+    # its own, from the same comparisons: #(row < new) = n - #(new <= row), and
+    # #(row <= new) = n - #(new < row)
+    n = window.shape[1]
+    ranks[:, slot] = 2 * n - np.count_nonzero(within, axis=1) - np.count_nonzero(below, axis=1)
 
 
 @dataclass(frozen=True)
