@@ -414,8 +414,7 @@ class BudgetGate:
             old = self._values[:, i].copy() if full else None
             self._values[:, i] = [scores[k] for k in self._keys]
             members = self._filled if full else self._filled + 1  # i == _filled if not full
-            update_ranks(self._ranks[:, :members], self._values[:, :members], i,
-                         self._values[:, i], old)  # fmt: skip
+            update_ranks(self._ranks[:, :members], self._values[:, :members], i, old)
             self._window_keys[i] = decision.key
             # a budget_offset study's slot went to an external route: for the feedback it
             # counts as routed, so the threshold does not drop to make up for it

@@ -182,21 +182,20 @@ def window_ranks(window: np.ndarray) -> np.ndarray:
 
 
 def update_ranks(ranks: np.ndarray, window: np.ndarray, slot: int,
-                 new: np.ndarray, old: np.ndarray | None) -> None:  # fmt: skip
+                 old: np.ndarray | None) -> None:  # fmt: skip
     """Keep `window_ranks` current, in place, as member `slot` of `window` [K, n] changes
-    from `old` (None: it is new, and `window`'s last column) to `new`: O(n) per row
-    instead of a sort.
+    from `old` (None: it is new, and `window`'s last column) to its value in `window`:
+    O(n) per row instead of a sort.
 
     Args:
         ranks: The ranks [K, n] of the window before the change (its first n - 1 columns
             when `old` is None); updated to those of `window`.
-        window: The window after the change ([:, slot] is `new`).
+        window: The window after the change.
         slot: The changed member's column.
-        new: Its values [K].
         old: Its previous values [K], or None when the member entered a window that was
             not full.
     """
-    new = new[:, None]
+    new = window[:, slot, None]
     if old is not None:  # the leaving value no longer counts for the others
         ranks -= (old[:, None] < window).view(np.int8)
         ranks -= (old[:, None] <= window).view(np.int8)

@@ -58,22 +58,12 @@ class LossPredictor(nn.Module):
             raise ValueError(f"maps must hold {len(self.branches)} stage maps, got {len(maps)}")
         weight, bias = self._fused()
         with torch.no_grad():
-            # sum, then one division by each column's h*w: bit-identical to `mean` over
-            # (h, w), and a small CPU sum costs about half a mean
-            pooled = torch.cat([m.sum(dim=(2, 3)) for m in maps], dim=1) / self._areas(maps)
+            # sum, then divide by h*w: bit-identical to `mean` over (h, w), and a small
+            # CPU sum costs about half a mean
+            pooled = torch.cat([m.sum(dim=(2, 3)) / (m.shape[2] * m.shape[3]) for m in maps],
+                               dim=1)  # fmt: skip
             hidden = torch.relu(torch.addmm(bias, pooled, weight))
             return torch.addmm(self.out.bias, hidden, self.out.weight.T).squeeze(1)
-
-    def _areas(self, maps: Sequence[torch.Tensor]) -> torch.Tensor:
-        """h * w of each stage map, repeated over its channels: [sum_i C_i] (cached by
-        the maps' shapes)."""
-        shapes = tuple(tuple(m.shape[1:]) for m in maps)
-        cached = self.__dict__.get("_areas_cache")
-        if cached is None or cached[0] != shapes:
-            areas = torch.cat([torch.full((c,), float(h * w)) for c, h, w in shapes])
-            cached = (shapes, areas)
-            self.__dict__["_areas_cache"] = cached  # plain attribute: not a buffer
-        return cached[1]
 
     def _fused(self) -> tuple[torch.Tensor, torch.Tensor]:
         linears = [branch[0] for branch in self.branches]

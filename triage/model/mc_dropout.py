@@ -48,21 +48,29 @@ def mc_dropout_mode(
     """
     modules = list(model.modules()) if all_modules is None else all_modules
     lowered = [module for module in modules if module.training]
-    raised: list[nn.Module] = []
+    dropouts = [module for part in sampled for module in part.modules()
+                if isinstance(module, nn.modules.dropout._DropoutNd)]  # fmt: skip
     try:
         for module in lowered:
             _set_training(module, False)
-        for part in sampled:
-            for module in part.modules():
-                if isinstance(module, nn.modules.dropout._DropoutNd):
-                    raised.append(module)
-                    _set_training(module, True)
-        yield
+        with _sampling(dropouts):
+            yield
     finally:
-        for module in raised:
-            _set_training(module, False)
         for module in lowered:
             _set_training(module, True)
+
+
+@contextlib.contextmanager
+def _sampling(layers: Sequence[nn.Module]) -> Iterator[None]:
+    """Dropout `layers` in training mode (sampling masks) inside the block, and back in
+    eval mode after it, normal or by exception."""
+    try:
+        for layer in layers:
+            _set_training(layer, True)
+        yield
+    finally:
+        for layer in layers:
+            _set_training(layer, False)
 
 
 @dataclass(frozen=True)
@@ -138,15 +146,9 @@ def mc_predict(
             if with_pooled:
                 pooled = z if scope == "head" else net.pool(rest[-1])
             trunk_done = time.perf_counter()
-            layers = net.dropout_layers(scope)
-            try:
-                for layer in layers:
-                    _set_training(layer, True)
+            with _sampling(net.dropout_layers(scope)):  # the mode restores only its own
                 repeated = z.repeat(samples, *([1] * (z.ndim - 1)))
                 logits = net.stochastic(repeated, scope)
-            finally:  # back to eval: the mode's exit restores only what it changed
-                for layer in layers:
-                    _set_training(layer, False)
         probs = torch.softmax(logits / temperature, dim=-1).view(samples, images.shape[0], -1)
         mc_done = time.perf_counter()
     return McOutput(
