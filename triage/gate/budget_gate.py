@@ -54,7 +54,7 @@ new scores, so the window holds the current model's scores only.
 """
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from datetime import date, datetime
 from numbers import Integral
@@ -65,13 +65,15 @@ import numpy as np
 
 from triage.gate.budget_managers import BUDGET_MANAGERS, update_ranks, window_ranks
 from triage.gate.settings import GateSettings
-from triage.gate.strategies import make_strategy
+from triage.gate.strategies import make_strategy, midranks
 from triage.gate.strategies.auto import SEPARATOR
 
 ROUTED_REASONS = (
     "uncertainty", "predicted_loss", "both", "audit", "cold_start", "warmup", "random",
+    "batch",
 )  # fmt: skip
-SKIPPED_REASONS = ("below_threshold", "not_sampled", "cap_reached", "budget_offset")
+SKIPPED_REASONS = ("below_threshold", "not_sampled", "cap_reached", "budget_offset",
+                   "not_selected")
 NOVELTY = "novelty"
 """The only score of a cold-start decision: its `ColdStartSelector` novelty (the value
 its threshold compares: divided by the typicality spread with
@@ -82,6 +84,7 @@ STATE_VERSION = 2
 
 _MASK64 = (1 << 64) - 1
 _EXPERT_SALT = 0x5DEECE66D  # the `auto` expert draw's own stream of (seed, sequence)
+_BATCH_SALT = 0xBAD6E  # the `batch` manager's size draw and k-means++ seed
 
 
 def _splitmix64(x: int) -> int:
@@ -96,6 +99,21 @@ def uniform_pair(seed: int, sequence: int) -> tuple[float, float]:
     state = _splitmix64((seed & _MASK64) ^ _splitmix64(sequence & _MASK64))
     second = _splitmix64(state)
     return (state >> 11) / 2.0**53, (second >> 11) / 2.0**53
+
+
+@dataclass(frozen=True)
+class BatchEntry:
+    """A scored study waiting in a buffered manager's batch (`BudgetGate.decide_batch`).
+
+    Attributes:
+        scores: Its raw component scores (as `decide` takes them).
+        key: Its key (the daemon's study id).
+        embedding: Its vector for the batch (`Strategy.batch_embedding`), or None.
+    """
+
+    scores: Mapping[str, float]
+    key: int | None = None
+    embedding: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -358,6 +376,74 @@ class BudgetGate:
             **base, needs_label=bool(want), reason=reason, scores=clean,
             quantiles=quantiles, combined=combined, threshold=threshold, expert=expert,
         )  # fmt: skip
+
+    def decide_batch(self, entries: Sequence[BatchEntry], now: datetime) -> list[Decision]:
+        """Decide for a buffered manager's batch together, without changing the gate.
+
+        Each entry takes the next sequence number, in order, and its audit draw as in
+        `decide`. Of the others, the manager picks k = floor(r_s n + u) (`select`, by
+        k-means++ over the entries' embeddings; by score when any lacks one), routed as
+        `batch`; the rest get `not_selected`. Audits take today's cap first, then the
+        picks in pick order (`cap_reached` beyond it); a pending budget offset is paid
+        by the last picks (`budget_offset`). Each decision's `quantiles` and `combined`
+        rank its scores within the batch, so the review queue shows the most uncertain
+        first.
+
+        Args:
+            entries: The batch, oldest first.
+            now: Timezone-aware time of the decision (every entry's `timestamp`).
+
+        Returns:
+            The decisions in entry order; `commit` each, in order, once stored.
+        """
+        if not self.manager.buffered:
+            raise ValueError(f"budget manager {self.manager.name!r} decides one study at a "
+                             "time: use decide")
+        if not isinstance(now, datetime) or now.tzinfo is None or now.utcoffset() is None:
+            raise ValueError(f"now must be a timezone-aware datetime, got {now!r}")
+        if not entries:
+            return []
+        day = now.astimezone(self._zone).date().isoformat()
+        clean = [self._check_scores(entry.scores) for entry in entries]
+        audit = [uniform_pair(self.settings.seed, self._sequence + j)[0]
+                 < self.settings.exploration_rate for j in range(len(entries))]
+        pool = [j for j in range(len(entries)) if not audit[j]]
+        draw = uniform_pair(self.settings.seed ^ _BATCH_SALT, self._sequence)
+        k = self.manager.batch_size(len(pool), self._score_rate, draw[0])
+        raw = np.array([[row[key] for key in self._keys] for row in clean], dtype=np.float64)
+        quantiles = np.stack([midranks(raw[:, i]) for i in range(len(self._keys))], axis=1)
+        combined = quantiles @ self._weights / self._weights.sum()
+        embeddings = [entries[j].embedding for j in pool]
+        if pool and all(e is not None for e in embeddings):
+            seed = _splitmix64(int(draw[1] * 2.0**53))
+            picks = [pool[i] for i in self.manager.select(np.stack(embeddings), k, seed)]
+        else:  # no embedding (a model without an epistemic head): the highest scores
+            picks = sorted(pool, key=lambda j: (-combined[j], j))[:k]
+        reasons = ["audit" if a else "not_selected" for a in audit]
+        cap_left = self.remaining_on(day)
+        for j in (j for j in range(len(entries)) if audit[j]):
+            if cap_left > 0:
+                cap_left -= 1
+            else:
+                reasons[j] = "cap_reached"
+        offset = min(self._offset, len(picks))
+        for rank, j in enumerate(picks):
+            if rank >= len(picks) - offset:
+                reasons[j] = "budget_offset"
+            elif cap_left > 0:
+                reasons[j], cap_left = "batch", cap_left - 1
+            else:
+                reasons[j] = "cap_reached"
+        return [
+            Decision(
+                sequence=self._sequence + j, timestamp=now.isoformat(), day=day,
+                strategy=self.settings.strategy, needs_label=reasons[j] in ("audit", "batch"),
+                reason=reasons[j], scores=clean[j],
+                quantiles=dict(zip(self._keys, quantiles[j].tolist(), strict=True)),
+                combined=float(combined[j]), key=None if e.key is None else int(e.key),
+            )
+            for j, e in enumerate(entries)
+        ]
 
     @staticmethod
     def _decide_cold_start(

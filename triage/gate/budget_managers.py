@@ -65,6 +65,9 @@ class BudgetManager(ABC):
     ordered: ClassVar[bool] = False
     """Whether `route` needs the window oldest first with its routed flags (a manager
     whose state is a function of the sequence, rebuilt from the window each time)."""
+    buffered: ClassVar[bool] = False
+    """Whether studies wait in a buffer and are decided together (`BudgetGate.decide_batch`
+    and `select`) instead of one by one (`route`)."""
 
     def __init__(
         self,
@@ -266,6 +269,64 @@ class BiqfBudget(QuantileBudget):
         return ranked.route(want, theta - (max(seen) - min(seen)) * left / self.w_tol)
 
 
+class BatchBudget(BudgetManager):
+    """BADGE's batch half (Ash et al., "Deep Batch Active Learning by Diverse, Uncertain
+    Gradient Lower Bounds", ICLR 2020): scored studies wait in a buffer, and the gate
+    routes a batch of them chosen by k-means++ seeding over their gradient embeddings.
+
+    k-means++ draws each next pick with probability proportional to its squared distance
+    from the picks so far, so a batch spreads over the buffer's directions, and since a
+    gradient embedding's norm grows with the model's doubt, far-out (uncertain) studies
+    are likely picks: uncertain and diverse, without a weight between the two. The
+    seeding is scikit-learn's `kmeans_plusplus` with one trial per pick (the vanilla
+    algorithm the paper uses), seeded by the gate's (seed, sequence).
+
+    The buffer (`gate.batch_size` studies or `gate.batch_seconds`, whichever first) is
+    the caller's: the daemon keeps it in the store (`triage.gate.scorer`), the lockstep
+    bench in memory. Of the buffer's non-audit studies, k = floor(r_s n + u) are picked
+    (u a uniform draw), so the expected routed share is r_s exactly, with no window and
+    no feedback. `route` is never asked: a buffered manager decides through `select`.
+    """
+
+    name: ClassVar[str] = "batch"
+    buffered: ClassVar[bool] = True
+
+    def route(  # noqa: D102
+        self, scores, window, realised, draw, score_rate, weights=None, routed=None, ranks=None
+    ) -> Route:
+        raise TypeError("the batch manager decides buffered studies together: "
+                        "use BudgetGate.decide_batch")
+
+    @staticmethod
+    def batch_size(pool: int, score_rate: float, draw: float) -> int:
+        """How many of `pool` non-audit studies to pick: floor(r_s * pool + draw)."""
+        return min(pool, int(math.floor(score_rate * pool + draw)))
+
+    @staticmethod
+    def select(embeddings: np.ndarray, k: int, seed: int) -> list[int]:
+        """k distinct rows of `embeddings` [n, D] by k-means++ seeding, in pick order.
+
+        Rows that k-means++ cannot tell apart (every remaining one at distance 0 from a
+        pick, so its draw has no mass left) are filled by the largest norm first; k >= n
+        picks every row, largest norm first.
+        """
+        n = embeddings.shape[0]
+        if k <= 0 or n == 0:
+            return []
+        norms = np.linalg.norm(embeddings, axis=1)
+        by_norm = [int(i) for i in np.argsort(-norms, kind="stable")]
+        if k >= n:
+            return by_norm
+        from sklearn.cluster import kmeans_plusplus  # slow to import: on first batch
+
+        data = np.ascontiguousarray(embeddings, dtype=np.float64)
+        _, indices = kmeans_plusplus(data, k, random_state=seed % 2**32, n_local_trials=1)
+        picked = list(dict.fromkeys(int(i) for i in indices))
+        chosen = set(picked)
+        picked += [i for i in by_norm if i not in chosen][: k - len(picked)]
+        return picked
+
+
 def _quantile(ordered: np.ndarray, level: float) -> float:
     """Linear-interpolation quantile (numpy's default) of an ascending array."""
     position = level * (ordered.shape[0] - 1)
@@ -275,6 +336,6 @@ def _quantile(ordered: np.ndarray, level: float) -> float:
 
 
 BUDGET_MANAGERS: Mapping[str, type[BudgetManager]] = MappingProxyType(
-    {cls.name: cls for cls in (QuantileBudget, CoinBudget, BiqfBudget)}
+    {cls.name: cls for cls in (QuantileBudget, CoinBudget, BiqfBudget, BatchBudget)}
 )
 """Budget manager classes by name (read-only)."""

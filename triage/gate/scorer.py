@@ -40,6 +40,18 @@ corrected since (`triage.gate.queries.audit_outcomes`; event `gate_mix_updated`,
 `triage_gate_auto_mix{strategy}`). The mix is a function of the store, so a restart
 resumes it.
 
+Batches (`gate.budget_manager: batch`): a scored study is not decided on arrival but
+waits, state `batched`, in the store's `gate_buffer` (its scores, batch embedding and
+result columns, written by the worker in the transaction that scores it). `flush_due`,
+asked by the worker before each study and after each buffered one, decides the buffer
+together (`BudgetGate.decide_batch`) when it holds `gate.batch_size` studies or its
+oldest has waited `gate.batch_seconds`, and before a study is scored by another model
+than the buffer's; each study then gets its result and decision in one transaction, as
+if decided alone (event `gate_batch_decided`, metrics `triage_gate_batches_total`,
+`triage_gate_batch_wait_seconds`, `triage_gate_batch_pending`). The buffer survives a
+restart; one left by a configuration without batching goes back to `complete` and is
+scored again (event `gate_batch_requeued`).
+
 Cold start: while no version was ever promoted, `triage.gate.coldstart.ColdStartSelector` chooses
 the studies to route, at `gate.label_rate` and for coverage of the stream (farthest
 first on a label-free thumbnail embedding); the gate routes them as `cold_start` within
@@ -65,10 +77,10 @@ import numpy as np
 import sqlite_utils
 import torch
 
-from triage.gate import NOVELTY, BudgetGate, Decision
+from triage.gate import NOVELTY, BatchEntry, BudgetGate, Decision
 from triage.gate.coldstart import ColdStartSelector, coldstart_embedding
 from triage.gate.queries import audit_outcomes, audit_signature, coverage_queries
-from triage.gate.worker import ScoreResult, StudyToScore
+from triage.gate.worker import ScoreResult, StudyToScore, store_decided
 from triage.model.checkpoint import Checkpoint
 from triage.model.inference import StudyResult, score_study
 from triage.model.registry import ModelRegistry
@@ -92,6 +104,49 @@ class _Pending:
     decision: Decision
     embedding: np.ndarray | None = None
     ood_flag: bool | None = None
+
+
+@dataclass(frozen=True)
+class _Buffered:
+    """A scored study waiting for its batch, as its `gate_buffer` row keeps it.
+
+    Attributes:
+        study_id: The study.
+        round: Its round when scored.
+        version: The model that scored it.
+        scored_at: When it was scored (the batch's age counts from the oldest).
+        scores: Its raw component scores.
+        embedding: Its batch embedding (`Strategy.batch_embedding`), or None.
+        detail: Its result's detail, without the decision's reason.
+        columns: Its decision row's columns that the result gives (`_result_columns`).
+    """
+
+    study_id: int
+    round: int
+    version: str
+    scored_at: float
+    scores: dict[str, float]
+    embedding: np.ndarray | None
+    detail: dict[str, Any]
+    columns: dict[str, Any]
+
+    def row(self) -> dict[str, Any]:
+        """Its `gate_buffer` columns, less the study and round the worker adds."""
+        return {"model_version": self.version, "scored_at": self.scored_at,
+                "scores": json.dumps(self.scores),
+                "embedding": None if self.embedding is None else self.embedding.tobytes(),
+                "result": json.dumps({"detail": self.detail, "columns": self.columns})}
+
+    @classmethod
+    def from_row(cls, row: tuple[Any, ...]) -> _Buffered:
+        """Inverse of `row`, from (study_id, round, model_version, scored_at, scores,
+        embedding, result)."""
+        study_id, round_, version, scored_at, scores, embedding, result = row
+        stored = json.loads(result)
+        vector = (None if embedding is None
+                  else np.frombuffer(bytes(embedding), dtype=np.float32).copy())
+        return cls(int(study_id), int(round_), str(version), float(scored_at),
+                   json.loads(scores), vector, stored["detail"], stored["columns"])
 
 
 class GateScorer:
@@ -122,6 +177,7 @@ class GateScorer:
             day = self._gate.day_of(datetime.fromtimestamp(routed_at, UTC))
             self._gate.note_routed(day, 1, against_budget=False)
         self._serving = ServingLoader(db, self._registry, metrics, clock)
+        self._buffer: list[_Buffered] = self._restore_buffer()
         self._selector: ColdStartSelector | None = None  # built when first needed
         self._fallback_logged: set[str] = set()
         self._audits_seen: tuple[int, int] | None = None  # `auto`: audits the mix counts
@@ -156,41 +212,142 @@ class GateScorer:
         now = datetime.fromtimestamp(self._clock(), tz=UTC)
         if checkpoint is None or version is None:
             return self._score_cold_start(study, now)
+        if self._buffer and self._buffer[0].version != version:
+            self._flush("model")  # the buffer's scores are the old model's: decide them
         if version != self._window_version:
             self._rescore_window(checkpoint, version)
         result = self._score_images(checkpoint, study.images, study.study_id, study.round)
         for stage, seconds in result.durations.items():
             self._metrics.inference_seconds.labels(stage).observe(seconds)
         scores = self._components(result, version, count=True)
+        ood_flag = (checkpoint.epistemic.unlike_training(result.ood)
+                    if checkpoint.epistemic is not None else None)
+        columns = _result_columns(result, version, self._settings.model.labels, ood_flag)
+        detail = {"predicted": self._settings.model.labels[result.predicted_index],
+                  "ood_flag": ood_flag}
+        if self._gate.manager.buffered:  # decided with its batch (`flush_due`)
+            entry = _Buffered(study.study_id, study.round, version, self._clock(), scores,
+                              self._gate.strategy.batch_embedding(result), detail, columns)
+            return ScoreResult("batched", version, detail, pending=entry,
+                               buffer_row=entry.row())
         if self._gate.mix is not None:
             self._refresh_mix()
         decision = self._gate.decide(scores, now, key=study.study_id)
-        ood_flag = (checkpoint.epistemic.unlike_training(result.ood)
-                    if checkpoint.epistemic is not None else None)
-        row = _decision_row(decision, result, version, self._settings.model.labels, ood_flag)
         status = "routed" if decision.needs_label else "not_routed"
-        detail = {"reason": decision.reason,
-                  "predicted": self._settings.model.labels[result.predicted_index],
-                  "ood_flag": ood_flag}
-        return ScoreResult(status, version, detail, decision_row=row,
+        return ScoreResult(status, version, {"reason": decision.reason, **detail},
+                           decision_row={**_decision_columns(decision), **columns},
                            pending=_Pending(decision, ood_flag=ood_flag))
 
     def commit(self, result: ScoreResult) -> None:
-        """Called after the decision is stored: the gate's state moves on."""
-        pending: _Pending = result.pending
+        """Called after the decision (or the study's buffer row) is stored: the gate's
+        state (or the buffer) moves on."""
+        pending = result.pending
+        if isinstance(pending, _Buffered):
+            self._buffer.append(pending)
+            self._metrics.gate_batch_pending.set(len(self._buffer))
+            if pending.detail.get("ood_flag"):
+                self._metrics.ood_flagged.inc()
+            return
         decision = pending.decision
-        self._gate.commit(decision)
+        self._committed(decision)
         if pending.embedding is not None and self._selector is not None:
             novelty = decision.scores[NOVELTY] if decision.scores else None
             self._selector.record(pending.embedding, decision.reason, novelty=novelty)
-        self._metrics.gate_decisions.labels(decision.reason).inc()
         if pending.ood_flag:
             self._metrics.ood_flagged.inc()
+
+    def _committed(self, decision: Decision) -> None:
+        """A stored decision: the gate moves on, and its metrics."""
+        self._gate.commit(decision)
+        self._metrics.gate_decisions.labels(decision.reason).inc()
         if decision.threshold is not None:
             self._metrics.gate_threshold.set(decision.threshold)
         realised = self._gate.realised_rate()
         if realised is not None:
             self._metrics.gate_routed_fraction.set(realised)
+
+    @property
+    def batch_pending(self) -> int:
+        """Scored studies waiting for their batch."""
+        return len(self._buffer)
+
+    def flush_due(self) -> int:
+        """Decide the waiting batch when it is full (`gate.batch_size`) or its oldest study
+        has waited `gate.batch_seconds` (or was scored at a time the clock has not reached
+        again: it stepped back); returns how many studies were decided."""
+        if not self._buffer:
+            return 0
+        gate = self._settings.gate
+        if len(self._buffer) >= gate.batch_size:
+            return self._flush("size")
+        oldest, now = self._buffer[0].scored_at, self._clock()
+        if not oldest <= now < oldest + gate.batch_seconds:
+            return self._flush("age")
+        return 0
+
+    def _flush(self, trigger: str) -> int:
+        """Decide every buffered study together and store each result and decision (one
+        transaction; a study reopened meanwhile keeps its new state, as when decided
+        alone), then commit the decisions to the gate."""
+        buffer, now = self._buffer, self._clock()
+        decisions = self._gate.decide_batch(
+            [BatchEntry(b.scores, b.study_id, b.embedding) for b in buffer],
+            datetime.fromtimestamp(now, tz=UTC),
+        )
+        with transaction(self._db):
+            for entry, decision in zip(buffer, decisions, strict=True):
+                waited = round(now - entry.scored_at, 3)
+                result = ScoreResult(
+                    "routed" if decision.needs_label else "not_routed", entry.version,
+                    {"reason": decision.reason, **entry.detail, "batch_wait_seconds": waited},
+                    decision_row={**_decision_columns(decision), **entry.columns},
+                )  # fmt: skip
+                store_decided(self._db, entry.study_id, entry.round, result, now)
+                self._db.execute(
+                    "UPDATE studies SET state = 'scored' WHERE id = ? AND state = 'batched' "
+                    "AND round = ?", [entry.study_id, entry.round],
+                )
+                self._db.execute("DELETE FROM gate_buffer WHERE study_id = ? AND round = ?",
+                                 [entry.study_id, entry.round])
+        self._buffer = []
+        for entry, decision in zip(buffer, decisions, strict=True):
+            self._committed(decision)
+            self._metrics.gate_batch_wait_seconds.observe(max(0.0, now - entry.scored_at))
+        self._metrics.gate_batches.labels(trigger).inc()
+        self._metrics.gate_batch_pending.set(0)
+        event(log, "gate_batch_decided", trigger=trigger, studies=len(buffer),
+              routed=sum(d.needs_label for d in decisions),
+              audits=sum(d.reason == "audit" for d in decisions),
+              longest_wait_seconds=round(max(now - b.scored_at for b in buffer), 3))
+        return len(buffer)
+
+    def _restore_buffer(self) -> list[_Buffered]:
+        """The studies left waiting for their batch by the last run, oldest first.
+
+        Under a configuration without batching they (and any `batched` study without a
+        buffer row) go back to `complete`, to be scored and decided again.
+        """
+        rows = self._db.execute(
+            "SELECT study_id, round, model_version, scored_at, scores, embedding, result "
+            "FROM gate_buffer ORDER BY id"
+        ).fetchall()
+        buffered = self._gate.manager.buffered
+        with transaction(self._db):
+            if not buffered:
+                self._db.execute("DELETE FROM gate_buffer")
+            requeued = self._db.execute(
+                "UPDATE studies SET state = 'complete' WHERE state = 'batched' AND NOT EXISTS "
+                "(SELECT 1 FROM gate_buffer b WHERE b.study_id = studies.id "
+                "AND b.round = studies.round)"
+            ).rowcount
+        if requeued:
+            event(log, "gate_batch_requeued", logging.WARNING, studies=requeued,
+                  manager=self._gate.manager.name)
+        entries = [_Buffered.from_row(tuple(row)) for row in rows] if buffered else []
+        self._metrics.gate_batch_pending.set(len(entries))
+        if entries:
+            event(log, "gate_batch_restored", studies=len(entries))
+        return entries
 
     def _refresh_mix(self) -> None:
         """`auto`: recompute the mix from the labelled audits when one arrived or was
@@ -215,7 +372,8 @@ class GateScorer:
         decision = self._gate.decide(
             None, now, key=study.study_id, cold_start=wanted, novelty=novelty
         )
-        row = _decision_row(decision, None, None, self._settings.model.labels)
+        row = {**_decision_columns(decision),
+               **_result_columns(None, None, self._settings.model.labels)}
         status = "routed" if decision.needs_label else "not_routed"
         return ScoreResult(status, None, {"reason": decision.reason}, decision_row=row,
                            pending=_Pending(decision, embedding))
@@ -404,17 +562,10 @@ class GateScorer:
         return checkpoint, version
 
 
-def _decision_row(
-    decision: Decision, result: StudyResult | None, version: str | None, labels: list[str],
-    ood_flag: bool | None = None,
-) -> dict[str, Any]:
-    prediction = None
-    if result is not None:
-        prediction = {"probabilities": dict(zip(labels, result.probs, strict=True)),
-                      "label": labels[result.predicted_index]}
+def _decision_columns(decision: Decision) -> dict[str, Any]:
+    """The `decisions` row's columns that the gate's decision gives."""
     return {
         "sequence": decision.sequence,
-        "model_version": version,
         "strategy": decision.strategy,
         "needs_label": int(decision.needs_label),
         "reason": decision.reason,
@@ -422,12 +573,27 @@ def _decision_row(
         "threshold": decision.threshold,
         "scores": _json(decision.scores),
         "quantiles": _json(decision.quantiles),
+        "decision": json.dumps(decision.to_dict()),
+    }
+
+
+def _result_columns(
+    result: StudyResult | None, version: str | None, labels: list[str],
+    ood_flag: bool | None = None,
+) -> dict[str, Any]:
+    """The `decisions` row's columns that the scored result gives (JSON-compatible: a
+    batched study keeps them in its buffer row)."""
+    prediction = None
+    if result is not None:
+        prediction = {"probabilities": dict(zip(labels, result.probs, strict=True)),
+                      "label": labels[result.predicted_index]}
+    return {
+        "model_version": version,
         "prediction": _json(prediction),
         "uncertainty": _json(_uncertainty(result, ood_flag)),
         "predicted_loss": result.predicted_loss if result else None,
         "images_scored": result.num_images if result else None,
         "images_total": result.num_images_total if result else None,
-        "decision": json.dumps(decision.to_dict()),
     }
 
 

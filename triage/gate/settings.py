@@ -26,9 +26,11 @@ class GateSettings(BaseModel):
     """How scores become routes under the budget (`triage.gate.budget_managers`):
     `quantile` routes a study whose combined score passes the window quantile that keeps
     `label_rate`; `biqf` is scikit-activeml's balanced incremental quantile filter on
-    the same combined score; `coin` routes each study with probability `label_rate` whatever its
-    scores (no cold-start selection, no coverage queries). None: the strategy's own
-    (`coin` for random, `quantile` for the others)."""
+    the same combined score; `batch` (strategy `badge` only) lets scored studies wait,
+    `batch_size` of them or `batch_seconds`, and routes a diverse k-means++ batch of
+    them; `coin` routes each study with probability `label_rate` whatever its scores (no
+    cold-start selection, no coverage queries). None: the strategy's own (`coin` for
+    random, `quantile` for the others)."""
     uncertainty_measure: Literal[
         "entropy", "bald", "variation_ratio", "least_confidence", "margin", "vote_entropy"
     ] = "entropy"
@@ -66,6 +68,11 @@ class GateSettings(BaseModel):
     auto_strategies: tuple[str, ...] = ("combined", "entropy", "alfa_mix", "badge", "emoc")
     """The candidates `strategy: auto` chooses among (two or more scoring strategies, not
     random, dal or auto itself)."""
+    batch_size: int = Field(100, ge=2, le=10_000)
+    """`budget_manager: batch`: scored studies that wait before the batch is decided."""
+    batch_seconds: float = Field(3600.0, gt=0, le=7 * 86400)
+    """`budget_manager: batch`: the longest a scored study waits for its batch (seconds,
+    from its scoring); a smaller batch is decided then."""
     seed: int = 0
     """Seed of the exploration, warm-up and random-strategy draws."""
     timezone: str = "UTC"
@@ -131,6 +138,12 @@ class GateSettings(BaseModel):
             )
         if self.uncertainty_weight + self.loss_weight <= 0:
             raise ValueError("uncertainty_weight and loss_weight must not both be 0")
+        if BUDGET_MANAGERS[self.manager].buffered and not STRATEGIES[
+            self.strategy
+        ].batch_embeddings:
+            batched = sorted(n for n, c in STRATEGIES.items() if c.batch_embeddings)
+            raise ValueError(f"budget_manager {self.manager!r} needs a strategy that embeds "
+                             f"studies for its batches ({batched}), got {self.strategy!r}")
         if self.uses_scores and not STRATEGIES[self.strategy].has_scores:
             raise ValueError(
                 f"budget_manager {self.manager!r} ranks scores and strategy "

@@ -4,6 +4,13 @@ The scorer is anything with ``score(study) -> ScoreResult`` and ``commit(result)
 (the daemon's is :class:`triage.gate.scorer.GateScorer`). "Ask, then commit": the
 worker stores the result and the gate's decision in one transaction, and only then
 tells the scorer to commit, so the gate's state never runs ahead of the store.
+
+A buffered budget manager (`gate.budget_manager: batch`) decides later: the scorer's
+result then carries a `gate_buffer` row instead of a decision, the worker stores it and
+leaves the study ``batched`` in the same transaction, and the scorer's ``flush_due()``
+(asked before each study and after each buffered one) decides the batch when it is
+full or its oldest study has waited long enough, storing each result and decision
+with `store_decided` as the worker does.
 """
 
 from __future__ import annotations
@@ -48,6 +55,8 @@ class ScoreResult:
         detail: Short JSON summary stored with the result.
         decision_row: Columns of the ``decisions`` row, when the gate decided.
         pending: Scorer-private state handed back to :meth:`Scorer.commit`.
+        buffer_row: Columns of the ``gate_buffer`` row, when the study waits for a batch
+            (status ``batched``; no result or decision is stored until then).
     """
 
     status: str
@@ -55,12 +64,36 @@ class ScoreResult:
     detail: dict[str, Any] = field(default_factory=dict)
     decision_row: dict[str, Any] | None = None
     pending: Any = None
+    buffer_row: dict[str, Any] | None = None
+
+
+def store_decided(db: sqlite_utils.Database, study_id: int, round_: int, result: ScoreResult,
+                  now: float) -> None:  # fmt: skip
+    """Store a study's result and, when the gate decided, its decision, queueing it when
+    routed; call inside a transaction. The study's state is the caller's."""
+    cursor = db.execute(
+        "INSERT INTO study_results (study_id, round, status, model_version, detail, "
+        "created_at) VALUES (?, ?, ?, ?, ?, ?)",
+        [study_id, round_, result.status, result.model_version,
+         json.dumps(result.detail), now],
+    )
+    if result.decision_row is None:
+        return
+    row = {"result_id": int(cursor.lastrowid), "study_id": study_id, "round": round_,
+           "created_at": now, **result.decision_row}
+    decision = db.execute(
+        f"INSERT INTO decisions ({', '.join(row)}) VALUES ({', '.join('?' for _ in row)})",
+        list(row.values()),
+    )
+    if row["needs_label"]:
+        enqueue(db, study_id=study_id, decision_id=int(decision.lastrowid),
+                reason=row["reason"], combined=row["combined"], now=now)
 
 
 class Scorer(Protocol):
     """``score`` may raise :class:`ModelUnavailable`; a scorer may also have ``ready()``
     (False: no model loads now), asked before each study so a waiting study is not
-    loaded for nothing."""
+    loaded for nothing, and ``flush_due()`` (decide a waiting batch that is due)."""
 
     def score(self, study: StudyToScore) -> ScoreResult: ...
 
@@ -118,6 +151,7 @@ class ScoringWorker:
         if ready:
             self._release_waiting()
         self._retry_errors()
+        self._flush_due()
         with transaction(self._db):
             row = self._db.execute(
                 "SELECT id, round FROM studies WHERE state = 'complete' "
@@ -146,30 +180,34 @@ class ScoringWorker:
             result = ScoreResult("error", None, {"error_type": type(exc).__name__})
         now = self._clock()
         with transaction(self._db):
-            result_id = self._store_result(study_id, round_, result, now)
-            if result.decision_row is not None:
-                row = {"result_id": result_id, "study_id": study_id, "round": round_,
-                       "created_at": now, **result.decision_row}
-                decision = self._db.execute(
-                    f"INSERT INTO decisions ({', '.join(row)}) "
+            if result.buffer_row is not None:  # decided with its batch (module doc)
+                row = {"study_id": study_id, "round": round_, **result.buffer_row}
+                self._db.execute(
+                    f"INSERT INTO gate_buffer ({', '.join(row)}) "
                     f"VALUES ({', '.join('?' for _ in row)})",
                     list(row.values()),
                 )
-                if row["needs_label"]:
-                    enqueue(self._db, study_id=study_id, decision_id=int(decision.lastrowid),
-                            reason=row["reason"], combined=row["combined"], now=now)
+            else:
+                store_decided(self._db, study_id, round_, result, now)
             # A late instance may have reopened the study meanwhile: leave it open then.
             self._db.execute(
-                "UPDATE studies SET state = 'scored' WHERE id = ? AND state = 'scoring'",
-                [study_id],
+                "UPDATE studies SET state = ? WHERE id = ? AND state = 'scoring'",
+                ["batched" if result.buffer_row is not None else "scored", study_id],
             )
-        if result.decision_row is not None:
+        if result.decision_row is not None or result.buffer_row is not None:
             self._scorer.commit(result)
         self._metrics.scored.labels(result.status).inc()
         flagged = {"ood_flag": result.detail["ood_flag"]} if "ood_flag" in result.detail else {}
         event(log, "study_scored", study_id=study_id, round=round_, status=result.status,
               images=int(images.shape[0]), **flagged)
+        if result.buffer_row is not None:
+            self._flush_due()  # the batch may be full now
         return study_id
+
+    def _flush_due(self) -> None:
+        flush_due = getattr(self._scorer, "flush_due", None)
+        if flush_due is not None:
+            flush_due()
 
     def _scorer_ready(self) -> bool:
         ready = getattr(self._scorer, "ready", None)
@@ -200,15 +238,6 @@ class ScoringWorker:
             event(log, "studies_released_model_available", studies=released)
         return released
 
-    def _store_result(self, study_id: int, round_: int, result: ScoreResult, now: float) -> int:
-        cursor = self._db.execute(
-            "INSERT INTO study_results (study_id, round, status, model_version, detail, "
-            "created_at) VALUES (?, ?, ?, ?, ?, ?)",
-            [study_id, round_, result.status, result.model_version,
-             json.dumps(result.detail), now],
-        )
-        return int(cursor.lastrowid)
-
     def _unreadable(self, study_id: int, round_: int, exc: Exception) -> None:
         """End a study whose stored images cannot be read in ``error``, with the reason.
 
@@ -222,7 +251,7 @@ class ScoringWorker:
         result = ScoreResult("error", None, {"error": "images_unreadable",
                                              "error_type": type(exc).__name__})
         with transaction(self._db):
-            self._store_result(study_id, round_, result, self._clock())
+            store_decided(self._db, study_id, round_, result, self._clock())
             self._db.execute(
                 "UPDATE studies SET state = 'error', error_reason = ?, "
                 "error_count = error_count + 1 WHERE id = ? AND state = 'scoring'",

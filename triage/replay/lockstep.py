@@ -13,7 +13,9 @@ acquisition strategies on equal terms:
   (`pick_coverage`) after each promotion, charged to the label budget.
 
 There is no DICOM, HTTP, SQLite or clock: study ``i`` arrives at ``i * seconds_per_study``,
-is scored only after study ``i - 1`` was decided, a routed study's label comes back
+is scored only after study ``i - 1`` was decided (under the `batch` budget manager: after
+it joined the batch, which is decided as the daemon's scorer decides it: full, aged,
+or before a study of a new model), a routed study's label comes back
 ``label_delay`` studies later (in routing order), and a due retrain runs to completion
 before the next study. Every random draw is seeded from the run's seed, so the same
 seed gives the same labels and the same AUROC on one machine; within a seed every
@@ -31,7 +33,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 import torch
 
-from triage.gate import BudgetGate, uniform_pair
+from triage.gate import BatchEntry, BudgetGate, uniform_pair
 from triage.gate.coldstart import ColdStartSelector, coldstart_embedding
 from triage.gate.queries import SEED_FACTOR, pick_coverage
 from triage.gate.strategies import STRATEGIES, AuditOutcome
@@ -182,6 +184,9 @@ VARIANTS: dict[str, dict[str, dict[str, Any]]] = {
     # both: raw training set, and promotion against the serving model within noise
     "no_rebalance_paired": {"retrain": {"rebalance": False, "reference_models": 1,
                                         "promotion_test": "delong"}},
+    # `badge+batch`: BADGE as the paper has it, a k-means++ batch of buffered studies
+    # (`gate.budget_manager: batch`) instead of each study's gradient norm on arrival
+    "batch": {"gate": {"budget_manager": "batch"}},
 }
 """Ablations of the shipped configuration: strategy ``default+<name>``."""
 
@@ -204,6 +209,7 @@ def run_settings(base: Settings, spec: RunSpec) -> Settings:
         gate["strategy"] = "random" if name == "random_b" else name
     gate["exploration_rate"] = min(base.gate.exploration_rate, spec.budget)
     changes = VARIANTS.get(variant, {})
+    gate.update(changes.get("gate", {}))
     training = base.model.training.model_copy(update={"seed": spec.seed,
                                                       **changes.get("training", {})})
     model = base.model.model_copy(update={"input_size": 28, "training": training,
@@ -274,6 +280,12 @@ class Lockstep:
         self.routed_by_expert: dict[str, int] = {}
         # forgetting events of each labelled position in each run (the store's table)
         self.forgetting: dict[int, list[tuple[int, bool]]] = {}
+        # `batch` manager: the waiting studies (position, arrival, entry), the model
+        # that scored them, and each decided study's wait (seconds)
+        self.batch: list[tuple[int, float, BatchEntry]] = []
+        self.batch_version: str | None = None
+        self.batch_waits: list[float] = []
+        self.batches = 0
 
     # -- the stream ------------------------------------------------------------------
 
@@ -287,7 +299,11 @@ class Lockstep:
             if i == n - TAIL_STUDIES:
                 self.returned_by_tail = self.labelled.total
             self._maybe_retrain(i, now)
+            if self.batch and now - self.batch[0][1] >= self.settings.gate.batch_seconds:
+                self._flush_batch(now)
             self._decide(i, now)
+        if self.batch:  # the stream goes quiet: the last batch ages out
+            self._flush_batch(self.batch[0][1] + self.settings.gate.batch_seconds)
         # the stream goes quiet: the last labels come back, and with nothing new for
         # `retrain.idle_minutes` the waiting ones start a final run (the `idle` trigger)
         self._return_labels(n + self.spec.label_delay)
@@ -305,13 +321,21 @@ class Lockstep:
     def _score_result(self, position: int, checkpoint: Checkpoint
                       ) -> tuple[dict[str, float], list[float]]:  # fmt: skip
         """The gate's components of one study and the served probabilities."""
+        scores, probs, _ = self._score_full(position, checkpoint)
+        return scores, probs
+
+    def _score_full(self, position: int, checkpoint: Checkpoint
+                    ) -> tuple[dict[str, float], list[float], np.ndarray | None]:  # fmt: skip
+        """`_score_result` and the study's batch embedding (`Strategy.batch_embedding`)."""
         result = score_study(
             checkpoint.network, checkpoint.loss_predictor, self.images[position : position + 1],
             self.settings.model, seed=position * SEED_FACTOR,
             operating_point=checkpoint.operating_point, epistemic=checkpoint.epistemic,
         )
         # as the daemon's scorer: the uncertainty stands in for what the model lacks
-        return self.gate.strategy.components_with_fallback(result)[0], list(result.probs)
+        strategy = self.gate.strategy
+        return (strategy.components_with_fallback(result)[0], list(result.probs),
+                strategy.batch_embedding(result))
 
     def _decide(self, i: int, now: float) -> None:
         when = datetime.fromtimestamp(now, UTC)
@@ -323,10 +347,19 @@ class Lockstep:
             self.cold.record(embedding, decision.reason)
         else:
             version = self.serving[0][0]
+            if self.batch and self.batch_version != version:
+                self._flush_batch(now)  # the buffer's scores are the old model's
             if self.window_version != version:
                 keys = self.gate.window_keys()
                 self.gate.rescore({k: self._score(k, checkpoint) for k in keys})
                 self.window_version = version
+            if self.gate.manager.buffered:
+                scores, _, embedding = self._score_full(i, checkpoint)
+                self.batch.append((i, now, BatchEntry(scores, i, embedding)))
+                self.batch_version = version
+                if len(self.batch) >= self.settings.gate.batch_size:
+                    self._flush_batch(now)
+                return
             scores, probs = self._score_result(i, checkpoint)
             decision = self.gate.decide(scores, when, key=i)
             if decision.reason == "audit" and decision.quantiles and self.gate.mix is not None:
@@ -339,6 +372,20 @@ class Lockstep:
             self._route(i, decision.reason)
         elif checkpoint is not None:
             self.scored_unrouted.append(i)
+
+    def _flush_batch(self, now: float) -> None:
+        """Decide the waiting batch at `now` (`BudgetGate.decide_batch`)."""
+        decisions = self.gate.decide_batch([entry for _, _, entry in self.batch],
+                                           datetime.fromtimestamp(now, UTC))
+        for (position, arrived, _), decision in zip(self.batch, decisions, strict=True):
+            self.gate.commit(decision)
+            self.batch_waits.append(now - arrived)
+            if decision.needs_label:
+                self._route(position, decision.reason)
+            else:
+                self.scored_unrouted.append(position)
+        self.batch = []
+        self.batches += 1
 
     def _route(self, position: int, reason: str) -> None:
         self.routed[position] = reason
@@ -455,6 +502,17 @@ class Lockstep:
         for reason in self.routed.values():
             reasons[reason] = reasons.get(reason, 0) + 1
         out["labels_by_reason"] = dict(sorted(reasons.items()))
+        # the class mix of what was bought (true classes): a batch that is diverse in the
+        # model's gradient space should buy fewer labels of one kind
+        routed = list(self.routed)
+        out["labels_positive_share"] = (float(self.truth[routed].float().mean())
+                                        if routed else None)
+        if self.batches:
+            waits = np.array(self.batch_waits)
+            out["batch"] = {"batches": self.batches, "studies": len(waits),
+                            "wait_seconds_mean": float(waits.mean()),
+                            "wait_seconds_p95": float(np.percentile(waits, 95)),
+                            "wait_seconds_max": float(waits.max())}
         out["labels_returned"] = self.labelled.total
         final = self._checkpoint()
         out["final_val_auroc"] = (self._auroc(final, self.data.val_images, self.data.val_labels)

@@ -44,8 +44,10 @@ FINAL_FILE_STATES = ("archived", "unsupported", "out_of_scope", "quarantined", "
 # images could not be read; ``error_reason`` says why, and a late instance reopens it
 # like any other study. ``waiting_model``: models exist but none
 # loads; neither scored nor routed, it goes back to ``complete`` once one loads again.
-STUDY_STATES = ("open", "complete", "scoring", "scored", "unscoreable", "out_of_scope",
-                "error", "waiting_model")
+# ``batched``: scored under the `batch` budget manager and waiting in ``gate_buffer`` for
+# its batch to be decided; it becomes ``scored`` with its decision.
+STUDY_STATES = ("open", "complete", "scoring", "batched", "scored", "unscoreable",
+                "out_of_scope", "error", "waiting_model")
 
 MIGRATIONS: tuple[str, ...] = (
     # 1: ingestion journal, instances with their preprocessed pixels, studies, results.
@@ -314,6 +316,23 @@ MIGRATIONS: tuple[str, ...] = (
         PRIMARY KEY (run_id, study_id)
     );
     CREATE INDEX forgetting_study ON forgetting(study_id);
+    """,
+    # 12: scored studies waiting for the `batch` budget manager's next batch (study state
+    # `batched`), written in the transaction that scores them and deleted in the one
+    # that stores their decisions: the model that scored them, their scores and batch
+    # embedding (float32), and the result's detail and decision columns as JSON.
+    """
+    CREATE TABLE gate_buffer (
+        id INTEGER PRIMARY KEY,
+        study_id INTEGER NOT NULL REFERENCES studies(id),
+        round INTEGER NOT NULL,
+        model_version TEXT NOT NULL,
+        scored_at REAL NOT NULL,
+        scores TEXT NOT NULL,
+        embedding BLOB,
+        result TEXT NOT NULL
+    );
+    CREATE UNIQUE INDEX gate_buffer_study ON gate_buffer(study_id, round);
     """,
 )
 

@@ -55,6 +55,9 @@ class Metrics:
     label_turnaround_seconds: Histogram
     gate_fallback: Counter
     gate_rescore_seconds: Histogram
+    gate_batch_pending: Gauge
+    gate_batch_wait_seconds: Histogram
+    gate_batches: Counter
     auth_failures: Counter
     serving_model_ok: Gauge
     dicom_associations: Counter
@@ -193,6 +196,26 @@ def build_metrics(registry: CollectorRegistry) -> Metrics:
             "Under gate.strategy auto: the probability that a study is ranked by each "
             "candidate strategy, from the labelled audits (absent under other strategies).",
             ["strategy"],
+            registry=registry,
+        ),
+        gate_batch_pending=Gauge(
+            "triage_gate_batch_pending",
+            "Under gate.budget_manager batch: scored studies waiting for their batch.",
+            registry=registry,
+        ),
+        gate_batch_wait_seconds=Histogram(
+            "triage_gate_batch_wait_seconds",
+            "Under gate.budget_manager batch: time from a study's scoring to its batch's "
+            "decision (the latency the batch adds).",
+            buckets=_WAIT,
+            registry=registry,
+        ),
+        gate_batches=Counter(
+            "triage_gate_batches",
+            "Under gate.budget_manager batch: batches decided, by what closed them "
+            "(size: gate.batch_size studies; age: the oldest waited gate.batch_seconds; "
+            "model: the serving model changed).",
+            ["trigger"],
             registry=registry,
         ),
         gate_rescore_seconds=Histogram(

@@ -83,6 +83,8 @@ class Strategy(ABC):
             unlabelled classifier in their head (`dal`): retraining then fits it.
         fallback_measure: Uncertainty measure that stands in for a missing predicted
             loss or embedding in `components_with_fallback`.
+        batch_embeddings: True for a strategy that gives each study a vector for the
+            `batch` budget manager's diverse batches (`batch_embedding`).
     """
 
     name: ClassVar[str]
@@ -91,6 +93,7 @@ class Strategy(ABC):
     fits_discriminator: ClassVar[bool] = False
     default_budget_manager: ClassVar[str] = "quantile"
     fallback_measure: str = "entropy"
+    batch_embeddings: ClassVar[bool] = False
 
     @classmethod
     @abstractmethod
@@ -137,6 +140,12 @@ class Strategy(ABC):
             stand_in = uncertainty_score(result, self.fallback_measure)
             return self.components(replace(result, predicted_loss=stand_in)), NO_LOSS_PREDICTOR
         return self.components(result), None
+
+    def batch_embedding(self, result: StudyResult) -> np.ndarray | None:
+        """The study's vector for the `batch` budget manager ([D], float32), or None
+        when the result lacks its input (then the batch ranks such studies by their
+        score alone). Only a strategy with `batch_embeddings` gives one."""
+        return None
 
     def missing_input(self, result: StudyResult) -> str | None:
         """The fallback reason when the result lacks what every component needs
