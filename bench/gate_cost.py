@@ -22,6 +22,10 @@ triage/model/quality.py); the density alone and the quality alone are reported b
 it. `full_gate_ratio` (the default path's full gate over one deterministic pass) and
 `ood_auroc` (the flag's score, per set and `all`) are the issue's two figures.
 `strategy_gate_ratio`: the same full gate under each strategy of `gate.strategy`.
+`batch`: under `gate.budget_manager: batch`, the cost of deciding a buffer of
+`gate.batch_size` scored dev val studies together (k-means++ over their BADGE gradient
+embeddings, `decide_batch` and the commits), per batch and per study, and of each
+study's gradient embedding; the scoring itself is `badge`'s.
 
     .venv/bin/python bench/gate_cost.py [--epochs N] [--repeats N] [--threads N] [--quick]
         [--out PATH]
@@ -50,7 +54,7 @@ from triage.replay.datasets import (  # noqa: E402
     labels_to_tensor,
     load_pneumoniamnist_dev,
 )
-from triage.gate import BudgetGate, GateSettings  # noqa: E402
+from triage.gate import BatchEntry, BudgetGate, GateSettings  # noqa: E402
 from triage.gate.strategies import STRATEGIES, midranks  # noqa: E402
 from triage.ingest.dicom import read_instance  # noqa: E402
 from triage.ingest.preprocess import preprocess  # noqa: E402
@@ -130,6 +134,37 @@ def time_strategies(net, lossnet, head, settings, images, repeats):
     own budget manager), with "deterministic"."""
     configs = {name: (settings, GateSettings(strategy=name)) for name in STRATEGIES}
     return time_gates(net, lossnet, head, configs, images, repeats)[0]
+
+
+def time_batch(net, lossnet, head, settings, images, repeats):
+    """Median milliseconds of deciding one `batch` buffer of dev val studies (decide_batch
+    and the commits, on a fresh gate each time) and of one study's gradient embedding."""
+    gate_settings = GateSettings(strategy="badge", budget_manager="batch")
+    size = gate_settings.batch_size
+    strategy = BudgetGate(gate_settings).strategy
+    results = [score_study(net, lossnet, images[i % len(images)][None], settings,
+                           epistemic=head, seed=i * 1009) for i in range(size)]
+    embed_s = []
+    for r in range(repeats):
+        t0 = time.perf_counter()
+        vector = strategy.batch_embedding(results[r % size])
+        embed_s.append(time.perf_counter() - t0)
+    entries = [BatchEntry(strategy.components(result), i, strategy.batch_embedding(result))
+               for i, result in enumerate(results)]
+    now = datetime(2024, 1, 1, tzinfo=UTC)
+    BudgetGate(gate_settings).decide_batch(entries, now)  # imports scikit-learn once
+    decide_s = []
+    for _ in range(max(10, repeats // 10)):
+        gate = BudgetGate(gate_settings)
+        t0 = time.perf_counter()
+        for decision in gate.decide_batch(entries, now):
+            gate.commit(decision)
+        decide_s.append(time.perf_counter() - t0)
+    batch_ms = statistics.median(decide_s) * 1e3
+    return {"batch_size": size, "embedding_dim": int(vector.shape[0]),
+            "decide_ms_per_batch": round(batch_ms, 3),
+            "decide_ms_per_study": round(batch_ms / size, 4),
+            "embedding_ms_per_study": round(statistics.median(embed_s) * 1e3, 4)}
 
 
 def dicom_frames(size):
@@ -323,6 +358,7 @@ def main(argv=None):
     estimator = {path: round((stages[path]["trunk"] + stages[path]["mc"]) / det, 3)
                  for path in PATHS}
     per_strategy = time_strategies(net, lossnet, head, settings, val_x, repeats)
+    batch = time_batch(net, lossnet, head, settings, val_x, repeats)
     torch.set_num_threads(training_threads)
     found = quality(net, lossnet, head, settings, val_x, val_y)
     full_gate_ratio = ratios[settings.mc_scope if settings.epistemic == "mc_dropout" else "laplace"]
@@ -363,6 +399,7 @@ def main(argv=None):
         "strategy_cost_ms": {k: round(v * 1e3, 4) for k, v in per_strategy.items()},
         "strategy_gate_ratio": {k: round(v / per_strategy["deterministic"], 3)
                                 for k, v in per_strategy.items() if k != "deterministic"},
+        "batch": batch,
         "ood_auroc": found["ood"]["auroc"]["ood"],
         "target_full_gate_ratio_le_1_5": full_gate_ratio <= 1.5,
         "target_ood_auroc_ge_0_95_every_set_and_all": min(

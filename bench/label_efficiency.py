@@ -115,6 +115,10 @@ ADDED_SETTINGS: dict[tuple[str, ...], Any] = {
     # 2026-12-04 (fourth session): read by `auto` only
     ("gate", "auto_strategies"): ["combined", "entropy", "alfa_mix", "badge", "emoc"],
     ("retrain", "unforgettable_weight"): 1.0,  # 2026-12-04 (fourth session)
+    # 2026-12-05 (sixth session): read by `gate.budget_manager: batch` only
+    ("gate", "batch_size"): 100,
+    ("gate", "batch_seconds"): 3600.0,
+    ("retrain", "nproc"): 1,  # 2026-12-05 (sixth session): one training process
 }
 
 

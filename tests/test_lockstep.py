@@ -87,6 +87,23 @@ def test_auto_learns_its_mix_from_the_audits_the_run_labels(data):
                          if r not in ("audit", "cold_start", "warmup", "coverage"))
 
 
+def test_badge_batches_decide_every_study_once_within_the_budget_and_the_wait(data):
+    loop = _run(data, 3, "badge+batch")
+    result, gate = loop.result, loop.settings.gate
+    assert gate.budget_manager == "batch" and not loop.batch  # the last batch was decided
+    assert loop.gate.sequence == 600  # every study decided, once
+    cold = sum(1 for r in loop.routed.values() if r == "cold_start")
+    assert result["batch"]["studies"] == len(loop.batch_waits) > 100
+    assert result["batch"]["batches"] >= result["batch"]["studies"] / gate.batch_size
+    assert 0 <= result["batch"]["wait_seconds_max"] <= gate.batch_seconds
+    reasons = set(loop.routed.values())
+    assert "batch" in reasons and not reasons & {"uncertainty", "badge", "warmup"}
+    assert cold > 0
+    share = len(loop.routed) / 600
+    assert 0.14 <= share <= 0.26, share
+    assert 0 < result["labels_positive_share"] < 1
+
+
 def test_drift_stream_holds_the_rarer_class_back():
     labels = torch.tensor([0] * 250 + [1] * 750)
     order = stream_order(labels, RunSpec("drift", 0.1, "random", 0))

@@ -131,7 +131,8 @@ def test_instances_stored_before_the_cache_are_read_once_then_served_from_it(
     # take the store back to schema 7 (instances without a copy of their header), then
     # let it migrate again, as a store written by the previous version is upgraded
     # (the columns of the later steps go too: 9 the files' origin, 10 the scope reason,
-    # 11 the forgetting table)
+    # 11 the forgetting table, 12 the gate's batch buffer)
+    home.db.execute("DROP TABLE gate_buffer")
     home.db.execute("DROP TABLE forgetting")
     home.db.execute("DROP INDEX files_origin")
     for table, column in [*(("instances", c) for c in CACHE_COLUMNS), ("files", "origin"),
@@ -140,7 +141,7 @@ def test_instances_stored_before_the_cache_are_read_once_then_served_from_it(
     home.db.execute("PRAGMA user_version = 7")
     home.db.close()
     home.db = store.connect(home.settings.database())
-    assert store.schema_version(home.db) == len(store.MIGRATIONS) == 11
+    assert store.schema_version(home.db) == len(store.MIGRATIONS) == 12
     assert home.db.execute("SELECT SUM(view_cached) FROM instances").fetchone()[0] == 0
     first = home.view()  # reads the three headers and keeps what it needs
     (logged,) = [r for r in caplog.records if r.getMessage() == "study_view_headers_cached"]

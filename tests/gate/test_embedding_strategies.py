@@ -78,6 +78,27 @@ def test_badge_is_the_norm_of_the_last_layers_gradient_under_the_predicted_label
     assert both == pytest.approx(max(one))
 
 
+def test_badge_embeds_a_study_by_that_gradient_for_the_batch_manager(space):
+    space, fc, _ = space
+    points = torch.randn(3, FEATURES, generator=torch.Generator().manual_seed(5)) * 2
+    badge = _strategy("badge")
+    grads = []
+    for point in points:
+        fc.zero_grad()
+        logits = fc(point[None])
+        torch.nn.functional.cross_entropy(logits, logits.argmax(1).detach()).backward()
+        grads.append(fc.weight.grad.flatten().numpy().copy())
+        vector = badge.batch_embedding(_result(_embedding(space, point.numpy())))
+        assert vector.dtype == np.float32 and vector.shape == (CLASSES * FEATURES,)
+        np.testing.assert_allclose(vector, grads[-1], rtol=1e-4, atol=1e-6)
+    # a study is the image whose gradient is largest, as its score
+    study = badge.batch_embedding(_result(_embedding(space, points.numpy())))
+    largest = int(np.argmax([np.linalg.norm(g) for g in grads]))
+    np.testing.assert_allclose(study, grads[largest], rtol=1e-4, atol=1e-6)
+    assert badge.batch_embedding(_result(None)) is None  # no head: the batch ranks by score
+    assert _strategy("emoc").batch_embedding(_result(_embedding(space, points[0]))) is None
+
+
 def test_emoc_is_the_expected_output_change_of_one_gradient_step(space):
     """One SGD step of the last layer on (x, y), y drawn from the model's own prediction:
     the root mean square over the training features of the L1 change of their logits,

@@ -26,6 +26,7 @@ from triage.gate import GateSettings
 from triage.gate.scorer import GateScorer
 from triage.gate.worker import ScoringWorker
 from triage.model.checkpoint import save_checkpoint
+from triage.model.epistemic import fit_epistemic
 from triage.model.inference import score_study
 from triage.model.lossnet import build_loss_predictor
 from triage.model.network import build_network
@@ -165,12 +166,21 @@ class Home:
                     [instance, image.shape[-1], to_storage(image[0])])
         return int(study_id)
 
-    def promote(self, seed: int, *, loss_predictor: bool = True) -> str:
-        """Save an untrained model built from ``seed``, add it and make it serve."""
+    def promote(self, seed: int, *, loss_predictor: bool = True, head: bool = False) -> str:
+        """Save an untrained model built from ``seed`` (with ``head``, an epistemic head
+        fitted on synthetic studies), add it and make it serve."""
         torch.manual_seed(seed)
         net = build_network(TINY)
         lossnet = build_loss_predictor(TINY) if loss_predictor else None
-        path = save_checkpoint(self.settings.home / f"m{seed}.pt", net, lossnet, TINY)
+        epistemic = None
+        if head:
+            rng = np.random.default_rng(seed)
+            images = torch.cat([synthetic_study(c % 4, rng)[:1] for c in range(40)])
+            labels = torch.arange(40) % 2
+            epistemic = fit_epistemic(net.eval(), images, labels, images[:10], labels[:10],
+                                      samples=3)
+        path = save_checkpoint(self.settings.home / f"m{seed}.pt", net, lossnet, TINY,
+                               epistemic=epistemic)
         version = self.models.add(path, source="test").version
         self.models.promote(version)
         return version
@@ -310,3 +320,110 @@ def test_cold_start_routes_at_the_label_rate_and_survives_a_restart(
     routed = sum(r["needs_label"] for r in straight)
     assert 0.1 * 120 <= routed <= 0.3 * 120  # the label rate, nowhere near the daily cap
     assert all(r["model_version"] is None and r["status"] != "error" for r in straight)
+
+
+def _states(home: Home, ids: list[int]) -> list[str]:
+    marks = ",".join("?" * len(ids))
+    return [row[0] for row in home.db.execute(
+        f"SELECT state FROM studies WHERE id IN ({marks}) ORDER BY id", ids).fetchall()]
+
+
+def test_batched_studies_wait_in_the_store_and_each_gets_one_decision_with_its_batch(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="triage")
+    batch = {"strategy": "badge", "budget_manager": "batch", "batch_size": 5,
+             "batch_seconds": 600, "label_rate": 0.4, "exploration_rate": 0.0}
+    home = Home(tmp_path, **batch)
+    version = home.promote(seed=1, head=True)
+    worker = ScoringWorker(home.db, home.scorer(), home.metrics, clock=lambda: home.now)
+    first = [home.add_study() for _ in range(4)]
+    for study_id in first:
+        assert worker.run_once() == study_id
+        home.now += 60
+    # scored, waiting: no result or decision yet, nothing routed
+    assert _states(home, first) == ["batched"] * 4
+    assert home.db.execute("SELECT COUNT(*) FROM decisions").fetchone()[0] == 0
+    assert home.db.execute("SELECT COUNT(*) FROM study_results").fetchone()[0] == 0
+    assert home.db.execute("SELECT COUNT(*) FROM gate_buffer").fetchone()[0] == 4
+    assert home.prometheus.get_sample_value("triage_gate_batch_pending") == 4.0
+
+    # a restart keeps the buffer; the fifth study fills the batch
+    restarted = home.scorer()
+    assert restarted.batch_pending == 4
+    worker = ScoringWorker(home.db, restarted, home.metrics, clock=lambda: home.now)
+    fifth = home.add_study()
+    assert worker.run_once() == fifth
+    ids = [*first, fifth]
+    rows = list(home.db.query(
+        "SELECT decisions.*, study_results.status, study_results.detail FROM decisions "
+        "JOIN study_results ON study_results.id = result_id ORDER BY decisions.id"))
+    assert [r["study_id"] for r in rows] == ids  # one decision each, in arrival order
+    assert [r["sequence"] for r in rows] == list(range(5))
+    assert sorted(r["reason"] for r in rows) == ["batch"] * 2 + ["not_selected"] * 3
+    assert all(r["model_version"] == version and r["strategy"] == "badge" for r in rows)
+    assert all(r["status"] == ("routed" if r["needs_label"] else "not_routed") for r in rows)
+    waits = [json.loads(r["detail"])["batch_wait_seconds"] for r in rows]
+    assert waits == [240.0, 180.0, 120.0, 60.0, 0.0]
+    routed = {r["study_id"] for r in rows if r["needs_label"]}
+    queued = {row[0] for row in home.db.execute("SELECT study_id FROM queue_items")}
+    assert queued == routed
+    assert _states(home, ids) == ["scored"] * 5
+    assert home.db.execute("SELECT COUNT(*) FROM gate_buffer").fetchone()[0] == 0
+    (decided,) = _events(caplog, "gate_batch_decided")
+    assert (decided.trigger, decided.studies, decided.routed) == ("size", 5, 2)
+    assert restarted.gate.sequence == 5 and restarted.gate.window_keys() == ids
+
+    # two studies wait; the oldest's `batch_seconds` pass with nothing new: decided
+    late = [home.add_study() for _ in range(2)]
+    for study_id in late:
+        assert worker.run_once() == study_id
+    home.now += 599
+    assert worker.run_once() is None and _states(home, late) == ["batched"] * 2
+    home.now += 1
+    assert worker.run_once() is None and _states(home, late) == ["scored"] * 2
+
+    # a promotion: the waiting studies are decided with the model that scored them
+    waiting = home.add_study()
+    assert worker.run_once() == waiting
+    reopened = home.add_study()
+    assert worker.run_once() == reopened
+    home.db.execute("UPDATE studies SET state = 'open' WHERE id = ?", [reopened])  # late file
+    new = home.promote(seed=2, head=True)
+    after = home.add_study()
+    assert worker.run_once() == after
+    by_study = {r["study_id"]: r for r in home.db.query("SELECT * FROM decisions")}
+    assert by_study[waiting]["model_version"] == by_study[reopened]["model_version"] == version
+    assert after not in by_study and _states(home, [waiting, reopened, after]) == [
+        "scored", "open", "batched"]  # the reopened study keeps its new round's state
+    for trigger, count in (("size", 1.0), ("age", 1.0), ("model", 1.0)):
+        assert home.prometheus.get_sample_value(
+            "triage_gate_batches_total", {"trigger": trigger}) == count
+    assert home.prometheus.get_sample_value("triage_gate_batch_wait_seconds_count") == 9.0
+    assert new != version
+
+
+def test_a_buffer_left_by_batching_is_scored_again_under_a_configuration_without_it(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="triage")
+    home = Home(tmp_path, strategy="badge", budget_manager="batch", batch_size=50)
+    home.promote(seed=1, head=True)
+    worker = ScoringWorker(home.db, home.scorer(), home.metrics, clock=lambda: home.now)
+    ids = [home.add_study() for _ in range(3)]
+    for study_id in ids:
+        assert worker.run_once() == study_id
+    assert _states(home, ids) == ["batched"] * 3
+    home.settings = home.settings.model_copy(
+        update={"gate": GateSettings(strategy="badge", daily_cap=10_000, window=20, warmup=5)})
+    scorer = home.scorer()
+    (requeued,) = _events(caplog, "gate_batch_requeued")
+    assert requeued.studies == 3 and requeued.levelno == logging.WARNING
+    assert _states(home, ids) == ["complete"] * 3 and scorer.batch_pending == 0
+    assert home.db.execute("SELECT COUNT(*) FROM gate_buffer").fetchone()[0] == 0
+    worker = ScoringWorker(home.db, scorer, home.metrics, clock=lambda: home.now)
+    assert [worker.run_once() for _ in ids] == ids  # oldest first, decided one by one
+    rows = list(home.db.query("SELECT study_id, reason FROM decisions ORDER BY id"))
+    assert [r["study_id"] for r in rows] == ids
+    # the per-study manager's warm-up: routed at random (`warmup`) or not (`not_sampled`)
+    assert {r["reason"] for r in rows} <= {"warmup", "not_sampled", "audit"}

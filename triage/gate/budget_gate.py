@@ -338,6 +338,9 @@ class BudgetGate:
             return self._decide_cold_start(
                 base, cap_open, cold_start, novelty, audit, "random" if coin else None
             )
+        if self.manager.buffered:
+            raise ValueError(f"budget manager {self.manager.name!r} decides scored studies "
+                             "together: use decide_batch")
         clean = self._check_scores(scores)
         quantiles = combined = threshold = expert = None
         window, routed = self._values[:, : self._filled], None

@@ -373,6 +373,7 @@ def explain(db: sqlite_utils.Database, study_id: int) -> dict[str, Any]:
         "random": "random routing at the label rate (baseline strategy)",
         "coverage": "unlike anything labeled so far (core-set coverage query)",
         "badge": "its label would move the model's last layer most (BADGE gradient norm)",
+        "batch": "picked for a batch of uncertain studies unlike each other (BADGE k-means++)",
         "emoc": "its label would change the model's outputs most (expected output change)",
         "alfa_mix": "a small mix toward a labeled class flips its prediction (ALFA-Mix)",
         "dal": "it looks least like the studies labeled so far (discriminative AL)",
