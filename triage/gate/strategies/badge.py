@@ -32,13 +32,20 @@ if TYPE_CHECKING:
     from triage.model.inference import StudyResult
 
 
-def gradient_embeddings(embedding: StudyEmbedding) -> np.ndarray:
-    """Each image's last-layer gradient embedding under its predicted label,
-    (p - e_yhat) (x) phi flattened, [K, C * F] (bias excluded, as in the paper)."""
+def _residuals(embedding: StudyEmbedding) -> np.ndarray:
+    """p - e_yhat of each image, [K, C]: the cross-entropy's gradient w.r.t. the logits
+    under the predicted label."""
     probs = embedding.probs()
     residual = probs.copy()
     residual[np.arange(len(probs)), probs.argmax(axis=1)] -= 1.0
-    return (residual[:, :, None] * embedding.features[:, None, :]).reshape(len(probs), -1)
+    return residual
+
+
+def gradient_embeddings(embedding: StudyEmbedding) -> np.ndarray:
+    """Each image's last-layer gradient embedding under its predicted label,
+    (p - e_yhat) (x) phi flattened, [K, C * F] (bias excluded, as in the paper)."""
+    residual = _residuals(embedding)
+    return (residual[:, :, None] * embedding.features[:, None, :]).reshape(len(residual), -1)
 
 
 class BadgeStrategy(EmbeddingStrategy):
@@ -48,10 +55,9 @@ class BadgeStrategy(EmbeddingStrategy):
     batch_embeddings: ClassVar[bool] = True
 
     def image_scores(self, embedding: StudyEmbedding) -> np.ndarray:
-        probs = embedding.probs()
-        residual = probs.copy()
-        residual[np.arange(len(probs)), probs.argmax(axis=1)] -= 1.0
-        return np.linalg.norm(residual, axis=1) * np.linalg.norm(embedding.features, axis=1)
+        # the norm of an outer product is the product of the norms
+        return (np.linalg.norm(_residuals(embedding), axis=1)
+                * np.linalg.norm(embedding.features, axis=1))
 
     def batch_embedding(self, result: StudyResult) -> np.ndarray | None:
         if result.embedding is None:
