@@ -1,5 +1,6 @@
 """Joint training of the classifier and the loss predictor, and evaluation metrics."""
 
+import contextlib
 import math
 import time
 from collections.abc import Callable
@@ -11,6 +12,7 @@ import torch.nn.functional as F
 
 from triage.model.lossnet import LossPredictor, ranking_loss
 from triage.model.network import TriageNet
+from triage.model.parallel import Shard
 from triage.model.settings import TrainSettings
 
 Augment = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
@@ -167,6 +169,20 @@ def _check_data(images: torch.Tensor, labels: torch.Tensor, name: str, num_class
         raise ValueError(f"{name}labels must lie in [0, {num_classes}), got values outside")
 
 
+def _gather_epoch(shard: Shard, sums: dict[str, float], seen: torch.Tensor, trained: list[int],
+                  order: torch.Tensor, batch_size: int, counter: ForgettingCounter
+                  ) -> dict[str, float]:  # fmt: skip
+    """One data-parallel epoch's loss sums over the processes (one all-reduce, also of
+    each presentation's outcome), and its presentations counted in one-process order."""
+    totals = shard.all_reduce(torch.cat([torch.tensor(list(sums.values()), dtype=torch.float64),
+                                         seen.double()]))
+    outcome = totals[len(sums):]
+    for first in trained:
+        index = order[first : first + batch_size]
+        counter.update(index, outcome[first : first + index.numel()] == 2.0)
+    return dict(zip(sums, totals[: len(sums)].tolist(), strict=True))
+
+
 Sampler = Callable[[int, torch.Generator], torch.Tensor]
 """Hook giving the training indices [N] of one epoch (epoch index, fit's generator)."""
 
@@ -251,6 +267,7 @@ def fit(
     sampler: Sampler | None = None,
     consistency: Consistency | None = None,
     on_epoch_end: Callable[[int, dict[str, float]], None] | None = None,
+    shard: Shard | None = None,
 ) -> History:
     """Train classifier and loss predictor jointly, in place, as one run.
 
@@ -264,6 +281,14 @@ def fit(
     input features are detached. Randomness (shuffling, dropout, `augment`, `sampler`,
     `consistency`) comes from `settings.seed`; the global torch RNG state is restored
     afterwards. Both modules are left in eval mode.
+
+    With `shard`, this is one process of a data-parallel run (`triage.model.parallel`):
+    every process draws the same sample, batches and augmentations, trains on its slice
+    of each batch of `batch_size` images (the global batch stays `batch_size`), and the
+    averaged gradient is the one-process gradient of the whole batch; records and
+    forgetting counts are summed over the processes, so they mean what they mean in
+    one process. Dropout masks are each process's own (seed + rank). Batches smaller
+    than the number of processes are skipped, like batches of one image in one process.
 
     Args:
         net: The classifier (initialised by the caller; weights are updated).
@@ -279,6 +304,8 @@ def fit(
         consistency: Optional FixMatch loss on unlabelled images (`Consistency`); its
             weak view is `augment`.
         on_epoch_end: Optional callback(epoch_index, record) after each epoch.
+        shard: This process's place in a data-parallel run (an initialised process
+            group; every process calls `fit` with the same arguments); None: one process.
 
     Returns:
         The per-epoch `History`.
@@ -293,6 +320,11 @@ def fit(
     if consistency is not None and consistency.images.shape[1:] != images.shape[1:]:
         raise ValueError(f"consistency images must be shaped like images, got "
                          f"{tuple(consistency.images.shape)}")
+    if shard is not None and consistency is not None:
+        raise ValueError("consistency is not supported in a data-parallel run")
+    if shard is not None and shard.world > settings.batch_size:
+        raise ValueError(f"{shard.world} processes need a batch_size of at least as many "
+                         f"images, got {settings.batch_size}")
     weight = class_weights(labels, net.num_classes) if settings.class_weighted else None
     params = [*net.parameters(), *loss_predictor.parameters()]
     optimiser = torch.optim.AdamW(
@@ -304,8 +336,10 @@ def fit(
     detach_from = int(np.ceil(settings.detach_after_fraction * epochs))
     history = History()
     counter = ForgettingCounter(images.shape[0])
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(settings.seed)
+    smallest = 2 if shard is None else max(2, shard.world)
+    with torch.random.fork_rng(devices=[]), contextlib.ExitStack() as stack:
+        model = None if shard is None else stack.enter_context(shard.wrap(net, loss_predictor))
+        torch.manual_seed(settings.seed if shard is None else settings.seed + shard.rank)
         generator = torch.Generator().manual_seed(settings.seed)
         for epoch in range(epochs):
             start = time.perf_counter()
@@ -320,28 +354,42 @@ def fit(
             if consistency is not None:
                 sums.update(consistency=0.0, masked=0.0)
             batches = 0
+            # sharded: where each batch trained begins, and 1 + correct at the positions
+            # this process trained (0 elsewhere), for the forgetting counts
+            trained: list[int] = []
+            seen = None if shard is None else torch.zeros(order.shape[0])
             for first in range(0, order.shape[0], settings.batch_size):
                 index = order[first : first + settings.batch_size]
-                if index.numel() < 2:
+                if index.numel() < smallest:
                     continue
                 x = images[index]
                 if augment is not None:
                     x = augment(x, generator)
-                logits, maps = net.forward_with_features(x)
-                per_sample = F.cross_entropy(logits, labels[index], weight=weight, reduction="none")
-                counter.update(index, logits.detach().argmax(dim=1) == labels[index])
-                ce = per_sample.mean()
-                if detach:
-                    maps = [m.detach() for m in maps]
-                rank = ranking_loss(loss_predictor(maps), per_sample, settings.ranking_margin)
-                loss = ce + settings.ranking_weight * rank
+                if shard is None:
+                    logits, maps = net.forward_with_features(x)
+                    per_sample = F.cross_entropy(logits, labels[index], weight=weight,
+                                                 reduction="none")
+                    counter.update(index, logits.detach().argmax(dim=1) == labels[index])
+                    ce = per_sample.mean()
+                    if detach:
+                        maps = [m.detach() for m in maps]
+                    rank = ranking_loss(loss_predictor(maps), per_sample,
+                                        settings.ranking_margin)
+                    loss = objective = ce + settings.ranking_weight * rank
+                else:
+                    objective, (loss, ce, rank), correct = shard.step(
+                        model, x, labels[index], weight, detach, settings.ranking_margin,
+                        settings.ranking_weight)
+                    trained.append(first)
+                    mine = slice(first + shard.rank, first + index.numel(), shard.world)
+                    seen[mine] = 1.0 + correct.float()
                 if consistency is not None:
                     term, share = consistency.loss(net, index.numel(), augment, generator)
-                    loss = loss + consistency.weight * term
+                    loss = objective = loss + consistency.weight * term
                     sums["consistency"] += float(term.detach())
                     sums["masked"] += share
                 optimiser.zero_grad(set_to_none=True)
-                loss.backward()
+                objective.backward()
                 optimiser.step()
                 if schedule is not None and schedule.last_epoch + 1 < getattr(
                         schedule, "total_steps", math.inf):
@@ -350,6 +398,9 @@ def fit(
                 sums["ce"] += float(ce.detach())
                 sums["rank"] += float(rank.detach())
                 batches += 1
+            if shard is not None:  # every process's shares and presentations, summed
+                sums = _gather_epoch(shard, sums, seen, trained, order, settings.batch_size,
+                                     counter)
             record = {k: v / max(batches, 1) for k, v in sums.items()}
             record["detached"] = float(detach)
             record["lr"] = float(optimiser.param_groups[0]["lr"])

@@ -16,6 +16,11 @@
    run's metrics (`coverage_picks`); the daemon's scoring thread only routes them.
 
 Any error leaves the serving model untouched; the worker marks the run `failed`.
+
+With `retrain.nproc` > 1 this runs in rank 0 of the worker's processes (`shard`): each
+training in 2b (and the refit) is shared with the other ranks (`train_candidate`,
+`triage.training.distributed`); everything else, evaluation and decision included, runs
+here alone on the plain modules, and the other ranks are let go once training is over.
 """
 
 from __future__ import annotations
@@ -41,9 +46,11 @@ from triage.model.epistemic import EpistemicHead, fit_epistemic, pooled_features
 from triage.model.inference import embed
 from triage.model.lossnet import LossPredictor, build_loss_predictor
 from triage.model.network import TriageNet, build_network
+from triage.model.parallel import Shard
 from triage.model.registry import ModelError, ModelRegistry, ModelVersion, promotion_decision
 from triage.store.db import transaction
 from triage.telemetry.logs import event
+from triage.training import distributed
 from triage.training.dataset import LabeledSet, load_split
 from triage.training.delong import paired_auroc_difference
 from triage.training.evaluate import image_logits, study_probabilities, validation_metrics
@@ -141,6 +148,7 @@ def train_and_judge(
     on_epoch: EpochCallback | None = None,
     unlabelled: torch.Tensor | None = None,
     unforgettable: Collection[int] = frozenset(),
+    shard: Shard | None = None,
 ) -> Judgement:
     """Train a candidate on `train` and judge it on `validation` against `references`.
 
@@ -158,12 +166,14 @@ def train_and_judge(
         unforgettable: Study ids learned and never forgotten in every earlier run that
             trained on them: with `retrain.unforgettable_weight` below 1 their images are
             drawn that much less often.
+        shard: Rank 0 of a run of several processes: the trainings are shared with the
+            other ranks (which run `triage.training.train.follow`); None: one process.
     """
     check_labels(train, validation, settings)
     retrain = settings.retrain
     champion = references[0][1] if references else None
     net, loss_predictor, outcome, coverage = _train(train, settings, champion, on_epoch,
-                                                    unforgettable)
+                                                    unforgettable, shard)
     point = fit_operating_point(image_logits(net, validation.images), validation.labels)
     epistemic = _epistemic(net, train, validation, settings)
     args = (validation.images, validation.groups, validation.study_labels)
@@ -188,7 +198,7 @@ def train_and_judge(
                        reference_version, promote, reason, coverage, epistemic,
                        forgetting=outcome.per_study(train))
     if promote and retrain.refit_on_all_labels:
-        judged = _refit(judged, train, validation, settings, champion, unforgettable)
+        judged = _refit(judged, train, validation, settings, champion, unforgettable, shard)
     if promote and unlabelled is not None:
         judged = _with_discriminator(judged, train.plus(validation), unlabelled)
     return judged
@@ -209,7 +219,8 @@ def _with_discriminator(judged: Judgement, labelled: LabeledSet,
 
 
 def _train(train: LabeledSet, settings: Settings, champion: Checkpoint | None,
-           on_epoch: EpochCallback | None = None, unforgettable: Collection[int] = ()
+           on_epoch: EpochCallback | None = None, unforgettable: Collection[int] = (),
+           shard: Shard | None = None,
            ) -> tuple[TriageNet, LossPredictor, TrainOutcome, dict[str, Any]]:  # fmt: skip
     """One training run on `train` (rebalanced with the champion's embeddings when
     `retrain.rebalance`; the `unforgettable` studies' images drawn
@@ -236,7 +247,7 @@ def _train(train: LabeledSet, settings: Settings, champion: Checkpoint | None,
         coverage["unforgettable_images"] = int((image_weights < 1).sum())
     net, loss_predictor = _initial_model(settings, champion)
     outcome = train_candidate(net, loss_predictor, train, settings.model, retrain, plan,
-                              on_epoch, image_weights)
+                              on_epoch, image_weights, shard)
     return net, loss_predictor, outcome, coverage
 
 
@@ -252,7 +263,8 @@ def _epistemic(net: TriageNet, train: LabeledSet, validation: LabeledSet,
 
 
 def _refit(judged: Judgement, train: LabeledSet, validation: LabeledSet, settings: Settings,
-           champion: Checkpoint | None, unforgettable: Collection[int] = ()) -> Judgement:
+           champion: Checkpoint | None, unforgettable: Collection[int] = (),
+           shard: Shard | None = None) -> Judgement:
     """The promoted candidate trained again, same recipe and seed, on every label.
 
     The operating point stays the candidate's (fitted on held-out labels). The refit's
@@ -263,7 +275,7 @@ def _refit(judged: Judgement, train: LabeledSet, validation: LabeledSet, setting
     started = time.monotonic()
     both = train.plus(validation)
     net, loss_predictor, outcome, _ = _train(both, settings, champion,
-                                             unforgettable=unforgettable)
+                                             unforgettable=unforgettable, shard=shard)
     refit = {"studies": both.num_studies, "seconds": round(time.monotonic() - started, 2)}
     event(log, "retrain_refit", **refit)
     return replace(judged, network=net, loss_predictor=loss_predictor, judge=judged.network,
@@ -271,8 +283,12 @@ def _refit(judged: Judgement, train: LabeledSet, validation: LabeledSet, setting
                    forgetting=outcome.per_study(both))
 
 
-def run_retrain(settings: Settings, db: sqlite_utils.Database, run_id: int) -> str:
+def run_retrain(settings: Settings, db: sqlite_utils.Database, run_id: int,
+                shard: Shard | None = None) -> str:
     """Run retrain `run_id` (a `running` row) to its final state; return that state.
+
+    With `shard` (rank 0 of several processes), the trainings are shared with the other
+    ranks, which are released as soon as the last one ended.
 
     Raises:
         TrainingFailed: Too few labels, no validation study, or a non-finite loss.
@@ -305,7 +321,8 @@ def run_retrain(settings: Settings, db: sqlite_utils.Database, run_id: int) -> s
     unforgettable = unforgettable_studies(db) if retrain.unforgettable_weight < 1 else set()
     update_progress(db, run_id, 0.045, "training")
     judged = train_and_judge(train, validation, settings, references, on_epoch, unlabelled,
-                             unforgettable)
+                             unforgettable, shard)
+    distributed.release(shard)  # no training follows: the other ranks may exit
     if judged.coverage.get("rebalanced"):
         event(log, "retrain_coverage", run_id=run_id, radius=round(judged.coverage["radius"], 4),
               cells=judged.coverage["cells"])

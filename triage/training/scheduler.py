@@ -6,12 +6,17 @@ Triggers: `labels` once `retrain.min_new_labels` class labels arrived since the 
 started, `schedule` once `retrain.every_hours` passed since then (with at least one new
 label; the first run needs `min_new_labels`), whichever comes first. Nothing is due while
 a run is `running`, and a run whose process died is marked failed first.
+
+With `retrain.nproc` > 1 the process started is torch's launcher running the worker in
+that many processes (`triage.training.distributed.launch_command`); the scheduler
+watches, signals and reaps the launcher as it does the worker otherwise.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import subprocess
 import sys
 import time
@@ -21,6 +26,7 @@ from typing import TYPE_CHECKING
 
 from triage.store import db as store
 from triage.telemetry.logs import event
+from triage.training.distributed import launch_command
 from triage.training.runs import (
     WORKER_MODULE,
     create_run,
@@ -163,7 +169,8 @@ class RetrainScheduler:
         return due_trigger(new, since, self._settings, quiet)
 
     def start(self, trigger: str, *, stderr: Path | None = None) -> int:
-        """Insert a `running` row and spawn the worker; return the run id at once.
+        """Insert a `running` row and spawn the worker (under torchrun with
+        `retrain.nproc` > 1); return the run id at once.
 
         Args:
             trigger: `labels`, `idle`, `schedule` or `manual`.
@@ -182,13 +189,20 @@ class RetrainScheduler:
             settings_file.write_text(json.dumps(self._settings.model_dump(mode="json")))
             out = stderr or self._settings.path("logs") / "retrain.log"
             out.parent.mkdir(parents=True, exist_ok=True)
-            command = [sys.executable, "-m", WORKER_MODULE, "--run-id", str(run_id),
-                       "--settings", str(settings_file)]
+            arguments = ["--run-id", str(run_id), "--settings", str(settings_file)]
+            nproc, environ = self._settings.retrain.nproc, None
+            if nproc > 1:
+                command = launch_command(nproc, WORKER_MODULE, arguments)
+                # each rank sets `retrain.threads` itself; this keeps torchrun from
+                # warning that it chose a thread count
+                environ = {**os.environ, "OMP_NUM_THREADS": str(self._settings.retrain.threads)}
+            else:
+                command = [sys.executable, "-m", WORKER_MODULE, *arguments]
             try:
                 with open(out, "ab") as sink:
                     proc = subprocess.Popen(
                         command, stdin=subprocess.DEVNULL, stdout=sink, stderr=sink,
-                        cwd=self._settings.home, start_new_session=True,
+                        cwd=self._settings.home, start_new_session=True, env=environ,
                     )
             except OSError as exc:
                 with store.transaction(db):

@@ -85,7 +85,17 @@ class RetrainSettings(BaseModel):
         pool_max: Most recent unlabelled scored studies considered by coverage queries.
         coverage_queries: After each promotion, route at most this many unlabelled studies
             farthest from every labelled one (reason `coverage`), within the daily cap.
-        threads: Torch threads of the training process (the daemon keeps the other cores).
+        threads: Torch threads of the training process (the daemon keeps the other cores);
+            of each process with `nproc` > 1.
+        nproc: Training processes (default 1). Above 1 the run starts under torchrun
+            (``python -m torch.distributed.run --standalone``) with DistributedDataParallel
+            (gloo on the CPU): every process draws the same batches of
+            `model.training.batch_size` images and trains on its share of each, with the
+            batch normalisation statistics of the whole batch, so a step is the
+            one-process step but for dropout masks; rank 0 alone evaluates, registers and
+            decides. Uses `nproc` x `threads` cores. Keep `model.training.batch_size` a
+            multiple of 2 x `nproc`: the loss-ranking pairs are then one process's. Measured
+            under Benchmarks.
         nice: Scheduling niceness added to the training process.
         poll_seconds: How often `triage retrain` in the foreground reads the run's progress.
     """
@@ -119,5 +129,6 @@ class RetrainSettings(BaseModel):
     pool_max: int = Field(5000, ge=1)
     coverage_queries: int = Field(10, ge=0, le=10_000)
     threads: int = Field(1, ge=1, le=256)
+    nproc: int = Field(1, ge=1, le=64)
     nice: int = Field(10, ge=0, le=19)
     poll_seconds: float = Field(0.5, gt=0, le=60)

@@ -11,6 +11,10 @@ Retraining from scratch is the default: a run then depends only on the labels, n
 the chain of earlier models. Measured on bench/label_efficiency.py (README, "Label
 efficiency"), warm-starting from the serving model (`retrain.warm_start`) was not
 distinguishable from it at 5 seeds.
+
+In a run of several processes (`retrain.nproc`, `triage.training.distributed`) rank 0
+sends each training's inputs to the other ranks as a `TrainJob` and all of them run the
+same `fit`, each on its share of every batch; `follow` is the other ranks' side.
 """
 
 from __future__ import annotations
@@ -26,8 +30,10 @@ import torch
 from triage.errors import TriageError
 from triage.model.lossnet import LossPredictor
 from triage.model.network import TriageNet
+from triage.model.parallel import Shard
 from triage.model.settings import ModelSettings
 from triage.model.training import fit, planned_epochs
+from triage.training import distributed
 from triage.training.augment import make_augment
 from triage.training.dataset import LabeledSet
 from triage.training.sampling import CoveragePlan, draw
@@ -76,6 +82,18 @@ class TrainOutcome:
         return {"epochs": self.epochs, "epochs_run": len(self.epochs), "steps": self.steps}
 
 
+@dataclass
+class TrainJob:
+    """What rank 0 sends the other ranks before each training: `train_candidate`'s
+    inputs (the modules as they start, so a warm start or a refit needs nothing else)."""
+
+    network: TriageNet
+    loss_predictor: LossPredictor
+    train: LabeledSet
+    plan: CoveragePlan | None
+    image_weights: np.ndarray | None
+
+
 def train_candidate(
     net: TriageNet,
     loss_predictor: LossPredictor,
@@ -85,6 +103,7 @@ def train_candidate(
     plan: CoveragePlan | None = None,
     on_epoch: EpochCallback | None = None,
     image_weights: np.ndarray | None = None,
+    shard: Shard | None = None,
 ) -> TrainOutcome:
     """Train `net` and `loss_predictor` in place on `train` (one run, last epoch kept).
 
@@ -99,6 +118,8 @@ def train_candidate(
         image_weights: Further sampling weights of `train`'s images [N] (the
             down-weighting of studies never forgotten in earlier runs), multiplied with
             the plan's; None: all 1.
+        shard: This process's place in a run of several processes; rank 0 first sends
+            the other ranks this call's inputs (`follow` receives them). None: one process.
 
     Raises:
         TrainingFailed: Fewer than 2 images, or the training loss was not finite.
@@ -111,6 +132,8 @@ def train_candidate(
         raise ValueError("plan.weights must have one weight per training image")
     if image_weights is not None and image_weights.shape != (n,):
         raise ValueError("image_weights must have one weight per training image")
+    if shard is not None and shard.leader:
+        distributed.send(shard, TrainJob(net, loss_predictor, train, plan, image_weights))
     planned = planned_epochs(n, settings)
     sampler = None
     weights = None if plan is None else plan.weights
@@ -132,7 +155,21 @@ def train_candidate(
 
     history = fit(net, loss_predictor, train.images, train.labels, settings,
                   augment=make_augment(retrain, model.input_size), sampler=sampler,
-                  on_epoch_end=on_epoch_end)
+                  on_epoch_end=on_epoch_end, shard=shard)
     outcome.forgetting, outcome.learned = history.forgetting, history.learned
     outcome.steps = planned * math.ceil(n / settings.batch_size)
     return outcome
+
+
+def follow(shard: Shard, model: ModelSettings, retrain: RetrainSettings) -> int:
+    """A rank other than 0: train each job rank 0 sends, until it sends None.
+
+    Returns:
+        The number of trainings taken part in.
+    """
+    jobs = 0
+    while (job := distributed.receive(shard)) is not None:
+        train_candidate(job.network, job.loss_predictor, job.train, model, retrain, job.plan,
+                        image_weights=job.image_weights, shard=shard)
+        jobs += 1
+    return jobs

@@ -8,6 +8,12 @@ work too. The process lowers its priority, uses `retrain.threads` torch threads,
 JSON lines to stderr (the scheduler sends them to ``<logs>/retrain.log``) and ends the
 run row: `promoted`, `rejected`, `succeeded`, or `failed` with the reason (also on
 SIGTERM). Exit status 0 unless the run failed (1) or the arguments were bad (2).
+
+With `retrain.nproc` > 1 the scheduler starts it under torchrun
+(`triage.training.distributed`), once per rank. Rank 0 is the process above (its row's
+pid is the launcher's, which forwards SIGTERM to every rank); the other ranks never open
+the store: they train their share of each batch rank 0 sends them and exit 0, or 1 when
+the group broke (rank 0 records why the run failed).
 """
 
 from __future__ import annotations
@@ -30,8 +36,12 @@ class Cancelled(BaseException):
     """SIGTERM arrived: stop training, record the run as failed."""
 
 
+_ending = False  # the run's end is being recorded: a later SIGTERM must not interrupt it
+
+
 def _on_sigterm(signum: int, frame: FrameType | None) -> None:
-    raise Cancelled()
+    if not _ending:
+        raise Cancelled()
 
 
 def _settings(args: argparse.Namespace):
@@ -55,6 +65,7 @@ def _failure_message(exc: BaseException) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    global _ending
     parser = argparse.ArgumentParser(prog="python -m triage.training.worker")
     parser.add_argument("--run-id", type=int, required=True, help="the running retrain_runs row")
     parser.add_argument("--settings", type=Path, default=None, help="settings JSON file")
@@ -72,29 +83,40 @@ def main(argv: list[str] | None = None) -> int:
     handler.setFormatter(JsonFormatter())
     logging.getLogger().addHandler(handler)
     logging.getLogger("triage").setLevel(settings.log.level)
+    _ending = False
     signal.signal(signal.SIGTERM, _on_sigterm)
 
     import torch
     from monai.data import set_track_meta
 
     from triage.store import db as store
+    from triage.training import distributed
     from triage.training.pipeline import run_retrain
     from triage.training.runs import finish_run, set_pid
 
+    world = distributed.launched_world()
+    if world > 1:
+        distributed.die_with_launcher()
     os.nice(settings.retrain.nice)
     torch.set_num_threads(settings.retrain.threads)
     set_track_meta(False)
+    if world > 1 and int(os.environ["RANK"]) > 0:
+        return _follow(settings)
+    shard = None
     db = store.connect(settings.database())
     try:
         row = db.execute("SELECT state FROM retrain_runs WHERE id = ?", [args.run_id]).fetchone()
         if row is None or row[0] != "running":
             print(f"retrain run {args.run_id} is not running", file=sys.stderr)
             return 2
-        set_pid(db, args.run_id, os.getpid())
-        event(log, "retrain_started", run_id=args.run_id, pid=os.getpid())
+        pid = os.getppid() if world > 1 else os.getpid()  # under torchrun: the launcher
+        set_pid(db, args.run_id, pid)
+        event(log, "retrain_started", run_id=args.run_id, pid=pid, processes=world)
         try:
-            state = run_retrain(settings, db, args.run_id)
+            shard = distributed.join()
+            state = run_retrain(settings, db, args.run_id, shard)
         except (Exception, Cancelled) as exc:
+            _ending = True  # first: a SIGTERM arriving now must not skip the record
             message = "cancelled" if isinstance(exc, Cancelled) else _failure_message(exc)
             if db.conn.in_transaction:
                 db.execute("ROLLBACK")
@@ -106,8 +128,31 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     finally:
         db.close()
+        distributed.leave(shard)
         if args.settings is not None:
             args.settings.unlink(missing_ok=True)
+
+
+def _follow(settings) -> int:
+    """A rank other than 0 under torchrun: train what rank 0 sends; 0 once it released
+    this rank, 1 when the group broke or SIGTERM came (rank 0 records the run)."""
+    from triage.telemetry.logs import event
+    from triage.training import distributed
+    from triage.training.train import follow
+
+    rank = int(os.environ["RANK"])
+    shard = None
+    try:
+        shard = distributed.join()
+        jobs = follow(shard, settings.model, settings.retrain)
+    except (Exception, Cancelled) as exc:
+        reason = "cancelled" if isinstance(exc, Cancelled) else _failure_message(exc)
+        event(log, "retrain_rank_stopped", logging.WARNING, rank=rank, reason=reason)
+        return 1
+    finally:
+        distributed.leave(shard)
+    event(log, "retrain_rank_finished", logging.DEBUG, rank=rank, trainings=jobs)
+    return 0
 
 
 if __name__ == "__main__":
