@@ -194,6 +194,18 @@ ROWS: list[tuple[str, list[dict[str, Any]]]] = [
                            "no_discriminator: dal before a model promoted under it."),
         series("Window rescore time (new serving model)",
                quantiles("triage_gate_rescore_seconds", window="1h"), unit="s"),
+        series("batch: studies waiting for their batch",
+               [q(f"triage_gate_batch_pending{{{JOB}}}", "waiting"),
+                q(f"sum by (trigger) (increase(triage_gate_batches_total{{{JOB}}}[1h]))",
+                  "batches/h {{trigger}}")],
+               description="Under gate.budget_manager batch: scored studies waiting for "
+                           "the batch's decision (state batched), and batches decided in "
+                           "the last hour by what closed them (size, age, model). Empty "
+                           "under any other budget manager."),
+        series("batch: wait from scoring to decision",
+               quantiles("triage_gate_batch_wait_seconds", window="1h"), unit="s",
+               description="The latency the batch adds to a study's routing (at most "
+                           "gate.batch_seconds, unless the scorer was stopped)."),
         series("auto: mix of candidate strategies",
                [q(f"triage_gate_auto_mix{{{JOB}}}", "{{strategy}}")],
                unit="percentunit", defaults={"min": 0, "max": 1},

@@ -326,5 +326,7 @@ def build_metrics(registry: CollectorRegistry) -> Metrics:
         metrics.auth_failures.labels(reason)
     for reason in ("no_loss_predictor", "no_epistemic_head", "no_discriminator"):
         metrics.gate_fallback.labels(reason)
+    for trigger in ("size", "age", "model"):  # the gate's batches (`budget_manager: batch`)
+        metrics.gate_batches.labels(trigger)
     return metrics
 
