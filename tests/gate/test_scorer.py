@@ -21,6 +21,7 @@ from conftest import (
 from prometheus_client import CollectorRegistry
 from test_coldstart import synthetic_study
 
+from triage.api.ops_status import build_summary
 from triage.config import Settings, load_settings
 from triage.gate import GateSettings
 from triage.gate.scorer import GateScorer
@@ -347,6 +348,10 @@ def test_batched_studies_wait_in_the_store_and_each_gets_one_decision_with_its_b
     assert home.db.execute("SELECT COUNT(*) FROM study_results").fetchone()[0] == 0
     assert home.db.execute("SELECT COUNT(*) FROM gate_buffer").fetchone()[0] == 4
     assert home.prometheus.get_sample_value("triage_gate_batch_pending") == 4.0
+    gate = build_summary(home.db, home.settings, {}, home.now)["gate"]  # /api/ops/summary
+    assert gate["budget_manager"] == "batch"
+    assert gate["batch"] == {"waiting": 4, "oldest_wait_seconds": 240.0}
+    assert gate["strategy"] == "badge" and gate["auto_mix"] is None
 
     # a restart keeps the buffer; the fifth study fills the batch
     restarted = home.scorer()
@@ -370,6 +375,8 @@ def test_batched_studies_wait_in_the_store_and_each_gets_one_decision_with_its_b
     assert queued == routed
     assert _states(home, ids) == ["scored"] * 5
     assert home.db.execute("SELECT COUNT(*) FROM gate_buffer").fetchone()[0] == 0
+    assert build_summary(home.db, home.settings, {}, home.now)["gate"]["batch"] == {
+        "waiting": 0, "oldest_wait_seconds": None}
     (decided,) = _events(caplog, "gate_batch_decided")
     assert (decided.trigger, decided.studies, decided.routed) == ("size", 5, 2)
     assert restarted.gate.sequence == 5 and restarted.gate.window_keys() == ids

@@ -21,7 +21,7 @@ from prometheus_client.metrics import MetricWrapperBase
 
 from triage.api.deps import DbDep, SettingsDep, require
 from triage.config import Settings
-from triage.gate.queries import auto_mix
+from triage.gate.queries import auto_mix, batch_waiting
 from triage.ops.summary import audit_accuracy, quarantined_by_reason, served_model
 from triage.review.auth import Principal
 from triage.store.db import FINAL_FILE_STATES, STUDY_STATES, count_by
@@ -108,9 +108,13 @@ def build_summary(db: sqlite_utils.Database, settings: Settings,
             "threshold": live.get("threshold"),
             "daily_cap": settings.gate.daily_cap,
             "strategy": settings.gate.strategy,
+            "budget_manager": settings.gate.manager,
             # under `auto`: each candidate's share of the studies it ranks, from the
             # labelled audits (None under another strategy)
             "auto_mix": auto_mix(db, settings),
+            # under `budget_manager: batch`: scored studies waiting for their batch's
+            # decision and the oldest one's wait (0 and None otherwise)
+            "batch": batch_waiting(db, now),
         },
         "decisions_24h": {
             "total": int(total_24h), "routed": int(routed_24h),

@@ -9,6 +9,7 @@
 * :func:`audit_outcomes` and :func:`auto_mix`: what the labelled audits tell `auto`'s
   candidates, and the mix it draws them from (the scorer, the status page and the
   metric read the same function).
+* :func:`batch_waiting`: the studies waiting in `gate.budget_manager: batch`'s buffer.
 """
 
 from __future__ import annotations
@@ -105,6 +106,14 @@ def auto_mix(db: sqlite_utils.Database, settings: Settings) -> dict[str, float] 
     if not isinstance(strategy, AutoStrategy):
         return None
     return strategy.mix(audit_outcomes(db, settings.model.labels))
+
+
+def batch_waiting(db: sqlite_utils.Database, now: float) -> dict[str, float | int | None]:
+    """Scored studies waiting for their batch (`gate_buffer`) and how long the oldest has
+    waited at `now` (None when none waits)."""
+    count, oldest = db.execute("SELECT COUNT(*), MIN(scored_at) FROM gate_buffer").fetchone()
+    return {"waiting": int(count),
+            "oldest_wait_seconds": None if oldest is None else max(0.0, now - float(oldest))}
 
 
 def unlabelled_pool(db: sqlite_utils.Database, settings: Settings) -> list[int]:
