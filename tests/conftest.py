@@ -95,6 +95,7 @@ SLOWEST_FILES = (
     "tests/test_studies.py",  # 28
     "tests/training/test_pipeline.py",  # 28
     "tests/gate/test_scorer.py",  # 25
+    "tests/training/test_torchrun_retrain.py",  # 25: three two-process runs
     "tests/test_review_web.py",  # 24
     "tests/test_review_api.py",  # 23 on PostgreSQL
 )
