@@ -380,6 +380,19 @@ class BudgetGate:
             quantiles=quantiles, combined=combined, threshold=threshold, expert=expert,
         )  # fmt: skip
 
+    def batch_due(self, waiting: int, oldest: float | None, now: float) -> str | None:
+        """Why a buffered manager's batch is to be decided at `now` (Unix seconds), or
+        None: `size` when `waiting` studies reach `batch_size`, `age` when the oldest,
+        scored at `oldest`, has waited `batch_seconds` (or was scored at a time the
+        clock has not reached again: it stepped back)."""
+        if not waiting or oldest is None:
+            return None
+        if waiting >= self.settings.batch_size:
+            return "size"
+        if not oldest <= now < oldest + self.settings.batch_seconds:
+            return "age"
+        return None
+
     def decide_batch(self, entries: Sequence[BatchEntry], now: datetime) -> list[Decision]:
         """Decide for a buffered manager's batch together, without changing the gate.
 

@@ -209,7 +209,8 @@ class GateScorer:
             ModelUnavailable: Models were promoted but none loads (the study waits).
         """
         checkpoint, version = self._serving_model()
-        now = datetime.fromtimestamp(self._clock(), tz=UTC)
+        clock = self._clock()
+        now = datetime.fromtimestamp(clock, tz=UTC)
         if checkpoint is None or version is None:
             return self._score_cold_start(study, now)
         if self._buffer and self._buffer[0].version != version:
@@ -226,7 +227,7 @@ class GateScorer:
         detail = {"predicted": self._settings.model.labels[result.predicted_index],
                   "ood_flag": ood_flag}
         if self._gate.manager.buffered:  # decided with its batch (`flush_due`)
-            entry = _Buffered(study.study_id, study.round, version, self._clock(), scores,
+            entry = _Buffered(study.study_id, study.round, version, clock, scores,
                               self._gate.strategy.batch_embedding(result), detail, columns)
             return ScoreResult("batched", version, detail, pending=entry,
                                buffer_row=entry.row())
@@ -272,18 +273,13 @@ class GateScorer:
         return len(self._buffer)
 
     def flush_due(self) -> int:
-        """Decide the waiting batch when it is full (`gate.batch_size`) or its oldest study
-        has waited `gate.batch_seconds` (or was scored at a time the clock has not reached
-        again: it stepped back); returns how many studies were decided."""
+        """Decide the waiting batch when it is due (`BudgetGate.batch_due`: full, or its
+        oldest study waited `gate.batch_seconds`); returns how many studies were decided."""
         if not self._buffer:
             return 0
-        gate = self._settings.gate
-        if len(self._buffer) >= gate.batch_size:
-            return self._flush("size")
-        oldest, now = self._buffer[0].scored_at, self._clock()
-        if not oldest <= now < oldest + gate.batch_seconds:
-            return self._flush("age")
-        return 0
+        trigger = self._gate.batch_due(len(self._buffer), self._buffer[0].scored_at,
+                                       self._clock())
+        return self._flush(trigger) if trigger is not None else 0
 
     def _flush(self, trigger: str) -> int:
         """Decide every buffered study together and store each result and decision (one
@@ -332,14 +328,18 @@ class GateScorer:
             "FROM gate_buffer ORDER BY id"
         ).fetchall()
         buffered = self._gate.manager.buffered
-        with transaction(self._db):
-            if not buffered:
-                self._db.execute("DELETE FROM gate_buffer")
-            requeued = self._db.execute(
-                "UPDATE studies SET state = 'complete' WHERE state = 'batched' AND NOT EXISTS "
-                "(SELECT 1 FROM gate_buffer b WHERE b.study_id = studies.id "
-                "AND b.round = studies.round)"
-            ).rowcount
+        requeued = 0
+        if (rows and not buffered) or self._db.execute(
+            "SELECT 1 FROM studies WHERE state = 'batched' LIMIT 1"
+        ).fetchone() is not None:  # the usual case, nothing batched: no write lock taken
+            with transaction(self._db):
+                if not buffered:
+                    self._db.execute("DELETE FROM gate_buffer")
+                requeued = self._db.execute(
+                    "UPDATE studies SET state = 'complete' WHERE state = 'batched' AND NOT "
+                    "EXISTS (SELECT 1 FROM gate_buffer b WHERE b.study_id = studies.id "
+                    "AND b.round = studies.round)"
+                ).rowcount
         if requeued:
             event(log, "gate_batch_requeued", logging.WARNING, studies=requeued,
                   manager=self._gate.manager.name)

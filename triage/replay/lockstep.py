@@ -299,8 +299,7 @@ class Lockstep:
             if i == n - TAIL_STUDIES:
                 self.returned_by_tail = self.labelled.total
             self._maybe_retrain(i, now)
-            if self.batch and now - self.batch[0][1] >= self.settings.gate.batch_seconds:
-                self._flush_batch(now)
+            self._flush_due(now)
             self._decide(i, now)
         if self.batch:  # the stream goes quiet: the last batch ages out
             self._flush_batch(self.batch[0][1] + self.settings.gate.batch_seconds)
@@ -334,8 +333,8 @@ class Lockstep:
         )
         # as the daemon's scorer: the uncertainty stands in for what the model lacks
         strategy = self.gate.strategy
-        return (strategy.components_with_fallback(result)[0], list(result.probs),
-                strategy.batch_embedding(result))
+        embedding = strategy.batch_embedding(result) if self.gate.manager.buffered else None
+        return strategy.components_with_fallback(result)[0], list(result.probs), embedding
 
     def _decide(self, i: int, now: float) -> None:
         when = datetime.fromtimestamp(now, UTC)
@@ -357,8 +356,7 @@ class Lockstep:
                 scores, _, embedding = self._score_full(i, checkpoint)
                 self.batch.append((i, now, BatchEntry(scores, i, embedding)))
                 self.batch_version = version
-                if len(self.batch) >= self.settings.gate.batch_size:
-                    self._flush_batch(now)
+                self._flush_due(now)  # the batch may be full now
                 return
             scores, probs = self._score_result(i, checkpoint)
             decision = self.gate.decide(scores, when, key=i)
@@ -372,6 +370,12 @@ class Lockstep:
             self._route(i, decision.reason)
         elif checkpoint is not None:
             self.scored_unrouted.append(i)
+
+    def _flush_due(self, now: float) -> None:
+        """Decide the waiting batch when it is due (`BudgetGate.batch_due`), as the
+        daemon's scorer does before each study and after each buffered one."""
+        if self.batch and self.gate.batch_due(len(self.batch), self.batch[0][1], now):
+            self._flush_batch(now)
 
     def _flush_batch(self, now: float) -> None:
         """Decide the waiting batch at `now` (`BudgetGate.decide_batch`)."""
