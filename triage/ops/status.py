@@ -65,11 +65,11 @@ def collect_status(settings: Settings) -> dict[str, Any]:
 def format_status(status: dict[str, Any]) -> str:
     """Human-readable rendering of :func:`collect_status`."""
     lines = [f"home: {status['home']}", f"inbox waiting: {status['inbox_waiting']}", "files:"]
-    lines += [f"  {state:<12} {count}" for state, count in status["files"].items()]
+    lines += [f"  {state:<13} {count}" for state, count in status["files"].items()]
     lines.append("studies:")
-    lines += [f"  {state:<12} {count}" for state, count in status["studies"].items()]
+    lines += [f"  {state:<13} {count}" for state, count in status["studies"].items()]
     lines.append("review queue:")
-    lines += [f"  {state:<12} {count}" for state, count in status["queue"].items()]
+    lines += [f"  {state:<13} {count}" for state, count in status["queue"].items()]
     retrain = status["retrain"]
     if retrain:
         run = retrain.get("run")
