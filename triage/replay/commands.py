@@ -104,18 +104,25 @@ def override_env(options: ReplayOptions) -> dict[str, str]:
     return env
 
 
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
 class SpawnedDaemon:
-    """``triage serve`` on its own state directory and a free port."""
+    """``triage serve`` on its own state directory, its HTTP server and DICOM node on
+    free ports (unless ``--set dicom.port=...``), so it runs beside a daemon already
+    serving the configuration's ports."""
 
     def __init__(self, home: Path, config: Path | None, overrides: dict[str, str]) -> None:
         self.home = home
         self.config = config
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            self.port = int(sock.getsockname()[1])
+        self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         base = {k: v for k, v in os.environ.items() if not k.startswith("TRIAGE__")}
-        self.env = {**base, "TRIAGE_HOME": str(home), **overrides}
+        self.env = {**base, "TRIAGE_HOME": str(home), "TRIAGE__DICOM__PORT": str(_free_port()),
+                    **overrides}
         self.proc: subprocess.Popen[bytes] | None = None
         self.log = home / "daemon.stderr.log"
 
