@@ -26,13 +26,15 @@ def setup(tmp_path: Path):
     db.close()
 
 
-def _journal(db, rel: str, data: bytes, state: str, **extra) -> int:
+def _journal(settings, db, rel: str, data: bytes, state: str, **extra) -> int:
+    """A journal row as the daemon of this home writes it (its replica's)."""
     sha = hashlib.sha256(data).hexdigest()
+    replica = settings.replica_name()
     with store.transaction(db):
         cursor = db.execute(
-            "INSERT INTO files (inbox_path, sha256, size, state, received_at) "
-            "VALUES (?, ?, ?, ?, 0)",
-            [rel, sha, len(data), state],
+            "INSERT INTO files (inbox_path, sha256, size, state, received_at, replica) "
+            "VALUES (?, ?, ?, ?, 0, ?)",
+            [rel, sha, len(data), state, replica],
         )
         for key, value in extra.items():
             db.execute(f"UPDATE files SET {key} = ? WHERE id = ?", [value, cursor.lastrowid])
@@ -46,12 +48,12 @@ def _states(db) -> list[tuple]:
 def test_crash_while_reading_is_retried_then_quarantined(setup) -> None:
     settings, db, ingestor = setup
     path = make_image(settings.path("inbox") / "a.dcm", seed=1)
-    _journal(db, "a.dcm", path.read_bytes(), "reading")
+    _journal(settings, db, "a.dcm", path.read_bytes(), "reading")
     assert ingestor.recover() == 1
     assert _states(db) == [("archived", None)]
 
     path = make_image(settings.path("inbox") / "b.dcm", seed=2)
-    _journal(db, "b.dcm", path.read_bytes(), "reading", attempts=settings.ingest.max_read_attempts)
+    _journal(settings, db, "b.dcm", path.read_bytes(), "reading", attempts=settings.ingest.max_read_attempts)
     ingestor.recover()
     assert _states(db)[-1] == ("quarantined", "reader_crashed")
     assert not path.exists()
@@ -63,7 +65,7 @@ def test_crash_after_move_before_commit_finishes_without_duplicating(setup) -> N
     data = path.read_bytes()
     sha = hashlib.sha256(data).hexdigest()
     stored = f"archive/{sha[:2]}/{sha[2:4]}/{sha}.dcm"
-    _journal(db, "c.dcm", data, "moving", target_state="archived", stored_path=stored)
+    _journal(settings, db, "c.dcm", data, "moving", target_state="archived", stored_path=stored)
     (settings.home / stored).parent.mkdir(parents=True)
     shutil.move(path, settings.home / stored)
     ingestor.recover()
@@ -83,7 +85,7 @@ def test_crash_before_move_moves_and_commits(setup) -> None:
     data = path.read_bytes()
     sha = hashlib.sha256(data).hexdigest()
     stored = f"archive/{sha[:2]}/{sha[2:4]}/{sha}.dcm"
-    _journal(db, "d.dcm", data, "moving", target_state="archived", stored_path=stored)
+    _journal(settings, db, "d.dcm", data, "moving", target_state="archived", stored_path=stored)
     ingestor.recover()
     assert _states(db) == [("archived", None)]
     assert (settings.home / stored).exists() and not path.exists()
@@ -94,7 +96,7 @@ def test_crash_during_quarantine_and_duplicate_removal(setup) -> None:
     junk = settings.path("inbox") / "junk.dcm"
     junk.write_text("not dicom")
     _journal(
-        db,
+        settings, db,
         "junk.dcm",
         junk.read_bytes(),
         "moving",
@@ -109,7 +111,7 @@ def test_crash_during_quarantine_and_duplicate_removal(setup) -> None:
         settings.home / db.execute("SELECT path FROM instances").fetchone()[0]
     ).read_bytes()
     # the duplicate was already deleted when the process died
-    _journal(db, "e-copy.dcm", copy_bytes, "moving", target_state="duplicate")
+    _journal(settings, db, "e-copy.dcm", copy_bytes, "moving", target_state="duplicate")
     ingestor.recover()
     assert _states(db) == [("quarantined", "not_dicom"), ("archived", None), ("duplicate", None)]
     assert (settings.home / "quarantine" / "1-not_dicom.dcm").exists()
@@ -118,7 +120,7 @@ def test_crash_during_quarantine_and_duplicate_removal(setup) -> None:
 
 def test_file_gone_while_down_is_recorded_as_vanished(setup) -> None:
     settings, db, ingestor = setup
-    _journal(db, "never-here.dcm", b"x", "reading")
+    _journal(settings, db, "never-here.dcm", b"x", "reading")
     ingestor.recover()
     assert _states(db) == [("vanished", None)]
 

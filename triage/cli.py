@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import signal
 import sys
 from pathlib import Path
@@ -43,6 +44,11 @@ def _parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", parents=[common], help="run the daemon and its HTTP server")
     serve.add_argument("--host", default=None, help="bind address (default: server.host)")
     serve.add_argument("--port", type=int, default=None, help="port (default: server.port)")
+    serve.add_argument(
+        "--roles", default=None,
+        help="comma-separated loops to run: receiver, ingest, score, review, retrain "
+        "(default: replica.roles, all of them)",
+    )
     status = sub.add_parser("status", parents=[common], help="counts of files and studies")
     status.add_argument("--json", action="store_true", help="print JSON")
     models = sub.add_parser("models", help="the model registry (admins)")
@@ -92,8 +98,12 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    environ = None
+    if getattr(args, "roles", None) is not None:  # `serve --roles`, as replica.roles
+        roles = [role.strip() for role in args.roles.split(",") if role.strip()]
+        environ = {**os.environ, "TRIAGE__REPLICA__ROLES": json.dumps(roles)}
     try:
-        settings = load_settings(args.config, home=args.home)
+        settings = load_settings(args.config, home=args.home, environ=environ)
     except ConfigError as exc:
         print(exc, file=sys.stderr)
         return EXIT_CONFIG

@@ -32,7 +32,8 @@ from triage.gate.settings import GateSettings
 from triage.ingest.settings import DicomSettings, IngestSettings, ScopeSettings
 from triage.model.settings import ModelSettings
 from triage.review.settings import ReviewSettings
-from triage.store.settings import StoreSettings, StudySettings
+from triage.store.replicas import default_name
+from triage.store.settings import ReplicaSettings, StoreSettings, StudySettings
 from triage.telemetry.settings import LogSettings
 from triage.training.settings import RetrainSettings
 
@@ -96,6 +97,7 @@ class Settings(_Section):
     model: ModelSettings = ModelSettings()
     gate: GateSettings = GateSettings()
     retrain: RetrainSettings = RetrainSettings()
+    replica: ReplicaSettings = ReplicaSettings()
 
     def path(self, name: str) -> Path:
         """Absolute path of a ``paths`` entry, resolved against ``home``."""
@@ -105,6 +107,11 @@ class Settings(_Section):
         """The store to open: ``store.url`` when set, else the SQLite file
         ``paths.database``."""
         return self.store.url or self.path("database")
+
+    def replica_name(self) -> str:
+        """This daemon's name among replicas: `replica.name`, or the host name and a
+        digest of the home directory."""
+        return self.replica.name or default_name(self.home)
 
 
 def load_settings(

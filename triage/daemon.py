@@ -8,10 +8,18 @@
 * scoring thread: hands completed studies to the scorer one at a time, and after each
   promoted retrain routes the core-set coverage queries;
 * retrain thread: starts a training subprocess when enough labels arrived or enough
-  time passed (one at a time), and reaps it.
+  time passed (one at a time), and reaps it;
+* replica thread: writes this daemon's heartbeat to the store; on PostgreSQL a listener
+  thread wakes the scoring loop when any replica completes a study (``NOTIFY``).
 
-Each thread has its own SQLite connection. :meth:`Daemon.health` tells the HTTP server
-whether both loops are alive and recent.
+`replica.roles` (or ``triage serve --roles``) chooses the loops: ``receiver`` (the DICOM
+node; STOW-RS in the API), ``ingest``, ``score``, ``review`` (the review API and web UI)
+and ``retrain`` (the scheduler, while this replica holds the store's ``retrain`` lease).
+Several daemons with their own homes may share one PostgreSQL store and the archive,
+models and quarantine folders (`triage.store.replicas`).
+
+Each thread has its own store connection. :meth:`Daemon.health` tells the HTTP server
+whether the loops are alive and recent.
 """
 
 from __future__ import annotations
@@ -29,7 +37,7 @@ from pathlib import Path
 
 import torch
 from monai.data import set_track_meta
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, Info
 
 from triage.config import Settings
 from triage.errors import TriageError
@@ -44,6 +52,7 @@ from triage.ops.node import LOCK_FILE, NODE_FILE
 from triage.ops.summary import OpsCollector
 from triage.review.queue import recover_leases
 from triage.store import db as store
+from triage.store import replicas
 from triage.telemetry.logs import event
 from triage.telemetry.metrics import Metrics, build_metrics
 from triage.training.collector import RetrainCollector
@@ -89,6 +98,13 @@ class Daemon:
         self.received = ReceivedStore(settings, notify=self._wake_ingest,
                                       disk_free=self._disk_free)
         self._receiver = None  # DicomReceiver, when dicom.port is set
+        self.replica = settings.replica_name()
+        self.roles = frozenset(settings.replica.roles)
+        # which replica this scrape target is: join it on `instance` (the store-wide
+        # gauges are the same from every replica: take one, not the sum)
+        Info("triage_replica", "This daemon among the replicas sharing its store: name "
+             "(replica.name) and roles.", registry=self.registry).info(
+            {"replica": self.replica, "roles": ",".join(sorted(self.roles))})
 
     @property
     def database(self) -> Path | str:
@@ -107,22 +123,35 @@ class Daemon:
         for name in ("inbox", "archive", "quarantine", "models", "logs", "received"):
             self.settings.path(name).mkdir(parents=True, exist_ok=True)
         self._lock()
-        store.connect(self.database).close()  # create and migrate before the threads
+        db = store.connect(self.database)  # create and migrate before the threads
+        try:
+            replicas.register(db, self.replica, sorted(self.roles), time.time())
+        finally:
+            db.close()
         self._recover_retrain()
         self._recover_queue()
-        self.received.adopt_orphans()
+        if "receiver" in self.roles:
+            self.received.adopt_orphans()
         self._stop.clear()
-        loops = (("ingest", self._ingest_loop), ("scoring", self._scoring_loop),
-                 ("retrain", self._retrain_loop))
+        loops = [("replica", self._replica_loop)]
+        if "ingest" in self.roles:
+            loops.append(("ingest", self._ingest_loop))
+        if "score" in self.roles:
+            loops.append(("scoring", self._scoring_loop))
+            if store.is_postgres_url(self.database):
+                loops.append(("listen", self._listen_loop))
+        if "retrain" in self.roles:
+            loops.append(("retrain", self._retrain_loop))
         for name, target in loops:
             self._heartbeats[name] = time.monotonic()
             thread = threading.Thread(target=target, name=f"triage-{name}", daemon=True)
             thread.start()
             self._threads.append(thread)
-        if self.settings.dicom.port is not None:
+        if self.settings.dicom.port is not None and "receiver" in self.roles:
             self._start_receiver()
         self._write_node_file()
-        event(log, "daemon_started", home=str(self.settings.home))
+        event(log, "daemon_started", home=str(self.settings.home), replica=self.replica,
+              roles=sorted(self.roles))
 
     def _write_node_file(self) -> None:
         """Record what this process serves (atomically; removed again by :meth:`stop`)."""
@@ -179,6 +208,15 @@ class Daemon:
             thread.join(timeout=30)
         self._threads.clear()
         self.received.close()
+        try:
+            db = store.connect(self.database)
+            try:
+                replicas.stopped(db, self.replica, time.time())
+            finally:
+                db.close()
+        except store.DATABASE_ERRORS as exc:  # its heartbeat lapses instead
+            event(log, "replica_stop_not_recorded", logging.WARNING,
+                  error_type=type(exc).__name__)
         if self._lock_fd is not None:
             (self.settings.home / NODE_FILE).unlink(missing_ok=True)
             os.close(self._lock_fd)
@@ -198,9 +236,9 @@ class Daemon:
         }
         ok = bool(loops) and all(
             item["alive"] and item["last_beat_seconds"] < _STALE_AFTER_SECONDS
-            for item in loops.values()
+            for name, item in loops.items() if name != "listen"  # a shortcut, not a loop
         )
-        return {"ok": ok, "loops": loops}
+        return {"ok": ok, "loops": loops, "replica": self.replica, "roles": sorted(self.roles)}
 
     def _recover_retrain(self) -> None:
         """Start-up: runs left `running` by a dead worker are marked failed and their
@@ -272,6 +310,7 @@ class Daemon:
                     next_assembly = time.monotonic() + self.settings.studies.check_seconds
                 if completed:
                     self._scoring_wake.set()
+                    store.notify(db)  # and the scorers of other replicas
             except Exception as exc:  # noqa: BLE001 - keep ingesting; the journal recovers
                 event(log, "ingest_loop_error", logging.ERROR, error_type=type(exc).__name__,
                       error=getattr(exc, "strerror", None) or "")
@@ -335,8 +374,8 @@ class Daemon:
         if (not defer or receiver is None
                 or time.monotonic() - receiver.last_store_at > _SENDING_GAP_SECONDS):
             return False
-        oldest = db.execute("SELECT MIN(received_at) FROM files WHERE state = 'received'"
-                            ).fetchone()[0]
+        oldest = db.execute("SELECT MIN(received_at) FROM files WHERE state = 'received' "
+                            "AND replica = ?", [self.replica]).fetchone()[0]
         return oldest is not None and time.time() - oldest < defer
 
     def _disk_low(self) -> bool:
@@ -357,16 +396,39 @@ class Daemon:
         self.metrics.ingest_paused.set(1 if self._paused else 0)
         return self._paused
 
+    def _replica_loop(self) -> None:
+        """This replica's heartbeat in the store, every `replica.heartbeat_seconds`."""
+        db = store.connect(self.database)
+        while not self._stop.is_set():
+            self._beat("replica")
+            try:
+                replicas.heartbeat(db, self.replica, time.time())
+            except Exception as exc:  # noqa: BLE001 - the next beat tries again
+                event(log, "replica_heartbeat_error", logging.ERROR,
+                      error_type=type(exc).__name__)
+            self._stop.wait(self.settings.replica.heartbeat_seconds)
+        db.close()
+
+    def _listen_loop(self) -> None:
+        """PostgreSQL: wake the scoring loop when any replica completes a study."""
+        store.listen(self.database, store.STUDIES_CHANNEL, self._scoring_wake.set,
+                     self._stop)
+
     def _scoring_loop(self) -> None:
         db = store.connect(self.database)
-        scorer = GateScorer(self.settings, db, self.metrics)
+        scorer = GateScorer(self.settings, db, self.metrics, replica=self.replica)
+        lease = self.settings.replica.lease_seconds
         worker = ScoringWorker(db, scorer, self.metrics,
-                               error_retry_seconds=self.settings.studies.error_retry_seconds)
+                               error_retry_seconds=self.settings.studies.error_retry_seconds,
+                               replica=self.replica, lease_seconds=lease)
         worker.requeue_interrupted()
-        next_coverage = 0.0
+        next_coverage = next_takeover = 0.0
         while not self._stop.is_set():
             self._beat("scoring")
             try:
+                if time.monotonic() >= next_takeover:  # what dead replicas held
+                    worker.take_over_dead()
+                    next_takeover = time.monotonic() + self.settings.replica.heartbeat_seconds
                 if time.monotonic() >= next_coverage:
                     scorer.route_coverage()
                     next_coverage = time.monotonic() + _COVERAGE_CHECK_SECONDS
@@ -381,17 +443,36 @@ class Daemon:
         db.close()
 
     def _retrain_loop(self) -> None:
+        """Reap this replica's runs; start one when due, while this replica holds the
+        store's `retrain` lease (renewed each check; taken by another replica once it
+        lapses, `replica.lease_seconds` after this one's last check)."""
         scheduler = RetrainScheduler(self.settings, self.database)
+        lease = self.settings.replica.lease_seconds
+        period = min(_RETRAIN_CHECK_SECONDS, self.settings.replica.heartbeat_seconds)
+        db = store.connect(self.database)
+        holding = False
         while not self._stop.is_set():
             self._beat("retrain")
             try:
                 scheduler.check()
-                trigger = scheduler.due() if self.settings.retrain.enabled else None
+                held = replicas.take_lease(db, "retrain", self.replica, time.time(), lease)
+                if held != holding:
+                    event(log, "retrain_lease_taken" if held else "retrain_lease_held_elsewhere",
+                          holder=replicas.lease_holder(db, "retrain", time.time()))
+                    holding = held
+                trigger = scheduler.due() if held and self.settings.retrain.enabled else None
                 if trigger is not None:
                     run_id = scheduler.start(trigger)
                     event(log, "retrain_started", run_id=run_id, trigger=trigger)
             except Exception as exc:  # noqa: BLE001 - the daemon keeps serving
                 event(log, "retrain_loop_error", logging.ERROR, error_type=type(exc).__name__)
-            self._stop.wait(_RETRAIN_CHECK_SECONDS)
+            self._stop.wait(period)
+        try:
+            if holding:
+                replicas.release_lease(db, "retrain", self.replica)
+        except Exception as exc:  # noqa: BLE001 - it lapses instead
+            event(log, "retrain_lease_not_released", logging.WARNING,
+                  error_type=type(exc).__name__)
+        db.close()
 
 

@@ -83,6 +83,12 @@ ROWS: list[tuple[str, list[dict[str, Any]]]] = [
                  **thresholds((None, "red"), (1, "green"))}),
         stat("Version", [q(f"triage_build_info{{{JOB}}}", "{{version}}", instant=True)],
              options={"textMode": "name"}),
+        stat("Replicas", [q(f"triage_replica_info{{{JOB}}}", "{{replica}} ({{roles}})",
+                            instant=True)],
+             description="Each daemon scraped, by replica.name, with the loops it runs. "
+                         "Replicas on one store report the same store-wide figures "
+                         "(studies, queue, model): read one target's, do not add them.",
+             options={"textMode": "name"}),
         stat("Serving model", [q(f"triage_model_info{{{JOB}}}", "{{version}}", instant=True)],
              description="The version the scorer serves. Absent (No data) during cold start, "
                          "before any model is promoted, and while no promoted version loads.",

@@ -29,6 +29,10 @@ def create_app(daemon: Daemon) -> FastAPI:
     (:mod:`triage.api.docs`), not FastAPI's, which loads a CDN and runs inline script that
     the content security policy (and a hospital network) refuses. No /redoc: ReDoc needs
     inline styles, which the policy refuses too. The schema is at /openapi.json.
+
+    Health, metrics and the ops status are always served; the review API, its images,
+    the viewer, QIDO/WADO and the web UI with the `review` role, STOW-RS with the
+    `receiver` role (`replica.roles`); a route of a role this replica lacks is 404.
     """
     app = FastAPI(title="triage", version=__version__,
                   description="Needs-label gate and radiologist review queue for DICOM studies.",
@@ -39,13 +43,17 @@ def create_app(daemon: Daemon) -> FastAPI:
     app.state.auth_throttle = AuthThrottle(server.auth_max_failures,
                                            server.auth_failure_window_seconds)
     app.add_middleware(SecurityHeadersMiddleware)
+    roles = daemon.settings.replica.roles
     app.include_router(ops.router)
-    app.include_router(review.router)
-    app.include_router(images.router)
     app.include_router(ops_status.router)
-    app.include_router(viewer.router)
-    app.include_router(dicomweb_routes.router)
     app.include_router(docs.router)
+    if "review" in roles:
+        app.include_router(review.router)
+        app.include_router(images.router)
+        app.include_router(viewer.router)
+        app.include_router(dicomweb_routes.router)
+    if "receiver" in roles:
+        app.include_router(dicomweb_routes.stow_router)
 
     @app.exception_handler(QueueError)
     async def queue_error(request: Request, exc: QueueError) -> JSONResponse:
@@ -55,7 +63,7 @@ def create_app(daemon: Daemon) -> FastAPI:
     async def triage_error(request: Request, exc: TriageError) -> JSONResponse:
         return JSONResponse({"detail": str(exc)}, status_code=400)
 
-    if STATIC.is_dir():
+    if STATIC.is_dir() and "review" in roles:
         app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
         @app.get("/", include_in_schema=False)

@@ -54,6 +54,7 @@ from triage.store.images import INSTANCE_ORDER
 from triage.telemetry.logs import event
 
 router = APIRouter(prefix="/dicomweb", tags=["dicomweb"])
+stow_router = APIRouter(prefix="/dicomweb", tags=["dicomweb"])  # the `receiver` role's
 log = logging.getLogger("triage.api")
 
 DICOM_JSON = "application/dicom+json"
@@ -491,14 +492,14 @@ def wado_uri(
 # --- STOW-RS ----------------------------------------------------------------------
 
 
-@router.post("/studies", summary="STOW-RS: store instances (multipart/related; "
+@stow_router.post("/studies", summary="STOW-RS: store instances (multipart/related; "
              'type="application/dicom")')
 async def store_instances(request: Request, who: Sender, db: DbDep,
                           settings: SettingsDep) -> Response:
     return await _store(request, who, db, settings, None)
 
 
-@router.post("/studies/{study}", summary="STOW-RS: store instances of one study")
+@stow_router.post("/studies/{study}", summary="STOW-RS: store instances of one study")
 async def store_study_instances(study: str, request: Request, who: Sender, db: DbDep,
                                 settings: SettingsDep) -> Response:
     return await _store(request, who, db, settings, study)

@@ -25,6 +25,7 @@ from triage.gate.queries import auto_mix, batch_waiting
 from triage.ops.summary import audit_accuracy, quarantined_by_reason, served_model
 from triage.review.auth import Principal
 from triage.store.db import FINAL_FILE_STATES, STUDY_STATES, count_by
+from triage.store import replicas
 from triage.training.runs import retrain_status
 
 STATIC = Path(__file__).parent / "static"
@@ -151,6 +152,14 @@ def build_summary(db: sqlite_utils.Database, settings: Settings,
             "ingest_paused": bool(paused) if paused is not None else None,
         },
         "dicom": dicom_summary(db, settings, live.get("dicom"), day_ago),
+        # every daemon on this store: roles, host, last heartbeat, live (a heartbeat
+        # younger than replica.lease_seconds and not stopped); `retrain_lease`: which
+        # replica's scheduler starts retrains now
+        "replicas": {
+            "this": settings.replica_name(),
+            "members": replicas.listing(db, now, settings.replica.lease_seconds),
+            "retrain_lease": replicas.lease_holder(db, "retrain", now),
+        },
         "series": hourly_series(db, now),
     }
 

@@ -503,6 +503,28 @@ class BudgetGate:
             )
         self._apply(decision)
 
+    def observe(self, decision: Decision) -> None:
+        """Record a stored decision another gate made on the same store (a replica that
+        shares the budget, `GateScorer`): as `commit`, from a sequence at or beyond this
+        gate's (every replica decides after taking the store's write lock and observing
+        the others' decisions, so sequences are one series across replicas).
+
+        Raises:
+            ValueError: `decision` is older than this gate's state.
+        """
+        if decision.sequence < self._sequence:
+            raise ValueError(
+                f"decision has sequence {decision.sequence}, the gate is at {self._sequence}"
+            )
+        self._apply(decision)
+
+    def set_pending_offset(self, pending: int) -> None:
+        """Set the coverage routes still to offset (the store's count, which the routes
+        and offsets of every replica move)."""
+        if pending < 0:
+            raise ValueError(f"pending_offset must be >= 0, got {pending}")
+        self._offset = int(pending)
+
     def _apply(self, decision: Decision) -> None:
         if decision.needs_label:
             self._day_counts[decision.day] = self._day_counts.get(decision.day, 0) + 1

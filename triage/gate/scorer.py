@@ -99,11 +99,13 @@ log = logging.getLogger("triage.gate")
 
 @dataclass(frozen=True)
 class _Pending:
-    """What `commit` needs: the decision, and a cold-start study's embedding."""
+    """What `commit` needs: the decision, and a cold-start study's embedding; `redo`
+    decides the study again from the gate's current state (`settle`)."""
 
     decision: Decision
     embedding: np.ndarray | None = None
     ood_flag: bool | None = None
+    redo: Callable[[], ScoreResult] | None = None
 
 
 @dataclass(frozen=True)
@@ -158,12 +160,20 @@ class GateScorer:
         db: sqlite_utils.Database,
         metrics: Metrics,
         clock: Callable[[], float] = time.time,
+        replica: str = "local",
     ) -> None:
         self._settings = settings
         self._metrics = metrics
         self._clock = clock
+        self._replica = replica  # the `gate_buffer` rows this scorer owns
         self._registry = ModelRegistry(db, settings.path("models"), settings.model)
         self._db = db
+        # the last decision and coverage route the gate has seen (`_observe_others`)
+        self._seen_decision = int(db.execute(
+            "SELECT COALESCE(MAX(id), 0) FROM decisions").fetchone()[0])
+        self._seen_coverage = int(db.execute(
+            "SELECT COALESCE(MAX(id), 0) FROM queue_items WHERE reason = 'coverage'"
+        ).fetchone()[0])
         recent = _recent_decisions(db, settings, clock())
         self._gate = BudgetGate.restore(settings.gate, [decision for decision, _ in recent],
                                         pending_offset=_pending_offset(db))
@@ -230,14 +240,66 @@ class GateScorer:
             entry = _Buffered(study.study_id, study.round, version, clock, scores,
                               self._gate.strategy.batch_embedding(result), detail, columns)
             return ScoreResult("batched", version, detail, pending=entry,
-                               buffer_row=entry.row())
-        if self._gate.mix is not None:
-            self._refresh_mix()
-        decision = self._gate.decide(scores, now, key=study.study_id)
-        status = "routed" if decision.needs_label else "not_routed"
-        return ScoreResult(status, version, {"reason": decision.reason, **detail},
-                           decision_row={**_decision_columns(decision), **columns},
-                           pending=_Pending(decision, ood_flag=ood_flag))
+                               buffer_row={**entry.row(), "replica": self._replica})
+
+        def decide() -> ScoreResult:
+            if self._gate.mix is not None:
+                self._refresh_mix()
+            decision = self._gate.decide(scores, now, key=study.study_id)
+            status = "routed" if decision.needs_label else "not_routed"
+            return ScoreResult(status, version, {"reason": decision.reason, **detail},
+                               decision_row={**_decision_columns(decision), **columns},
+                               pending=_Pending(decision, ood_flag=ood_flag, redo=decide))
+
+        return decide()
+
+    def settle(self, result: ScoreResult) -> ScoreResult:
+        """Called by the worker inside the transaction that stores `result`, holding the
+        store's write lock: when other replicas decided meanwhile, the gate observes
+        their decisions and the study is decided again from that state, so replicas
+        share one budget, window and sequence. Alone on its store, the result stands."""
+        pending = result.pending
+        if not isinstance(pending, _Pending) or pending.redo is None:
+            return result
+        if not self._observe_others():
+            return result
+        settled = pending.redo()
+        event(log, "gate_decision_settled", sequence=settled.pending.decision.sequence,
+              was=pending.decision.sequence)
+        return settled
+
+    def _observe_others(self) -> bool:
+        """The gate observes what other replicas on this store stored since it last
+        looked: their decisions (in id order; its own are behind its sequence already),
+        their coverage routes, and the pending budget offset they leave. Call holding
+        the store's write lock. Returns whether there was any."""
+        rows = self._db.execute(
+            "SELECT id, decision, model_version, study_id FROM decisions WHERE id > ? "
+            "ORDER BY id", [self._seen_decision],
+        ).fetchall()
+        others = 0
+        for row_id, stored, version, study_id in rows:
+            self._seen_decision = int(row_id)
+            decision = Decision.from_dict(json.loads(stored))
+            if decision.sequence < self._gate.sequence:
+                continue  # this scorer's own, committed already
+            if decision.key is None:
+                decision = replace(decision, key=int(study_id))
+            self._gate.observe(decision)
+            if self._gate.enters_window(decision) and version != self._window_version:
+                self._window_version = None  # mixed scales: rescored before the next study
+            others += 1
+        routes = self._db.execute(
+            "SELECT id, routed_at FROM queue_items WHERE reason = 'coverage' AND id > ? "
+            "ORDER BY id", [self._seen_coverage],
+        ).fetchall()
+        for row_id, routed_at in routes:
+            self._seen_coverage = int(row_id)
+            day = self._gate.day_of(datetime.fromtimestamp(routed_at, UTC))
+            self._gate.note_routed(day, 1, against_budget=False)
+        if others or routes:
+            self._gate.set_pending_offset(_pending_offset(self._db))
+        return bool(others or routes)
 
     def commit(self, result: ScoreResult) -> None:
         """Called after the decision (or the study's buffer row) is stored: the gate's
@@ -286,11 +348,12 @@ class GateScorer:
         transaction; a study reopened meanwhile keeps its new state, as when decided
         alone), then commit the decisions to the gate."""
         buffer, now = self._buffer, self._clock()
-        decisions = self._gate.decide_batch(
-            [BatchEntry(b.scores, b.study_id, b.embedding) for b in buffer],
-            datetime.fromtimestamp(now, tz=UTC),
-        )
         with transaction(self._db):
+            self._observe_others()  # decided from the budget shared with other replicas
+            decisions = self._gate.decide_batch(
+                [BatchEntry(b.scores, b.study_id, b.embedding) for b in buffer],
+                datetime.fromtimestamp(now, tz=UTC),
+            )
             for entry, decision in zip(buffer, decisions, strict=True):
                 waited = round(now - entry.scored_at, 3)
                 result = ScoreResult(
@@ -323,18 +386,22 @@ class GateScorer:
         Under a configuration without batching they (and any `batched` study without a
         buffer row) go back to `complete`, to be scored and decided again.
         """
+        mine = "(replica = ? OR replica IS NULL)"  # NULL: written before replicas
         rows = self._db.execute(
             "SELECT study_id, round, model_version, scored_at, scores, embedding, result "
-            "FROM gate_buffer ORDER BY id"
+            f"FROM gate_buffer WHERE {mine} ORDER BY id", [self._replica],
         ).fetchall()
         buffered = self._gate.manager.buffered
         requeued = 0
-        if (rows and not buffered) or self._db.execute(
+        if rows or self._db.execute(
             "SELECT 1 FROM studies WHERE state = 'batched' LIMIT 1"
         ).fetchone() is not None:  # the usual case, nothing batched: no write lock taken
             with transaction(self._db):
                 if not buffered:
-                    self._db.execute("DELETE FROM gate_buffer")
+                    self._db.execute(f"DELETE FROM gate_buffer WHERE {mine}", [self._replica])
+                else:
+                    self._db.execute("UPDATE gate_buffer SET replica = ? WHERE replica IS NULL",
+                                     [self._replica])
                 requeued = self._db.execute(
                     "UPDATE studies SET state = 'complete' WHERE state = 'batched' AND NOT "
                     "EXISTS (SELECT 1 FROM gate_buffer b WHERE b.study_id = studies.id "
@@ -368,15 +435,19 @@ class GateScorer:
         selector = self._cold_start_selector()
         embedding = coldstart_embedding(study.images)
         novelty = selector.value(embedding)  # typicality-weighted when configured
-        wanted = selector.wants(embedding, self._gate.sequence)
-        decision = self._gate.decide(
-            None, now, key=study.study_id, cold_start=wanted, novelty=novelty
-        )
-        row = {**_decision_columns(decision),
-               **_result_columns(None, None, self._settings.model.labels)}
-        status = "routed" if decision.needs_label else "not_routed"
-        return ScoreResult(status, None, {"reason": decision.reason}, decision_row=row,
-                           pending=_Pending(decision, embedding))
+
+        def decide() -> ScoreResult:
+            wanted = selector.wants(embedding, self._gate.sequence)
+            decision = self._gate.decide(
+                None, now, key=study.study_id, cold_start=wanted, novelty=novelty
+            )
+            row = {**_decision_columns(decision),
+                   **_result_columns(None, None, self._settings.model.labels)}
+            status = "routed" if decision.needs_label else "not_routed"
+            return ScoreResult(status, None, {"reason": decision.reason}, decision_row=row,
+                               pending=_Pending(decision, embedding, redo=decide))
+
+        return decide()
 
     def _score_images(
         self, checkpoint: Checkpoint, images: torch.Tensor, study_id: int, round_: int
@@ -524,6 +595,16 @@ class GateScorer:
         elif checkpoint is not None and budget > 0:  # runs recorded before the worker did
             picked = coverage_queries(self._db, checkpoint, self._settings, budget)
         with transaction(self._db):
+            # another replica may have routed these runs' queries meanwhile, or spent
+            # today's cap: decide again under the write lock
+            self._observe_others()
+            if self._db.execute(
+                "SELECT 1 FROM retrain_runs WHERE id = ? AND coverage_routed IS NULL",
+                [runs[-1][0]],
+            ).fetchone() is None:
+                return 0
+            budget = min(budget, self._gate.remaining_on(day))
+            picked = [i for i in picked if self._still_unlabelled(i)][:budget]
             for rank, study_id in enumerate(picked):
                 latest = self._db.execute(
                     "SELECT id FROM decisions WHERE study_id = ? ORDER BY id DESC LIMIT 1",
@@ -535,6 +616,9 @@ class GateScorer:
             for run_id, _ in runs:
                 self._db.execute("UPDATE retrain_runs SET coverage_routed = ? WHERE id = ?",
                                  [len(picked) if run_id == runs[-1][0] else 0, run_id])
+            self._seen_coverage = int(self._db.execute(
+                "SELECT COALESCE(MAX(id), 0) FROM queue_items WHERE reason = 'coverage'"
+            ).fetchone()[0])  # this scorer's own: noted below
         self._gate.note_routed(day, len(picked))
         if picked:
             self._metrics.gate_decisions.labels("coverage").inc(len(picked))

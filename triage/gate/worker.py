@@ -11,6 +11,13 @@ leaves the study ``batched`` in the same transaction, and the scorer's ``flush_d
 (asked before each study and after each buffered one) decides the batch when it is
 full or its oldest study has waited long enough, storing each result and decision
 with `store_decided` as the worker does.
+
+Replicas (`triage.store.replicas`): a study is claimed for scoring by this worker's
+replica (`studies.claimed_by`). If its replica was taken for dead meanwhile (no
+heartbeat for `replica.lease_seconds`) the study went back to `complete` and another
+replica may score it: the result is then dropped (event `scoring_claim_lost`), so no
+study gets two decisions. The scorer's ``settle(result)``, called in the storing
+transaction, lets it decide again from what other replicas stored meanwhile.
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ from triage.model.serving import ModelUnavailable
 from triage.review.queue import enqueue
 from triage.store.db import transaction
 from triage.store.images import load_study_images
+from triage.store.replicas import release_dead_claims
 from triage.store.settings import StudySettings
 from triage.telemetry.logs import event
 from triage.telemetry.metrics import Metrics
@@ -110,8 +118,12 @@ class ScoringWorker:
         metrics: Metrics,
         clock: Callable[[], float] = time.time,
         error_retry_seconds: Sequence[float] | None = None,
+        replica: str = "local",
+        lease_seconds: float = 30.0,
     ) -> None:
         self._db = db
+        self._replica = replica
+        self._lease = lease_seconds
         self._scorer = scorer
         self._metrics = metrics
         self._clock = clock
@@ -122,18 +134,29 @@ class ScoringWorker:
         self._retry_waits = tuple(error_retry_seconds)
 
     def requeue_interrupted(self) -> int:
-        """Studies left ``scoring`` by a crash go back to ``complete``, to be scored again.
+        """Studies left ``scoring`` by a crash of this replica (or held by a replica that
+        is not live) go back to ``complete``, to be scored again; those another live
+        replica is scoring stay its own.
 
         Call at start-up, before the first :meth:`run_once`; the ids go to the log so an
         operator can follow each recovered study (ids only: no UIDs or patient data).
         """
-        with transaction(self._db):
-            ids = [int(row[0]) for row in self._db.execute(
-                "SELECT id FROM studies WHERE state = 'scoring' ORDER BY id"
-            ).fetchall()]
-            self._db.execute("UPDATE studies SET state = 'complete' WHERE state = 'scoring'")
+        released = release_dead_claims(self._db, self._replica, self._clock(), self._lease,
+                                       own=True)
+        ids = released["scoring"] + released["batched"]
         if ids:
             event(log, "scoring_interrupted_requeued", logging.WARNING, studies=len(ids),
+                  study_ids=ids)
+        return len(ids)
+
+    def take_over_dead(self) -> int:
+        """Studies that replicas no longer live were scoring, or held in their batches,
+        go back to ``complete`` (event `replica_claims_taken_over`); call every few
+        seconds. Returns how many."""
+        released = release_dead_claims(self._db, self._replica, self._clock(), self._lease)
+        ids = released["scoring"] + released["batched"]
+        if ids:
+            event(log, "replica_claims_taken_over", logging.WARNING, studies=len(ids),
                   study_ids=ids)
         return len(ids)
 
@@ -160,7 +183,8 @@ class ScoringWorker:
             if row is None:
                 return None
             study_id, round_ = int(row[0]), int(row[1])
-            self._db.execute("UPDATE studies SET state = 'scoring' WHERE id = ?", [study_id])
+            self._db.execute("UPDATE studies SET state = 'scoring', claimed_by = ? WHERE id = ?",
+                             [self._replica, study_id])
         if not ready:
             self._wait_for_model(study_id, round_)
             return study_id
@@ -180,6 +204,11 @@ class ScoringWorker:
             result = ScoreResult("error", None, {"error_type": type(exc).__name__})
         now = self._clock()
         with transaction(self._db):
+            if not self._still_claimed(study_id):
+                return study_id
+            settle = getattr(self._scorer, "settle", None)
+            if settle is not None and result.decision_row is not None:
+                result = settle(result)
             if result.buffer_row is not None:  # decided with its batch (module doc)
                 row = {"study_id": study_id, "round": round_, **result.buffer_row}
                 self._db.execute(
@@ -204,6 +233,18 @@ class ScoringWorker:
             self._flush_due()  # the batch may be full now
         return study_id
 
+    def _still_claimed(self, study_id: int) -> bool:
+        """Inside the storing transaction: whether this replica still holds the study
+        (it went back to `complete` if this replica was taken for dead meanwhile)."""
+        row = self._db.execute("SELECT claimed_by, state FROM studies WHERE id = ?",
+                               [study_id]).fetchone()
+        if row is not None and row[0] == self._replica:
+            return True
+        event(log, "scoring_claim_lost", logging.WARNING, study_id=study_id,
+              state=None if row is None else row[1])
+        self._metrics.scored.labels("claim_lost").inc()
+        return False
+
     def _flush_due(self) -> None:
         flush_due = getattr(self._scorer, "flush_due", None)
         if flush_due is not None:
@@ -217,8 +258,8 @@ class ScoringWorker:
         """Park a study while no model loads: no result, no decision, nothing routed."""
         with transaction(self._db):
             self._db.execute(
-                "UPDATE studies SET state = 'waiting_model' WHERE id = ? AND state = 'scoring'",
-                [study_id],
+                "UPDATE studies SET state = 'waiting_model' WHERE id = ? AND state = 'scoring' "
+                "AND claimed_by = ?", [study_id, self._replica],
             )
         self._metrics.scored.labels("waiting_model").inc()
         event(log, "study_waiting_for_model", logging.WARNING, study_id=study_id, round=round_)
@@ -251,6 +292,8 @@ class ScoringWorker:
         result = ScoreResult("error", None, {"error": "images_unreadable",
                                              "error_type": type(exc).__name__})
         with transaction(self._db):
+            if not self._still_claimed(study_id):
+                return
             store_decided(self._db, study_id, round_, result, self._clock())
             self._db.execute(
                 "UPDATE studies SET state = 'error', error_reason = ?, "

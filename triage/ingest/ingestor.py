@@ -91,6 +91,9 @@ class Ingestor:
         self._home = settings.home
         self._inbox = settings.path("inbox")
         self._received = settings.path("received")
+        # the journal rows of this home's inbox and received folder (replicas share the
+        # store, each reads only what arrived at it)
+        self._replica = settings.replica_name()
 
     # -- entry points -------------------------------------------------------------------
 
@@ -140,7 +143,7 @@ class Ingestor:
             only, params = f" AND id IN ({', '.join('?' * len(among))})", list(among)
         rows = self._db.execute(
             f"SELECT id, inbox_path, sha256 FROM files WHERE state = 'received'{only} "
-            "ORDER BY id LIMIT ?", [*params, limit]
+            "AND replica = ? ORDER BY id LIMIT ?", [*params, self._replica, limit]
         ).fetchall()
         for file_id, name, sha in rows:
             started = time.perf_counter()
@@ -165,7 +168,8 @@ class Ingestor:
     def recover(self) -> int:
         """Finish every file left in flight by an earlier run; return how many."""
         rows = list(
-            self._db.query("SELECT * FROM files WHERE state IN ('reading', 'moving') ORDER BY id")
+            self._db.query("SELECT * FROM files WHERE state IN ('reading', 'moving') "
+                           "AND replica = ? ORDER BY id", [self._replica])
         )
         for row in rows:
             self._recover_row(row)
@@ -197,9 +201,9 @@ class Ingestor:
     def _journal(self, rel: str, sha: str | None, size: int, state: str) -> int:
         with transaction(self._db):
             cursor = self._db.execute(
-                "INSERT INTO files (inbox_path, sha256, size, state, received_at) "
-                "VALUES (?, ?, ?, ?, ?)",
-                [rel, sha, size, state, self._clock()],
+                "INSERT INTO files (inbox_path, sha256, size, state, received_at, replica) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                [rel, sha, size, state, self._clock(), self._replica],
             )
         return int(cursor.lastrowid)
 

@@ -74,6 +74,7 @@ class ReceivedStore:
     ) -> None:
         self._settings = settings
         self._dir = settings.path("received")
+        self._replica = settings.replica_name()  # its rows: this home's received folder
         self._notify = notify
         self._disk_free = disk_free or (lambda: shutil.disk_usage(settings.home).free)
         self._lock = threading.Lock()
@@ -134,8 +135,8 @@ class ReceivedStore:
                 with transaction(db):
                     cursor = db.execute(
                         "INSERT INTO files (inbox_path, sha256, size, state, received_at, "
-                        "origin, sender) VALUES (?, ?, ?, 'received', ?, ?, ?)",
-                        [name, sha, len(data), time.time(), origin, sender],
+                        "origin, sender, replica) VALUES (?, ?, ?, 'received', ?, ?, ?, ?)",
+                        [name, sha, len(data), time.time(), origin, sender, self._replica],
                     )
                 file_id = int(cursor.lastrowid)
         except store.DATABASE_ERRORS as exc:
@@ -185,7 +186,8 @@ class ReceivedStore:
         adopted = removed = 0
         with self._lock:
             known = {row[0] for row in db.execute(
-                "SELECT inbox_path FROM files WHERE origin != 'inbox'").fetchall()}
+                "SELECT inbox_path FROM files WHERE origin != 'inbox' AND replica = ?",
+                [self._replica]).fetchall()}
             for path in sorted(self._dir.iterdir()):
                 if path.name.endswith(_TEMP_SUFFIX):
                     path.unlink(missing_ok=True)
@@ -197,8 +199,10 @@ class ReceivedStore:
                 with transaction(db):
                     db.execute(
                         "INSERT INTO files (inbox_path, sha256, size, state, received_at, "
-                        "origin, sender) VALUES (?, ?, ?, 'received', ?, 'dicom', NULL)",
-                        [path.name, hashlib.sha256(data).hexdigest(), len(data), time.time()],
+                        "origin, sender, replica) VALUES (?, ?, ?, 'received', ?, 'dicom', "
+                        "NULL, ?)",
+                        [path.name, hashlib.sha256(data).hexdigest(), len(data), time.time(),
+                         self._replica],
                     )
                 adopted += 1
         if adopted or removed:

@@ -16,8 +16,9 @@ from __future__ import annotations
 import math
 import re
 import sqlite3
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Union
@@ -334,6 +335,36 @@ MIGRATIONS: tuple[str, ...] = (
     );
     CREATE UNIQUE INDEX gate_buffer_study ON gate_buffer(study_id, round);
     """,
+    # 13: replicas sharing the store (triage/store/replicas.py): each daemon's row and
+    # heartbeat, named leases held by one replica at a time (the retrain scheduler), the
+    # replica scoring a study (`claimed_by`, while `scoring`), the one whose batch a
+    # study waits in (`gate_buffer.replica`), the one that started a retrain run, and
+    # the one whose inbox or received folder holds a file (`files.replica`: each reads
+    # only its own; rows left in flight before this migration are the first replica's
+    # to start, `triage.store.replicas.register`).
+    """
+    CREATE TABLE replicas (
+        name TEXT PRIMARY KEY,
+        roles TEXT NOT NULL,
+        host TEXT NOT NULL,
+        pid INTEGER NOT NULL,
+        started_at REAL NOT NULL,
+        heartbeat_at REAL NOT NULL,
+        stopped_at REAL,
+        http TEXT,
+        dicom TEXT
+    );
+    CREATE TABLE leases (
+        name TEXT PRIMARY KEY,
+        holder TEXT NOT NULL,
+        expires_at REAL NOT NULL
+    );
+    ALTER TABLE studies ADD COLUMN claimed_by TEXT;
+    ALTER TABLE gate_buffer ADD COLUMN replica TEXT;
+    ALTER TABLE retrain_runs ADD COLUMN replica TEXT;
+    ALTER TABLE files ADD COLUMN replica TEXT;
+    CREATE INDEX files_replica_state ON files(replica, state);
+    """,
 )
 
 
@@ -386,6 +417,28 @@ def connect(target: Path | str, *, readonly: bool = False) -> Database:
     if not readonly:
         migrate(db)
     return db
+
+
+STUDIES_CHANNEL = "triage_studies"
+"""Notified (PostgreSQL ``NOTIFY``) when studies become ready to score, so idle scorers
+of every replica wake at once instead of at their next poll."""
+
+
+def notify(db: Database, channel: str = STUDIES_CHANNEL) -> None:
+    """Tell the store's listeners on `channel` (:func:`listen`); nothing on SQLite, where
+    one process both writes and scores."""
+    if dialect(db) == "postgresql":
+        db.execute(f"NOTIFY {channel}")
+
+
+def listen(target: Path | str, channel: str, wake: Callable[[], None],
+           stop: threading.Event) -> None:
+    """Call `wake` for each notification on `channel` until `stop` is set; returns at
+    once on SQLite. Blocks: run it on a thread of its own."""
+    if is_postgres_url(target):
+        from triage.store.postgres import listen as pg_listen
+
+        pg_listen(str(target), channel, wake, stop)
 
 
 def is_postgres_url(target: Path | str) -> bool:

@@ -36,6 +36,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import re
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -334,3 +335,22 @@ def open_postgres(url: str, identity: frozenset[str], *, readonly: bool,
                                options=options, connect_timeout=10)
 
     return PostgresDatabase(connect, identity)
+
+
+def listen(url: str, channel: str, wake: Callable[[], None], stop: threading.Event,
+           poll_seconds: float = 1.0) -> None:
+    """Call `wake` for each ``NOTIFY channel`` until `stop` is set (run it on a thread of
+    its own). A lost connection is opened again after `poll_seconds`; meanwhile callers
+    keep polling, so a notification is a shortcut, never the only way work is found."""
+    if not re.fullmatch(r"[a-z_][a-z0-9_]*", channel):
+        raise ValueError(f"not a channel name: {channel!r}")
+    while not stop.is_set():
+        try:
+            with psycopg.connect(url, autocommit=True, connect_timeout=10) as conn:
+                conn.execute(f"LISTEN {channel}")
+                wake()  # anything notified while not listening
+                while not stop.is_set():
+                    for _ in conn.notifies(timeout=poll_seconds):
+                        wake()
+        except psycopg.Error:
+            stop.wait(poll_seconds)

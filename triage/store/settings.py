@@ -7,7 +7,7 @@ nothing from the stages.
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 class _Section(BaseModel):
@@ -33,6 +33,46 @@ class StoreSettings(_Section):
             raise ValueError("must be a postgresql:// URL, or unset for the SQLite file "
                              "paths.database")
         return value
+
+
+ROLES = ("receiver", "ingest", "score", "review", "retrain")
+
+
+class ReplicaSettings(_Section):
+    """This daemon among replicas sharing one store (`triage.store.replicas`).
+
+    `name` identifies it in the store, the status page and the metrics' `replica`
+    label (default: the host name and a digest of the home directory). `roles` are the
+    loops it runs: `receiver` (the DICOM node and STOW-RS), `ingest` (inbox and received
+    instances into studies), `score` (the gate), `review` (the review API and web UI)
+    and `retrain` (the scheduler; one replica at a time holds it). A replica whose
+    heartbeat (every `heartbeat_seconds`) is older than `lease_seconds` is dead: the
+    studies it was scoring are scored by another, the retrain lease passes on.
+    """
+
+    name: str | None = Field(None, min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._-]+$")
+    roles: list[str] = Field(default_factory=lambda: list(ROLES))
+    heartbeat_seconds: float = Field(5.0, gt=0, le=30)
+    lease_seconds: float = Field(30.0, gt=0, le=3600)
+
+    @field_validator("roles")
+    @classmethod
+    def _known_roles(cls, value: list[str]) -> list[str]:
+        unknown = [role for role in value if role not in ROLES]
+        if unknown or not value:
+            raise ValueError(f"roles must be a non-empty subset of {list(ROLES)}"
+                             + (f"; unknown: {unknown}" if unknown else ""))
+        return [role for role in ROLES if role in value]  # one order, no duplicates
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ReplicaSettings:
+        if "receiver" in self.roles and "ingest" not in self.roles:
+            raise ValueError("roles: a receiver must also ingest (what it receives is "
+                             "kept in its own home's paths.received until read)")
+        if self.lease_seconds < 2 * self.heartbeat_seconds:
+            raise ValueError("lease_seconds must be at least twice heartbeat_seconds, "
+                             "or a live replica could look dead between two heartbeats")
+        return self
 
 
 class StudySettings(_Section):

@@ -138,7 +138,8 @@ def build_metrics(registry: CollectorRegistry) -> Metrics:
         ),
         scored=Counter(
             "triage_scoring_studies",
-            "Studies handed to the scorer, by result status.",
+            "Studies handed to the scorer, by result status (claim_lost: taken over by "
+            "another replica while this one scored it; nothing stored).",
             ["status"],
             registry=registry,
         ),

@@ -55,6 +55,7 @@ from triage.training.dataset import LabeledSet, load_split
 from triage.training.delong import paired_auroc_difference
 from triage.training.evaluate import image_logits, study_probabilities, validation_metrics
 from triage.training.runs import (
+    finish_or_abort,
     finish_run,
     record_forgetting,
     unforgettable_studies,
@@ -363,11 +364,11 @@ def run_retrain(settings: Settings, db: sqlite_utils.Database, run_id: int,
             finish_run(db, run_id, "succeeded", message, run_metrics)
         return "succeeded"
     if not promote:
-        registry.reject(entry.version, reason, also=lambda d: finish_run(
+        registry.reject(entry.version, reason, also=lambda d: finish_or_abort(
             d, run_id, "rejected", f"{entry.version} rejected: {reason}", run_metrics))
         return "rejected"
     run_metrics["coverage_picks"] = _coverage_picks(settings, db, judged, run_id)
-    registry.promote(entry.version, note=reason, also=lambda d: finish_run(
+    registry.promote(entry.version, note=reason, also=lambda d: finish_or_abort(
         d, run_id, "promoted", f"{entry.version} promoted: {reason}", run_metrics))
     try:
         rescored = rescore_pending(db, registry.load(entry.version), settings)

@@ -37,7 +37,26 @@ class RetrainBusy(TriageError):
     """A retrain run is already in progress."""
 
 
-def create_run(db: sqlite_utils.Database, trigger: str, now: float) -> int:
+class RunEnded(TriageError):
+    """The run was ended meanwhile (its replica taken for dead, or its process for
+    gone): what it would decide now is not recorded."""
+
+
+def finish_or_abort(db: sqlite_utils.Database, run_id: int, state: str, message: str,
+                    metrics: dict[str, Any] | None = None) -> None:
+    """`finish_run` inside the transaction that records the run's decision (a promotion
+    or rejection), which is rolled back when the row is no longer running.
+
+    Raises:
+        RunEnded: The row was ended meanwhile.
+    """
+    if not finish_run(db, run_id, state, message, metrics):
+        raise RunEnded(f"retrain run {run_id} was ended meanwhile; its decision is not "
+                       "recorded")
+
+
+def create_run(db: sqlite_utils.Database, trigger: str, now: float,
+               replica: str | None = None) -> int:
     """Insert a `running` row; raise :class:`RetrainBusy` when one is running already."""
     if trigger not in TRIGGERS:
         raise ValueError(f"trigger must be one of {TRIGGERS}, got {trigger!r}")
@@ -50,9 +69,9 @@ def create_run(db: sqlite_utils.Database, trigger: str, now: float) -> int:
                 f"a retrain is already running (run {row[0]}, {100 * row[1]:.0f}% done)"
             )
         cursor = db.execute(
-            "INSERT INTO retrain_runs (trigger, state, started_at, progress, message) "
-            "VALUES (?, 'running', ?, 0, 'starting')",
-            [trigger, now],
+            "INSERT INTO retrain_runs (trigger, state, started_at, progress, message, "
+            "replica) VALUES (?, 'running', ?, 0, 'starting', ?)",
+            [trigger, now, replica],
         )
         return int(cursor.lastrowid)
 
@@ -115,13 +134,23 @@ def pid_alive(pid: int | None) -> bool:
         return True  # no /proc: trust kill(0)
 
 
-def reap_dead_runs(db: sqlite_utils.Database, now: float | None = None) -> list[int]:
-    """Mark `running` rows whose worker is gone as `failed` ('process died'); return their ids."""
+def reap_dead_runs(db: sqlite_utils.Database, now: float | None = None, *,
+                   replica: str | None = None, live: set[str] | None = None) -> list[int]:
+    """Mark `running` rows whose worker is gone as `failed` ('process died'); return their ids.
+
+    A run started by this replica (`replica`, or by no named replica) is judged by its
+    process; one started by another replica, whose process this host cannot see, is
+    dead once that replica is not among the `live` ones (None: judge every run here).
+    """
     now = time.time() if now is None else now
     dead = []
-    for run_id, pid, started in db.execute(
-        "SELECT id, pid, started_at FROM retrain_runs WHERE state = 'running'"
+    for run_id, pid, started, owner in db.execute(
+        "SELECT id, pid, started_at, replica FROM retrain_runs WHERE state = 'running'"
     ).fetchall():
+        if live is not None and owner is not None and owner != replica:
+            if owner not in live:
+                dead.append(run_id)
+            continue
         if pid is None and now - started < START_GRACE_SECONDS:
             continue  # being spawned
         if not pid_alive(pid):

@@ -10,6 +10,12 @@ a run is `running`, and a run whose process died is marked failed first.
 With `retrain.nproc` > 1 the process started is torch's launcher running the worker in
 that many processes (`triage.training.distributed.launch_command`); the scheduler
 watches, signals and reaps the launcher as it does the worker otherwise.
+
+Replicas (`triage.store.replicas`): a run records the replica that started it. This
+scheduler judges its own runs by their processes, and another replica's by whether that
+replica is live (its worker runs on a host this one cannot see). Which replica's
+scheduler starts runs is the daemon's `retrain` lease; two cannot run at once anyway
+(`create_run` refuses while one is `running`).
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from triage.store import db as store
+from triage.store.replicas import live_names
 from triage.telemetry.logs import event
 from triage.training.distributed import launch_command
 from triage.training.runs import (
@@ -87,6 +94,7 @@ class RetrainScheduler:
         self._settings = settings
         self._database = database
         self._clock = clock
+        self._replica = settings.replica_name()
         self._procs: dict[int, subprocess.Popen[bytes]] = {}
 
     @property
@@ -102,7 +110,9 @@ class RetrainScheduler:
                 del self._procs[run_id]
         db = store.connect(self._database)
         try:
-            dead = reap_dead_runs(db, self._clock())
+            now = self._clock()
+            live = live_names(db, now, self._settings.replica.lease_seconds)
+            dead = reap_dead_runs(db, now, replica=self._replica, live=live | {self._replica})
             orphans = reject_orphaned_candidates(db)
             ended = {int(run_id) for (run_id,) in db.execute(
                 "SELECT id FROM retrain_runs WHERE state != 'running'").fetchall()}
@@ -182,7 +192,7 @@ class RetrainScheduler:
         self.check()
         db = store.connect(self._database)
         try:
-            run_id = create_run(db, trigger, self._clock())
+            run_id = create_run(db, trigger, self._clock(), self._replica)
             folder = self._settings.home / "retrain"  # settings files for the worker
             folder.mkdir(parents=True, exist_ok=True)
             settings_file = folder / f"run-{run_id}.json"

@@ -1,0 +1,155 @@
+"""Replicas sharing one store: who is alive, and leases that one replica holds at a time.
+
+Several daemons may run on one PostgreSQL database (`store.url`), each with its own home
+(inbox, logs) and the shared `paths.archive`, `paths.models` and `paths.quarantine`. They
+split the work without a coordinator of their own, through three tables:
+
+* ``replicas``: one row per replica, by name (`replica.name`, by default the host name
+  and a digest of the home directory), with its roles, host, pid and its heartbeat,
+  written every `replica.heartbeat_seconds`. A replica is *live* while its heartbeat is
+  younger than `replica.lease_seconds` and it has not stopped.
+* ``studies.claimed_by``: the replica scoring a study (state ``scoring``), and
+  ``gate_buffer.replica``, the replica whose batch a ``batched`` study waits in. What a
+  replica that is no longer live held goes back to ``complete`` and is scored by another
+  (:func:`release_dead_claims`); a replica that lost its claim stores nothing for it.
+* ``leases``: a named lease (``retrain``: the retrain scheduler) held by one replica
+  until it expires; the holder renews it, another takes it once it has expired.
+
+Claims need no ``SELECT ... FOR UPDATE SKIP LOCKED``: every write transaction of the
+store holds the one write lock (SQLite's, or an advisory lock on PostgreSQL,
+:mod:`triage.store.postgres`), so a claim's read and its update are never interleaved
+with another replica's. Times are the replicas' wall clocks (epoch seconds): their hosts'
+clocks must agree to well within the lease (NTP does).
+
+With one daemon on SQLite there is one row, and nothing changes but a heartbeat write
+every few seconds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+from pathlib import Path
+from typing import Any
+
+from triage.store.db import Database, transaction
+
+
+def default_name(home: Path) -> str:
+    """This host's name and a digest of the home directory: stable across restarts,
+    distinct for two daemons on one host, and no path (names are metric labels)."""
+    digest = hashlib.sha256(str(Path(home).resolve()).encode()).hexdigest()[:6]
+    return f"{socket.gethostname()}-{digest}"
+
+
+def register(db: Database, name: str, roles: list[str], now: float, *,
+             http: str | None = None, dicom: str | None = None) -> None:
+    """Record this replica as started (a restart of the same name replaces its row)."""
+    with transaction(db):
+        db.execute(
+            "INSERT INTO replicas (name, roles, host, pid, started_at, heartbeat_at, "
+            "stopped_at, http, dicom) VALUES (?, ?, ?, ?, ?, ?, NULL, ?, ?) "
+            "ON CONFLICT (name) DO UPDATE SET roles = excluded.roles, host = excluded.host, "
+            "pid = excluded.pid, started_at = excluded.started_at, "
+            "heartbeat_at = excluded.heartbeat_at, stopped_at = NULL, "
+            "http = excluded.http, dicom = excluded.dicom",
+            [name, ",".join(roles), socket.gethostname(), os.getpid(), now, now, http, dicom],
+        )
+        # files journaled before replicas were recorded (one daemon) and not yet final
+        db.execute("UPDATE files SET replica = ? WHERE replica IS NULL AND state IN "
+                   "('received', 'reading', 'moving')", [name])
+
+
+def heartbeat(db: Database, name: str, now: float) -> None:
+    """This replica is alive at `now`."""
+    with transaction(db):
+        db.execute("UPDATE replicas SET heartbeat_at = ? WHERE name = ?", [now, name])
+
+
+def stopped(db: Database, name: str, now: float) -> None:
+    """This replica stopped cleanly: not live from now on (its claims may be taken)."""
+    with transaction(db):
+        db.execute("UPDATE replicas SET stopped_at = ? WHERE name = ?", [now, name])
+
+
+def live_names(db: Database, now: float, lease_seconds: float) -> set[str]:
+    """Names of the live replicas (heartbeat younger than the lease, not stopped)."""
+    return {str(name) for (name,) in db.execute(
+        "SELECT name FROM replicas WHERE stopped_at IS NULL AND heartbeat_at > ?",
+        [now - lease_seconds],
+    ).fetchall()}
+
+
+def listing(db: Database, now: float, lease_seconds: float) -> list[dict[str, Any]]:
+    """Every replica that ever registered, for the status page and the ops summary:
+    name, roles, host, started, last heartbeat (seconds ago), live, stopped."""
+    rows = db.execute(
+        "SELECT name, roles, host, started_at, heartbeat_at, stopped_at, http, dicom "
+        "FROM replicas ORDER BY name"
+    ).fetchall()
+    return [{
+        "name": str(name), "roles": [r for r in str(roles).split(",") if r],
+        "host": str(host), "started_at": float(started),
+        "last_heartbeat_seconds": round(max(0.0, now - float(beat)), 1),
+        "live": stopped_at is None and float(beat) > now - lease_seconds,
+        "stopped": stopped_at is not None, "http": http, "dicom": dicom,
+    } for name, roles, host, started, beat, stopped_at, http, dicom in rows]
+
+
+def release_dead_claims(db: Database, name: str, now: float, lease_seconds: float, *,
+                        own: bool = False) -> dict[str, list[int]]:
+    """Studies held by replicas that are not live go back to ``complete``: those being
+    scored (``scoring``; claims without a holder, written before replicas were recorded,
+    count as dead) and those waiting in a dead replica's batch (``batched``, their
+    `gate_buffer` rows deleted; a buffer row without a holder is the restarting
+    replica's to restore, `GateScorer`). With `own` (this replica's start-up), the
+    studies this replica's previous run was scoring go back too; its batch is restored
+    by its scorer. Returns the study ids by former state."""
+    with transaction(db):
+        live = live_names(db, now, lease_seconds) | {name}
+        scoring = [int(study_id) for study_id, holder in db.execute(
+            "SELECT id, claimed_by FROM studies WHERE state = 'scoring' ORDER BY id"
+        ).fetchall() if holder not in live or (own and holder == name)]
+        batched = [int(study_id) for study_id, holder in db.execute(
+            "SELECT b.study_id, b.replica FROM gate_buffer b JOIN studies s "
+            "ON s.id = b.study_id AND s.round = b.round WHERE s.state = 'batched' "
+            "AND b.replica IS NOT NULL ORDER BY b.id"
+        ).fetchall() if holder not in live]
+        for study_id in scoring:
+            db.execute("UPDATE studies SET state = 'complete', claimed_by = NULL "
+                       "WHERE id = ? AND state = 'scoring'", [study_id])
+        for study_id in batched:
+            db.execute("DELETE FROM gate_buffer WHERE study_id = ?", [study_id])
+            db.execute("UPDATE studies SET state = 'complete', claimed_by = NULL "
+                       "WHERE id = ? AND state = 'batched'", [study_id])
+    return {"scoring": scoring, "batched": batched}
+
+
+def take_lease(db: Database, lease: str, holder: str, now: float, seconds: float) -> bool:
+    """Take or renew the named lease for `seconds`; False while another holds it."""
+    with transaction(db):
+        row = db.execute("SELECT holder, expires_at FROM leases WHERE name = ?",
+                         [lease]).fetchone()
+        if row is not None and row[0] != holder and float(row[1]) > now:
+            return False
+        db.execute(
+            "INSERT INTO leases (name, holder, expires_at) VALUES (?, ?, ?) "
+            "ON CONFLICT (name) DO UPDATE SET holder = excluded.holder, "
+            "expires_at = excluded.expires_at",
+            [lease, holder, now + seconds],
+        )
+    return True
+
+
+def release_lease(db: Database, lease: str, holder: str) -> None:
+    """Give the named lease up (only if `holder` holds it)."""
+    with transaction(db):
+        db.execute("DELETE FROM leases WHERE name = ? AND holder = ?", [lease, holder])
+
+
+def lease_holder(db: Database, lease: str, now: float) -> str | None:
+    """Who holds the named lease now, None when nobody does."""
+    row = db.execute("SELECT holder FROM leases WHERE name = ? AND expires_at > ?",
+                     [lease, now]).fetchone()
+    return None if row is None else str(row[0])
