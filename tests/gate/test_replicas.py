@@ -128,6 +128,14 @@ def test_start_up_requeues_its_own_claims_and_leaves_a_live_replicas(tmp_path: P
     states = dict(home.db.execute("SELECT id, state FROM studies").fetchall())
     assert [states[i] for i in (own, others, dead, unnamed)] == [
         "complete", "scoring", "complete", "complete"]
+    # between studies a replica holds nothing: a claim of its own left by a try whose
+    # result could not be stored goes back
+    home.db.execute("UPDATE studies SET state = 'scoring', claimed_by = 'a' WHERE id = ?",
+                    [own])
+    assert a.take_over_dead() == 1
+    assert home.db.execute("SELECT state FROM studies WHERE id = ?", [own]).fetchone() == (
+        "complete",)
+    assert a.take_over_dead() == 0
     # b stops cleanly: what it still holds is taken over at once, not after the lease
     replicas.stopped(home.db, "b", home.now)
     assert a.take_over_dead() == 1 and home.db.execute(

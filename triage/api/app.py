@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -15,11 +16,14 @@ from triage.api.security import SecurityHeadersMiddleware
 from triage.api.throttle import AuthThrottle
 from triage.errors import TriageError
 from triage.review.queue import QueueError
+from triage.store.db import DATABASE_ERRORS
+from triage.telemetry.logs import event
 
 if TYPE_CHECKING:
     from triage.daemon import Daemon
 
 STATIC = Path(__file__).parent / "static"
+log = logging.getLogger("triage.api")
 
 
 def create_app(daemon: Daemon) -> FastAPI:
@@ -58,6 +62,18 @@ def create_app(daemon: Daemon) -> FastAPI:
     @app.exception_handler(QueueError)
     async def queue_error(request: Request, exc: QueueError) -> JSONResponse:
         return JSONResponse({"detail": str(exc)}, status_code=exc.status)
+
+    async def store_unavailable(request: Request, exc: Exception) -> JSONResponse:
+        # The store cannot be reached or is busy beyond its timeout (a database server
+        # restarting, a lock held too long): a named, retryable answer, not a traceback.
+        route = request.scope.get("route")  # its template: no UID from the URL
+        event(log, "api_store_unavailable", logging.WARNING,
+              route=getattr(route, "path", None), error_type=type(exc).__name__)
+        return JSONResponse({"detail": "the store is unavailable; try again shortly"},
+                            status_code=503, headers={"Retry-After": "5"})
+
+    for error in DATABASE_ERRORS:
+        app.add_exception_handler(error, store_unavailable)
 
     @app.exception_handler(TriageError)
     async def triage_error(request: Request, exc: TriageError) -> JSONResponse:

@@ -151,14 +151,21 @@ class ScoringWorker:
 
     def take_over_dead(self) -> int:
         """Studies that replicas no longer live were scoring, or held in their batches,
-        go back to ``complete`` (event `replica_claims_taken_over`); call every few
-        seconds. Returns how many."""
-        released = release_dead_claims(self._db, self._replica, self._clock(), self._lease)
-        ids = released["scoring"] + released["batched"]
-        if ids:
-            event(log, "replica_claims_taken_over", logging.WARNING, studies=len(ids),
-                  study_ids=ids)
-        return len(ids)
+        go back to ``complete`` (event `replica_claims_taken_over`); so does a study this
+        replica left ``scoring`` when a try failed to store its result (the store went
+        away mid-transaction; event `scoring_interrupted_requeued`). Call every few
+        seconds, between studies. Returns how many."""
+        released = release_dead_claims(self._db, self._replica, self._clock(), self._lease,
+                                       own=True)
+        own = released["own"]
+        others = [i for i in released["scoring"] + released["batched"] if i not in own]
+        if own:
+            event(log, "scoring_interrupted_requeued", logging.WARNING, studies=len(own),
+                  study_ids=own)
+        if others:
+            event(log, "replica_claims_taken_over", logging.WARNING, studies=len(others),
+                  study_ids=others)
+        return len(own) + len(others)
 
     def run_once(self) -> int | None:
         """Score the next complete study; return its id, or None when there is none.

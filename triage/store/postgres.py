@@ -48,6 +48,7 @@ from psycopg.rows import dict_row
 # Any 64-bit constant: the one advisory lock taken by every write transaction.
 WRITE_LOCK = 0x7472696167650001  # "triage" + 1
 SCHEMA_TABLE = "triage_schema"
+IDLE_IN_TRANSACTION_MS = 10_000
 
 # PL/pgSQL for each SQLite trigger of the migrations, by trigger name.
 TRIGGERS: dict[str, str] = {
@@ -326,7 +327,12 @@ def open_postgres(url: str, identity: frozenset[str], *, readonly: bool,
                   lock_timeout_ms: int) -> PostgresDatabase:
     """Connect to ``url``: autocommit, parameters bound on the client, waits for a lock
     bounded like SQLite's busy timeout."""
-    options = f"-c lock_timeout={lock_timeout_ms}"
+    # A session that stops talking inside a write transaction (a replica paused or cut
+    # off from the server) would hold the write lock for every replica until TCP gave
+    # up, hours later: the server ends it after IDLE_IN_TRANSACTION_MS instead. The
+    # product's transactions are short (milliseconds between statements).
+    options = (f"-c lock_timeout={lock_timeout_ms} "
+               f"-c idle_in_transaction_session_timeout={IDLE_IN_TRANSACTION_MS}")
     if readonly:
         options += " -c default_transaction_read_only=on"
 

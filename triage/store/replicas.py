@@ -103,14 +103,21 @@ def release_dead_claims(db: Database, name: str, now: float, lease_seconds: floa
     scored (``scoring``; claims without a holder, written before replicas were recorded,
     count as dead) and those waiting in a dead replica's batch (``batched``, their
     `gate_buffer` rows deleted; a buffer row without a holder is the restarting
-    replica's to restore, `GateScorer`). With `own` (this replica's start-up), the
-    studies this replica's previous run was scoring go back too; its batch is restored
-    by its scorer. Returns the study ids by former state."""
+    replica's to restore, `GateScorer`). With `own` (asked by this replica's scoring
+    worker between studies, when it holds none: at start-up, or after a try whose result
+    could not be stored), what this replica holds `scoring` goes back too; its batch is
+    restored by its scorer. Returns the study ids by former state (``scoring``,
+    ``batched``) and, among the ``scoring`` ones, this replica's (``own``)."""
+    if not _claims_to_release(db, name, now, lease_seconds, own):
+        return {"scoring": [], "batched": [], "own": []}  # the usual case: no write lock
     with transaction(db):
         live = live_names(db, now, lease_seconds) | {name}
-        scoring = [int(study_id) for study_id, holder in db.execute(
+        held = db.execute(
             "SELECT id, claimed_by FROM studies WHERE state = 'scoring' ORDER BY id"
-        ).fetchall() if holder not in live or (own and holder == name)]
+        ).fetchall()
+        scoring = [int(study_id) for study_id, holder in held
+                   if holder not in live or (own and holder == name)]
+        mine = [int(study_id) for study_id, holder in held if own and holder == name]
         batched = [int(study_id) for study_id, holder in db.execute(
             "SELECT b.study_id, b.replica FROM gate_buffer b JOIN studies s "
             "ON s.id = b.study_id AND s.round = b.round WHERE s.state = 'batched' "
@@ -123,7 +130,20 @@ def release_dead_claims(db: Database, name: str, now: float, lease_seconds: floa
             db.execute("DELETE FROM gate_buffer WHERE study_id = ?", [study_id])
             db.execute("UPDATE studies SET state = 'complete', claimed_by = NULL "
                        "WHERE id = ? AND state = 'batched'", [study_id])
-    return {"scoring": scoring, "batched": batched}
+    return {"scoring": scoring, "batched": batched, "own": mine}
+
+
+def _claims_to_release(db: Database, name: str, now: float, lease_seconds: float,
+                       own: bool) -> bool:
+    """Whether `release_dead_claims` would release anything (read only)."""
+    live = live_names(db, now, lease_seconds) | {name}
+    holders = {row[0] for row in db.execute(
+        "SELECT DISTINCT claimed_by FROM studies WHERE state = 'scoring'").fetchall()}
+    holders |= {row[0] for row in db.execute(
+        "SELECT DISTINCT b.replica FROM gate_buffer b JOIN studies s ON s.id = b.study_id "
+        "AND s.round = b.round WHERE s.state = 'batched' AND b.replica IS NOT NULL"
+    ).fetchall()}
+    return any(holder not in live or (own and holder == name) for holder in holders)
 
 
 def take_lease(db: Database, lease: str, holder: str, now: float, seconds: float) -> bool:
