@@ -13,7 +13,7 @@ RUN pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu
 COPY pyproject.toml README.md ./
 COPY triage ./triage
 RUN pip install . && useradd --system --uid 10001 --home /data triage \
-    && mkdir -p /data && chown triage /data
+    && mkdir -p /data /shared && chown triage /data /shared
 COPY config.yaml /etc/triage/config.yaml
 
 USER triage

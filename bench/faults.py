@@ -4,6 +4,7 @@ what broke.
     .venv/bin/python bench/faults.py                      # 20 trials per scenario
     .venv/bin/python bench/faults.py --trials 2 --out /tmp/faults.json
     .venv/bin/python bench/faults.py --scenarios sqlite_busy,clock_jump --trials 5
+    .venv/bin/python bench/faults.py --store postgresql    # the same on PostgreSQL
 
 Every scenario runs the real ``triage serve`` subprocess on its own state directory,
 with real DICOM files dropped into its inbox, reviewers working through the HTTP API and
@@ -77,7 +78,8 @@ from faultbench.kills import (  # noqa: E402
     kill_during_scoring,
 )
 from faultbench.rig import Rig  # noqa: E402
-from faults_support import KINDS, log_problems  # noqa: E402
+from triage.store.db import DATABASE_ERRORS  # noqa: E402
+from faults_support import KINDS, log_problems, store_exists, use_store  # noqa: E402
 
 RESULTS = REPO / "bench" / "results" / "faults.json"
 
@@ -95,11 +97,16 @@ SCENARIOS: dict[str, Callable[[Rig, int], None]] = {
 }
 
 
-def run_scenario(name: str, trials: int, seed: int = 0, workdir: Path | None = None) -> dict:
-    """Run ``trials`` trials of one scenario in a fresh state directory; its summary."""
+def run_scenario(name: str, trials: int, seed: int = 0, workdir: Path | None = None,
+                 store_url: str | None = None) -> dict:
+    """Run ``trials`` trials of one scenario in a fresh state directory (its store in
+    the PostgreSQL database ``store_url`` when given); its summary."""
     own = workdir is None
     workdir = Path(tempfile.mkdtemp(prefix=f"faults-{name}-")) if own else workdir
     rig = Rig(name, workdir, seed, dict(BASE_ENV))
+    if store_url is not None:
+        rig.env["TRIAGE__STORE__URL"] = store_url
+        use_store(rig.home, store_url)
     started = time.monotonic()
     try:
         SCENARIOS[name](rig, trials)
@@ -118,9 +125,12 @@ def run_scenario(name: str, trials: int, seed: int = 0, workdir: Path | None = N
 
 def _kill_workers(rig: Rig) -> None:
     """Training subprocesses this scenario's daemons left running (own session)."""
-    for (pid,) in read_rows(rig.home, "SELECT pid FROM retrain_runs WHERE state = 'running' "
-                                      "AND pid IS NOT NULL") if (rig.home / "triage.db").exists() \
-            else []:
+    try:
+        pids = read_rows(rig.home, "SELECT pid FROM retrain_runs WHERE state = 'running' "
+                                   "AND pid IS NOT NULL") if store_exists(rig.home) else []
+    except DATABASE_ERRORS:  # a PostgreSQL database no daemon migrated
+        pids = []
+    for (pid,) in pids:
         try:
             if str(rig.home).encode() in Path(f"/proc/{pid}/environ").read_bytes():
                 os.kill(pid, signal.SIGKILL)
@@ -143,7 +153,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scenarios", default=",".join(SCENARIOS),
                         help="comma-separated subset of: " + ", ".join(SCENARIOS))
     parser.add_argument("--seed", type=int, default=0, help="master seed of the fault points")
+    parser.add_argument("--store", choices=("sqlite", "postgresql"), default="sqlite",
+                        help="postgresql: each scenario's store is a database on a private "
+                        "server (tests/pg_server.py); the default output is then "
+                        "bench/results/faults.postgres.json")
     args = parser.parse_args(argv)
+    if args.store == "postgresql" and args.out == RESULTS:
+        args.out = RESULTS.with_name("faults.postgres.json")
     names = [n.strip() for n in args.scenarios.split(",") if n.strip()]
     unknown = [n for n in names if n not in SCENARIOS]
     if unknown:
@@ -169,9 +185,18 @@ def main(argv: list[str] | None = None) -> int:
 
     previous = signal.signal(signal.SIGTERM, on_sigterm)
     args.out.parent.mkdir(parents=True, exist_ok=True)
+    server = None
+    if args.store == "postgresql":
+        from pg_server import PostgresServer, missing_reason
+
+        if missing_reason() is not None:
+            parser.error(missing_reason())
+        server = PostgresServer().start()
     try:
         for name in names:
-            result = run_scenario(name, args.trials, args.seed)
+            result = run_scenario(name, args.trials, args.seed,
+                                  store_url=server.new_database() if server else None)
+            result["store"] = args.store
             results.append(result)
             print(json.dumps({k: result[k] for k in ("name", "trials", "lost", "duplicated",
                                                       "stuck", "flooded", "other", "seconds")}),
@@ -180,6 +205,8 @@ def main(argv: list[str] | None = None) -> int:
                 args.out.write_text(json.dumps(report(False), indent=2) + "\n")
     finally:
         signal.signal(signal.SIGTERM, previous)
+        if server is not None:
+            server.stop()
     final = report(True)
     args.out.write_text(json.dumps(final, indent=2) + "\n")
     print(json.dumps(final, indent=2))

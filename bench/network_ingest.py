@@ -33,6 +33,13 @@ the daemon runs with ``scope.modalities: []`` and ``scope.body_parts: []``: the 
 is scored, as a site that has a CT model would. Everything else is the shipped
 config.yaml. Prints one JSON object (and writes it with ``--out``).
 
+On PostgreSQL (Debian's `postgresql`, a private server with fsync on,
+tests/pg_server.py): ``receiver_postgres``, one receiver whose store is the server, and
+``two_receivers_postgres``, two daemons (all roles) on one database with one shared
+archive, each sent a CT study of ``--n / 2`` instances by its own storescu at the same
+time: their total instances/s (all instances over the time until both storescu exit)
+beside one receiver's, and the later of the two studies' decisions after exit.
+
     .venv/bin/python bench/network_ingest.py --n 500 --runs 3
 """
 
@@ -61,6 +68,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from triage.replay.dicom_writer import image_dataset, write_dataset  # noqa: E402
+from triage.store import db as store  # noqa: E402
 
 CONFIG = REPO / "config.yaml"
 # the CT studies are outside the shipped scope (CR/DX chest): admitted here, so scored
@@ -118,6 +126,7 @@ class Triage:
 
     def __init__(self, home: Path, receiver: bool, env: dict[str, str]) -> None:
         self.home = home
+        self.url = env.get("TRIAGE__STORE__URL")  # PostgreSQL, else the SQLite file
         self.http = free_port()
         self.dicom = free_port() if receiver else None
         self.env = {**os.environ, "TRIAGE_HOME": str(home),
@@ -147,15 +156,16 @@ class Triage:
         while time.monotonic() < deadline:
             try:
                 if db is None:
-                    db = sqlite3.connect(f"file:{self.home / 'triage.db'}?mode=ro", uri=True)
+                    db = (store.connect(self.url, readonly=True) if self.url else
+                          sqlite3.connect(f"file:{self.home / 'triage.db'}?mode=ro", uri=True))
                 row = db.execute(
                     "SELECT MIN(decisions.created_at) FROM decisions JOIN studies "
                     "ON studies.id = decisions.study_id WHERE studies.study_uid = ?",
                     [study_uid]).fetchone()
                 if row and row[0] is not None:
                     return time.time()
-            except sqlite3.Error:
-                pass
+            except store.DATABASE_ERRORS:
+                db = None
             time.sleep(0.01)
         return None
 
@@ -202,6 +212,41 @@ def run_storescp(files: Path, study: str, scratch: Path, nodelay: str, env: dict
     return {"sent": sent, "seconds": round(seconds, 3),
             "instances_per_s": round(sent / seconds, 1),
             "decision_after_exit_s": round(decided - exited, 3) if decided else None}
+
+
+def run_two_receivers(files: list[Path], studies: list[str], scratch: Path, nodelay: str,
+                      env: dict) -> dict:
+    """Two daemons on one PostgreSQL database (`env` names it) and one shared archive,
+    each sent its own study by its own storescu at the same time."""
+    shared = {f"TRIAGE__PATHS__{name.upper()}": str(scratch / "shared" / name)
+              for name in ("archive", "models", "quarantine")}
+    daemons = [Triage(scratch / f"home{i}", receiver=True,
+                      env={**env, **shared, "TRIAGE__REPLICA__NAME": f"bench-{i}"})
+               for i in range(2)]
+    results: list[tuple[float, int] | None] = [None, None]
+    try:
+        def send(i: int) -> None:
+            results[i] = storescu(daemons[i].dicom, files[i], "TRIAGE", nodelay)
+
+        started = time.perf_counter()
+        senders = [threading.Thread(target=send, args=(i,)) for i in range(2)]
+        for sender in senders:
+            sender.start()
+        for sender in senders:
+            sender.join()
+        seconds = time.perf_counter() - started
+        exited = time.time()
+        decided = [daemon.decided_at(study, timeout=300)
+                   for daemon, study in zip(daemons, studies, strict=True)]
+    finally:
+        for daemon in daemons:
+            daemon.stop()
+    sent = sum(r[1] for r in results if r is not None)
+    return {"sent": sent, "seconds": round(seconds, 3),
+            "instances_per_s": round(sent / seconds, 1),
+            "per_receiver_seconds": [round(r[0], 3) for r in results if r is not None],
+            "decision_after_exit_s": round(max(decided) - exited, 3)
+            if all(decided) else None}
 
 
 def run_pynetdicom_null(files: Path, nodelay: str) -> dict:
@@ -353,13 +398,24 @@ def main() -> None:
     parser.add_argument("--tcp-nodelay", default="1", choices=["0", "1"])
     parser.add_argument("--targets",
                         default="receiver,receiver_read_at_once,receiver_nofsync,storescp,"
-                                "orthanc,pynetdicom_null")
+                                "orthanc,pynetdicom_null,receiver_postgres,"
+                                "two_receivers_postgres")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     if shutil.which("storescu") is None:
         sys.exit("storescu not found: install Debian's dcmtk (make system-deps)")
     targets = args.targets.split(",")
     results: dict[str, object] = {}
+    server = None
+    if {"receiver_postgres", "two_receivers_postgres"} & set(targets):
+        sys.path.insert(0, str(REPO / "tests"))
+        from pg_server import PostgresServer, missing_reason
+
+        if missing_reason() is None:
+            server = PostgresServer(fsync=True).start()  # durable commits, as SQLite's
+        else:
+            targets = [t for t in targets if not t.endswith("_postgres")]
+            results["postgres"] = missing_reason()
     with tempfile.TemporaryDirectory(prefix="triage-netbench-") as tmp:
         tmp_path = Path(tmp)
         runs: dict[str, list[dict]] = {name: [] for name in targets}
@@ -386,6 +442,19 @@ def main() -> None:
                                                    ANY_SCOPE))
                 elif name == "orthanc" and shutil.which("Orthanc"):
                     runs[name].append(run_orthanc(files, scratch, args.tcp_nodelay))
+                elif name == "receiver_postgres" and server is not None:
+                    runs[name].append(run_receiver(
+                        files, study, scratch, args.tcp_nodelay,
+                        {**ANY_SCOPE, "TRIAGE__STORE__URL": server.new_database()}))
+                elif name == "two_receivers_postgres" and server is not None:
+                    halves = [tmp_path / f"half{run}-{i}" for i in range(2)]
+                    uids = [write_ct(half, args.n // 2, args.size, seed=100 + 2 * run + i)
+                            for i, half in enumerate(halves)]
+                    runs[name].append(run_two_receivers(
+                        halves, uids, scratch, args.tcp_nodelay,
+                        {**ANY_SCOPE, "TRIAGE__STORE__URL": server.new_database()}))
+                    for half in halves:
+                        shutil.rmtree(half, ignore_errors=True)
                 shutil.rmtree(scratch, ignore_errors=True)
             shutil.rmtree(files, ignore_errors=True)
         for name, items in runs.items():
@@ -402,6 +471,8 @@ def main() -> None:
                 results[key] = {"gap_s": gap, **latency_under_load(
                     tmp_path / key, args.latency_studies, args.n, args.size,
                     args.tcp_nodelay, gap)}
+    if server is not None:
+        server.stop()
     out = {
         "benchmark": "network_ingest",
         "date": time.strftime("%Y-%m-%d"),

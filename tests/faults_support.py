@@ -45,7 +45,8 @@ from typing import NamedTuple
 
 from conftest import FAST_ENV, PHI_STRINGS, REPO, DaemonProcess, make_image  # noqa: F401
 
-from triage.store.db import FINAL_FILE_STATES
+from triage.store import db as store
+from triage.store.db import DATABASE_ERRORS, FINAL_FILE_STATES
 
 FINAL = FINAL_FILE_STATES
 IN_FLIGHT_FILES = ("received", "reading", "moving")
@@ -186,18 +187,55 @@ def all_expected(batch: Batch) -> dict[str, tuple[str, ...]]:
 # -- reading the store -------------------------------------------------------------------
 
 
-def connect_ro(home: Path) -> sqlite3.Connection:
-    return sqlite3.connect(f"file:{home / 'triage.db'}?mode=ro", uri=True, timeout=30)
+# A daemon's store: its home's SQLite file, or the PostgreSQL database `use_store`
+# names for that home (bench/faults.py --store postgresql).
+_STORES: dict[Path, str] = {}
+
+
+def use_store(home: Path, url: str) -> None:
+    """The daemon of `home` keeps its store in the PostgreSQL database `url`."""
+    _STORES[Path(home).resolve()] = url
+
+
+def store_of(home: Path) -> Path | str:
+    return _STORES.get(Path(home).resolve(), home / "triage.db")
+
+
+def store_exists(home: Path) -> bool:
+    """Whether the daemon created its store (a SIGKILL may land before it did)."""
+    target = store_of(home)
+    if not isinstance(target, str):
+        return Path(target).exists()
+    try:
+        db = store.connect(target, readonly=True)
+    except DATABASE_ERRORS:
+        return False
+    try:
+        return db.execute("SELECT to_regclass('files') IS NOT NULL").fetchone()[0] in (1, True)
+    finally:
+        db.close()
+
+
+def connect_ro(home: Path):  # type: ignore[no-untyped-def]
+    """A read-only connection to the daemon's store (sqlite3's, or the store's own on
+    PostgreSQL: the same execute/fetch/close)."""
+    target = store_of(home)
+    if isinstance(target, str):
+        return store.connect(target, readonly=True)
+    return sqlite3.connect(f"file:{target}?mode=ro", uri=True, timeout=30)
 
 
 def scalar(home: Path, sql: str, params: Iterable[object] = ()) -> int:
-    if not (home / "triage.db").exists():
+    if not store_exists(home):
         return 0
-    conn = connect_ro(home)
+    try:
+        conn = connect_ro(home)
+    except DATABASE_ERRORS:
+        return 0
     try:
         value = conn.execute(sql, list(params)).fetchone()[0]
         return int(value or 0)
-    except sqlite3.OperationalError:  # schema not created yet
+    except DATABASE_ERRORS:  # schema not created yet
         return 0
     finally:
         conn.close()
@@ -237,10 +275,12 @@ def always_problems(home: Path, damaged: Iterable[str] = ()) -> list[Problem]:
     out: list[Problem] = []
     conn = connect_ro(home)
     try:
-        if conn.execute("PRAGMA integrity_check").fetchone()[0] != "ok":
-            out.append(Problem("other", "database integrity check failed"))
-        if conn.execute("PRAGMA foreign_key_check").fetchall():
-            out.append(Problem("other", "foreign key check failed"))
+        # SQLite's own checks; PostgreSQL enforces foreign keys as it writes
+        if isinstance(conn, sqlite3.Connection):
+            if conn.execute("PRAGMA integrity_check").fetchone()[0] != "ok":
+                out.append(Problem("other", "database integrity check failed"))
+            if conn.execute("PRAGMA foreign_key_check").fetchall():
+                out.append(Problem("other", "foreign key check failed"))
         for rel, n in conn.execute("SELECT inbox_path, COUNT(*) FROM files "
                                    "GROUP BY origin, inbox_path HAVING COUNT(*) > 1"):
             out.append(Problem("duplicated", f"inbox file {rel} has {n} rows"))

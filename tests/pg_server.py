@@ -52,7 +52,8 @@ def _free_port() -> int:
 class PostgresServer:
     """One cluster; `new_database()` gives each test its own empty database."""
 
-    def __init__(self) -> None:
+    def __init__(self, fsync: bool = False) -> None:
+        self.fsync = fsync  # off for tests (the product's behaviour, not the disk's)
         self.folder = Path(tempfile.mkdtemp(prefix="triage-pg-"))
         self.data = self.folder / "data"
         self.port = _free_port()
@@ -106,7 +107,8 @@ class PostgresServer:
     def _pg_ctl_start(self) -> None:
         # fsync off: the tests check the product's behaviour, not the disk's.
         options = (f"-c listen_addresses=127.0.0.1 -c port={self.port} "
-                   f"-c unix_socket_directories={self.folder} -c fsync=off "
+                   f"-c unix_socket_directories={self.folder} "
+                   f"-c fsync={'on' if self.fsync else 'off'} "
                    "-c max_connections=300 -c shared_buffers=64MB")
         self._run(_binary("pg_ctl"), "-D", str(self.data), "-o", options, "-w", "-t", "60",
                   "-l", str(self.folder / "server.log"), "start")

@@ -46,16 +46,20 @@ faults = importlib.util.module_from_spec(_spec)
 sys.modules[_spec.name] = faults  # dataclasses look their module up there
 _spec.loader.exec_module(faults)
 
-# 1 trial where a trial is inherently slow: a training subprocess per trial (retrain,
-# promotion), a 10 s lock (sqlite_busy), a lease waited out (clock_jump).
-SLOW = ("kill_during_retrain", "kill_during_promotion", "sqlite_busy", "clock_jump")
+# Run only by `make test-full` (`make test` keeps the 10-minute budget): a training
+# subprocess per trial (retrain, promotion), a 10 s lock (sqlite_busy), a lease waited
+# out (clock_jump); and two whose fault has its own fast test of the daemon's answer
+# (a corrupt serving model: tests/gate/test_degraded_serving.py; an unreadable archive
+# file: tests/gate/test_worker_faults.py).
+SLOW = ("kill_during_retrain", "kill_during_promotion", "sqlite_busy", "clock_jump",
+        "corrupt_serving_model", "unreadable_archive_file")
 FULL_SCALE = os.environ.get("TRIAGE_FULL_SCALE") == "1"
 FAST_TRIALS = {name: 2 if FULL_SCALE and name not in SLOW else 1 for name in faults.SCENARIOS}
 
 
 @pytest.mark.parametrize("name", [
     pytest.param(name, marks=pytest.mark.skipif(
-        name in SLOW and not FULL_SCALE, reason="inherently slow: make test-full runs it"))
+        name in SLOW and not FULL_SCALE, reason="slow: make test-full runs it"))
     for name in faults.SCENARIOS])
 def test_scenario_fast_subset(name: str, tmp_path: Path) -> None:
     result = faults.run_scenario(name, FAST_TRIALS[name], seed=0, workdir=tmp_path)
@@ -63,6 +67,23 @@ def test_scenario_fast_subset(name: str, tmp_path: Path) -> None:
     counts = {k: result[k] for k in ("lost", "duplicated", "stuck", "flooded", "other")}
     assert counts == dict.fromkeys(counts, 0), result["details"]
     assert result["trials"] == FAST_TRIALS[name] and result["fault_points"], result
+
+
+def test_a_scenario_runs_on_postgresql(tmp_path: Path, postgres_server) -> None:
+    """`bench/faults.py --store postgresql`: the daemon's store is a database on the
+    server and every invariant is read from there (one trial here; the bench runs all
+    ten scenarios)."""
+    url = postgres_server.new_database()
+    result = faults.run_scenario("kill_during_ingest", 1, seed=0, workdir=tmp_path,
+                                 store_url=url)
+    counts = {k: result[k] for k in ("lost", "duplicated", "stuck", "flooded", "other")}
+    assert counts == dict.fromkeys(counts, 0), result["details"]
+    assert not (tmp_path / "home" / "triage.db").exists()  # nothing went to SQLite
+    db = store.connect(url, readonly=True)
+    try:
+        assert db.execute("SELECT COUNT(*) FROM files").fetchone()[0] >= 10
+    finally:
+        db.close()
 
 
 def test_command_line_writes_the_results_file(tmp_path: Path, monkeypatch, capsys) -> None:

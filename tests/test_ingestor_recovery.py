@@ -53,7 +53,8 @@ def test_crash_while_reading_is_retried_then_quarantined(setup) -> None:
     assert _states(db) == [("archived", None)]
 
     path = make_image(settings.path("inbox") / "b.dcm", seed=2)
-    _journal(settings, db, "b.dcm", path.read_bytes(), "reading", attempts=settings.ingest.max_read_attempts)
+    _journal(settings, db, "b.dcm", path.read_bytes(), "reading",
+             attempts=settings.ingest.max_read_attempts)
     ingestor.recover()
     assert _states(db)[-1] == ("quarantined", "reader_crashed")
     assert not path.exists()

@@ -23,6 +23,8 @@ from conftest import FAST_ENV, REPO, DaemonProcess, make_image
 from prometheus_client.parser import text_string_to_metric_families
 from test_review_api import auth, make_token
 
+from triage.config import load_settings
+
 SERVICE = REPO / "service"
 DASHBOARD = SERVICE / "grafana" / "dashboards" / "triage.json"
 ALERTS = SERVICE / "prometheus" / "alerts.yml"
@@ -229,7 +231,8 @@ def test_promtool_checks_and_unit_tests_the_rules() -> None:
         assert done.returncode == 0, done.stdout + done.stderr
 
 
-@pytest.mark.parametrize("name", ["prometheus.yml", "prometheus-compose.yml"])
+@pytest.mark.parametrize("name", ["prometheus.yml", "prometheus-compose.yml",
+                                  "prometheus-replicas.yml"])
 def test_promtool_checks_the_prometheus_config(name: str) -> None:
     path = SERVICE / "prometheus" / name
     done = subprocess.run([_promtool(), "check", "config", str(path)],
@@ -238,8 +241,54 @@ def test_promtool_checks_the_prometheus_config(name: str) -> None:
     config = yaml.safe_load(path.read_text())
     [job] = config["scrape_configs"]
     assert job["job_name"] == "triage"
-    target = {"prometheus.yml": "127.0.0.1:8000", "prometheus-compose.yml": "triage:8000"}[name]
-    assert job["static_configs"][0]["targets"] == [target]
+    targets = {"prometheus.yml": ["127.0.0.1:8000"], "prometheus-compose.yml": ["triage:8000"],
+               "prometheus-replicas.yml": ["triage-a:8000", "triage-b:8000"]}[name]
+    assert job["static_configs"][0]["targets"] == targets
+
+
+def _loopback_ports_and_known_volumes(compose: dict) -> None:
+    """Every published port is on loopback; every mount is a file of service/ or a
+    declared volume."""
+    for name, service in compose["services"].items():
+        for port in service.get("ports", []):
+            assert port.startswith("127.0.0.1:"), (name, port)
+        for volume in service.get("volumes", []):
+            source = volume.split(":")[0]
+            if source.startswith("."):
+                assert (SERVICE / source).exists(), (name, volume)
+            else:
+                assert source in compose["volumes"], (name, volume)
+
+
+def test_the_replicas_compose_file_shares_one_store_and_the_shared_folders() -> None:
+    """docker-compose.replicas.yml, checked as YAML (no Docker engine here): two replicas
+    whose settings load, on one database, sharing archive, models and quarantine on one
+    volume, each with its own home volume; every role is run by one of them; Prometheus
+    scrapes both."""
+    compose = yaml.safe_load((SERVICE / "docker-compose.replicas.yml").read_text())
+    services = compose["services"]
+    assert set(services) == {"db", "triage-a", "triage-b", "prometheus", "grafana"}
+    replicas = {name: services[name] for name in ("triage-a", "triage-b")}
+    roles: set[str] = set()
+    homes = set()
+    for name, service in replicas.items():
+        env = {k: str(v) for k, v in service["environment"].items()}
+        env["TRIAGE__STORE__URL"] = env["TRIAGE__STORE__URL"].replace(
+            "${POSTGRES_PASSWORD:?set POSTGRES_PASSWORD}", "secret")
+        settings = load_settings(REPO / "config.yaml", environ=env)  # valid, as the image runs
+        assert settings.replica_name() == name
+        assert settings.store.url == "postgresql://triage:secret@db:5432/triage"
+        for folder in ("archive", "models", "quarantine"):
+            assert settings.path(folder) == Path("/shared") / folder
+        roles |= set(settings.replica.roles)
+        mounts = dict(v.split(":")[:2] for v in service["volumes"])
+        assert mounts["triage-shared"] == "/shared"
+        homes.add(next(src for src, dst in mounts.items() if dst == "/data"))
+        assert service["depends_on"]["db"]["condition"] == "service_healthy"
+    assert roles == {"receiver", "ingest", "score", "review", "retrain"}
+    assert len(homes) == 2 and homes <= set(compose["volumes"])
+    _loopback_ports_and_known_volumes(compose)
+    assert "/shared" in (REPO / "Dockerfile").read_text()  # owned by the image's user
 
 
 def test_compose_file_parses_and_mounts_files_that_exist() -> None:
@@ -251,15 +300,7 @@ def test_compose_file_parses_and_mounts_files_that_exist() -> None:
     assert (SERVICE / build["context"] / build["dockerfile"]).is_file()
     assert "healthz" in " ".join(services["triage"]["healthcheck"]["test"])
     assert any(v.startswith("triage-data:") for v in services["triage"]["volumes"])
-    for name, service in services.items():
-        for port in service.get("ports", []):
-            assert port.startswith("127.0.0.1:"), (name, port)
-        for volume in service.get("volumes", []):
-            source = volume.split(":")[0]
-            if source.startswith("."):
-                assert (SERVICE / source).exists(), (name, volume)
-            else:
-                assert source in compose["volumes"], (name, volume)
+    _loopback_ports_and_known_volumes(compose)
     config = next(arg.split("=", 1)[1] for arg in services["prometheus"]["command"]
                   if arg.startswith("--config.file="))
     mounted = {v.split(":")[1]: SERVICE / v.split(":")[0]

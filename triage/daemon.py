@@ -85,7 +85,8 @@ class Daemon:
         self._paused = False
         self.registry = registry if registry is not None else CollectorRegistry()
         self.metrics: Metrics = build_metrics(self.registry)
-        self.registry.register(StoreCollector(self._open_readonly, settings.home))
+        self.registry.register(StoreCollector(self._open_readonly, settings.home,
+                                              settings.replica.lease_seconds))
         self.registry.register(RetrainCollector(self._open_readonly, settings.model.labels))
         self.registry.register(OpsCollector(self._open_readonly, settings.model.labels))
         self._stop = threading.Event()

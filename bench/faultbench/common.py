@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
-import sqlite3
 from pathlib import Path
 
-from faults_support import FAST_ENV, connect_ro
+from faults_support import FAST_ENV, connect_ro, store_exists, store_of
+
+from triage.store import db as store
 
 
 LABEL_RATE = 0.3
@@ -56,19 +57,19 @@ CLASSES = ("normal", "pneumonia")
 
 
 def read_rows(home: Path, sql: str, params: list | None = None) -> list[tuple]:
-    if not (home / "triage.db").exists():
+    if not store_exists(home):
         return []
     conn = connect_ro(home)
     try:
-        return conn.execute(sql, params or []).fetchall()
+        return [tuple(row) for row in conn.execute(sql, params or []).fetchall()]
     finally:
         conn.close()
 
 
 def write_sql(home: Path, sql: str, params: list | None = None) -> None:
-    conn = sqlite3.connect(home / "triage.db", timeout=30)
+    db = store.connect(store_of(home))
     try:
-        with conn:
-            conn.execute(sql, params or [])
+        with store.transaction(db):
+            db.execute(sql, params or [])
     finally:
-        conn.close()
+        db.close()

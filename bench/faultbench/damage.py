@@ -21,6 +21,7 @@ from faults_support import (
     log_problems,
     scalar,
     single_studies,
+    store_of,
     wait_until,
     wave_one,
     wave_two,
@@ -331,13 +332,28 @@ print("locked", flush=True)
 time.sleep(float(sys.argv[2]))
 conn.execute("ROLLBACK")
 """
+# On PostgreSQL the store's write lock is one advisory lock (triage/store/postgres.py):
+# another session holds it inside a transaction, as BEGIN IMMEDIATE holds SQLite's.
+_PG_LOCKER = """
+import sys, time, psycopg
+from triage.store.postgres import WRITE_LOCK
+with psycopg.connect(sys.argv[1]) as conn:
+    conn.execute("SELECT pg_advisory_xact_lock(%s)", [WRITE_LOCK])
+    print("locked", flush=True)
+    time.sleep(float(sys.argv[2]))
+    conn.rollback()
+"""
 
 
 def sqlite_busy(rig: Rig, trials: int) -> None:
     """Another process holds the write lock (BEGIN IMMEDIATE) on triage.db for 10 s
     while files arrive and reviewers label; sometimes the daemon is SIGKILLed while it
     waits and restarted under the lock."""
-    rig.mechanism.add(f"a separate process holds BEGIN IMMEDIATE on triage.db for "
+    target = store_of(rig.home)
+    on_postgres = isinstance(target, str)
+    how = ("the advisory lock, in a PostgreSQL transaction" if on_postgres
+           else "BEGIN IMMEDIATE on triage.db")
+    rig.mechanism.add(f"a separate process holds the store's write lock ({how}) for "
                       f"{LOCK_SECONDS:g} s, starting at a seeded moment")
     rig.label_rate = 0.5
     rig.env["TRIAGE__GATE__LABEL_RATE"] = "0.5"
@@ -348,7 +364,8 @@ def sqlite_busy(rig: Rig, trials: int) -> None:
         since = rig.snapshot()
         drop_and_decide(rig, 50_000 + 100 * t, 6, f"t{t}/pre/")
         claims = [(r, r.claim_next(rig.url)) for r in readers]
-        locker = subprocess.Popen([sys.executable, "-c", _LOCKER, str(rig.home / "triage.db"),
+        locker = subprocess.Popen([sys.executable, "-c",
+                                   _PG_LOCKER if on_postgres else _LOCKER, str(target),
                                    str(LOCK_SECONDS)], stdout=subprocess.PIPE, text=True)
         assert locker.stdout is not None
         locker.stdout.readline()

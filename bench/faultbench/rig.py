@@ -24,6 +24,8 @@ from faults_support import (
     scalar,
     settled,
     single_studies,
+    store_exists,
+    store_of,
     wait_until,
 )
 
@@ -43,7 +45,7 @@ class Reviewer:
     def __init__(self, home: Path, name: str) -> None:
         from triage.review.auth import create_token
 
-        db = store.connect(home / "triage.db")
+        db = store.connect(store_of(home))
         try:
             _, self.token = create_token(db, name=name, role="radiologist")
         finally:
@@ -172,7 +174,7 @@ class Rig:
         return wait_until(quiet, timeout, poll=0.1)
 
     def check_always(self) -> None:
-        if (self.home / "triage.db").exists():
+        if store_exists(self.home):
             self.record(always_problems(self.home, self.damaged))
 
     def check_final(self, *, waiting_ok: bool = False) -> None:
@@ -253,7 +255,7 @@ def import_model(rig: Rig, seed: int) -> str:
     torch.manual_seed(seed)
     path = save_checkpoint(rig.workdir / f"import-{seed}.pt", build_network(settings.model),
                            build_loss_predictor(settings.model), settings.model)
-    db = store.connect(rig.home / "triage.db")
+    db = store.connect(store_of(rig.home))
     try:
         registry = ModelRegistry(db, settings.path("models"), settings.model)
         entry = registry.add(path, source=f"import:{path.name}")

@@ -89,6 +89,10 @@ ROWS: list[tuple[str, list[dict[str, Any]]]] = [
                          "Replicas on one store report the same store-wide figures "
                          "(studies, queue, model): read one target's, do not add them.",
              options={"textMode": "name"}),
+        stat("Silent replicas", [q(f'max(triage_replicas{{{JOB},state="silent"}})')],
+             description="Replicas on the shared store without a heartbeat for longer than "
+                         "replica.lease_seconds (dead or cut off); 0 with one daemon.",
+             defaults=thresholds((None, "green"), (1, "red"))),
         stat("Serving model", [q(f"triage_model_info{{{JOB}}}", "{{version}}", instant=True)],
              description="The version the scorer serves. Absent (No data) during cold start, "
                          "before any model is promoted, and while no promoted version loads.",

@@ -1,6 +1,6 @@
 """`triage retrain` end to end on real PneumoniaMNIST images, through the real CLI and worker.
 
-Reduced scale by default (400 training and 150 validation studies); TRIAGE_FULL_SCALE=1
+Reduced scale by default (240 training and 100 validation studies); TRIAGE_FULL_SCALE=1
 labels the whole development split (4690 + 516).
 """
 
@@ -58,7 +58,7 @@ def _setup(tmp_path: Path, epochs: int) -> tuple[Path, Path, Store]:
 
 @pytest.mark.slow
 def test_retrain_command_trains_promotes_and_admins_can_inspect(tmp_path, pneumonia):
-    n_train, n_val, epochs = (4690, 516, 10) if FULL_SCALE else (400, 150, 8)
+    n_train, n_val, epochs = (4690, 516, 10) if FULL_SCALE else (240, 100, 6)
     config, home, st = _setup(tmp_path, epochs)
     x, y = subset(pneumonia, "train", n_train)
     st.labelled(x[:-60], y[:-60], "train")

@@ -1,5 +1,6 @@
 """Gauges read from the store and the disk at each scrape (`triage_files`, `triage_studies`,
-`triage_queue_*`, `triage_state_dir_free_bytes`), so they are right after a restart too."""
+`triage_queue_*`, `triage_replicas`, `triage_state_dir_free_bytes`), so they are right
+after a restart too."""
 
 from __future__ import annotations
 
@@ -13,14 +14,17 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from triage.store.db import STUDY_STATES, count_by
+from triage.store.replicas import listing
 
 
 class StoreCollector(Collector):
     """Gauges read from the store and the disk at each scrape."""
 
-    def __init__(self, open_db: Callable[[], sqlite_utils.Database], home: Path) -> None:
+    def __init__(self, open_db: Callable[[], sqlite_utils.Database], home: Path,
+                 lease_seconds: float = 30.0) -> None:
         self._open_db = open_db
         self._home = home
+        self._lease = lease_seconds
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         db = self._open_db()
@@ -31,8 +35,18 @@ class StoreCollector(Collector):
             oldest = db.execute(
                 "SELECT MIN(routed_at) FROM queue_items WHERE state = 'pending'"
             ).fetchone()[0]
+            members = listing(db, time.time(), self._lease)
         finally:
             db.close()
+        family = GaugeMetricFamily(
+            "triage_replicas", "Daemons registered on this store: live (heartbeat within "
+            "replica.lease_seconds), silent (no heartbeat for longer: dead or cut off; what "
+            "they held is taken over) or stopped (cleanly).", labels=["state"])
+        for state in ("live", "silent", "stopped"):
+            family.add_metric([state], sum(
+                1 for m in members if ("stopped" if m["stopped"] else
+                                       "live" if m["live"] else "silent") == state))
+        yield family
         family = GaugeMetricFamily(
             "triage_files", "Files in the ingestion journal, by state.", labels=["state"]
         )

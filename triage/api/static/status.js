@@ -273,6 +273,19 @@ function render(s) {
   set("retrain_message", run && run.message ? run.message : "–");
   set("labels_since", count(r.labels_since_last_run));
 
+  // replicas sharing the store (one row with a single daemon)
+  const reps = s.replicas;
+  const silent = reps.members.filter((x) => !x.live && !x.stopped);
+  set("retrain_lease", reps.retrain_lease || "no replica holds the lease");
+  set("replicas", reps.members.filter((x) => x.live).map((x) =>
+    `${x.name}${x.name === reps.this ? " (this)" : ""}: ${x.roles.join(", ")}`).join("; ")
+    || "–");
+  for (const x of silent) {
+    flag(`Replica ${x.name} (${x.host}) has sent no heartbeat for ` +
+         `${duration(x.last_heartbeat_seconds)}: what it was scoring is scored by others; ` +
+         "restart it, or stop it cleanly to retire it.", "warn");
+  }
+
   const d = s.disk;
   set("disk_free", `${bytes(d.free_bytes)} of ${bytes(d.total_bytes)}`,
       d.free_bytes < d.min_free_bytes * 2 ? "warn" : "");
