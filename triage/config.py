@@ -32,7 +32,7 @@ from triage.gate.settings import GateSettings
 from triage.ingest.settings import DicomSettings, IngestSettings, ScopeSettings
 from triage.model.settings import ModelSettings
 from triage.review.settings import ReviewSettings
-from triage.store.replicas import default_name
+from triage.store.replicas import default_name, stored_name
 from triage.store.settings import ReplicaSettings, StoreSettings, StudySettings
 from triage.telemetry.settings import LogSettings
 from triage.training.settings import RetrainSettings
@@ -109,9 +109,10 @@ class Settings(_Section):
         return self.store.url or self.path("database")
 
     def replica_name(self) -> str:
-        """This daemon's name among replicas: `replica.name`, or the host name and a
-        digest of the home directory."""
-        return self.replica.name or default_name(self.home)
+        """This daemon's name among replicas: `replica.name`; else the name its home's
+        daemon ran under before (kept in the home); else the host name and a digest of
+        the home directory."""
+        return self.replica.name or stored_name(self.home) or default_name(self.home)
 
 
 def load_settings(

@@ -126,9 +126,12 @@ class Daemon:
         self._lock()
         db = store.connect(self.database)  # create and migrate before the threads
         try:
+            renamed = replicas.adopt_name(db, self.settings.home, self.replica)
             replicas.register(db, self.replica, sorted(self.roles), time.time())
         finally:
             db.close()
+        if renamed is not None:
+            event(log, "replica_renamed", logging.WARNING, previous=renamed, name=self.replica)
         self._recover_retrain()
         self._recover_queue()
         if "receiver" in self.roles:

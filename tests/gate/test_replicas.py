@@ -206,3 +206,28 @@ def test_another_replicas_run_is_dead_with_its_replica_and_decides_nothing(
     assert registry.get(candidate).status == "candidate"
     assert db.execute("SELECT state FROM retrain_runs WHERE id = ?",
                       [run_id]).fetchone() == ("failed",)
+
+
+def test_a_home_keeps_its_name_and_a_renamed_replica_keeps_what_it_held(
+    tmp_path: Path
+) -> None:
+    """The name is kept in the home: a new host name (a recreated container) does not
+    orphan what the home's daemon had in flight; `replica.name` set later takes it over."""
+    home = Home(tmp_path)
+    first = home.settings.replica_name()
+    assert replicas.adopt_name(home.db, home.settings.home, first) is None
+    (tmp_path / replicas.NAME_FILE).write_text("old-host-1a2b3c\n")  # ran elsewhere before
+    assert home.settings.replica_name() == "old-host-1a2b3c"
+    study = home.add_study()
+    home.db.execute("UPDATE studies SET state = 'scoring', claimed_by = ? WHERE id = ?",
+                    ["old-host-1a2b3c", study])
+    home.db.execute("INSERT INTO files (inbox_path, size, state, received_at, replica) "
+                    "VALUES ('a.dcm', 1, 'received', 0, 'old-host-1a2b3c')")
+    home.db.execute("INSERT INTO files (inbox_path, size, state, received_at, replica) "
+                    "VALUES ('b.dcm', 1, 'archived', 0, 'old-host-1a2b3c')")
+    assert replicas.adopt_name(home.db, home.settings.home, "ward-7") == "old-host-1a2b3c"
+    assert replicas.stored_name(home.settings.home) == "ward-7"
+    assert home.db.execute("SELECT inbox_path, replica FROM files ORDER BY id").fetchall() == [
+        ("a.dcm", "ward-7"), ("b.dcm", "old-host-1a2b3c")]  # in flight re-tagged, history kept
+    assert home.db.execute("SELECT claimed_by FROM studies WHERE id = ?",
+                           [study]).fetchone() == ("ward-7",)

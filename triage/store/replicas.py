@@ -36,11 +36,44 @@ from typing import Any
 from triage.store.db import Database, transaction
 
 
+NAME_FILE = "triage.replica"  # in the home: the name this home's daemon runs under
+
+
 def default_name(home: Path) -> str:
-    """This host's name and a digest of the home directory: stable across restarts,
-    distinct for two daemons on one host, and no path (names are metric labels)."""
+    """This host's name and a digest of the home directory: distinct for two daemons on
+    one host, and no path (names are metric labels)."""
     digest = hashlib.sha256(str(Path(home).resolve()).encode()).hexdigest()[:6]
     return f"{socket.gethostname()}-{digest}"
+
+
+def stored_name(home: Path) -> str | None:
+    """The name the daemon of `home` last ran under (kept in the home, so that a new
+    host name, as a recreated container gets, or a moved home keeps it)."""
+    try:
+        return (Path(home) / NAME_FILE).read_text().strip() or None
+    except OSError:
+        return None
+
+
+def adopt_name(db: Database, home: Path, name: str) -> str | None:
+    """Start-up, holding the home's lock: run under `name` from now on. What the home's
+    previous name held in flight (files not yet read, studies being scored or waiting
+    in its batch, a running retrain) is its own: re-tagged to `name`. Returns the
+    previous name when it differed."""
+    previous = stored_name(home)
+    if previous is not None and previous != name:
+        with transaction(db):
+            db.execute("UPDATE files SET replica = ? WHERE replica = ? AND state IN "
+                       "('received', 'reading', 'moving')", [name, previous])
+            db.execute("UPDATE studies SET claimed_by = ? WHERE claimed_by = ?",
+                       [name, previous])
+            db.execute("UPDATE gate_buffer SET replica = ? WHERE replica = ?", [name, previous])
+            db.execute("UPDATE retrain_runs SET replica = ? WHERE replica = ? AND "
+                       "state = 'running'", [name, previous])
+    partial = Path(home) / (NAME_FILE + ".partial")
+    partial.write_text(name + "\n")
+    os.replace(partial, Path(home) / NAME_FILE)
+    return previous if previous != name else None
 
 
 def register(db: Database, name: str, roles: list[str], now: float, *,
