@@ -84,7 +84,7 @@ SLOWEST_FILES = (
     "tests/test_faults_bench.py",  # 85
     "tests/test_lockstep.py",  # 63
     "tests/test_replay.py",  # 60
-    "tests/training/test_cli_end_to_end.py",  # 48
+    "tests/training/test_cli_end_to_end.py",  # 48 (at 400 studies; now 240)
     "tests/test_operating_point.py",  # 45
     "tests/test_ingest_daemon.py",  # 40
     "tests/test_fault_harness.py",  # 38
@@ -93,9 +93,10 @@ SLOWEST_FILES = (
     "tests/dicomnet/test_node_status.py",  # 30
     "tests/test_store_postgres.py",  # 31 on PostgreSQL
     "tests/test_studies.py",  # 28
+    "tests/test_replica_daemons.py",  # 22: two replicas on PostgreSQL
     "tests/training/test_pipeline.py",  # 28
     "tests/gate/test_scorer.py",  # 25
-    "tests/training/test_torchrun_retrain.py",  # 25: three two-process runs
+    "tests/training/test_torchrun_retrain.py",  # 25: two two-process runs (three in full)
     "tests/test_review_web.py",  # 24
     "tests/test_review_api.py",  # 23 on PostgreSQL
 )
