@@ -55,13 +55,12 @@ PG_BASE := tests/test_store_postgres.py tests/test_review_api.py \
 	tests/test_dicomweb.py tests/test_ops_status.py tests/test_model_registry.py \
 	tests/test_ingestor_recovery.py tests/test_ended_associations.py tests/test_backpressure.py \
 	tests/gate/test_worker_faults.py tests/gate/test_degraded_serving.py \
-	tests/training/test_worker_scheduler.py tests/training/test_splits.py \
-	tests/training/test_sampling_queries.py tests/dicomnet/test_receiver_inprocess.py \
-	tests/gate/test_replicas.py
+	tests/dicomnet/test_receiver_inprocess.py tests/gate/test_replicas.py
 PG_TESTS := $(PG_BASE) \
 	tests/gate/test_scorer.py::test_batched_studies_wait_in_the_store_and_each_gets_one_decision_with_its_batch \
 	tests/gate/test_scorer.py::test_a_buffer_left_by_batching_is_scored_again_under_a_configuration_without_it
-PG_TESTS_FULL := $(PG_BASE) tests/gate/test_scorer.py tests/test_ingest_daemon.py tests/test_studies.py tests/test_operating_point.py \
+PG_TESTS_FULL := $(PG_BASE) tests/training/test_worker_scheduler.py tests/training/test_splits.py \
+	tests/training/test_sampling_queries.py tests/gate/test_scorer.py tests/test_ingest_daemon.py tests/test_studies.py tests/test_operating_point.py \
 	tests/test_learning_loop.py tests/test_study_view_cache.py tests/test_image_order.py \
 	tests/test_scope.py tests/training/test_cli_end_to_end.py tests/training/test_pipeline.py \
 	tests/dicomnet/test_receiver_pynetdicom.py

@@ -48,11 +48,13 @@ _spec.loader.exec_module(faults)
 
 # Run only by `make test-full` (`make test` keeps the 10-minute budget): a training
 # subprocess per trial (retrain, promotion), a 10 s lock (sqlite_busy), a lease waited
-# out (clock_jump); and two whose fault has its own fast test of the daemon's answer
-# (a corrupt serving model: tests/gate/test_degraded_serving.py; an unreadable archive
-# file: tests/gate/test_worker_faults.py).
+# out (clock_jump); and those whose fault `make test` meets elsewhere: a corrupt serving
+# model (tests/gate/test_degraded_serving.py), an unreadable archive file
+# (tests/gate/test_worker_faults.py), SIGKILL during ingest and scoring (the seeded kill
+# points of tests/test_fault_harness.py; on PostgreSQL, test_a_scenario_runs_on_postgresql).
 SLOW = ("kill_during_retrain", "kill_during_promotion", "sqlite_busy", "clock_jump",
-        "corrupt_serving_model", "unreadable_archive_file")
+        "corrupt_serving_model", "unreadable_archive_file", "kill_during_ingest",
+        "kill_during_scoring")
 FULL_SCALE = os.environ.get("TRIAGE_FULL_SCALE") == "1"
 FAST_TRIALS = {name: 2 if FULL_SCALE and name not in SLOW else 1 for name in faults.SCENARIOS}
 

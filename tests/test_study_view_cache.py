@@ -131,17 +131,20 @@ def test_instances_stored_before_the_cache_are_read_once_then_served_from_it(
     # take the store back to schema 7 (instances without a copy of their header), then
     # let it migrate again, as a store written by the previous version is upgraded
     # (the columns of the later steps go too: 9 the files' origin, 10 the scope reason,
-    # 11 the forgetting table, 12 the gate's batch buffer)
-    home.db.execute("DROP TABLE gate_buffer")
-    home.db.execute("DROP TABLE forgetting")
+    # 11 the forgetting table, 12 the gate's batch buffer, 13 the replicas)
+    for table in ("gate_buffer", "forgetting", "replicas", "leases"):
+        home.db.execute(f"DROP TABLE {table}")
     home.db.execute("DROP INDEX files_origin")
+    home.db.execute("DROP INDEX files_replica_state")
     for table, column in [*(("instances", c) for c in CACHE_COLUMNS), ("files", "origin"),
-                          ("files", "sender"), ("instances", "scope_reason")]:
+                          ("files", "sender"), ("instances", "scope_reason"),
+                          ("files", "replica"), ("studies", "claimed_by"),
+                          ("retrain_runs", "replica")]:
         home.db.execute(f"ALTER TABLE {table} DROP COLUMN {column}")
     home.db.execute("PRAGMA user_version = 7")
     home.db.close()
     home.db = store.connect(home.settings.database())
-    assert store.schema_version(home.db) == len(store.MIGRATIONS) == 12
+    assert store.schema_version(home.db) == len(store.MIGRATIONS) == 13
     assert home.db.execute("SELECT SUM(view_cached) FROM instances").fetchone()[0] == 0
     first = home.view()  # reads the three headers and keeps what it needs
     (logged,) = [r for r in caplog.records if r.getMessage() == "study_view_headers_cached"]
