@@ -113,7 +113,11 @@ def main(argv: list[str] | None = None) -> int:
         set_pid(db, args.run_id, pid)
         event(log, "retrain_started", run_id=args.run_id, pid=pid, processes=world)
         try:
-            shard = distributed.join()
+            shard = distributed.join()  # every rank has read the settings file by now
+            if args.settings is not None:
+                # read once: gone now, so a worker killed later (in the rescoring after a
+                # promotion) leaves nothing for the scheduler's next check to remove
+                args.settings.unlink(missing_ok=True)
             state = run_retrain(settings, db, args.run_id, shard)
         except (Exception, Cancelled) as exc:
             _ending = True  # first: a SIGTERM arriving now must not skip the record
