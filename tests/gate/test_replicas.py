@@ -8,7 +8,9 @@ with its own name on the one store, as each daemon of a deployment is.
 
 from __future__ import annotations
 
+import json
 import logging
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -231,3 +233,46 @@ def test_a_home_keeps_its_name_and_a_renamed_replica_keeps_what_it_held(
         ("a.dcm", "ward-7"), ("b.dcm", "old-host-1a2b3c")]  # in flight re-tagged, history kept
     assert home.db.execute("SELECT claimed_by FROM studies WHERE id = ?",
                            [study]).fetchone() == ("ward-7",)
+
+
+def test_a_promoted_runs_coverage_queries_are_routed_once_across_replicas(
+    tmp_path: Path
+) -> None:
+    """Both replicas' scoring loops look for promoted runs whose coverage queries are not
+    routed yet: one routes them, the other finds them routed, and counts them against
+    the shared cap and budget offset."""
+    home = Home(tmp_path, **GATE)
+    home.promote(seed=3)
+    scorers = [GateScorer(home.settings, home.db, home.metrics, clock=lambda: home.now,
+                          replica=name) for name in ("a", "b")]
+    home.score(scorers[0], 12)
+    unqueued = [row[0] for row in home.db.execute(
+        "SELECT id FROM studies WHERE id NOT IN (SELECT study_id FROM queue_items) "
+        "ORDER BY id").fetchall()]
+    picks = unqueued[:3]
+    home.db.execute(
+        "INSERT INTO retrain_runs (trigger, state, started_at, progress, message, metrics) "
+        "VALUES ('manual', 'promoted', ?, 1, 'promoted', ?)",
+        [home.now, json.dumps({"coverage_picks": picks})])
+    b_offset_before = scorers[1].gate.pending_offset
+    assert scorers[0].route_coverage() == 3
+    assert scorers[1].route_coverage() == 0
+    routed = [row[0] for row in home.db.execute(
+        "SELECT study_id FROM queue_items WHERE reason = 'coverage' ORDER BY id")]
+    assert routed == picks
+    # b folds a's decisions and routes in when it next decides (under the write lock):
+    # its day count and pending offset are then the store's
+    assert scorers[1].gate.pending_offset == b_offset_before
+    worker = _worker(home, scorers[1], "b")
+    study = home.add_study()
+    assert worker.run_once() == study
+    day = scorers[1].gate.day_of(datetime.fromtimestamp(home.now, UTC))
+    routed_today = home.db.execute(
+        "SELECT (SELECT COUNT(*) FROM decisions WHERE needs_label = 1) + "
+        "(SELECT COUNT(*) FROM queue_items WHERE reason = 'coverage')").fetchone()[0]
+    assert scorers[1].gate.routed_on(day) == routed_today
+    stored_offset = home.db.execute(
+        "SELECT value FROM gate_state WHERE name = 'budget_offset'").fetchone()[0]
+    assert scorers[1].gate.pending_offset == stored_offset
+    assert stored_offset == 3 - home.db.execute(
+        "SELECT COUNT(*) FROM decisions WHERE reason = 'budget_offset'").fetchone()[0]
