@@ -70,6 +70,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from faultbench import REPO  # noqa: E402 - puts the repository and tests/ on sys.path
 from faultbench.common import BASE_ENV, LABEL_RATE  # noqa: E402
+from conftest import free_port  # noqa: E402
 from faults_support import (  # noqa: E402
     HarnessDaemon,
     Problem,
@@ -192,7 +193,7 @@ class Replica:
     def __init__(self, site: Site, index: int, url: str) -> None:
         self.name = f"r{index}"
         self.home = site.workdir / self.name
-        self.dicom_port = _free_port()
+        self.dicom_port = free_port()
         self.env = {**ENV, "TRIAGE__STORE__URL": url, "TRIAGE__REPLICA__NAME": self.name,
                     "TRIAGE__DICOM__PORT": str(self.dicom_port),
                     **{f"TRIAGE__PATHS__{p.upper()}": str(site.shared / p)
@@ -262,14 +263,6 @@ class Site:
     def record(self, problems: list[Problem]) -> None:
         for problem in problems:
             self.problems.setdefault((problem.kind, problem.detail), None)
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _setup(site: Site) -> None:

@@ -426,8 +426,9 @@ class Daemon:
         worker = ScoringWorker(db, scorer, self.metrics,
                                error_retry_seconds=self.settings.studies.error_retry_seconds,
                                replica=self.replica, lease_seconds=lease)
-        worker.requeue_interrupted()
-        next_coverage = next_takeover = 0.0
+        worker.requeue_interrupted()  # the first take-over, at start-up
+        next_coverage = 0.0
+        next_takeover = time.monotonic() + self.settings.replica.heartbeat_seconds
         while not self._stop.is_set():
             self._beat("scoring")
             try:

@@ -171,9 +171,7 @@ class GateScorer:
         # the last decision and coverage route the gate has seen (`_observe_others`)
         self._seen_decision = int(db.execute(
             "SELECT COALESCE(MAX(id), 0) FROM decisions").fetchone()[0])
-        self._seen_coverage = int(db.execute(
-            "SELECT COALESCE(MAX(id), 0) FROM queue_items WHERE reason = 'coverage'"
-        ).fetchone()[0])
+        self._seen_coverage = _last_coverage_id(db)
         recent = _recent_decisions(db, settings, clock())
         self._gate = BudgetGate.restore(settings.gate, [decision for decision, _ in recent],
                                         pending_offset=_pending_offset(db))
@@ -616,9 +614,7 @@ class GateScorer:
             for run_id, _ in runs:
                 self._db.execute("UPDATE retrain_runs SET coverage_routed = ? WHERE id = ?",
                                  [len(picked) if run_id == runs[-1][0] else 0, run_id])
-            self._seen_coverage = int(self._db.execute(
-                "SELECT COALESCE(MAX(id), 0) FROM queue_items WHERE reason = 'coverage'"
-            ).fetchone()[0])  # this scorer's own: noted below
+            self._seen_coverage = _last_coverage_id(self._db)  # its own: noted below
         self._gate.note_routed(day, len(picked))
         if picked:
             self._metrics.gate_decisions.labels("coverage").inc(len(picked))
@@ -720,6 +716,13 @@ def _recent_decisions(
             decision = replace(decision, key=int(study_id))
         recent.append((decision, version))
     return recent
+
+
+def _last_coverage_id(db: sqlite_utils.Database) -> int:
+    """The newest coverage queue item's id (0 when none)."""
+    return int(db.execute(
+        "SELECT COALESCE(MAX(id), 0) FROM queue_items WHERE reason = 'coverage'"
+    ).fetchone()[0])
 
 
 def _pending_offset(db: sqlite_utils.Database) -> int:

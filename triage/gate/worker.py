@@ -141,8 +141,7 @@ class ScoringWorker:
         Call at start-up, before the first :meth:`run_once`; the ids go to the log so an
         operator can follow each recovered study (ids only: no UIDs or patient data).
         """
-        released = release_dead_claims(self._db, self._replica, self._clock(), self._lease,
-                                       own=True)
+        released = self._release()
         ids = released["scoring"] + released["batched"]
         if ids:
             event(log, "scoring_interrupted_requeued", logging.WARNING, studies=len(ids),
@@ -155,8 +154,7 @@ class ScoringWorker:
         replica left ``scoring`` when a try failed to store its result (the store went
         away mid-transaction; event `scoring_interrupted_requeued`). Call every few
         seconds, between studies. Returns how many."""
-        released = release_dead_claims(self._db, self._replica, self._clock(), self._lease,
-                                       own=True)
+        released = self._release()
         own = released["own"]
         others = [i for i in released["scoring"] + released["batched"] if i not in own]
         if own:
@@ -166,6 +164,9 @@ class ScoringWorker:
             event(log, "replica_claims_taken_over", logging.WARNING, studies=len(others),
                   study_ids=others)
         return len(own) + len(others)
+
+    def _release(self) -> dict[str, list[int]]:
+        return release_dead_claims(self._db, self._replica, self._clock(), self._lease)
 
     def run_once(self) -> int | None:
         """Score the next complete study; return its id, or None when there is none.

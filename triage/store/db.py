@@ -350,9 +350,7 @@ MIGRATIONS: tuple[str, ...] = (
         pid INTEGER NOT NULL,
         started_at REAL NOT NULL,
         heartbeat_at REAL NOT NULL,
-        stopped_at REAL,
-        http TEXT,
-        dicom TEXT
+        stopped_at REAL
     );
     CREATE TABLE leases (
         name TEXT PRIMARY KEY,

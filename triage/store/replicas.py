@@ -76,18 +76,16 @@ def adopt_name(db: Database, home: Path, name: str) -> str | None:
     return previous if previous != name else None
 
 
-def register(db: Database, name: str, roles: list[str], now: float, *,
-             http: str | None = None, dicom: str | None = None) -> None:
+def register(db: Database, name: str, roles: list[str], now: float) -> None:
     """Record this replica as started (a restart of the same name replaces its row)."""
     with transaction(db):
         db.execute(
             "INSERT INTO replicas (name, roles, host, pid, started_at, heartbeat_at, "
-            "stopped_at, http, dicom) VALUES (?, ?, ?, ?, ?, ?, NULL, ?, ?) "
+            "stopped_at) VALUES (?, ?, ?, ?, ?, ?, NULL) "
             "ON CONFLICT (name) DO UPDATE SET roles = excluded.roles, host = excluded.host, "
             "pid = excluded.pid, started_at = excluded.started_at, "
-            "heartbeat_at = excluded.heartbeat_at, stopped_at = NULL, "
-            "http = excluded.http, dicom = excluded.dicom",
-            [name, ",".join(roles), socket.gethostname(), os.getpid(), now, now, http, dicom],
+            "heartbeat_at = excluded.heartbeat_at, stopped_at = NULL",
+            [name, ",".join(roles), socket.gethostname(), os.getpid(), now, now],
         )
         # files journaled before replicas were recorded (one daemon) and not yet final
         db.execute("UPDATE files SET replica = ? WHERE replica IS NULL AND state IN "
@@ -118,7 +116,7 @@ def listing(db: Database, now: float, lease_seconds: float) -> list[dict[str, An
     """Every replica that ever registered, for the status page and the ops summary:
     name, roles, host, started, last heartbeat (seconds ago), live, stopped."""
     rows = db.execute(
-        "SELECT name, roles, host, started_at, heartbeat_at, stopped_at, http, dicom "
+        "SELECT name, roles, host, started_at, heartbeat_at, stopped_at "
         "FROM replicas ORDER BY name"
     ).fetchall()
     return [{
@@ -126,57 +124,50 @@ def listing(db: Database, now: float, lease_seconds: float) -> list[dict[str, An
         "host": str(host), "started_at": float(started),
         "last_heartbeat_seconds": round(max(0.0, now - float(beat)), 1),
         "live": stopped_at is None and float(beat) > now - lease_seconds,
-        "stopped": stopped_at is not None, "http": http, "dicom": dicom,
-    } for name, roles, host, started, beat, stopped_at, http, dicom in rows]
+        "stopped": stopped_at is not None,
+    } for name, roles, host, started, beat, stopped_at in rows]
 
 
-def release_dead_claims(db: Database, name: str, now: float, lease_seconds: float, *,
-                        own: bool = False) -> dict[str, list[int]]:
+def release_dead_claims(db: Database, name: str, now: float,
+                        lease_seconds: float) -> dict[str, list[int]]:
     """Studies held by replicas that are not live go back to ``complete``: those being
     scored (``scoring``; claims without a holder, written before replicas were recorded,
     count as dead) and those waiting in a dead replica's batch (``batched``, their
     `gate_buffer` rows deleted; a buffer row without a holder is the restarting
-    replica's to restore, `GateScorer`). With `own` (asked by this replica's scoring
-    worker between studies, when it holds none: at start-up, or after a try whose result
-    could not be stored), what this replica holds `scoring` goes back too; its batch is
-    restored by its scorer. Returns the study ids by former state (``scoring``,
-    ``batched``) and, among the ``scoring`` ones, this replica's (``own``)."""
-    if not _claims_to_release(db, name, now, lease_seconds, own):
+    replica's to restore, `GateScorer`). So does what replica `name` holds ``scoring``:
+    its scoring worker asks between studies, when it holds none (at start-up, or after a
+    try whose result could not be stored); its batch is restored by its scorer. Returns
+    the study ids by former state (``scoring``, ``batched``) and, among the ``scoring``
+    ones, `name`'s own (``own``)."""
+    if not any(_releasable(db, name, now, lease_seconds).values()):
         return {"scoring": [], "batched": [], "own": []}  # the usual case: no write lock
     with transaction(db):
-        live = live_names(db, now, lease_seconds) | {name}
-        held = db.execute(
-            "SELECT id, claimed_by FROM studies WHERE state = 'scoring' ORDER BY id"
-        ).fetchall()
-        scoring = [int(study_id) for study_id, holder in held
-                   if holder not in live or (own and holder == name)]
-        mine = [int(study_id) for study_id, holder in held if own and holder == name]
-        batched = [int(study_id) for study_id, holder in db.execute(
-            "SELECT b.study_id, b.replica FROM gate_buffer b JOIN studies s "
-            "ON s.id = b.study_id AND s.round = b.round WHERE s.state = 'batched' "
-            "AND b.replica IS NOT NULL ORDER BY b.id"
-        ).fetchall() if holder not in live]
-        for study_id in scoring:
+        released = _releasable(db, name, now, lease_seconds)  # again, under the lock
+        for study_id in released["scoring"]:
             db.execute("UPDATE studies SET state = 'complete', claimed_by = NULL "
                        "WHERE id = ? AND state = 'scoring'", [study_id])
-        for study_id in batched:
+        for study_id in released["batched"]:
             db.execute("DELETE FROM gate_buffer WHERE study_id = ?", [study_id])
             db.execute("UPDATE studies SET state = 'complete', claimed_by = NULL "
                        "WHERE id = ? AND state = 'batched'", [study_id])
-    return {"scoring": scoring, "batched": batched, "own": mine}
+    return released
 
 
-def _claims_to_release(db: Database, name: str, now: float, lease_seconds: float,
-                       own: bool) -> bool:
-    """Whether `release_dead_claims` would release anything (read only)."""
-    live = live_names(db, now, lease_seconds) | {name}
-    holders = {row[0] for row in db.execute(
-        "SELECT DISTINCT claimed_by FROM studies WHERE state = 'scoring'").fetchall()}
-    holders |= {row[0] for row in db.execute(
-        "SELECT DISTINCT b.replica FROM gate_buffer b JOIN studies s ON s.id = b.study_id "
-        "AND s.round = b.round WHERE s.state = 'batched' AND b.replica IS NOT NULL"
-    ).fetchall()}
-    return any(holder not in live or (own and holder == name) for holder in holders)
+def _releasable(db: Database, name: str, now: float,
+                lease_seconds: float) -> dict[str, list[int]]:
+    """What `release_dead_claims` releases, read only."""
+    live = live_names(db, now, lease_seconds) - {name}
+    held = db.execute(
+        "SELECT id, claimed_by FROM studies WHERE state = 'scoring' ORDER BY id"
+    ).fetchall()
+    batched = db.execute(
+        "SELECT b.study_id, b.replica FROM gate_buffer b JOIN studies s "
+        "ON s.id = b.study_id AND s.round = b.round WHERE s.state = 'batched' "
+        "AND b.replica IS NOT NULL AND b.replica != ? ORDER BY b.id", [name]
+    ).fetchall()
+    return {"scoring": [int(study_id) for study_id, holder in held if holder not in live],
+            "batched": [int(study_id) for study_id, holder in batched if holder not in live],
+            "own": [int(study_id) for study_id, holder in held if holder == name]}
 
 
 def take_lease(db: Database, lease: str, holder: str, now: float, seconds: float) -> bool:
