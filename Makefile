@@ -55,7 +55,7 @@ PG_BASE := tests/test_store_postgres.py tests/test_review_api.py \
 	tests/test_dicomweb.py tests/test_ops_status.py tests/test_model_registry.py \
 	tests/test_ingestor_recovery.py tests/test_ended_associations.py tests/test_backpressure.py \
 	tests/gate/test_worker_faults.py tests/gate/test_degraded_serving.py \
-	tests/dicomnet/test_receiver_inprocess.py tests/gate/test_replicas.py
+	tests/dicomnet/test_receiver_inprocess.py tests/gate/test_replicas.py tests/test_received_store.py
 PG_TESTS := $(PG_BASE) \
 	tests/gate/test_scorer.py::test_batched_studies_wait_in_the_store_and_each_gets_one_decision_with_its_batch \
 	tests/gate/test_scorer.py::test_a_buffer_left_by_batching_is_scored_again_under_a_configuration_without_it

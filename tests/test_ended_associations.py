@@ -73,3 +73,44 @@ def test_a_small_association_that_ended_after_a_large_one_is_read_and_completed_
     assert sent == [] and daemon._scoring_wake.is_set()
     states = dict(db.execute("SELECT study_uid, state FROM studies"))
     assert states == {series: "complete", single: "complete"}
+
+
+def test_an_association_that_ends_while_another_is_read_is_taken_up_after_the_instance_in_hand(
+    tmp_path: Path,
+) -> None:
+    """A single image whose association ends while a 40-instance series is being read
+    does not wait for the rest of the batch of eight: it is read after the series'
+    instance in hand (the second here). Without the stop between instances it came
+    eighth."""
+    home = tmp_path / "home"
+    settings = load_settings(None, home=home, environ={**store_environ(home), **ANY_IMAGE})
+    for name in ("inbox", "archive", "quarantine", "models", "logs", "received"):
+        settings.path(name).mkdir(parents=True, exist_ok=True)
+    store.connect(settings.database()).close()
+    daemon = Daemon(settings)
+    series, single = "2.25.2001", "2.25.2002"
+    large = [daemon.received.accept(_instance(tmp_path / "src", series, i, "CT"),
+                                    origin="dicom", sender="CTSCAN") for i in range(1, 41)]
+    small = [daemon.received.accept(_instance(tmp_path / "src", single, 99, "DX"),
+                                    origin="dicom", sender="DXROOM")]
+    daemon.association_ended(large)
+    db = store.connect(settings.database())
+    ingestor = Ingestor(settings, db, daemon.metrics)
+    assembler = StudyAssembler(db, daemon.metrics, 3600.0, time.time)
+    process = ingestor._process
+    read: list[int] = []
+
+    def reading(file_id, *args):  # the DX association ends while the 2nd CT is read
+        read.append(file_id)
+        if len(read) == 2:
+            daemon.association_ended(small)
+        return process(file_id, *args)
+
+    ingestor._process = reading
+    assert daemon._read_ended(ingestor, assembler, [])
+    order = [row[0] for row in db.execute(
+        "SELECT sender FROM files JOIN instances ON instances.id = files.instance_id "
+        "ORDER BY instances.id")]
+    assert order == ["CTSCAN", "CTSCAN", "DXROOM"] + ["CTSCAN"] * 38
+    states = dict(db.execute("SELECT study_uid, state FROM studies"))
+    assert states == {series: "complete", single: "complete"}

@@ -96,7 +96,7 @@ class Daemon:
         self._watcher: InboxWatcher | None = None
         self._scoring_wake = threading.Event()
         self._sent: queue.SimpleQueue[list[int]] = queue.SimpleQueue()
-        self.received = ReceivedStore(settings, notify=self._wake_ingest,
+        self.received = ReceivedStore(settings, notify=self._on_received,
                                       disk_free=self._disk_free)
         self._receiver = None  # DicomReceiver, when dicom.port is set
         self.replica = settings.replica_name()
@@ -191,6 +191,19 @@ class Daemon:
         if file_ids:
             self._sent.put(list(file_ids))
             self._wake_ingest()
+
+    def _on_received(self) -> None:
+        """An instance received over the network was journaled: wake the ingest loop,
+        unless a DICOM sender is still sending. The loop would only find that it defers
+        reading (:meth:`_sender_waiting`), and each wake is a turn of the loop and a query
+        holding the GIL that the sender's association thread waits on (170 turns a
+        second for a CT series); it wakes anyway when the association ends, every
+        ``_IDLE_SECONDS`` and once reading is no longer deferred."""
+        receiver = self._receiver
+        if (self.settings.dicom.defer_reading_seconds and receiver is not None
+                and time.monotonic() - receiver.last_store_at <= _SENDING_GAP_SECONDS):
+            return
+        self._wake_ingest()
 
     def _wake_ingest(self) -> None:
         if self._watcher is not None:
@@ -296,7 +309,8 @@ class Daemon:
             self._beat("ingest")
             try:
                 completed = self._read_ended(ingestor, assembler, sent)
-                while (not self._sender_waiting(db) and ingestor.ingest_received()
+                while (not self._sender_waiting(db) and self._sent.empty()
+                       and ingestor.ingest_received(until=self._association_ended)
                        and not self._stop.is_set()):
                     self._beat("ingest")
                 completed = self._complete_ended(assembler, sent) or completed
@@ -326,7 +340,8 @@ class Daemon:
                     event(log, "ingest_recovery_error", logging.ERROR,
                           error_type=type(again).__name__)
                 continue
-            watcher.wait(_IDLE_SECONDS)
+            if self._sent.empty():  # else an association ended meanwhile: read it now
+                watcher.wait(_IDLE_SECONDS)
         db.close()
 
     def _read_ended(self, ingestor: Ingestor, assembler: StudyAssembler,
@@ -335,13 +350,15 @@ class Daemon:
         sends), the smallest association first and a few instances at a time, each
         association's studies completed as soon as its last instance is read: a
         modality's single image is decided while a 500-slice series that ended just
-        before it is still being read. Returns whether a study was completed."""
+        before it is still being read; an association that ends meanwhile is taken up
+        after the instance in hand. Returns whether a study was completed."""
         completed = False
         while not self._stop.is_set():
             while not self._sent.empty():
                 sent.append(self._sent.get())
             for file_ids in sorted(sent, key=len):
-                if ingestor.ingest_received(_ENDED_BATCH, among=file_ids):
+                if ingestor.ingest_received(_ENDED_BATCH, among=file_ids,
+                                            until=self._association_ended):
                     break
             else:
                 break  # nothing of an ended association is left unread
@@ -353,6 +370,12 @@ class Daemon:
                     completed = True
                     self._scoring_wake.set()  # now, not after the rest is read
         return completed
+
+    def _association_ended(self) -> bool:
+        """An association ended that :meth:`_read_ended` has not seen: reading of other
+        arrivals stops after the instance in hand, so that a modality's single image is
+        not read after a batch of another sender's series."""
+        return not self._sent.empty()
 
     @staticmethod
     def _complete_ended(assembler: StudyAssembler, sent: list[list[int]]) -> bool:

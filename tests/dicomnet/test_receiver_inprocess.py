@@ -178,3 +178,26 @@ def test_pynetdicom_logs_only_through_triage(parts) -> None:
          "pynetdicom.association"),
     ]
     assert collect.records[1].error_type == "ValueError" and not collect.records[1].exc_info
+
+
+def test_a_quiet_association_polls_slowly_again(parts) -> None:
+    """While an association is busy its DUL polls every 0.1 ms (answers leave at once);
+    quiet for a second it goes back to pynetdicom's 1 ms (an idle association does not
+    keep a core busy), and the next PDU makes it busy again."""
+    from triage.ingest import receiver as module
+
+    settings, receiver, ended, registry = parts()
+    receiver.start()
+    ae = AE(ae_title="MODALITY")
+    ae.add_requested_context("1.2.840.10008.1.1")  # Verification
+    assoc = ae.associate("127.0.0.1", receiver.port, ae_title="TRIAGE")
+    assert assoc.is_established
+    try:
+        ours = next(iter(receiver._open))  # the receiver's side of the association
+        assert ours.dul._run_loop_delay == module._BUSY_POLL_SECONDS
+        wait_until(lambda: ours.dul._run_loop_delay == module._QUIET_POLL_SECONDS, 10,
+                   "the quiet association polling slowly")
+        assert assoc.send_c_echo().Status == 0x0000
+        assert ours.dul._run_loop_delay == module._BUSY_POLL_SECONDS
+    finally:
+        assoc.release()

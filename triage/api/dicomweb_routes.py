@@ -45,7 +45,7 @@ from triage.dicomweb.stow import (
     StowResult,
     response,
 )
-from triage.ingest.dicom import InstanceRefused, check_received
+from triage.ingest.dicom import InstanceRefused, ReceivedHeader, check_received
 from triage.ingest.received import StoreFailed
 from triage.review import audit
 from triage.review.auth import Principal
@@ -66,6 +66,10 @@ _NOT_FOUND = {"study": "no such study", "series": "no such series in this study"
 def dicomweb_root(request: Request) -> str:
     """This server's DICOMweb root URL as the client reached it."""
     return str(request.base_url).rstrip("/") + router.prefix
+
+
+class _OtherStudy(Exception):
+    """A STOW-RS part of a study other than the one the request URL names."""
 
 
 def _retrieve_url(root: str):  # type: ignore[no-untyped-def]
@@ -535,8 +539,17 @@ async def _store(request: Request, who: Principal, db: Any, settings: Any,
             result.notes.append(f"part {number}: {part.size} bytes is larger than "
                                 f"ingest.max_file_bytes ({settings.ingest.max_file_bytes})")
             return
+        checked: list[ReceivedHeader] = []
+
+        def check(data: bytes) -> None:  # beside the write, in accept
+            header = check_received(data)
+            checked.append(header)
+            if study is not None and header.study_uid != study:
+                raise _OtherStudy
+
         try:
-            header = check_received(part.data)
+            file_ids.append(daemon.received.accept(part.data, origin="stow", sender=who.name,
+                                                   check=check))
         except InstanceRefused as exc:
             # never stored, so never quarantined: the sender learns it here, with why
             result.failed.append((exc.header, exc.status))
@@ -546,17 +559,17 @@ async def _store(request: Request, who: Principal, db: Any, settings: Any,
                   status=f"0x{exc.status:04X}", reason_code=exc.code, reason=exc.reason,
                   sender=who.name)
             return
-        if study is not None and header.study_uid != study:
-            result.failed.append((header, DOES_NOT_MATCH))
+        except _OtherStudy:
+            result.failed.append((checked[0], DOES_NOT_MATCH))
             result.notes.append(f"part {number} is not of the study in the request URL")
             return
-        try:
-            file_ids.append(daemon.received.accept(part.data, origin="stow", sender=who.name))
         except StoreFailed as exc:
             result.failed.append(
-                (header, OUT_OF_RESOURCES if exc.out_of_resources else PROCESSING_FAILURE))
+                (checked[0] if checked else None,
+                 OUT_OF_RESOURCES if exc.out_of_resources else PROCESSING_FAILURE))
             result.notes.append(f"part {number}: {exc.reason}")
             return
+        header = checked[0]
         located = header.study_uid and header.series_uid
         result.stored.append((header, url(header.study_uid, header.series_uid,
                                           header.sop_instance_uid) if located else None))

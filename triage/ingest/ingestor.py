@@ -131,10 +131,12 @@ class Ingestor:
         file_id = self._journal(rel, sha, len(data), "reading")
         return self._process(file_id, path, data, sha, started)
 
-    def ingest_received(self, limit: int = 64, among: list[int] | None = None) -> int:
+    def ingest_received(self, limit: int = 64, among: list[int] | None = None,
+                        until: Callable[[], bool] | None = None) -> int:
         """Ingest up to ``limit`` network arrivals journaled ``received``, oldest first
-        (only those with an id in ``among``, when given); return how many. Each is marked
-        ``reading`` first, so one that kills the reader is counted like an inbox file
+        (only those with an id in ``among``, when given), stopping before the next one
+        once ``until()`` is true; return how many were read. Each is marked ``reading``
+        first, so one that kills the reader is counted like an inbox file
         (``ingest.max_read_attempts``)."""
         only, params = "", []
         if among is not None:
@@ -145,7 +147,11 @@ class Ingestor:
             f"SELECT id, inbox_path, sha256 FROM files WHERE state = 'received'{only} "
             "AND replica = ? ORDER BY id LIMIT ?", [*params, self._replica, limit]
         ).fetchall()
+        read = 0
         for file_id, name, sha in rows:
+            if read and until is not None and until():
+                break
+            read += 1
             started = time.perf_counter()
             self._db.execute("UPDATE files SET state = 'reading' WHERE id = ?", [file_id])
             location = self._received / name
@@ -163,7 +169,7 @@ class Ingestor:
                 self._finish(file_id, location, outcome, sha, started)
                 continue
             self._process(file_id, location, data, sha, started)
-        return len(rows)
+        return read
 
     def recover(self) -> int:
         """Finish every file left in flight by an earlier run; return how many."""
