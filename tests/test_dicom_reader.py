@@ -259,3 +259,20 @@ def test_missing_uids_and_unparseable_bytes(pydicom_files: Path, tmp_path: Path)
     text = " ".join(f"{r.reason} {r.detail}" for r in (_refusal(_bytes(with_phi)),
                                                       _refusal(cut_header)))
     assert not any(secret in text for secret in PHI_STRINGS)
+
+
+def test_garbage_without_a_dicm_marker_is_refused_without_parsing_it(
+        pydicom_files: Path) -> None:
+    """50 MB of zeros (a STOW part, issue 23) read as millions of empty (0000,0000)
+    elements when pydicom parsed it by force: 13-18 s of CPU before the refusal. Bytes
+    without the marker are parsed only if they begin with a data element of group
+    0002 or 0008, as the corpus's data sets stored without a preamble do."""
+    import time
+
+    started = time.perf_counter()
+    refused = _refusal(b"\0" * 50_000_000)
+    assert (refused.status, refused.code) == (0xC000, "not_dicom")
+    assert time.perf_counter() - started < 3.0
+    for name in ("ExplVR_LitEndNoMeta.dcm", "ExplVR_BigEndNoMeta.dcm"):
+        header = check_received((pydicom_files / name).read_bytes())
+        assert header.sop_instance_uid

@@ -28,20 +28,27 @@ def _instance(folder: Path, study_uid: str, number: int, modality: str) -> bytes
     return write_dataset(ds, folder / f"{modality}{number}.dcm").read_bytes()
 
 
-def test_a_small_association_that_ended_after_a_large_one_is_read_and_completed_first(
-    tmp_path: Path,
-) -> None:
+def _two_associations(tmp_path: Path, series: str, single: str):  # type: ignore[no-untyped-def]
+    """A daemon (not started) whose received store holds what two associations stored:
+    40 CT instances of ``series`` from CTSCAN, one DX of ``single`` from DXROOM."""
     home = tmp_path / "home"
     settings = load_settings(None, home=home, environ={**store_environ(home), **ANY_IMAGE})
     for name in ("inbox", "archive", "quarantine", "models", "logs", "received"):
         settings.path(name).mkdir(parents=True, exist_ok=True)
     store.connect(settings.database()).close()
     daemon = Daemon(settings)
-    series, single = "2.25.1001", "2.25.1002"
     large = [daemon.received.accept(_instance(tmp_path / "src", series, i, "CT"),
                                     origin="dicom", sender="CTSCAN") for i in range(1, 41)]
     small = [daemon.received.accept(_instance(tmp_path / "src", single, 99, "DX"),
                                     origin="dicom", sender="DXROOM")]
+    return settings, daemon, large, small
+
+
+def test_a_small_association_that_ended_after_a_large_one_is_read_and_completed_first(
+    tmp_path: Path,
+) -> None:
+    series, single = "2.25.1001", "2.25.1002"
+    settings, daemon, large, small = _two_associations(tmp_path, series, single)
     daemon.association_ended(large)  # the long series ended first...
     daemon.association_ended(small)  # ...the single image just after it
     db = store.connect(settings.database())
@@ -82,17 +89,8 @@ def test_an_association_that_ends_while_another_is_read_is_taken_up_after_the_in
     does not wait for the rest of the batch of eight: it is read after the series'
     instance in hand (the second here). Without the stop between instances it came
     eighth."""
-    home = tmp_path / "home"
-    settings = load_settings(None, home=home, environ={**store_environ(home), **ANY_IMAGE})
-    for name in ("inbox", "archive", "quarantine", "models", "logs", "received"):
-        settings.path(name).mkdir(parents=True, exist_ok=True)
-    store.connect(settings.database()).close()
-    daemon = Daemon(settings)
     series, single = "2.25.2001", "2.25.2002"
-    large = [daemon.received.accept(_instance(tmp_path / "src", series, i, "CT"),
-                                    origin="dicom", sender="CTSCAN") for i in range(1, 41)]
-    small = [daemon.received.accept(_instance(tmp_path / "src", single, 99, "DX"),
-                                    origin="dicom", sender="DXROOM")]
+    settings, daemon, large, small = _two_associations(tmp_path, series, single)
     daemon.association_ended(large)
     db = store.connect(settings.database())
     ingestor = Ingestor(settings, db, daemon.metrics)

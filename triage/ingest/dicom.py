@@ -258,10 +258,12 @@ def parse_dataset(data: bytes, *, every_value: bool = True) -> Dataset:
     except InvalidDicomError:
         # Files without the 128-byte preamble and 'DICM' marker are still valid DICOM
         # when they start with data elements; accept them only if they identify an instance.
-        try:
-            ds = pydicom.dcmread(io.BytesIO(data), force=True)
-        except Exception:  # noqa: BLE001 - any failure here means "not DICOM"
-            ds = None
+        ds = None
+        if _starts_with_a_data_element(data):
+            try:
+                ds = pydicom.dcmread(io.BytesIO(data), force=True)
+            except Exception:  # noqa: BLE001 - any failure here means "not DICOM"
+                ds = None
         if ds is None or ("SOPInstanceUID" not in ds and "SOPClassUID" not in ds):
             raise DicomRejected(
                 "not_dicom",
@@ -285,6 +287,20 @@ def parse_dataset(data: bytes, *, every_value: bool = True) -> Dataset:
             except Exception as exc:  # noqa: BLE001
                 raise _unreadable(elem.tag, elem.keyword, exc) from None
     return ds
+
+
+# The group of the first data element of a data set stored without the preamble: its File
+# Meta Information (0002) or, without one, the lowest group of an instance's header (0008).
+_FIRST_GROUPS = (0x0002, 0x0008)
+
+
+def _starts_with_a_data_element(data: bytes) -> bool:
+    """Whether bytes without the 'DICM' marker begin as a data set does (little or big
+    endian), before pydicom is asked to parse them by force. Anything else is not parsed
+    at all: zeros read as millions of empty (0000,0000) elements, 18 s of CPU for a
+    50 MB zero-filled STOW part before this check (issue 23); a few microseconds now."""
+    return len(data) >= 8 and (int.from_bytes(data[:2], "little") in _FIRST_GROUPS
+                               or int.from_bytes(data[:2], "big") in _FIRST_GROUPS)
 
 
 def _unreadable(tag: BaseTag, keyword: str, exc: Exception) -> DicomRejected:
