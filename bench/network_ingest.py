@@ -23,6 +23,10 @@ meet one CT association while it is received) and ``--latency-gap`` seconds apar
 (``latency_under_load_spread``: they spread over several CT associations and also meet
 ended CTs being read and scored).
 
+Before each timed send the page cache is written out (``os.sync``) and the bench waits a
+second: otherwise a target's run pays for the writeback the previous target left (a
+daemon's archive, storescp's unsynced files), which moves with the order of targets.
+
 Nagle's algorithm: DCMTK turns it off when the environment has ``TCP_NODELAY=1``; the
 built-in receiver always turns it off on its own sockets. Both storescu and the
 DCMTK-based receivers (storescp, Orthanc) run with ``TCP_NODELAY`` set to
@@ -105,9 +109,17 @@ def write_dx(folder: Path, seed: int) -> str:
     return study
 
 
-def storescu(port: int, folder: Path, called: str, nodelay: str) -> tuple[float, int]:
-    """Send every file under ``folder`` in one association; (seconds, files sent)."""
+def storescu(port: int, folder: Path, called: str, nodelay: str,
+             settle: bool = False) -> tuple[float, int]:
+    """Send every file under ``folder`` in one association; (seconds, files sent).
+
+    ``settle`` (the throughput runs): first write out what earlier runs left in the page
+    cache and wait a second, so that one target's writeback (an archive being filled, a
+    receiver that does not sync) is not timed in the next target's run."""
     env = {**os.environ, "TCP_NODELAY": nodelay}
+    if settle:
+        os.sync()
+        time.sleep(1.0)
     started = time.perf_counter()
     result = subprocess.run(
         ["storescu", "-aet", "BENCH", "-aec", called, "+sd", "+r", "-v",
@@ -181,7 +193,7 @@ class Triage:
 def run_receiver(files: Path, study: str, scratch: Path, nodelay: str, env: dict) -> dict:
     daemon = Triage(scratch / "home", receiver=True, env=env)
     try:
-        seconds, sent = storescu(daemon.dicom, files, "TRIAGE", nodelay)
+        seconds, sent = storescu(daemon.dicom, files, "TRIAGE", nodelay, settle=True)
         exited = time.time()
         decided = daemon.decided_at(study, timeout=300)
     finally:
@@ -202,7 +214,7 @@ def run_storescp(files: Path, study: str, scratch: Path, nodelay: str, env: dict
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         _wait_port(port)
-        seconds, sent = storescu(port, files, "STORESCP", nodelay)
+        seconds, sent = storescu(port, files, "STORESCP", nodelay, settle=True)
         exited = time.time()
         decided = daemon.decided_at(study, timeout=300)
     finally:
@@ -228,6 +240,8 @@ def run_two_receivers(files: list[Path], studies: list[str], scratch: Path, node
         def send(i: int) -> None:
             results[i] = storescu(daemons[i].dicom, files[i], "TRIAGE", nodelay)
 
+        os.sync()  # as storescu(settle=True) does for one sender
+        time.sleep(1.0)
         started = time.perf_counter()
         senders = [threading.Thread(target=send, args=(i,)) for i in range(2)]
         for sender in senders:
@@ -261,7 +275,7 @@ def run_pynetdicom_null(files: Path, nodelay: str) -> dict:
     server = ae.start_server(("127.0.0.1", port), block=False,
                              evt_handlers=[(evt.EVT_C_STORE, lambda event: 0x0000)])
     try:
-        seconds, sent = storescu(port, files, "NULL", nodelay)
+        seconds, sent = storescu(port, files, "NULL", nodelay, settle=True)
     finally:
         server.shutdown()
     return {"sent": sent, "seconds": round(seconds, 3),
@@ -285,7 +299,7 @@ def run_orthanc(files: Path, scratch: Path, nodelay: str) -> dict:
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         _wait_port(port, timeout=60)
-        seconds, sent = storescu(port, files, "ORTHANC", nodelay)
+        seconds, sent = storescu(port, files, "ORTHANC", nodelay, settle=True)
     finally:
         proc.terminate()
         proc.wait(timeout=60)
