@@ -7,10 +7,12 @@ summary, /metrics and `triage models show`, for models saved with and without on
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import os
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import httpx
@@ -23,6 +25,7 @@ from test_ops_status import CHROMIUM, CHROMIUM_ARGS, _browser
 from test_review_api import auth, make_token
 
 import triage.gate.queries as queries
+from triage import cli
 from triage.config import Settings, load_settings
 from triage.model.calibration import OperatingPoint
 from triage.model.checkpoint import load_checkpoint, save_checkpoint
@@ -166,9 +169,21 @@ PER_MODEL = 3
 
 
 def _cli(proc: DaemonProcess, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "triage", *args, "--config",
-                           str(REPO / "config.yaml")], env=proc.env, capture_output=True,
-                          text=True)
+    """``triage ARGS`` against the daemon's home, run by the CLI's own ``main`` in this
+    process (a subprocess pays 4 s of torch and MONAI imports per call, seven calls
+    here; ``DaemonProcess.cli`` and the other CLI tests run the console entry point)."""
+    argv = [*args, "--config", str(REPO / "config.yaml")]
+    saved = dict(os.environ)
+    out, err = io.StringIO(), io.StringIO()
+    try:
+        os.environ.clear()
+        os.environ.update(proc.env)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = cli.main(argv)
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+    return subprocess.CompletedProcess(argv, code, out.getvalue(), err.getvalue())
 
 
 @pytest.fixture(scope="module")
