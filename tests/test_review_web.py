@@ -79,6 +79,8 @@ def test_sign_in_read_and_label_with_the_keyboard(
             shutil.copyfile(tmp_path / "review.png", REPO / "docs" / "screenshot-review.png")
         assert page.input_value("#ww") == "400" and page.input_value("#wc") == "40"
         assert "forgotten in training" not in page.inner_text("#why-numbers")  # never trained
+        held = []  # the second study's image is held back: the reader is still loading it
+        page.route(f"**/api/studies/{second}/images/**", lambda route: held.append(route))
         page.keyboard.press("2")  # pneumonia
         page.wait_for_function(f"() => state.study && state.study.study_id !== {first}")
         assert json.loads(page.evaluate("() => JSON.stringify(state.study.study_id)")) == second
@@ -89,6 +91,12 @@ def test_sign_in_read_and_label_with_the_keyboard(
         history = httpx.get(f"{proc.url}/api/studies/{first}/labels",
                             headers=auth(token), timeout=5).json()["labels"]
         assert [(h["label"], h["reader"]) for h in history] == [("pneumonia", "Dr Reader")]
+        page.keyboard.press("s")  # while its image loads: said, not silently dropped
+        page.wait_for_selector("#toast:has-text('Still loading this study')")
+        assert json.loads(page.evaluate("() => JSON.stringify(state.study.study_id)")) == second
+        page.wait_for_function("() => state.busy")
+        held[0].continue_()
+        page.wait_for_function("() => !state.busy")  # its image loaded: keys act now
         page.keyboard.press("s")  # skip the second study
         page.wait_for_selector("#empty:not([hidden])")
         assert outside == [], f"the page requested other hosts: {outside}"

@@ -139,7 +139,11 @@ async function nextStudy() {
 }
 
 async function submitLabel(value) {
-  if (!state.study || state.labeled || state.busy) return;
+  if (!state.study || state.labeled) return;
+  if (state.busy) {  // the study is still loading: say so rather than drop the key
+    toast("Still loading this study: press again in a moment");
+    return;
+  }
   state.busy = true;
   const id = state.study.study_id;
   try {
