@@ -118,8 +118,7 @@ def storescu(port: int, folder: Path, called: str, nodelay: str,
     receiver that does not sync) is not timed in the next target's run."""
     env = {**os.environ, "TCP_NODELAY": nodelay}
     if settle:
-        os.sync()
-        time.sleep(1.0)
+        _settle()
     started = time.perf_counter()
     result = subprocess.run(
         ["storescu", "-aet", "BENCH", "-aec", called, "+sd", "+r", "-v",
@@ -131,6 +130,12 @@ def storescu(port: int, folder: Path, called: str, nodelay: str,
         raise RuntimeError(f"storescu failed: {result.stderr[-1500:]}")
     sent = result.stderr.count("Received Store Response (Success)")
     return seconds, sent
+
+
+def _settle() -> None:
+    """Write out what earlier runs left in the page cache, then rest a second."""
+    os.sync()
+    time.sleep(1.0)
 
 
 class Triage:
@@ -240,8 +245,7 @@ def run_two_receivers(files: list[Path], studies: list[str], scratch: Path, node
         def send(i: int) -> None:
             results[i] = storescu(daemons[i].dicom, files[i], "TRIAGE", nodelay)
 
-        os.sync()  # as storescu(settle=True) does for one sender
-        time.sleep(1.0)
+        _settle()
         started = time.perf_counter()
         senders = [threading.Thread(target=send, args=(i,)) for i in range(2)]
         for sender in senders:

@@ -199,11 +199,8 @@ class Daemon:
         holding the GIL that the sender's association thread waits on (170 turns a
         second for a CT series); it wakes anyway when the association ends, every
         ``_IDLE_SECONDS`` and once reading is no longer deferred."""
-        receiver = self._receiver
-        if (self.settings.dicom.defer_reading_seconds and receiver is not None
-                and time.monotonic() - receiver.last_store_at <= _SENDING_GAP_SECONDS):
-            return
-        self._wake_ingest()
+        if not self._sending():
+            self._wake_ingest()
 
     def _wake_ingest(self) -> None:
         if self._watcher is not None:
@@ -309,7 +306,7 @@ class Daemon:
             self._beat("ingest")
             try:
                 completed = self._read_ended(ingestor, assembler, sent)
-                while (not self._sender_waiting(db) and self._sent.empty()
+                while (not self._sender_waiting(db) and not self._association_ended()
                        and ingestor.ingest_received(until=self._association_ended)
                        and not self._stop.is_set()):
                     self._beat("ingest")
@@ -340,7 +337,7 @@ class Daemon:
                     event(log, "ingest_recovery_error", logging.ERROR,
                           error_type=type(again).__name__)
                 continue
-            if self._sent.empty():  # else an association ended meanwhile: read it now
+            if not self._association_ended():  # else read what it stored now
                 watcher.wait(_IDLE_SECONDS)
         db.close()
 
@@ -388,23 +385,28 @@ class Daemon:
                 completed = completed or bool(done)
         return completed
 
+    def _sending(self) -> bool:
+        """Reading is deferred (``dicom.defer_reading_seconds``) and a DICOM sender is
+        sending: a C-STORE answered within the last _SENDING_GAP_SECONDS of an open
+        association."""
+        receiver = self._receiver
+        return bool(self.settings.dicom.defer_reading_seconds and receiver is not None
+                    and time.monotonic() - receiver.last_store_at <= _SENDING_GAP_SECONDS)
+
     def _sender_waiting(self, db) -> bool:  # type: ignore[no-untyped-def]
-        """True while a DICOM sender is sending (a C-STORE answered within the last
-        _SENDING_GAP_SECONDS of an open association) and the oldest unread arrival is
-        younger than ``dicom.defer_reading_seconds``: reading now would take CPU and the
+        """True while a DICOM sender is sending (:meth:`_sending`) and the oldest unread
+        arrival is younger than ``dicom.defer_reading_seconds``: reading now would take CPU and the
         GIL from the association thread the sender waits on. Measured on 2 cores: 500 CT
         instances are received ~35 % faster, and decided ~2.5 s later (bench/network_ingest.py).
         Instances of associations that have ended are not deferred (the ingest loop reads
         them first), so a modality's study is not held back by another's long series.
         """
-        defer = self.settings.dicom.defer_reading_seconds
-        receiver = self._receiver
-        if (not defer or receiver is None
-                or time.monotonic() - receiver.last_store_at > _SENDING_GAP_SECONDS):
+        if not self._sending():
             return False
         oldest = db.execute("SELECT MIN(received_at) FROM files WHERE state = 'received' "
                             "AND replica = ?", [self.replica]).fetchone()[0]
-        return oldest is not None and time.time() - oldest < defer
+        return (oldest is not None
+                and time.time() - oldest < self.settings.dicom.defer_reading_seconds)
 
     def _disk_low(self) -> bool:
         """Back-pressure: below ``ingest.min_free_bytes`` new files wait in the inbox.

@@ -134,8 +134,9 @@ class Ingestor:
     def ingest_received(self, limit: int = 64, among: list[int] | None = None,
                         until: Callable[[], bool] | None = None) -> int:
         """Ingest up to ``limit`` network arrivals journaled ``received``, oldest first
-        (only those with an id in ``among``, when given), stopping before the next one
-        once ``until()`` is true; return how many were read. Each is marked ``reading``
+        (only those with an id in ``among``, when given), stopping after any one of them
+        once ``until()`` is true (the first is always read, so a caller that finds 0
+        knows none is left); return how many were read. Each is marked ``reading``
         first, so one that kills the reader is counted like an inbox file
         (``ingest.max_read_attempts``)."""
         only, params = "", []
